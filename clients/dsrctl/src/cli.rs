@@ -371,9 +371,11 @@ pub enum ContractsCommand {
         /// What happens to the data.
         #[arg(long, value_enum)]
         choice: ContractChoiceArg,
-        /// When the contract ends (RFC 3339, e.g. 2027-01-01T00:00:00Z); not in the past.
-        #[arg(long, value_name = "RFC3339")]
-        effective_at: Option<String>,
+        /// When the contract ends: RFC 3339, e.g. 2027-01-01T00:00:00Z or
+        /// 2027-01-01T00:00:00+02:00, or a date alone, 2027-01-01, for 00:00 UTC that day
+        /// (the contract ends as the day begins); not in the past.
+        #[arg(long, value_name = "TIME", value_parser = parse_instant)]
+        effective_at: Option<chrono::DateTime<chrono::Utc>>,
         /// End it now.
         #[arg(long)]
         now: bool,
@@ -404,7 +406,10 @@ pub enum ContractsCommand {
         #[arg(long)]
         watch: bool,
     },
-    /// Make the choice a contract end was created without, during its grace period.
+    /// Make the choice a contract end was created without (--choice none), at any time
+    /// until its grace period ends, before the effective date too (the processor then starts
+    /// at the effective date); refused once a choice was made, once the contract end
+    /// finished, or once the processor reported deleting.
     Choose {
         /// The contract end's id.
         id: String,
@@ -1044,6 +1049,31 @@ fn parse_idempotency_key(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// An instant as every date/time flag takes it: RFC 3339, or a date alone for 00:00 UTC that
+/// day. A bad one is refused naming the forms, as chrono's own words ("premature end of
+/// input") do not say what was expected.
+fn parse_instant(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    let rfc3339 = match chrono::DateTime::parse_from_rfc3339(s) {
+        Ok(at) => return Ok(at.to_utc()),
+        Err(e) => e,
+    };
+    let date = match chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        Ok(day) => return Ok(day.and_time(chrono::NaiveTime::MIN).and_utc()),
+        Err(e) => e,
+    };
+    // With a time in it, the date and time was meant, and the date alone's complaint would
+    // be about what follows the date.
+    let why = if s.contains(['T', 't', ' ']) {
+        rfc3339
+    } else {
+        date
+    };
+    Err(format!(
+        "not a date and time ({why}): give RFC 3339, e.g. 2027-01-01T00:00:00Z or \
+         2027-01-01T00:00:00+02:00, or a date alone, e.g. 2027-01-01, for 00:00 UTC that day"
+    ))
+}
+
 fn parse_sha256(s: &str) -> Result<String, String> {
     parse_hex_digest(s, 64)
 }
@@ -1170,6 +1200,75 @@ mod tests {
         assert!(parse_anchor(&format!("0:{hash}")).is_err());
         assert!(parse_anchor(&hash).is_err());
         assert!(parse_anchor("3:abc").is_err());
+    }
+
+    #[test]
+    fn effective_at_takes_rfc3339_or_a_date_and_says_so_when_neither() {
+        let end = |at: &str| {
+            let argv = [
+                "dsrctl",
+                "contracts",
+                "end",
+                "--processor",
+                "p",
+                "--choice",
+                "delete",
+            ];
+            Cli::try_parse_from([&argv[..], &["--effective-at", at]].concat())
+        };
+        let at = |text: &str| match end(text).unwrap().command {
+            Command::Contracts(ContractsCommand::End { effective_at, .. }) => {
+                effective_at.unwrap().to_rfc3339()
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(at("2027-01-01"), "2027-01-01T00:00:00+00:00");
+        assert_eq!(at("2027-01-01T00:00:00+02:00"), "2026-12-31T22:00:00+00:00");
+        assert_eq!(at("2027-01-01T12:30:00Z"), "2027-01-01T12:30:00+00:00");
+        for (bad, why) in [
+            ("2027-01", "premature end of input"),
+            ("2027-13-01", "out of range"),
+            ("2027-01-01T25:00:00Z", "out of range"),
+            ("01.01.2027", "invalid"),
+        ] {
+            let err = end(bad).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{bad}");
+            let text = err.to_string();
+            for words in [
+                why,
+                "RFC 3339, e.g. 2027-01-01T00:00:00Z",
+                "2027-01-01, for 00:00 UTC",
+            ] {
+                assert!(text.contains(words), "{bad}: {words:?} in {text}");
+            }
+        }
+        let help = Cli::command()
+            .find_subcommand_mut("contracts")
+            .and_then(|c| c.find_subcommand_mut("end"))
+            .map(|c| c.render_long_help().to_string())
+            .unwrap();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            help.contains("a date alone, 2027-01-01, for 00:00 UTC that day"),
+            "{help}"
+        );
+    }
+
+    /// The registry takes a choice until the grace period ends, before the effective date
+    /// too: the help says so rather than "during the grace period".
+    #[test]
+    fn choose_says_until_when_a_choice_is_taken() {
+        let help = Cli::command()
+            .find_subcommand_mut("contracts")
+            .and_then(|c| c.find_subcommand_mut("choose"))
+            .map(|c| c.render_long_help().to_string())
+            .unwrap();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(!help.contains("during"), "{help}");
+        assert!(
+            help.contains("at any time until its grace period ends, before the effective date too"),
+            "{help}"
+        );
     }
 
     #[test]

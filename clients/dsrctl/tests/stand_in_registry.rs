@@ -929,9 +929,14 @@ async fn confirm_says_in_plain_words_how_the_return_is_confirmed() {
         let run = registry.dsrctl(&args).await;
         assert_eq!(run.code, Some(2), "{run:?}");
         assert!(!run.stderr.contains("manifest_sha256"), "{run:?}");
+        // The command it suggests names the registry asked, as this run did.
+        let alone = format!(
+            "`dsrctl contracts confirm c-1 --endpoint {}` alone",
+            registry.endpoint
+        );
         for words in [
             "returns the data to the transfer recipient successor",
-            "dsrctl contracts confirm c-1` alone",
+            &alone,
         ] {
             assert!(run.stderr.contains(words), "{words} in {run:?}");
         }
@@ -1261,11 +1266,13 @@ async fn a_watch_that_cannot_go_on_says_where_to_continue() {
     registry.relay.restart().await;
     let run = watch.end().await;
     assert_eq!(run.code, Some(2), "{run:?}");
-    assert!(
-        run.stderr
-            .contains("`dsrctl watch r-1 --after 2` continues after the last event printed"),
-        "{run:?}"
+    // With the --endpoint this watch was given: without it, the watch suggested would ask
+    // the default registry.
+    let resume = format!(
+        "`dsrctl watch r-1 --after 2 --endpoint {}` continues after the last event printed",
+        registry.endpoint
     );
+    assert!(run.stderr.contains(&resume), "{run:?}");
     assert!(run.stderr.contains("PERMISSION_DENIED"), "{run:?}");
 }
 

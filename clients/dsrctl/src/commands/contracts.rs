@@ -17,7 +17,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::cli::{ChosenArg, ContractChoiceArg, ContractsCommand};
-use crate::commands::{Io, Registry};
+use crate::commands::{Hint, Io, Registry};
 use crate::output::{emit, erasure_run_cell, state_name, task_state_name, Render, Time};
 use crate::table::{clean, clipped, Table};
 use crate::Failure;
@@ -431,8 +431,8 @@ struct ChosenView {
     parts: String,
 }
 
-impl From<&Contract> for ChosenView {
-    fn from(c: &Contract) -> Self {
+impl ChosenView {
+    fn new(c: &Contract, hint: &Hint) -> Self {
         Self {
             contract_id: c.contract_id.clone(),
             processor: c.processor.clone(),
@@ -442,9 +442,9 @@ impl From<&Contract> for ChosenView {
             trace_id: c.trace_id.clone(),
             parts: format!(
                 "the processor moves each subprocessor's part to the new start once it has the \
-                 choice, or refuses it for a part already started; dsrctl contracts show {} \
-                 shows them once it has reported (--watch follows them)",
-                c.contract_id
+                 choice, or refuses it for a part already started; {} shows them once it has \
+                 reported (--watch follows them)",
+                hint.command(&["contracts", "show", &c.contract_id])
             ),
         }
     }
@@ -564,13 +564,13 @@ impl Render for ScheduledListView {
 /// The SHA-256 of `dir/manifest.json`, once every file it lists is checked again: the
 /// processor deletes the data on this confirmation, so a folder missing a file, or holding
 /// one changed since, must not give it.
-fn manifest_digest(dir: &Path, id: &str) -> Result<String, Failure> {
+fn manifest_digest(dir: &Path, id: &str, hint: &Hint) -> Result<String, Failure> {
+    let download = hint.command(&["download", id, "--out", "DIR"]);
     let path = dir.join(crate::unpack::MANIFEST_NAME);
     let bytes = std::fs::read(&path).map_err(|e| {
         Failure::Usage(format!(
             "--package {}: cannot read {} ({e}), which dsrctl download --out writes once \
-             every file verified; download the package there first (dsrctl download {id} \
-             --out DIR)",
+             every file verified; download the package there first ({download})",
             dir.display(),
             path.display()
         ))
@@ -580,7 +580,7 @@ fn manifest_digest(dir: &Path, id: &str) -> Result<String, Failure> {
     if let Some(theirs) = crate::unpack::manifest_request_id(&bytes).filter(|r| r != id) {
         return Err(Failure::Usage(format!(
             "--package {} holds the package of request {theirs}, not of contract end {id}: \
-             download {id}'s package (dsrctl download {id} --out DIR) and confirm with that",
+             download {id}'s package ({download}) and confirm with that",
             dir.display()
         )));
     }
@@ -588,7 +588,7 @@ fn manifest_digest(dir: &Path, id: &str) -> Result<String, Failure> {
         Failure::Package(anyhow::anyhow!(
             "--package {} is not the package its manifest lists, so the return is not \
              confirmed: {problems}; download the package again into a new folder \
-             (dsrctl download {id} --out DIR)",
+             ({download})",
             dir.display()
         ))
     })?;
@@ -599,7 +599,7 @@ fn manifest_digest(dir: &Path, id: &str) -> Result<String, Failure> {
 /// package (`package`: `--package` or `--manifest-sha256` given) or without, in the user's
 /// words; `None` when it matches the terms, or when the terms return nothing to confirm
 /// (the registry's answer says why).
-fn confirm_mismatch(id: &str, terms: &ContractEnd, package: bool) -> Option<String> {
+fn confirm_mismatch(id: &str, terms: &ContractEnd, package: bool, hint: &Hint) -> Option<String> {
     if terms.choice != ContractEndChoice::ReturnThenDelete as i32 {
         return None;
     }
@@ -608,13 +608,15 @@ fn confirm_mismatch(id: &str, terms: &ContractEnd, package: bool) -> Option<Stri
         (false, true) => Some(format!(
             "contract end {id} returns the data to the transfer recipient {recipient}, not as \
              a package, so there is no package to confirm it with: once {recipient} has \
-             received every part, confirm with `dsrctl contracts confirm {id}` alone (the \
-             registry checks {recipient}'s receipts)"
+             received every part, confirm with `{}` alone (the registry checks \
+             {recipient}'s receipts)",
+            hint.command(&["contracts", "confirm", id])
         )),
         (true, false) => Some(format!(
-            "contract end {id} returns the data as a package: download it (dsrctl download \
-             {id} --out DIR), check it, then confirm with `dsrctl contracts confirm {id} \
-             --package DIR`"
+            "contract end {id} returns the data as a package: download it ({}), check it, \
+             then confirm with `{}`",
+            hint.command(&["download", id, "--out", "DIR"]),
+            hint.command(&["contracts", "confirm", id, "--package", "DIR"])
         )),
         _ => None,
     }
@@ -638,16 +640,9 @@ pub(crate) async fn run(
         } => {
             let effective = match (effective_at, now) {
                 (_, true) => EffectiveAt::Now,
-                (Some(at), false) => {
-                    let at = chrono::DateTime::parse_from_rfc3339(at).map_err(|e| {
-                        Failure::Usage(format!("--effective-at {at:?} is not RFC 3339: {e}"))
-                    })?;
-                    EffectiveAt::At(at.timestamp_millis())
-                }
+                (Some(at), false) => EffectiveAt::At(at.timestamp_millis()),
                 (None, false) => {
-                    return Err(Failure::Usage(
-                        "give --effective-at RFC3339 or --now".into(),
-                    ))
+                    return Err(Failure::Usage("give --effective-at TIME or --now".into()))
                 }
             };
             let key = idempotency_key
@@ -694,7 +689,8 @@ pub(crate) async fn run(
                 )
                 .await
                 .map_err(|s| registry.failed(s))?;
-            emit(io.out, io.format, &ChosenView::from(&answer), false)?;
+            let view = ChosenView::new(&answer, &registry.hint);
+            emit(io.out, io.format, &view, false)?;
             return Ok(0);
         }
         ContractsCommand::Confirm {
@@ -713,12 +709,12 @@ pub(crate) async fn run(
                 .map_err(|s| registry.failed(s))?
                 .contract_end
                 .unwrap_or_default();
-            if let Some(m) = confirm_mismatch(id, &terms, given) {
+            if let Some(m) = confirm_mismatch(id, &terms, given, &registry.hint) {
                 return Err(Failure::Usage(m));
             }
             let digest = match (manifest_sha256, package) {
                 (Some(hex), _) => hex.clone(),
-                (None, Some(dir)) => manifest_digest(dir, id)?,
+                (None, Some(dir)) => manifest_digest(dir, id, &registry.hint)?,
                 // A return to a transfer recipient: the registry checks the receipts instead.
                 (None, None) => String::new(),
             };
@@ -949,11 +945,54 @@ mod tests {
 
     use super::*;
 
+    /// A registry named with --endpoint, which the commands suggested must name too.
+    fn elsewhere() -> Hint {
+        Hint::new(&crate::cli::ConnectionArgs {
+            endpoint: Some("https://registry.example:50051".into()),
+            ..Default::default()
+        })
+    }
+
+    /// The commands a refused confirmation suggests run as printed: `download` with the
+    /// `--out` it requires, each with the registry the user named.
+    #[test]
+    fn a_refused_confirmation_suggests_commands_that_reach_the_same_registry() {
+        let at = "--endpoint https://registry.example:50051";
+        let dir = tempfile::tempdir().unwrap();
+        let Err(Failure::Usage(m)) = manifest_digest(dir.path(), "c-1", &elsewhere()) else {
+            panic!("a folder without a manifest gave a digest");
+        };
+        assert!(
+            m.contains(&format!("(dsrctl download c-1 --out DIR {at})")),
+            "{m}"
+        );
+        let package = ContractEnd {
+            choice: ContractEndChoice::ReturnThenDelete as i32,
+            ..Default::default()
+        };
+        let m = confirm_mismatch("c-1", &package, false, &elsewhere()).unwrap();
+        for words in [
+            format!("download it (dsrctl download c-1 --out DIR {at})"),
+            format!("`dsrctl contracts confirm c-1 --package DIR {at}`"),
+        ] {
+            assert!(m.contains(&words), "{words:?} in {m}");
+        }
+        let transfer = ContractEnd {
+            transfer_recipient: "successor".into(),
+            ..package
+        };
+        let m = confirm_mismatch("c-1", &transfer, true, &elsewhere()).unwrap();
+        assert!(
+            m.contains(&format!("`dsrctl contracts confirm c-1 {at}` alone")),
+            "{m}"
+        );
+    }
+
     #[test]
     fn the_digest_is_that_of_the_folders_manifest() {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
-            manifest_digest(dir.path(), "c-1"),
+            manifest_digest(dir.path(), "c-1", &Hint::default()),
             Err(Failure::Usage(m)) if m.contains("dsrctl download c-1 --out DIR")
         ));
         let data = b"id,name\n1,Maija\n";
@@ -968,12 +1007,12 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("p/s")).unwrap();
         std::fs::write(dir.path().join("p/s/a.csv"), data).unwrap();
         assert_eq!(
-            manifest_digest(dir.path(), "c-1").unwrap(),
+            manifest_digest(dir.path(), "c-1", &Hint::default()).unwrap(),
             hex::encode(Sha256::digest(&manifest))
         );
         // Another request's package is named as such, before the registry would refuse
         // its digest as one that differs.
-        let Err(Failure::Usage(m)) = manifest_digest(dir.path(), "c-2") else {
+        let Err(Failure::Usage(m)) = manifest_digest(dir.path(), "c-2", &Hint::default()) else {
             panic!("a digest of another request's package");
         };
         assert!(
@@ -1011,7 +1050,7 @@ mod tests {
         ] {
             std::fs::write(dir.path().join(path), data).unwrap();
         }
-        let Err(failure) = manifest_digest(dir.path(), "c-1") else {
+        let Err(failure) = manifest_digest(dir.path(), "c-1", &Hint::default()) else {
             panic!("a digest for a folder that differs from its manifest");
         };
         assert_eq!(failure.exit_code(), crate::EXIT_FAILURE);
@@ -1027,7 +1066,9 @@ mod tests {
         assert!(!message.contains("same.csv"), "{message}");
 
         std::fs::write(dir.path().join("manifest.json"), b"{}").unwrap();
-        let message = manifest_digest(dir.path(), "c-1").unwrap_err().message();
+        let message = manifest_digest(dir.path(), "c-1", &Hint::default())
+            .unwrap_err()
+            .message();
         assert!(message.contains("not a package's manifest"), "{message}");
     }
 
@@ -1187,13 +1228,14 @@ mod tests {
             }],
             ..Default::default()
         };
-        let view = ChosenView::from(&c);
+        let view = ChosenView::new(&c, &elsewhere());
         let table = view.to_table();
         let dated: Vec<&str> = table.lines().filter(|l| l.contains(&date)).collect();
         assert_eq!(dated.len(), 1, "{table}");
         assert!(dated[0].starts_with("grace ends"), "{table}");
         assert!(!table.contains("accounting"), "{table}");
-        assert!(table.contains("dsrctl contracts show c1"), "{table}");
+        let show = "dsrctl contracts show c1 --endpoint https://registry.example:50051 shows";
+        assert!(table.contains(show), "{table}");
         let json = serde_json::to_value(&view).expect("json");
         assert_eq!(json["choice"], "DELETE", "{json}");
         assert!(json.get("tasks").is_none(), "{json}");

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use tokio_stream::{Stream, StreamExt};
 
 use crate::cli::{DownloadArgs, PackageArgs};
-use crate::commands::{Io, Registry};
+use crate::commands::{Hint, Io, Registry};
 use crate::output::{emit, Render, Time};
 use crate::table::{clean, Table};
 use crate::unpack::{
@@ -125,7 +125,11 @@ impl Target {
 
 /// `download` into a folder that holds that download finished already: says so, with the
 /// check [`Target::check`] made, without asking the registry; exit 0.
-pub(crate) fn finished_already(done: Finished, io: &mut Io<'_>) -> Result<u8, Failure> {
+pub(crate) fn finished_already(
+    done: Finished,
+    hint: &Hint,
+    io: &mut Io<'_>,
+) -> Result<u8, Failure> {
     let mut view = DownloadView::of(
         crate::unpack::manifest_request_id(&done.manifest).unwrap_or_default(),
         Some(&done.dir),
@@ -134,6 +138,7 @@ pub(crate) fn finished_already(done: Finished, io: &mut Io<'_>) -> Result<u8, Fa
         done.outcomes,
     );
     view.finished_already = true;
+    view.hint = hint.clone();
     if done.staging_left {
         let left = done.dir.join(STAGING_NAME);
         let note = format!(
@@ -169,8 +174,8 @@ fn not_returned(manifest_json: &[u8]) -> Vec<String> {
 }
 
 /// The line a package lacking the data of `not_returned` holders gets, in `package` and
-/// `download`.
-fn lacking(not_returned: &[String]) -> String {
+/// `download`; `get` is the command that shows the request.
+fn lacking(not_returned: &[String], get: &str) -> String {
     let (its, it) = if not_returned.len() == 1 {
         ("its data", "it")
     } else {
@@ -178,7 +183,7 @@ fn lacking(not_returned: &[String]) -> String {
     };
     format!(
         "{}: {its} is not in the package, and {it} will not send it unless the processor's \
-         operator retries the task (`dsrctl get` says why)",
+         operator retries the task (`{get}` says why)",
         not_returned.join(", ")
     )
 }
@@ -227,6 +232,15 @@ pub(crate) struct PackageView {
     /// only the files stored so far, and its digest is not the package's.
     package_sha256: Option<String>,
     files: Vec<ManifestFileView>,
+    #[serde(skip)]
+    hint: Hint,
+}
+
+impl PackageView {
+    /// The command that shows the request, and why a holder sent nothing.
+    fn get(&self) -> String {
+        self.hint.command(&["get", &self.request_id])
+    }
 }
 
 impl From<&PackageInfo> for PackageView {
@@ -251,6 +265,7 @@ impl From<&PackageInfo> for PackageView {
                     sha256: f.sha256.clone(),
                 })
                 .collect(),
+            hint: Hint::default(),
         }
     }
 }
@@ -266,7 +281,7 @@ impl Render for PackageView {
         if !self.not_returned.is_empty() {
             head.row([
                 "not returned".to_string(),
-                clean(&lacking(&self.not_returned)),
+                clean(&lacking(&self.not_returned, &self.get())),
             ]);
         }
         if let Some(t) = self.expires_at {
@@ -305,7 +320,9 @@ pub(crate) async fn package(
         .get_package(args.id.as_str())
         .await
         .map_err(|s| registry.failed(s))?;
-    emit(io.out, io.format, &PackageView::from(&info), false)?;
+    let mut view = PackageView::from(&info);
+    view.hint = registry.hint.clone();
+    emit(io.out, io.format, &view, false)?;
     Ok(0)
 }
 
@@ -347,9 +364,16 @@ pub(crate) struct DownloadView {
     /// `processor/subprocessor (STATE)`.
     not_returned: Vec<String>,
     files: Vec<DownloadedFileView>,
+    #[serde(skip)]
+    hint: Hint,
 }
 
 impl DownloadView {
+    /// The command that shows the request, and why a holder sent nothing.
+    fn get(&self) -> String {
+        self.hint.command(&["get", &self.request_id])
+    }
+
     fn new(info: &PackageInfo, target: &Target, outcomes: Vec<FileOutcome>) -> Self {
         let (out, zip) = match target {
             Target::Dir(dir) => (Some(dir.as_path()), None),
@@ -395,6 +419,7 @@ impl DownloadView {
                     error: o.error,
                 })
                 .collect(),
+            hint: Hint::default(),
         }
     }
 }
@@ -431,7 +456,7 @@ impl Render for DownloadView {
         if !self.not_returned.is_empty() {
             head.row([
                 "not returned".to_string(),
-                clean(&lacking(&self.not_returned)),
+                clean(&lacking(&self.not_returned, &self.get())),
             ]);
         }
         out.push_str(&head.render());
@@ -816,7 +841,8 @@ pub(crate) async fn run(
         }
         Err(err) => return Err(Failure::Package(err)),
     };
-    let view = DownloadView::new(&info, &target, outcomes);
+    let mut view = DownloadView::new(&info, &target, outcomes);
+    view.hint = registry.hint.clone();
     let printed = emit(io.out, io.format, &view, false);
     if view.verified {
         return super::verdict(printed, 0);
@@ -1223,13 +1249,25 @@ mod tests {
             not_returned: vec!["payroll/crm".into()],
             ..Default::default()
         };
+        // The command it names runs as printed: with the request's id, and the registry's
+        // --endpoint where the user gave one.
         let line = "not returned    payroll/crm (FAILED): its data is not in the package, and it \
                     will not send it unless the processor's operator retries the task (`dsrctl \
-                    get` says why)\n";
-        let text = DownloadView::new(&info, &Target::Dir("maija".into()), vec![]).to_table();
+                    get r-1 --endpoint https://registry.example:50051` says why)\n";
+        let hint = Hint::new(&crate::cli::ConnectionArgs {
+            endpoint: Some("https://registry.example:50051".into()),
+            ..Default::default()
+        });
+        let mut view = DownloadView::new(&info, &Target::Dir("maija".into()), vec![]);
+        view.hint = hint.clone();
+        let text = view.to_table();
+        assert!(text.contains(line), "{text}");
+        let mut view = PackageView::from(&info);
+        view.hint = hint;
+        let text = view.to_table();
         assert!(text.contains(line), "{text}");
         let text = PackageView::from(&info).to_table();
-        assert!(text.contains(line), "{text}");
+        assert!(text.contains("(`dsrctl get r-1` says why)"), "{text}");
         let json = serde_json::to_value(PackageView::from(&info)).unwrap();
         assert_eq!(
             json["not_returned"],
@@ -1241,7 +1279,7 @@ mod tests {
             {"processor": "p", "subprocessor": "b", "state": "REFUSED"}]}"#;
         let two = not_returned(two);
         assert_eq!(two, ["p/a (FAILED)", "p/b (REFUSED)"]);
-        assert!(lacking(&two).contains("their data is not in the package, and they"));
+        assert!(lacking(&two, "").contains("their data is not in the package, and they"));
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod contracts;
 mod deliveries;
 mod dev;
 mod download;
+mod hint;
 mod list;
 mod pki;
 mod receipt;
@@ -27,6 +28,8 @@ mod submit;
 mod tasks;
 mod trace;
 mod watch;
+
+pub(crate) use hint::Hint;
 
 /// Where a command writes, and in which format.
 pub(crate) struct Io<'a> {
@@ -42,6 +45,8 @@ pub(crate) struct Io<'a> {
 pub(crate) struct Registry {
     pub(crate) client: RegistryClient,
     pub(crate) endpoint: String,
+    /// For the commands messages suggest: they must reach this registry too.
+    pub(crate) hint: Hint,
 }
 
 impl Registry {
@@ -52,6 +57,7 @@ impl Registry {
         Ok(Self {
             client,
             endpoint: settings.endpoint,
+            hint: Hint::new(&cli.connection),
         })
     }
 
@@ -134,7 +140,9 @@ pub(crate) async fn dispatch(cli: &Cli, env: &Environment, io: &mut Io<'_>) -> R
         Command::Package(args) => download::package(&Registry::connect(cli, env)?, args, io).await,
         Command::Download(args) => match download::Target::check(args)? {
             // Nothing to ask the registry, so no connection setting is needed.
-            download::Destination::Finished(done) => download::finished_already(done, io),
+            download::Destination::Finished(done) => {
+                download::finished_already(done, &Hint::new(&cli.connection), io)
+            }
             download::Destination::Write(target) => {
                 download::run(&Registry::connect(cli, env)?, args, target, io).await
             }

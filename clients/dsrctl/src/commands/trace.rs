@@ -7,7 +7,7 @@ use dsrelay_sdk::proto::{EventType, ListEventsRequest, RequestEvent, TaskState};
 use serde::{Serialize, Serializer};
 
 use crate::cli::TraceArgs;
-use crate::commands::{Io, Registry};
+use crate::commands::{Hint, Io, Registry};
 use crate::output::{
     delivery_state_name, emit, event_type_name, kind_name, retention_words, state_name,
     task_state_name, time_cell, Render, Time,
@@ -29,6 +29,8 @@ pub(crate) struct TraceView {
     /// cancellation, ...), and events of processors it has no delivery to.
     events: Vec<EventLine>,
     processors: Vec<HopView>,
+    #[serde(skip)]
+    hint: Hint,
 }
 
 /// One event as the trace lists it.
@@ -283,6 +285,7 @@ impl TraceView {
             elapsed_ms: since(last, start),
             events,
             processors: hops.into_values().collect(),
+            hint: Hint::default(),
         }
     }
 }
@@ -320,9 +323,16 @@ impl Render for TraceView {
                 }
                 (true, None) => format!("delivered ({} attempt(s))", p.attempts),
                 (false, _) if p.state == "DEAD_LETTERED" => format!(
-                    "DEAD_LETTERED delivery: {} attempt(s) failed, no longer sent (dsrctl \
-                     deliveries requeue sends it again)",
-                    p.attempts
+                    "DEAD_LETTERED delivery: {} attempt(s) failed, no longer sent (`{}` \
+                     sends it again)",
+                    p.attempts,
+                    clean(&self.hint.command(&[
+                        "deliveries",
+                        "requeue",
+                        &self.request_id,
+                        "--processor",
+                        &p.processor
+                    ]))
                 ),
                 (false, _) if p.state == "PENDING" => {
                     format!("PENDING delivery: {} attempt(s) failed", p.attempts)
@@ -421,7 +431,9 @@ pub(crate) async fn run(
         .await
         .map_err(|s| registry.failed(s))?
         .into_inner();
-    emit(io.out, io.format, &TraceView::build(&list), false)?;
+    let mut view = TraceView::build(&list);
+    view.hint = registry.hint.clone();
+    emit(io.out, io.format, &view, false)?;
     Ok(0)
 }
 
@@ -644,6 +656,16 @@ mod tests {
         );
         assert!(text.contains("DEAD_LETTERED delivery"), "{text}");
         assert!(!text.contains("PENDING delivery"), "{text}");
+        // The command it names runs as printed: the request and processor, and the registry
+        // the trace came from.
+        let mut view = TraceView::build(&traced(delivery.clone(), events.clone()));
+        view.hint = Hint::new(&crate::cli::ConnectionArgs {
+            endpoint: Some("https://registry.example:50051".into()),
+            ..Default::default()
+        });
+        let requeue = "(`dsrctl deliveries requeue r-1 --processor payroll-bureau --endpoint \
+                       https://registry.example:50051` sends it again)";
+        assert!(view.to_table().contains(requeue), "{}", view.to_table());
 
         let mut requeued = events;
         requeued.push(said(

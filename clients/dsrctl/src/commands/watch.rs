@@ -24,7 +24,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Status};
 
 use crate::cli::WatchArgs;
-use crate::commands::{Io, Registry};
+use crate::commands::{Hint, Io, Registry};
 use crate::output::{emit, state_name, EventView};
 use crate::Failure;
 
@@ -214,6 +214,7 @@ pub(crate) async fn run(
             .map_err(|s| registry.failed(s))?
             .state
             == partially;
+    let resume = |after: u64| resume(&registry.hint, args, after);
     let mut after = args.after;
     let outcome = follow(
         open,
@@ -231,9 +232,9 @@ pub(crate) async fn run(
             if after > args.after {
                 writeln!(
                     io.err,
-                    "stopped watching request {id}: `dsrctl watch {id} --after {after}` \
-                     continues after the last event printed",
-                    id = args.id
+                    "stopped watching request {}: `{}` continues after the last event printed",
+                    args.id,
+                    resume(after)
                 )?;
             }
             return Err(registry.failed(status));
@@ -247,11 +248,11 @@ pub(crate) async fn run(
             writeln!(
                 io.err,
                 "gave up watching request {}: the stream was cut short, and {attempts} \
-                 attempts in a row to watch again, {} s apart, failed; `dsrctl watch {} \
-                 --after {after}` continues after the last event printed",
+                 attempts in a row to watch again, {} s apart, failed; `{}` continues after \
+                 the last event printed",
                 args.id,
                 retry.pause.as_secs(),
-                args.id
+                resume(after)
             )?;
             return Err(registry.failed(status));
         }
@@ -275,13 +276,7 @@ pub(crate) async fn run(
     if is_terminal(state) {
         writeln!(io.err, "request {} ended {name}", args.id)?;
     } else if ends_answered(state) {
-        writeln!(
-            io.err,
-            "request {id} is {name}: answered, with data its holders keep by law, which they \
-             erase at its date (`dsrctl get {id}` shows when; `dsrctl watch {id} \
-             --until-erased` follows it until then)",
-            id = args.id
-        )?;
+        writeln!(io.err, "{}", answered_note(&registry.hint, &args.id, &name))?;
     } else {
         writeln!(
             io.err,
@@ -298,12 +293,61 @@ pub(crate) async fn run(
     )
 }
 
+/// The watch that continues one asked for with `args` after event `after`: the same but for
+/// `--after`.
+fn resume(hint: &Hint, args: &WatchArgs, after: u64) -> String {
+    let after = after.to_string();
+    let mut words = vec!["watch", args.id.as_str(), "--after", after.as_str()];
+    words.extend(args.until_erased.then_some("--until-erased"));
+    words.extend(args.follow.then_some("--follow"));
+    hint.command(&words)
+}
+
+/// What a watch that ends at request `id` answered PARTIALLY_COMPLETED (`name`) says.
+fn answered_note(hint: &Hint, id: &str, name: &str) -> String {
+    format!(
+        "request {id} is {name}: answered, with data its holders keep by law, which they erase \
+         at its date (`{}` shows when; `{}` follows it until then)",
+        hint.command(&["get", id]),
+        hint.command(&["watch", id, "--until-erased"])
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use std::cell::RefCell;
     use std::collections::VecDeque;
 
     use super::*;
+
+    /// The commands a watch suggests run as printed: with the registry the user named, and
+    /// a resumed watch as the one it continues.
+    #[test]
+    fn the_commands_a_watch_suggests_reach_the_same_registry() {
+        let hint = Hint::new(&crate::cli::ConnectionArgs {
+            endpoint: Some("https://registry.example:50051".into()),
+            ..Default::default()
+        });
+        let at = "--endpoint https://registry.example:50051";
+        let mut args = WatchArgs {
+            id: "r-1".into(),
+            after: 0,
+            until_erased: true,
+            follow: false,
+        };
+        let again = format!("dsrctl watch r-1 --after 7 --until-erased {at}");
+        assert_eq!(resume(&hint, &args, 7), again);
+        (args.until_erased, args.follow) = (false, true);
+        let again = format!("dsrctl watch r-1 --after 7 --follow {at}");
+        assert_eq!(resume(&hint, &args, 7), again);
+        let note = answered_note(&hint, "r-1", "PARTIALLY_COMPLETED");
+        for words in [
+            format!("(`dsrctl get r-1 {at}` shows when;"),
+            format!("`dsrctl watch r-1 --until-erased {at}` follows it until then)"),
+        ] {
+            assert!(note.contains(&words), "{words:?} in {note}");
+        }
+    }
 
     fn event(event_id: u64, state: RequestState) -> Result<RequestEvent, Status> {
         Ok(RequestEvent {

@@ -704,7 +704,8 @@ impl ContractService for Api {
         if actual != digest {
             return Err(ApiError::failed_precondition(format!(
                 "manifest_sha256 {digest} differs from the SHA-256 of the package's \
-                 manifest.json; download the package again (dsrctl download {id}) and verify it"
+                 manifest.json; download the package again (dsrctl download {id} --out DIR) \
+                 and verify it"
             ))
             .into());
         }

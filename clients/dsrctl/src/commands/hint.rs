@@ -1,0 +1,106 @@
+//! The `dsrctl` commands that messages suggest running next.
+
+use std::path::Path;
+
+use crate::cli::ConnectionArgs;
+
+/// Prints a suggested `dsrctl` command so that it works as printed: with the connection
+/// flags the user gave on the command line, without which it would ask another registry (or
+/// find no certificate). What the environment or a config file set needs no repeating: the
+/// same shell has it. None of these flags carries a secret: `--key` names a file.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Hint {
+    /// ` --flag value` for each connection flag given, quoted for a POSIX shell.
+    flags: String,
+}
+
+impl Hint {
+    /// The hint for a run with these connection flags.
+    pub(crate) fn new(connection: &ConnectionArgs) -> Self {
+        let c = connection;
+        let path = |p: Option<&Path>| p.map(|p| p.to_string_lossy().into_owned());
+        let given = [
+            ("--endpoint", c.endpoint.clone()),
+            ("--config", path(c.config.as_deref())),
+            ("--ca", path(c.ca.as_deref())),
+            ("--cert", path(c.cert.as_deref())),
+            ("--key", path(c.key.as_deref())),
+            ("--crl", path(c.crl.as_deref())),
+            ("--server-identity", c.server_identity.clone()),
+        ];
+        let mut flags = String::new();
+        for (flag, value) in given {
+            if let Some(value) = value {
+                flags.push_str(&format!(" {flag} {}", quote(&value)));
+            }
+        }
+        Self { flags }
+    }
+
+    /// `dsrctl` with `words` (quoted where a shell needs it) and the connection flags.
+    pub(crate) fn command(&self, words: &[&str]) -> String {
+        let mut out = String::from("dsrctl");
+        for word in words {
+            out.push(' ');
+            out.push_str(&quote(word));
+        }
+        out.push_str(&self.flags);
+        out
+    }
+}
+
+/// `word` as a POSIX shell reads it back: as it is when it holds nothing the shell would
+/// act on, else in single quotes.
+fn quote(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:=@%+,".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        return word.to_string();
+    }
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Cli;
+    use clap::Parser;
+
+    fn hint(argv: &[&str]) -> Hint {
+        Hint::new(&Cli::try_parse_from(argv).unwrap().connection)
+    }
+
+    #[test]
+    fn a_hint_repeats_the_connection_flags_given_and_quotes_what_a_shell_would_split() {
+        let none = hint(&["dsrctl", "get", "r-1"]);
+        assert_eq!(none.command(&["get", "r-1"]), "dsrctl get r-1");
+        let all = hint(&[
+            "dsrctl",
+            "--endpoint",
+            "https://registry.example:50051",
+            "watch",
+            "r-1",
+            "--ca",
+            "my pki/ca.pem",
+            "--cert",
+            "op.pem",
+            "--key",
+            "op.key",
+            "--crl",
+            "crl.pem",
+            "--server-identity",
+            "spiffe://dsrelay.dev/registry/controller",
+            "--config",
+            "it's.toml",
+            "--output",
+            "json",
+        ]);
+        assert_eq!(
+            all.command(&["download", "c 1", "--out", "DIR"]),
+            "dsrctl download 'c 1' --out DIR --endpoint https://registry.example:50051 \
+             --config 'it'\\''s.toml' --ca 'my pki/ca.pem' --cert op.pem --key op.key \
+             --crl crl.pem --server-identity spiffe://dsrelay.dev/registry/controller"
+        );
+        assert_eq!(quote(""), "''");
+        assert_eq!(quote("a;b"), "'a;b'");
+    }
+}
