@@ -65,7 +65,9 @@ impl Connector for Stepper {
     }
 }
 
-fn config(dir: &std::path::Path, database_url: &str, controllers: &[&str]) -> Config {
+/// A processor's configuration in `dir` on `database_url`, serving `controllers`, with one
+/// subprocessor `crm` (its connector replaced by the test's).
+pub(crate) fn config(dir: &std::path::Path, database_url: &str, controllers: &[&str]) -> Config {
     let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
     let checkpoint_key = pki.signing_key("processor");
     let checkpoint_file = dir.join("audit/checkpoints.jsonl");
@@ -465,5 +467,248 @@ async fn a_connector_missing_a_served_controller_stops_the_start() {
     assert!(
         text.contains("subprocessor crm") && text.contains("controller globex"),
         "{text}"
+    );
+}
+
+/// The words of the holder's failure of call `n`, as the example adapter answers when it is
+/// down.
+fn unavailable(n: usize) -> String {
+    format!("adapter ExecuteBulk: Unavailable: Connection refused (call {n})")
+}
+
+/// An erasure whose holder is down for its first `down` calls: the first reports 10 of 40
+/// subjects (25 of 100 records) before it fails, the one after them erases all.
+struct DownFor {
+    down: usize,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl Connector for DownFor {
+    fn kind_name(&self) -> &'static str {
+        "down-for"
+    }
+
+    fn supports(&self, _kind: RequestKind) -> bool {
+        true
+    }
+
+    fn run<'a>(&'a self, _task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async { Err(ConnectorError::Permanent("bulk only".into())) })
+    }
+
+    fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async move {
+            let n = 1 + self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // The first call, and the one that gets through after the holder was down.
+            if n == 1 || n == self.down + 1 {
+                let resumed = if n == 1 { 0 } else { 20 };
+                job.progress.report(BulkProgress {
+                    subjects_done: 10 + resumed,
+                    subjects_total: 40,
+                    records_done: 25 + resumed,
+                    records_total: 100,
+                });
+                // Long enough for the progress to be recorded (every 20 ms).
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            if n <= self.down {
+                return Err(ConnectorError::Transient(unavailable(n)));
+            }
+            Ok(Outcome::Completed {
+                records_affected: 100,
+                note: "erased".into(),
+                files: Vec::new(),
+                erased: Vec::new(),
+            })
+        })
+    }
+}
+
+/// The acknowledgements queued for `request_id`, in order.
+async fn queued_acks(shared: &crate::app::Shared, request_id: &str) -> Vec<Acknowledgement> {
+    let payloads: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT payload FROM ack_outbox WHERE request_id = $1 ORDER BY sequence",
+    )
+    .bind(request_id)
+    .fetch_all(&shared.store.db().pool)
+    .await
+    .expect("acks");
+    payloads
+        .iter()
+        .map(|p| Acknowledgement::decode(p.as_slice()).expect("ack"))
+        .collect()
+}
+
+/// Claims and runs what is due now on `shared`'s clock; how many tasks ran.
+async fn step_now(shared: &Arc<crate::app::Shared>) -> usize {
+    let jobs = (shared.store)
+        .claim_tasks(shared.clock.now_ms(), 10, 30_000)
+        .await
+        .expect("claim");
+    let n = jobs.len();
+    for job in jobs {
+        crate::runner::run_task(shared, job).await.expect("step");
+    }
+    n
+}
+
+/// With its holder down, a contract end's erasure is acknowledged IN_PROGRESS after attempts
+/// 1 and 2 (not 3), saying what failed and until when it is retried, in phase DELETING with
+/// the counts recorded before the failure; the holder's words stay for operators. Before,
+/// the registry saw only "deleting the controller's data" while the holder was down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contract_end_whose_holder_is_down_says_so_at_the_registry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let holder = DownFor {
+        down: 3,
+        calls: Default::default(),
+    };
+    let app = deleting_now(dir.path(), holder, "ce-down").await;
+    let shared = app.shared();
+    let key = crate::store::TaskKey {
+        controller: "acme".into(),
+        request_id: "ce-down".into(),
+        subprocessor: "crm".into(),
+    };
+    let mut seen = 0;
+    for attempt in 1..=3 {
+        assert_eq!(step_now(&shared).await, 1, "attempt {attempt}");
+        let acks = queued_acks(&shared, "ce-down").await;
+        let new = &acks[seen..];
+        seen = acks.len();
+        let row = shared.store.manual_task(&key).await.expect("read");
+        let row = row.expect("the task");
+        assert_eq!(row.last_error, unavailable(attempt), "attempt {attempt}");
+        assert_eq!(row.task.state, TaskState::InProgress);
+        assert_eq!(row.task.counts.records_done, 25, "the counts stay");
+        let retried: Vec<&Acknowledgement> = new.iter().filter(|a| !a.reason.is_empty()).collect();
+        if attempt == 3 {
+            assert!(retried.is_empty(), "{new:#?}");
+            shared.clock.advance(10_000);
+            continue;
+        }
+        assert_eq!(retried.len(), 1, "attempt {attempt}: {new:#?}");
+        let ack = retried[0];
+        assert_eq!(ack.state(), TaskState::InProgress);
+        assert!(
+            ack.reason.starts_with(&format!(
+                "deleting the controller's data at subprocessor crm: attempt {attempt} failed at "
+            )),
+            "{}",
+            ack.reason
+        );
+        assert!(ack.reason.contains(&unavailable(attempt)), "{}", ack.reason);
+        assert!(ack.reason.contains("; next attempt at "), "{}", ack.reason);
+        assert!(ack.reason.contains(", retrying until "), "{}", ack.reason);
+        assert_eq!(ack.evidence.as_ref().map(|e| &e.note), Some(&ack.reason));
+        let p = ack.progress.expect("progress");
+        assert_eq!(p.phase(), ContractPhase::Deleting);
+        assert_eq!((p.subjects_done, p.records_done), (10, 25));
+        assert_eq!((p.subjects_total, p.records_total), (40, 100));
+        assert_eq!(ack.sequence as i64, row.task.sequence);
+        shared.clock.advance(10_000);
+    }
+    assert_eq!(step_now(&shared).await, 1);
+    let acks = queued_acks(&shared, "ce-down").await;
+    for pair in acks.windows(2) {
+        assert_eq!(pair[1].sequence, pair[0].sequence + 1);
+    }
+    let last = acks.last().expect("acks");
+    assert_eq!(last.state(), TaskState::Completed);
+    assert_eq!(
+        last.progress.expect("progress").phase(),
+        ContractPhase::Done
+    );
+    // The holder answering again, its progress clears the failure: the task no longer
+    // reads as failing while it deletes.
+    let resumed = &acks[acks.len() - 2];
+    assert_eq!(resumed.state(), TaskState::InProgress, "{resumed:#?}");
+    assert_eq!(resumed.progress.expect("progress").subjects_done, 30);
+    assert_eq!(resumed.reason, "", "{resumed:#?}");
+    assert_eq!(
+        resumed.evidence.as_ref().map(|e| e.note.as_str()),
+        Some("deleting the controller's data")
+    );
+}
+
+/// When an erasure's retry fails before its holder is called (the returned export cannot be
+/// removed), the acknowledgement of the failure keeps the note of the call cut off earlier,
+/// so that the call made next is still told it resumes one. Before, it was only postponed;
+/// recorded like a failed call, the note was cleared and the resumed call made as new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_never_called_the_holder_keeps_the_note_of_a_call_cut_off() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = deleting_now(dir.path(), CutOff, "ce-kept-note").await;
+    let shared = app.shared();
+    let first = {
+        let shared = shared.clone();
+        let jobs = (shared.store)
+            .claim_tasks(shared.clock.now_ms(), 10, 30_000)
+            .await
+            .expect("claim");
+        let job = jobs.into_iter().next().expect("job");
+        tokio::spawn(async move { crate::runner::run_task(&shared, job).await })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let task = &shared
+            .store
+            .tasks("acme", "ce-kept-note")
+            .await
+            .expect("tasks")[0];
+        if task.counts.records_done == 25 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{task:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shared.abandon.send_replace(true);
+    first.await.expect("first runner").expect("first step");
+    shared.abandon.send_replace(false);
+    let task = shared
+        .store
+        .tasks("acme", "ce-kept-note")
+        .await
+        .expect("tasks")[0]
+        .clone();
+    let noted = task.call_started_at;
+    assert!(noted.is_some(), "{task:?}");
+
+    // A file where the task's export folder goes: it cannot be removed as a folder.
+    let folder = crate::exports::task_dir(&shared.config.data_dir, &task.key);
+    std::fs::create_dir_all(folder.parent().expect("parent")).expect("parent folder");
+    std::fs::write(&folder, b"in the way").expect("file");
+    let before = queued_acks(&shared, "ce-kept-note").await.len();
+    assert_eq!(step_now(&shared).await, 1);
+    let acks = queued_acks(&shared, "ce-kept-note").await;
+    assert_eq!(acks.len(), before + 1, "{acks:#?}");
+    let ack = acks.last().expect("ack");
+    assert!(
+        ack.reason.contains("attempt 2 failed") && ack.reason.contains("returned export"),
+        "{}",
+        ack.reason
+    );
+    let task = shared
+        .store
+        .tasks("acme", "ce-kept-note")
+        .await
+        .expect("tasks")[0]
+        .clone();
+    assert_eq!(task.call_started_at, noted, "{task:?}");
+
+    std::fs::remove_file(&folder).expect("remove the file");
+    shared.clock.advance(10_000);
+    // CutOff waits forever unless it is told it resumes a call cut off.
+    let resumed = tokio::time::timeout(Duration::from_secs(10), step_now(&shared)).await;
+    assert_eq!(resumed.expect("the resumed call answers"), 1);
+    let task = &shared
+        .store
+        .tasks("acme", "ce-kept-note")
+        .await
+        .expect("tasks")[0];
+    assert_eq!(
+        (task.state, task.phase, task.records_affected),
+        (TaskState::Completed, ContractPhase::Done, 75),
+        "{task:?}"
     );
 }

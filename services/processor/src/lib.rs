@@ -38,6 +38,8 @@
 //! - `forget`: removes finished requests' raw identities, bodies, notes and export files
 //!   after `forget_after_days`, keeping keyed hashes of the identities.
 //! - `contract_tests` (tests only): a contract end through the real store and runner.
+//! - `retried_tests` (tests only): a single task whose holder is down, its failed attempt
+//!   acknowledged as retried, through the real store and runner.
 //! - `test_postgres` (tests only): the throwaway PostgreSQL database a store test runs on,
 //!   and `on_both!`, which runs a test on SQLite and on PostgreSQL.
 //! - [`uploader`]: delivers written exports in chunks, RETURN_OF_DATA and a contract end's
@@ -65,6 +67,8 @@ mod lease;
 mod log_tests;
 mod metrics;
 mod operator_api;
+#[cfg(test)]
+mod retried_tests;
 mod runner;
 pub mod store;
 mod task_machine;

@@ -1162,7 +1162,12 @@ mod tests {
         assert_eq!(task.state, TaskState::InProgress as i32, "{task:?}");
         assert_eq!(task.attempts, 1, "{task:?}");
         assert!(task.last_error.contains(LOCKED), "{task:?}");
-        assert_eq!(task.reason, "", "{task:?}");
+        // Its first failed attempt was acknowledged, saying so (task_machine::retry).
+        assert!(
+            task.reason
+                .starts_with("erasure at subprocessor crm: attempt 1 failed at "),
+            "{task:?}"
+        );
     }
 
     on_both!(a_retried_task_shows_the_holder_s_words_and_its_attempts);

@@ -65,7 +65,9 @@ use crate::exports;
 use crate::head_start;
 use crate::lease::{LeaseClock, Renewal};
 use crate::store::TaskJob;
-use crate::task_machine::{decide, phase_of, retry_at, Context, Decision, Event, Holder};
+use crate::task_machine::{
+    bulk_step, decide, phase_of, retry_at, Context, Decision, Event, Holder,
+};
 
 /// Runs until `stop` turns true, then lets the steps in flight finish within the grace,
 /// abandons and releases the rest, and logs what it finished, released and left queued.
@@ -235,11 +237,7 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
             result: result.clone(),
         };
         let decision = decide(&current, event, &ctx);
-        if let Decision::Later {
-            at,
-            error: Some(error),
-        } = &decision
-        {
+        if let Some((at, error)) = decision.retried() {
             tracing::warn!(
                 error = %withheld(shared.log_key(), error),
                 attempts = job.task.attempts,
@@ -412,11 +410,7 @@ async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> 
         earlier: recorded_of(&job, op),
     };
     let decision = decide(&current, event, &ctx);
-    if let Decision::Later {
-        at,
-        error: Some(error),
-    } = &decision
-    {
+    if let Some((at, error)) = decision.retried() {
         tracing::warn!(
             error = %withheld(shared.log_key(), error),
             attempts = job.task.attempts,
@@ -433,6 +427,18 @@ async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> 
             postpone(shared, &job, seq, at, error, false, true)
                 .await
                 .map(drop)
+        }
+        // Acknowledged alike: the note is written again as it stands, not cleared.
+        Decision::Move(t) if !called && t.error.is_some() => {
+            let note = job.task.call_started_at;
+            if record_move(shared, &job, seq, &t, note, false)
+                .await?
+                .is_some()
+            {
+                // `record_move` leaves the wakeup to a call that follows; none does.
+                shared.ack_wakeup.notify_one();
+            }
+            Ok(())
         }
         decision => record(shared, &job, seq, decision).await,
     }
@@ -615,7 +621,14 @@ async fn record_bulk_progress(
     let now = shared.clock.now_ms();
     let (key, owner) = (&job.task.key, &job.lease_owner);
     let recorded = (shared.store)
-        .record_progress(key, seq, owner, phase_of(op), progress, now)
+        .record_progress(
+            key,
+            seq,
+            owner,
+            (phase_of(op), bulk_step(op)),
+            progress,
+            now,
+        )
         .await?;
     if recorded.is_some() {
         shared.ack_wakeup.notify_one();
@@ -999,7 +1012,8 @@ async fn postpone(
 }
 
 /// Records a transition (noting the holder's call at `call_at` with it, when the call follows
-/// directly; only while no cancellation marked the task when `unless_cancelled`) and wakes
+/// directly, or keeping the note of an earlier call cut off, when no call was made; only
+/// while no cancellation marked the task when `unless_cancelled`) and wakes
 /// the acknowledgement sender; the new sequence, or `None` when the task changed meanwhile
 /// (a cancellation wins) or another claim took it. An export the transition ends without a
 /// delivery has its folder removed once the step is committed.

@@ -38,7 +38,11 @@
 //! - WAITING_FOR_OPERATOR → sleeps until an operator completes or refuses it
 //! - REFUSED by the holder → REFUSED with its reason
 //! - transient error → retry after the backoff (or the holder's Retry-After, if longer),
-//!   until the due date; retained data past its date is erased however late
+//!   until the due date; retained data past its date is erased however late. Attempts 1, 2,
+//!   4, 8... ([`worth_acknowledging`]) stay IN_PROGRESS with a reason saying what failed, at
+//!   which attempt, when the next comes and until when ([`retry`]; handle and count kept),
+//!   acknowledged so the registry shows why nothing moves; the attempts in between, a
+//!   retention run's and a task marked cancelled are only postponed
 //! - transient error past the due date, or a permanent error → FAILED with the reason; a
 //!   give-up at the due date holds only while the request's date has not moved past it
 //!   ([`Transition::due_by`]): an extension that came during the attempt takes it back
@@ -72,7 +76,8 @@
 //! - the erasure done → COMPLETED (DONE); kept under an obligation → RETAINED (DONE), erased
 //!   by the processor itself at its date like a single erasure
 //! - refused by the holder, or a permanent error → FAILED with why: the data is not gone;
-//!   transient errors → retried until the due date (the latest moment the data may exist)
+//!   transient errors → retried until the due date (the latest moment the data may exist),
+//!   acknowledged as for a single task, in the step's phase with its recorded counts
 //! - new terms ([`Event::TermsChanged`]): a SCHEDULED task is rescheduled to the new start
 //!   (at once when it has passed); a confirmed return releases AWAITING_CONFIRMATION
 //! - cancelled: tasks not yet deleting are CANCELLED; once deleting, the erasure reports what
@@ -461,6 +466,12 @@ pub struct Transition {
     pub transfer_receipt: Option<TransferReceipt>,
     /// A contract end task's phase and progress; `None` keeps what is recorded.
     pub contract: Option<ContractStep>,
+    /// The holder's words of a failure the task is retried after ([`retry`]), recorded as
+    /// its `last_error` for operators, as a postponement records them; `None` keeps what is
+    /// recorded. Only the runner's steps write it ([`Store::transition_leased`]).
+    ///
+    /// [`Store::transition_leased`]: crate::store::Store::transition_leased
+    pub error: Option<String>,
     /// Recorded only while the request's due date is at most this (ms): a give-up at the due
     /// date, decided with the date the task was claimed with, which an extension arriving
     /// meanwhile (`ExtendDueDate`) takes back. The step then writes nothing, and the caller
@@ -520,6 +531,19 @@ pub(crate) enum Decision {
 }
 
 impl Decision {
+    /// When a task whose holder's call failed in a way that may pass is tried again, and the
+    /// holder's words: a postponement with an error, or a retry acknowledged ([`retry`]).
+    pub(crate) fn retried(&self) -> Option<(i64, &str)> {
+        match self {
+            Self::Later {
+                at,
+                error: Some(error),
+            } => Some((*at, error)),
+            Self::Move(t) => Some((t.next_attempt_at?, t.error.as_deref()?)),
+            _ => None,
+        }
+    }
+
     /// The decision's name, for an error that is logged: its `Debug` holds the texts it
     /// carries (a holder's error, a reason), which may name the subject.
     pub(crate) fn name(&self) -> &'static str {
@@ -968,11 +992,13 @@ pub(crate) fn retry_at(ctx: &Context, error: &ConnectorError) -> i64 {
 }
 
 /// A connector run's outcome, or what its error decides: a transient error is retried while
-/// the phase may be (until the due date), then fails the task; any other error fails it.
+/// the phase may be (until the due date, [`retry`]), then fails the task; any other error
+/// fails it. `doing` is what the call was doing, as a retry's acknowledgement says it.
 fn outcome_or_retry(
     task: &Current<'_>,
     phase: &Phase,
     result: Result<Outcome, ConnectorError>,
+    doing: Doing,
     ctx: &Context,
 ) -> ControlFlow<Decision, Outcome> {
     // A retention run that fails leaves what the earlier runs erased erased: the count says
@@ -988,10 +1014,7 @@ fn outcome_or_retry(
     match result {
         Ok(outcome) => ControlFlow::Continue(outcome),
         Err(e) if e.is_transient() && may_retry(task, phase, ctx) => {
-            ControlFlow::Break(Decision::Later {
-                at: retry_at(ctx, &e),
-                error: Some(e.to_string()),
-            })
+            ControlFlow::Break(retry(task, phase, doing, &e, ctx))
         }
         Err(e) if e.is_transient() => ControlFlow::Break(Decision::Move(counted(gave_up(
             format!(
@@ -1002,6 +1025,105 @@ fn outcome_or_retry(
         )))),
         Err(e) => ControlFlow::Break(Decision::Move(counted(failed(e.to_string())))),
     }
+}
+
+/// What a task's call was doing, in the words of the acknowledgement of its failure
+/// ([`retry`]), and a contract end's phase, which that acknowledgement keeps.
+struct Doing {
+    /// The step, for the controller ("deleting the controller's data").
+    what: String,
+    /// A contract end's phase, its recorded counts kept; `None` for a single task.
+    contract: Option<ContractStep>,
+}
+
+impl Doing {
+    /// A single task's `phase` of a request of `kind`.
+    fn single(kind: RequestKind, phase: &Phase) -> Self {
+        let kind = kind_label(kind).to_lowercase().replace('_', " ");
+        Self {
+            what: match phase {
+                Phase::Confirm { .. } => format!("the confirmation of the accepted {kind}"),
+                _ => kind,
+            },
+            contract: None,
+        }
+    }
+
+    /// A contract end's bulk step `op` in `phase`. The counts stay as recorded: a failed call
+    /// may have reported progress before its check passed, which, recorded, would spare the
+    /// next call the check ([`BulkJob::recorded_progress`]).
+    ///
+    /// [`BulkJob::recorded_progress`]: dsrelay_connectors::BulkJob::recorded_progress
+    fn bulk(op: BulkOp, phase: &Phase) -> Self {
+        let step = bulk_step(op);
+        Self {
+            what: match phase {
+                Phase::Confirm { .. } => format!("{step} (the holder's confirmation)"),
+                _ => step.to_string(),
+            },
+            contract: Some(ContractStep::keep(phase_of(op))),
+        }
+    }
+}
+
+/// A contract end's bulk step `op` in the controller's words, the note of a task doing it.
+pub(crate) fn bulk_step(op: BulkOp) -> &'static str {
+    match op {
+        BulkOp::Export => "returning the controller's data",
+        BulkOp::Erase => "deleting the controller's data",
+    }
+}
+
+/// What a transient failure of the holder's call decides while the task may be retried: the
+/// task is looked at again at [`retry_at`]. Attempts 1, 2, 4, 8... ([`worth_acknowledging`],
+/// as for failed deliveries) are acknowledged: the task stays IN_PROGRESS (its handle, count
+/// and contract phase kept) with a reason saying what failed, at which attempt, when the next
+/// one comes and until when it is retried, so that the controller's registry shows why
+/// nothing moves; the attempts in between are only postponed, keeping the holder's words for
+/// operators. Not acknowledged either: a retention run's (the task stays RETAINED, or awaits
+/// its run's confirmation beyond any due date), and a task whose request was cancelled while
+/// the holder worked (the failure cancels it, [`too_late`]).
+fn retry(
+    task: &Current<'_>,
+    phase: &Phase,
+    doing: Doing,
+    error: &ConnectorError,
+    ctx: &Context,
+) -> Decision {
+    let at = retry_at(ctx, error);
+    if in_retention_run(task, phase) || task.cancel_requested || !worth_acknowledging(task.attempts)
+    {
+        return Decision::Later {
+            at,
+            error: Some(error.to_string()),
+        };
+    }
+    let note = format!(
+        "{} at subprocessor {}: attempt {} failed at {}: {}; next attempt at {}, retrying until \
+         {}",
+        doing.what,
+        task.subprocessor,
+        task.attempts,
+        date_label(ctx.now),
+        clip(&error.to_string()),
+        date_label(at),
+        date_label(ctx.due_at)
+    );
+    Decision::Move(Transition {
+        state: TaskState::InProgress,
+        records_affected: task.records_affected,
+        // Also the reason, as for a failed delivery: `dsrctl get` and `dsrctl contracts show`
+        // show reasons (and so do the registry's events, but of a contract end task only
+        // when its state or phase changes).
+        reason: note.clone(),
+        note,
+        next_attempt_at: Some(at),
+        // Accepted work is still the holder's: the next claim asks for its confirmation.
+        handle: task.handle.map(str::to_string),
+        contract: doing.contract,
+        error: Some(error.to_string()),
+        ..Default::default()
+    })
 }
 
 /// The run at a RETAINED task's `retain_until`, the holder's next release date (0 for none,
@@ -1188,7 +1310,8 @@ fn ran(
     } else {
         0
     };
-    let outcome = match outcome_or_retry(task, &phase, result, ctx) {
+    let doing = Doing::single(kind, &phase);
+    let outcome = match outcome_or_retry(task, &phase, result, doing, ctx) {
         ControlFlow::Continue(outcome) => outcome,
         ControlFlow::Break(decision) => return decision,
     };
@@ -1354,10 +1477,7 @@ fn contract_claimed(
                 start: Some(Transition {
                     state: TaskState::InProgress,
                     hold_ms: Some(ctx.lease_ms),
-                    note: match op {
-                        BulkOp::Export => "returning the controller's data".into(),
-                        BulkOp::Erase => "deleting the controller's data".into(),
-                    },
+                    note: bulk_step(op).into(),
                     contract: Some(ContractStep::at(phase_of(op), BulkProgress::default())),
                     ..Default::default()
                 }),
@@ -1425,7 +1545,8 @@ fn bulk_ran(
         uncounted: uncounted(task, &phase, recorded, progress),
     };
     let step = ContractStep::at(phase_of(op), progress);
-    let outcome = match outcome_or_retry(task, &phase, result, ctx) {
+    let doing = Doing::bulk(op, &phase);
+    let outcome = match outcome_or_retry(task, &phase, result, doing, ctx) {
         ControlFlow::Continue(outcome) => outcome,
         ControlFlow::Break(decision) => return decision,
     };
@@ -2417,8 +2538,12 @@ mod tests {
     #[test]
     fn transient_errors_are_retried_with_backoff_until_the_due_date() {
         let down = || Err(ConnectorError::Transient("connection refused".into()));
+        let third = Current {
+            attempts: 3,
+            ..task(InProgress)
+        };
         assert_eq!(
-            ran(&task(InProgress), Phase::Start, down()),
+            ran(&third, Phase::Start, down()),
             Decision::Later {
                 at: NOW + 500,
                 error: Some("connection refused".into())
@@ -2431,10 +2556,7 @@ mod tests {
                 after_ms,
             })
         };
-        let at = |d| match d {
-            Decision::Later { at, .. } => at,
-            other => panic!("{other:?}"),
-        };
+        let at = |d: Decision| d.retried().expect("retried").0;
         assert_eq!(
             at(ran(&task(InProgress), Phase::Start, after(9_000))),
             NOW + 9_000
@@ -2472,6 +2594,132 @@ mod tests {
             matches!(d, Decision::Later { at, .. } if at == DUE + 500),
             "{d:?}"
         );
+    }
+
+    /// A failure that may pass is acknowledged IN_PROGRESS on attempts 1, 2, 4, 8..., saying
+    /// what failed, at which attempt, when the next comes and until when; the holder's words
+    /// are kept for operators, and accepted work keeps its handle. Before, every retry was
+    /// only postponed: the registry showed the task as it was before the failure.
+    #[test]
+    fn a_retried_failure_is_acknowledged_at_doubling_gaps() {
+        let down = || Err(ConnectorError::Transient("connection refused".into()));
+        let attempt = |attempts| Current {
+            attempts,
+            ..task(InProgress)
+        };
+        let t = moved(ran(&attempt(1), Phase::Start, down()));
+        let said = format!(
+            "erasure at subprocessor accounting: attempt 1 failed at {}: connection refused; \
+             next attempt at {}, retrying until {}",
+            date_label(NOW),
+            date_label(NOW + 500),
+            date_label(DUE)
+        );
+        assert_eq!(
+            (t.state, t.records_affected, t.confirmed),
+            (InProgress, 3, false)
+        );
+        assert_eq!((t.note.as_str(), t.reason.as_str()), (&*said, &*said));
+        assert_eq!(t.next_attempt_at, Some(NOW + 500));
+        assert_eq!(t.error.as_deref(), Some("connection refused"));
+        assert_eq!((t.hold_ms, t.contract, t.upload), (None, None, false));
+        let acknowledged: Vec<i64> = (1..=16)
+            .filter(|&n| matches!(ran(&attempt(n), Phase::Start, down()), Decision::Move(_)))
+            .collect();
+        assert_eq!(acknowledged, [1, 2, 4, 8, 16]);
+        // Accepted work is still the holder's: its confirmation is asked for next time.
+        let accepted = Current {
+            handle: Some("h-1"),
+            ..attempt(2)
+        };
+        let confirm = Phase::Confirm {
+            handle: "h-1".into(),
+        };
+        let t = moved(ran(&accepted, confirm, down()));
+        assert_eq!(t.handle.as_deref(), Some("h-1"));
+        assert!(
+            t.reason
+                .starts_with("the confirmation of the accepted erasure at subprocessor"),
+            "{}",
+            t.reason
+        );
+        // A claimed PENDING task (its start recorded IN_PROGRESS before the call) alike.
+        let pending = Current {
+            attempts: 1,
+            ..task(Pending)
+        };
+        assert_eq!(moved(ran(&pending, Phase::Start, down())).state, InProgress);
+    }
+
+    /// A contract end's bulk step that failed and is retried is acknowledged in its phase,
+    /// the recorded counts kept (the connector's last report is not recorded: it may come
+    /// from before the erasure's check passed).
+    #[test]
+    fn a_retried_bulk_step_is_acknowledged_in_its_phase_with_its_counts_kept() {
+        let down = || {
+            Err(ConnectorError::Transient(
+                "adapter ExecuteBulk: Unavailable".into(),
+            ))
+        };
+        for (op, phase, what) in [
+            (BulkOp::Erase, ContractPhase::Deleting, "deleting"),
+            (BulkOp::Export, ContractPhase::Returning, "returning"),
+        ] {
+            let t = Current {
+                attempts: 1,
+                ..contract_task(InProgress, phase)
+            };
+            let t = moved(bulk(&t, op, Phase::Start, down()));
+            assert_eq!((t.state, t.records_affected), (InProgress, 3));
+            assert_eq!(t.contract, Some(ContractStep::keep(phase)));
+            assert_eq!(
+                t.reason,
+                format!(
+                    "{what} the controller's data at subprocessor accounting: attempt 1 failed \
+                     at {}: adapter ExecuteBulk: Unavailable; next attempt at {}, retrying \
+                     until {}",
+                    date_label(NOW),
+                    date_label(NOW + 500),
+                    date_label(DUE)
+                )
+            );
+            assert_eq!(t.note, t.reason);
+            assert!(!t.discard_export && !t.upload && t.export_files.is_none());
+        }
+        // Attempt 3 is only postponed.
+        let third = Current {
+            attempts: 3,
+            ..contract_task(InProgress, ContractPhase::Deleting)
+        };
+        let d = bulk(&third, BulkOp::Erase, Phase::Start, down());
+        assert!(
+            matches!(d, Decision::Later { at, .. } if at == NOW + 500),
+            "{d:?}"
+        );
+        // A retention run stays RETAINED, however often it failed.
+        let retained = Current {
+            attempts: 1,
+            retain_until: Some(NOW - 1),
+            ..contract_task(Retained, ContractPhase::Done)
+        };
+        let run = Phase::RetentionExpired { until_ms: NOW - 1 };
+        let d = bulk(&retained, BulkOp::Erase, run, down());
+        assert!(matches!(d, Decision::Later { .. }), "{d:?}");
+    }
+
+    /// A failure of the call under way when the request was cancelled ends the task, never
+    /// acknowledged as retried.
+    #[test]
+    fn a_failure_of_a_task_marked_cancelled_is_not_acknowledged_as_retried() {
+        let marked = Current {
+            cancel_requested: true,
+            attempts: 1,
+            ..task(InProgress)
+        };
+        let down = Err(ConnectorError::Transient("connection refused".into()));
+        let t = moved(ran(&marked, Phase::Start, down));
+        assert_eq!(t.state, Cancelled);
+        assert_eq!(t.error, None);
     }
 
     #[test]
@@ -3283,18 +3531,13 @@ mod tests {
             Err(ConnectorError::Permanent("no such table".into())),
         ));
         assert_eq!((t.state, t.reason.as_str()), (Failed, "no such table"));
-        assert_eq!(
-            bulk(
-                &deleting,
-                BulkOp::Erase,
-                Phase::Start,
-                Err(ConnectorError::Transient("down".into()))
-            ),
-            Decision::Later {
-                at: NOW + 500,
-                error: Some("down".into())
-            }
+        let d = bulk(
+            &deleting,
+            BulkOp::Erase,
+            Phase::Start,
+            Err(ConnectorError::Transient("down".into())),
         );
+        assert_eq!(d.retried(), Some((NOW + 500, "down")), "{d:?}");
         let event = Event::BulkRan {
             op: BulkOp::Erase,
             phase: Phase::Start,

@@ -312,20 +312,24 @@ impl Store {
     /// its acknowledgement, if the task is still at `expected_sequence`, IN_PROGRESS, and
     /// held by the claim `lease_owner`. Returns the new sequence. A step whose lease was
     /// taken by another claim records nothing: its progress would move the sequence under
-    /// the new holder's step, which could then record no outcome.
+    /// the new holder's step, which could then record no outcome. `(phase, step)`: the
+    /// step's phase and words; a task whose earlier attempt failed (its reason says so,
+    /// `task_machine::retry`) has the reason cleared and `step` as its note again, since a
+    /// holder reporting progress answers again.
     pub async fn record_progress(
         &self,
         key: &TaskKey,
         expected_sequence: i64,
         lease_owner: &str,
-        phase: ContractPhase,
+        (phase, step): (ContractPhase, &str),
         p: BulkProgress,
         now: i64,
     ) -> Result<Option<i64>> {
         let mut tx = self.db.pool.begin().await?;
         let row: Option<TaskRecord> = sqlx::query_as(&format!(
             "UPDATE tasks SET sequence = $1, contract_phase = $2, subjects_done = $3, \
-             subjects_total = $4, records_done = $5, records_total = $6, updated_at = $7 \
+             subjects_total = $4, records_done = $5, records_total = $6, updated_at = $7, \
+             note = CASE WHEN reason = '' THEN note ELSE $14 END, reason = '' \
              WHERE controller = $8 AND request_id = $9 AND subprocessor = $10 \
              AND sequence = $11 AND state = $12 AND lease_owner = $13 RETURNING {TASK_COLUMNS}"
         ))
@@ -342,6 +346,7 @@ impl Store {
         .bind(expected_sequence)
         .bind(i64::from(TaskState::InProgress as i32))
         .bind(lease_owner)
+        .bind(step)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row.map(TaskRow::from) else {

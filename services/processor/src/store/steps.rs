@@ -119,9 +119,10 @@ impl Store {
     }
 
     /// Records `steps` in one transaction: their task rows (one UPDATE each, all in one call
-    /// on SQLite), then their certificates (one read and one INSERT for all), each step's
-    /// upload, then all their acknowledgements in one INSERT and their audit entries, in the
-    /// steps' order. A certificate therefore lists the retained data of the request as the
+    /// on SQLite, and one more for a step that keeps a retried failure's words,
+    /// [`Transition::error`]), then their certificates (one read and one INSERT for all),
+    /// each step's upload, then all their acknowledgements in one INSERT and their audit
+    /// entries, in the steps' order. A certificate therefore lists the retained data of the request as the
     /// whole batch leaves it. Answers each step's new sequence, `None` for a step whose task
     /// moved on or whose claim was lost (it records nothing).
     pub(super) async fn record_steps(&self, steps: &[QueuedStep]) -> Result<Vec<Option<i64>>> {
@@ -174,6 +175,23 @@ impl Store {
             .zip(ran)
             .filter_map(|((i, write), ran)| Some((i, write, ran.rows.into_iter().next()?)))
             .collect();
+        // A retried failure's words stay with the task for operators (`last_error`), as a
+        // postponement keeps them.
+        for (i, _, _) in &moved {
+            let (key, Some(error)) = (&steps[*i].key, &steps[*i].t.error) else {
+                continue;
+            };
+            sqlx::query(
+                "UPDATE tasks SET last_error = $1 WHERE controller = $2 AND request_id = $3 \
+                 AND subprocessor = $4",
+            )
+            .bind(error)
+            .bind(&key.controller)
+            .bind(&key.request_id)
+            .bind(&key.subprocessor)
+            .execute(&mut *tx)
+            .await?;
+        }
         let certifying: Vec<Certifying<'_>> = moved
             .iter()
             .map(|(i, write, _)| write.certifying(&steps[*i].key))
