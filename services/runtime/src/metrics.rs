@@ -14,11 +14,15 @@
 //! configured names). With an `admin_token` every `/metrics` request must carry
 //! `Authorization: Bearer <token>` (`/healthz` says only whether the service is up, for
 //! probes that carry no secret); a non-loopback address requires one. Bind it to loopback or a private network.
+//! It serves at most [`MAX_ADMIN_CONNECTIONS`] connections at once and closes one that sends
+//! no request for [`ADMIN_HEADER_TIMEOUT`], so that connections to it cannot take the file
+//! descriptors the gRPC port needs.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axum::extract::State;
@@ -33,6 +37,7 @@ use prometheus_client::metrics::histogram::Histogram;
 pub use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// The media type of the text exposition format.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -193,15 +198,58 @@ pub type RenderFuture = Pin<Box<dyn Future<Output = Result<String>> + Send>>;
 /// The callback a service supplies to [`serve`].
 pub type Render = Arc<dyn Fn() -> RenderFuture + Send + Sync>;
 
+/// How many connections the admin port serves at once; one more is closed as soon as it is
+/// accepted. Scrapers and probes use one or two each.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+
+/// How long a connection to the admin port may take to send a request's line and headers,
+/// counted from when it opens and again from the end of each answer: a connection that sends
+/// nothing, or part of a request, or stays idle between requests this long, is closed.
+pub const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long connections still open when the admin port stops may take to finish their
+/// requests; then they are dropped.
+const ADMIN_DRAIN: Duration = Duration::from_secs(5);
+
+/// How often at most connections refused at [`MAX_ADMIN_CONNECTIONS`] are logged.
+const ADMIN_REFUSALS_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The admin port's bounds; tests shrink them.
+#[derive(Debug, Clone, Copy)]
+struct AdminLimits {
+    connections: usize,
+    header_timeout: Duration,
+}
+
+impl AdminLimits {
+    const DEFAULT: Self = Self {
+        connections: MAX_ADMIN_CONNECTIONS,
+        header_timeout: ADMIN_HEADER_TIMEOUT,
+    };
+}
+
 /// Serves `GET /metrics` (the text from `render`, or 500 with the error when it fails) and
-/// `GET /healthz` (`ok`) on `listener` until `shutdown` resolves. With a `token`, `/metrics`
-/// answers 401 unless the request carries `Authorization: Bearer <token>`.
+/// `GET /healthz` (`ok`) on `listener` until `shutdown` resolves, over HTTP/1.1, within
+/// [`MAX_ADMIN_CONNECTIONS`] and [`ADMIN_HEADER_TIMEOUT`]. With a `token`, `/metrics`
+/// answers 401 unless the request carries `Authorization: Bearer <token>`. Once `shutdown`
+/// resolves, connections finish the request they are serving (at most 5 s) and close.
 pub async fn serve(
     listener: TcpListener,
     render: Render,
     token: Option<String>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    serve_within(listener, render, token, shutdown, AdminLimits::DEFAULT).await
+}
+
+async fn serve_within(
+    listener: TcpListener,
+    render: Render,
+    token: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: AdminLimits,
+) -> Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     let app = axum::Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -209,10 +257,86 @@ pub async fn serve(
             render,
             token: token.map(Arc::from),
         });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving the admin port")
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    // HTTP/1 only: the automatic builder would first wait, without a deadline, for enough
+    // bytes to tell HTTP/2 from HTTP/1. hyper's header read timeout runs from when the
+    // connection opens and again whenever it is idle between requests.
+    let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
+    http.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let places = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+    let (stop, stopping) = watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    let mut refusals = Refusals::default();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let tcp = match accepted {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        // Out of file descriptors, most likely: let connections close.
+                        tracing::debug!(error = %e, "admin port: accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                // Accepted and closed at once rather than left in the backlog, where a flood's
+                // connections would be served before any later client's.
+                let Ok(place) = places.clone().try_acquire_owned() else {
+                    drop(tcp);
+                    refusals.refused(Instant::now(), limits.connections);
+                    continue;
+                };
+                let (http, service) = (http.clone(), service.clone());
+                let mut stopping = stopping.clone();
+                connections.spawn(async move {
+                    let _place = place;
+                    let connection = http.serve_connection(TokioIo::new(tcp), service);
+                    tokio::pin!(connection);
+                    tokio::select! {
+                        _ = connection.as_mut() => return,
+                        _ = stopping.wait_for(|s| *s) => {}
+                    }
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    drop(listener);
+    stop.send_replace(true);
+    let drained = async { while connections.join_next().await.is_some() {} };
+    // Dropping the set aborts those still open.
+    let _ = tokio::time::timeout(ADMIN_DRAIN, drained).await;
+    Ok(())
+}
+
+/// Connections refused at the cap, logged at most once per [`ADMIN_REFUSALS_LOG_EVERY`] with
+/// how many were refused since the last line.
+#[derive(Default)]
+struct Refusals {
+    next_line: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Refusals {
+    fn refused(&mut self, now: Instant, max: usize) {
+        self.unlogged += 1;
+        if self.next_line.is_some_and(|at| now < at) {
+            return;
+        }
+        tracing::warn!(
+            refused = self.unlogged,
+            max,
+            "admin port: connections refused, as many as it serves are open"
+        );
+        self.unlogged = 0;
+        self.next_line = Some(now + ADMIN_REFUSALS_LOG_EVERY);
+    }
 }
 
 /// What `/metrics` needs: how to render, and the token it requires, if any.
@@ -490,6 +614,144 @@ mod tests {
         let mut text = String::new();
         s.read_to_string(&mut text).await.unwrap();
         text
+    }
+
+    /// How long a test waits for what must happen before it fails instead of hanging.
+    const GUARD: std::time::Duration = std::time::Duration::from_secs(20);
+
+    /// Serves the admin port on 127.0.0.1 within `limits` until the test ends; its address.
+    async fn serving(limits: AdminLimits) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let render: Render = Arc::new(|| Box::pin(async { Ok("x 1\n".to_string()) }));
+        tokio::spawn(serve_within(
+            listener,
+            render,
+            None,
+            std::future::pending(),
+            limits,
+        ));
+        addr
+    }
+
+    /// Whether the server closed `tcp`: a read ends without an answer.
+    async fn closed_by_server(tcp: &mut tokio::net::TcpStream) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        loop {
+            match tokio::time::timeout(GUARD, tcp.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => return true,
+                // What answered an earlier request.
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Whether `tcp` is still open: a read finds nothing to read for a moment.
+    async fn still_open(tcp: &mut tokio::net::TcpStream) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        tokio::time::timeout(std::time::Duration::from_millis(100), tcp.read(&mut buf))
+            .await
+            .is_err()
+    }
+
+    /// Whether `GET /healthz` on a new connection is answered `ok`.
+    async fn healthy(addr: std::net::SocketAddr) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+            return false;
+        };
+        let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        if s.write_all(request).await.is_err() {
+            return false;
+        }
+        let mut text = Vec::new();
+        let _ = tokio::time::timeout(GUARD, s.read_to_end(&mut text)).await;
+        let text = String::from_utf8_lossy(&text);
+        text.starts_with("HTTP/1.1 200") && text.ends_with("ok\n")
+    }
+
+    /// Idle connections beyond the cap are closed as soon as they are accepted, those within
+    /// it stay, and a place given back serves the next client.
+    #[tokio::test]
+    async fn connections_beyond_the_cap_are_closed_at_once() {
+        use tokio::io::AsyncWriteExt;
+        let cap = 3;
+        let addr = serving(AdminLimits {
+            connections: cap,
+            header_timeout: std::time::Duration::from_secs(3600),
+        })
+        .await;
+        // The listener takes them in the order they connected.
+        let mut held = Vec::new();
+        for _ in 0..cap {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tcp.write_all(b"GET /hea").await.unwrap();
+            held.push(tcp);
+        }
+        let mut beyond = Vec::new();
+        for _ in 0..5 {
+            beyond.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        for (i, tcp) in beyond.iter_mut().enumerate() {
+            assert!(
+                closed_by_server(tcp).await,
+                "connection {i} beyond the cap is closed"
+            );
+        }
+        for (i, tcp) in held.iter_mut().enumerate() {
+            assert!(
+                still_open(tcp).await,
+                "connection {i} within the cap stays open"
+            );
+        }
+        drop(held.pop());
+        tokio::time::timeout(GUARD, async {
+            while !healthy(addr).await {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("a client is served once a connection closed");
+    }
+
+    /// A connection that sends nothing, one that sends part of a request line and one idle
+    /// after its answer are all closed after the header timeout, and the port still answers.
+    #[tokio::test]
+    async fn idle_connections_are_closed_after_the_header_timeout() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = serving(AdminLimits {
+            connections: MAX_ADMIN_CONNECTIONS,
+            header_timeout: std::time::Duration::from_millis(300),
+        })
+        .await;
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
+        partial.write_all(b"GET /metr").await.unwrap();
+        let mut kept_alive = tokio::net::TcpStream::connect(addr).await.unwrap();
+        kept_alive
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = [0u8; 256];
+        let n = tokio::time::timeout(GUARD, kept_alive.read(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(answer[..n].starts_with(b"HTTP/1.1 200"));
+        for (what, tcp) in [
+            ("silent", &mut silent),
+            ("partial", &mut partial),
+            ("kept alive", &mut kept_alive),
+        ] {
+            assert!(
+                closed_by_server(tcp).await,
+                "the {what} connection is closed"
+            );
+        }
+        assert!(healthy(addr).await);
     }
 
     #[tokio::test]

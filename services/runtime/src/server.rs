@@ -289,8 +289,13 @@ pub async fn serve(
 /// configuration `tls` holds at that moment, and only completed handshakes reach tonic,
 /// which reads the client's certificates from the stream as it does for its own TLS; a failed
 /// handshake after a quiet 10 s is logged with its details, the others of those 10 s as one
-/// line of counts, and so are failures to accept a connection. Calls still open when shutdown began get `drain` (the
-/// service's `shutdown_grace_ms`) to finish, then their connections are dropped.
+/// line of counts, and so are failures to accept a connection. A connection reaches tonic
+/// only once it sent the HTTP/2 preface, within [`PREFACE_TIMEOUT`] of its handshake, and
+/// while fewer than [`MAX_CONNECTIONS`] connections are served, fewer than
+/// [`MAX_CONNECTIONS_PER_IDENTITY`] of them for its certificate's identity; one beyond
+/// either cap is closed after its handshake and logged at warn, rate-limited as the failed
+/// handshakes are. Calls still open when shutdown began get `drain` (the service's
+/// `shutdown_grace_ms`) to finish, then their connections are dropped.
 pub async fn serve_tls(
     router: Router<Layers>,
     listener: TcpListener,
@@ -432,24 +437,52 @@ impl<IO: Connected> Connected for Closable<IO> {
 
 /// How many TLS handshakes one listener runs at once; a connection beyond them ends the
 /// oldest handshake still running ([`accept`]). Every one holds a file descriptor for up to
-/// [`HANDSHAKE_TIMEOUT`], so without a cap a host that reaches the port could hold them all
-/// by opening connections that send nothing. A partner's handshake lasts a few round trips,
-/// and partners open nowhere near this many connections in that time.
+/// [`HANDSHAKE_TIMEOUT`] (and [`PREFACE_TIMEOUT`] more once it completed), so without a cap
+/// a host that reaches the port could hold them all by opening connections that send
+/// nothing. A partner's handshake lasts a few round trips, and partners open nowhere near
+/// this many connections in that time.
 pub const MAX_HANDSHAKES: usize = 256;
+
+/// How long after its TLS handshake a connection may take to send the HTTP/2 client preface
+/// before it is closed. Until then it holds a place among the [`MAX_HANDSHAKES`]; a client
+/// sends the preface as soon as its handshake completes. Without this, a certified host
+/// could hold any number of connections that never speak: tonic waits for the preface
+/// without a deadline, and HTTP/2 keepalive pings start only after it.
+pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many connections one listener serves at once; one more is closed after its
+/// handshake. Every one holds a file descriptor for as long as its client keeps it (keepalive
+/// pings keep a silent but answering client), so without a cap any certificate of the
+/// shared CA could exhaust the process's descriptors. Partners open a few connections each.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// How many of the [`MAX_CONNECTIONS`] one certificate identity may hold, so that one party
+/// (or one leaked certificate) cannot take them all; certificates without an identity share
+/// one such allowance.
+pub const MAX_CONNECTIONS_PER_IDENTITY: usize = 512;
+
+/// What an HTTP/2 client sends first (RFC 9113, section 3.4).
+const PREFACE_LEN: usize = 24;
 
 /// How often at most a failed handshake, or a failure to accept a connection, is logged; the
 /// others in between are counted and their counts logged in one line ([`FailureLog`]).
 const HANDSHAKE_LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// The bounds on a listener's handshakes; tests shrink them.
+/// The bounds on a listener's handshakes and connections; tests shrink them.
 #[derive(Debug, Clone, Copy)]
 struct HandshakeLimits {
     /// How many run at once.
     in_progress: usize,
     /// How long each may take.
     timeout: Duration,
-    /// How often at most a failed one, or a failed accept, is logged.
+    /// How often at most a failed one, a failed accept or a refused connection is logged.
     log_every: Duration,
+    /// How long after its handshake a connection may take to send the HTTP/2 preface.
+    preface_timeout: Duration,
+    /// How many connections are served at once.
+    connections: usize,
+    /// How many of them one identity may hold.
+    per_identity: usize,
 }
 
 impl HandshakeLimits {
@@ -457,14 +490,159 @@ impl HandshakeLimits {
         in_progress: MAX_HANDSHAKES,
         timeout: HANDSHAKE_TIMEOUT,
         log_every: HANDSHAKE_LOG_EVERY,
+        preface_timeout: PREFACE_TIMEOUT,
+        connections: MAX_CONNECTIONS,
+        per_identity: MAX_CONNECTIONS_PER_IDENTITY,
     };
 }
 
-/// Connections whose TLS handshake completed, in the order they completed. The listener
-/// and the handshakes in progress live in a task that ends when this stream is dropped
-/// (tonic drops it when shutdown begins), so the port stops accepting at once.
+/// The connections a listener serves, in all and by identity.
+struct Connections {
+    most: usize,
+    per_identity: usize,
+    open: std::sync::Mutex<OpenConnections>,
+}
+
+#[derive(Default)]
+struct OpenConnections {
+    total: usize,
+    by_identity: std::collections::HashMap<String, usize>,
+}
+
+/// Which cap a connection was refused at, and its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cap {
+    Total(usize),
+    PerIdentity(usize),
+}
+
+impl Connections {
+    fn new(limits: &HandshakeLimits) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            most: limits.connections,
+            per_identity: limits.per_identity,
+            open: Default::default(),
+        })
+    }
+
+    /// A place for one more connection of `identity`, held until the slot is dropped.
+    fn admit(self: &std::sync::Arc<Self>, identity: &str) -> Result<Slot, Cap> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.total >= self.most {
+            return Err(Cap::Total(self.most));
+        }
+        let held = open.by_identity.get(identity).copied().unwrap_or(0);
+        if held >= self.per_identity {
+            return Err(Cap::PerIdentity(self.per_identity));
+        }
+        open.total += 1;
+        open.by_identity.insert(identity.to_string(), held + 1);
+        Ok(Slot {
+            connections: self.clone(),
+            identity: identity.to_string(),
+        })
+    }
+}
+
+/// One connection's place among the [`Connections`], given back when the connection is
+/// dropped (tonic drops it when the connection ends, or serving does when it stops).
+struct Slot {
+    connections: std::sync::Arc<Connections>,
+    identity: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self
+            .connections
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        open.total = open.total.saturating_sub(1);
+        if let Some(held) = open.by_identity.get_mut(&self.identity) {
+            *held -= 1;
+            if *held == 0 {
+                open.by_identity.remove(&self.identity);
+            }
+        }
+    }
+}
+
+/// The identity a connection counts against: its client certificate's, or what stands for
+/// the lack of one in logs.
+fn counted_identity(stream: &TlsStream<TcpStream>) -> String {
+    match stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+    {
+        Some(leaf) => crate::tls::identity_of(leaf.as_ref())
+            .unwrap_or_else(|| "(a certificate without an identity)".to_string()),
+        None => "(no client certificate)".to_string(),
+    }
+}
+
+/// A connection handed to tonic: the TLS stream, the preface read from it before (given to
+/// tonic first, as if unread) and its place among the served connections.
+struct Admitted {
+    io: TlsStream<TcpStream>,
+    preface: [u8; PREFACE_LEN],
+    replayed: usize,
+    _slot: Slot,
+}
+
+impl tokio::io::AsyncRead for Admitted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.replayed < PREFACE_LEN {
+            let n = buf.remaining().min(PREFACE_LEN - self.replayed);
+            buf.put_slice(&self.preface[self.replayed..self.replayed + n]);
+            self.replayed += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Admitted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl Connected for Admitted {
+    type ConnectInfo = <TlsStream<TcpStream> as Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+/// Connections whose TLS handshake completed and that sent the HTTP/2 preface, in the order
+/// they did. The listener and the handshakes in progress live in a task that ends when this
+/// stream is dropped (tonic drops it when shutdown begins), so the port stops accepting at
+/// once.
 struct TlsIncoming {
-    done: mpsc::UnboundedReceiver<TlsStream<TcpStream>>,
+    done: mpsc::UnboundedReceiver<Admitted>,
     accepting: JoinHandle<()>,
 }
 
@@ -486,7 +664,7 @@ impl Drop for TlsIncoming {
 }
 
 impl Stream for TlsIncoming {
-    type Item = Result<TlsStream<TcpStream>, std::io::Error>;
+    type Item = Result<Admitted, std::io::Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
         self.done.poll_recv(cx).map(|s| s.map(Ok))
@@ -506,7 +684,11 @@ impl Listener for TcpListener {
 }
 
 /// Accepts connections and runs their handshakes side by side, so a slow or silent client
-/// holds up nobody else, at most `limits.in_progress` at once.
+/// holds up nobody else, at most `limits.in_progress` at once. A handshake lasts until the
+/// connection sent the HTTP/2 preface (at most `limits.preface_timeout` after the TLS
+/// handshake), and the connection is then served if the caps on connections
+/// ([`Connections`]) leave it a place, which they are asked for right after the TLS
+/// handshake, when the client's identity is known.
 ///
 /// At the cap, a new connection ends the oldest handshake still running instead of waiting
 /// for a free place or being turned away itself. Waiting (not accepting) or turning away the
@@ -517,18 +699,21 @@ impl Listener for TcpListener {
 async fn accept(
     listener: impl Listener,
     tls: LiveTls,
-    done: mpsc::UnboundedSender<TlsStream<TcpStream>>,
+    done: mpsc::UnboundedSender<Admitted>,
     limits: HandshakeLimits,
 ) {
+    let connections = Connections::new(&limits);
     let mut handshakes = JoinSet::new();
     // The handshakes in progress, oldest first, each with its peer.
     let mut running: VecDeque<(AbortHandle, SocketAddr)> = VecDeque::new();
     let mut failures = FailureLog::<Failure>::new(limits.log_every);
     // Retried every 50 ms while it lasts: one line each would be 20 a second.
     let mut unaccepted = FailureLog::<NotAccepted>::new(limits.log_every);
+    let mut refusals = FailureLog::<OverCap>::new(limits.log_every);
     loop {
         let summary_due = failures.summary_due();
         let unaccepted_due = unaccepted.summary_due();
+        let refusals_due = refusals.summary_due();
         tokio::select! {
             accepted = listener.accept() => {
                 let (tcp, peer) = match accepted {
@@ -555,16 +740,47 @@ async fn accept(
                 let _ = tcp.set_nodelay(true);
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
                 let done = done.clone();
+                let connections = connections.clone();
                 let handshake = handshakes.spawn(async move {
-                    match tokio::time::timeout(limits.timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            // Closed: serving stopped, and the connection goes with it.
-                            let _ = done.send(stream);
-                            None
+                    let mut stream =
+                        match tokio::time::timeout(limits.timeout, acceptor.accept(tcp)).await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => return Some(Ended::Failed(Failure::Refused(peer, e))),
+                            Err(_) => {
+                                let timed_out = Failure::TimedOut(peer, limits.timeout);
+                                return Some(Ended::Failed(timed_out));
+                            }
+                        };
+                    let identity = counted_identity(&stream);
+                    let slot = match connections.admit(&identity) {
+                        Ok(slot) => slot,
+                        Err(cap) => return Some(Ended::OverCap(OverCap { peer, identity, cap })),
+                    };
+                    let mut preface = [0u8; PREFACE_LEN];
+                    let read = tokio::io::AsyncReadExt::read_exact(&mut stream, &mut preface);
+                    match tokio::time::timeout(limits.preface_timeout, read).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Some(Ended::Failed(Failure::NoPreface(peer, e))),
+                        Err(_) => {
+                            let e = std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!(
+                                    "no HTTP/2 preface within {:?} of the handshake",
+                                    limits.preface_timeout
+                                ),
+                            );
+                            return Some(Ended::Failed(Failure::NoPreface(peer, e)));
                         }
-                        Ok(Err(e)) => Some(Failure::Refused(peer, e)),
-                        Err(_) => Some(Failure::TimedOut(peer, limits.timeout)),
                     }
+                    let admitted = Admitted {
+                        io: stream,
+                        preface,
+                        replayed: 0,
+                        _slot: slot,
+                    };
+                    // Closed: serving stopped, and the connection goes with it.
+                    let _ = done.send(admitted);
+                    None
                 });
                 running.push_back((handshake, peer));
             }
@@ -577,11 +793,18 @@ async fn accept(
                 if let Some(at) = running.iter().position(|(h, _)| h.id() == id) {
                     running.remove(at);
                 }
-                if let Ok((_, Some(failure))) = joined {
-                    failures.record(Instant::now(), failure);
+                match joined {
+                    Ok((_, Some(Ended::Failed(failure)))) => {
+                        failures.record(Instant::now(), failure);
+                    }
+                    Ok((_, Some(Ended::OverCap(refusal)))) => {
+                        refusals.record(Instant::now(), refusal);
+                    }
+                    _ => {}
                 }
             }
             () = sleep_until_some(summary_due) => failures.summarise(Instant::now()),
+            () = sleep_until_some(refusals_due) => refusals.summarise(Instant::now()),
             () = sleep_until_some(unaccepted_due) => unaccepted.summarise(Instant::now()),
         }
     }
@@ -595,6 +818,13 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     }
 }
 
+/// Why a connection did not reach tonic.
+#[derive(Debug)]
+enum Ended {
+    Failed(Failure),
+    OverCap(OverCap),
+}
+
 /// Why a handshake did not reach tonic.
 #[derive(Debug)]
 enum Failure {
@@ -602,6 +832,8 @@ enum Failure {
     TimedOut(SocketAddr, Duration),
     /// Ended for a newer connection, with this many in progress.
     Dropped(SocketAddr, usize),
+    /// The TLS handshake completed but the HTTP/2 preface did not come, or not in time.
+    NoPreface(SocketAddr, std::io::Error),
 }
 
 /// A kind of failure a [`FailureLog`] writes: one as it comes, or the counts of several.
@@ -626,6 +858,7 @@ impl Logged for Failure {
             Failure::Refused(..) => counts.refused += 1,
             Failure::TimedOut(..) => counts.timed_out += 1,
             Failure::Dropped(..) => counts.dropped += 1,
+            Failure::NoPreface(..) => counts.no_preface += 1,
         }
     }
 
@@ -640,6 +873,11 @@ impl Logged for Failure {
                 max,
                 "tls handshake ended for a newer connection: too many in progress"
             ),
+            Failure::NoPreface(peer, e) => tracing::info!(
+                %peer,
+                error = %e,
+                "tls handshake done but no HTTP/2 preface followed; connection closed"
+            ),
         }
     }
 
@@ -648,11 +886,13 @@ impl Logged for Failure {
             refused,
             timed_out,
             dropped,
+            no_preface,
         } = counts;
         tracing::info!(
             refused,
             timed_out,
             dropped,
+            no_preface,
             interval = ?every,
             "tls handshakes failed since the last such line"
         );
@@ -665,6 +905,66 @@ struct FailureCounts {
     refused: u64,
     timed_out: u64,
     dropped: u64,
+    no_preface: u64,
+}
+
+/// A connection closed after its handshake because a cap on connections was reached.
+#[derive(Debug)]
+struct OverCap {
+    peer: SocketAddr,
+    identity: String,
+    cap: Cap,
+}
+
+/// How many identities the line counting refusals names; the others are summed.
+const REFUSALS_NAMED: usize = 5;
+
+impl Logged for OverCap {
+    /// Refused connections by identity.
+    type Counts = std::collections::BTreeMap<String, u64>;
+
+    fn count(&self, counts: &mut Self::Counts) {
+        *counts.entry(self.identity.clone()).or_default() += 1;
+    }
+
+    fn log(&self) {
+        let (peer, identity) = (self.peer, &self.identity);
+        match self.cap {
+            Cap::Total(max) => tracing::warn!(
+                %peer,
+                identity,
+                max,
+                "connection refused: this listener already serves its most connections"
+            ),
+            Cap::PerIdentity(max) => tracing::warn!(
+                %peer,
+                identity,
+                max,
+                "connection refused: this identity already holds its most connections"
+            ),
+        }
+    }
+
+    fn log_counts(counts: Self::Counts, every: Duration) {
+        let refused: u64 = counts.values().sum();
+        let mut most: Vec<(String, u64)> = counts.into_iter().collect();
+        most.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let others = most.len().saturating_sub(REFUSALS_NAMED);
+        let mut identities: Vec<String> = most
+            .iter()
+            .take(REFUSALS_NAMED)
+            .map(|(identity, n)| format!("{identity}: {n}"))
+            .collect();
+        if others > 0 {
+            identities.push(format!("{others} more"));
+        }
+        tracing::warn!(
+            refused,
+            identities = identities.join(", "),
+            interval = ?every,
+            "connections refused at the connection caps since the last such line"
+        );
+    }
 }
 
 /// The listener could not accept a connection: the process is out of file descriptors,
@@ -814,7 +1114,7 @@ mod tests {
     }
 
     /// Whether the server closed `tcp` (it sends nothing back to a client that sent nothing).
-    async fn closed_by_server(tcp: &mut TcpStream) -> bool {
+    async fn closed_by_server(tcp: &mut (impl tokio::io::AsyncRead + Unpin)) -> bool {
         let mut buf = [0u8; 64];
         matches!(
             tokio::time::timeout(GUARD, tcp.read(&mut buf)).await,
@@ -843,6 +1143,7 @@ mod tests {
             in_progress: cap,
             timeout: NEVER,
             log_every: NEVER,
+            ..HandshakeLimits::DEFAULT
         };
         let (port, _reporter) = serving(&pki, limits).await;
         let beyond = 6;
@@ -871,6 +1172,185 @@ mod tests {
                 cap - 1
             );
         }
+    }
+
+    /// A TLS connection to `port` with the certificate of `who`, its handshake done.
+    async fn tls_connection(
+        pki: &DevPki,
+        who: &str,
+        port: u16,
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let config = pki.files(who).client_config().unwrap();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        tokio::time::timeout(GUARD, connector.connect(name, tcp))
+            .await
+            .expect("the handshake ends")
+            .expect("the handshake succeeds")
+    }
+
+    /// The HTTP/2 client preface followed by an empty SETTINGS frame: what a client sends
+    /// before anything else.
+    const PREFACE_AND_SETTINGS: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+
+    /// A connection of `who` that sent the preface and its settings, if the server serves it
+    /// (tonic answers with frames of its own); `None` when the server closes it instead.
+    async fn h2_connection(
+        pki: &DevPki,
+        who: &str,
+        port: u16,
+    ) -> Option<tokio_rustls::client::TlsStream<TcpStream>> {
+        let mut tls = tls_connection(pki, who, port).await;
+        // A refused connection may be closed before this is written; the read tells.
+        let _ = tls.write_all(PREFACE_AND_SETTINGS).await;
+        let _ = tls.flush().await;
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(GUARD, tls.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => Some(tls),
+            Ok(_) => None,
+            Err(_) => panic!("the server neither answers nor closes a connection of {who}"),
+        }
+    }
+
+    /// A client that completes its TLS handshake and then sends no HTTP/2 preface, or only
+    /// part of it, is closed once the deadline for the preface passes, while partners are
+    /// served.
+    #[tokio::test]
+    async fn a_connection_without_the_http2_preface_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let limits = HandshakeLimits {
+            preface_timeout: Duration::from_secs(1),
+            ..HandshakeLimits::DEFAULT
+        };
+        let (port, _reporter) = serving(&pki, limits).await;
+        let mut silent = tls_connection(&pki, "operator", port).await;
+        let mut partial = tls_connection(&pki, "operator", port).await;
+        partial
+            .write_all(&PREFACE_AND_SETTINGS[..10])
+            .await
+            .unwrap();
+        partial.flush().await.unwrap();
+        assert_served(&pki, port).await;
+        assert!(
+            closed_by_server(&mut silent).await,
+            "a connection that sent nothing after its handshake is closed"
+        );
+        assert!(
+            closed_by_server(&mut partial).await,
+            "a connection that sent part of the preface is closed"
+        );
+        assert_served(&pki, port).await;
+    }
+
+    /// Connections beyond the cap of an identity are refused without shutting out another
+    /// identity, connections beyond the cap in all are refused too, each refusal is logged at
+    /// warn naming the identity, and a place given back serves a fresh client.
+    #[tokio::test]
+    async fn connections_beyond_the_caps_are_refused_until_others_close() {
+        let captured = Captured::default();
+        let _logging = captured.start();
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let limits = HandshakeLimits {
+            connections: 3,
+            per_identity: 2,
+            // Every refusal its own line, so that both caps' lines can be read.
+            log_every: Duration::ZERO,
+            ..HandshakeLimits::DEFAULT
+        };
+        let (port, _reporter) = serving(&pki, limits).await;
+        let operator = pki.files("operator").own_identity().unwrap();
+        let processor = pki.files("processor").own_identity().unwrap();
+
+        let first = h2_connection(&pki, "operator", port).await;
+        let second = h2_connection(&pki, "operator", port).await;
+        assert!(
+            first.is_some() && second.is_some(),
+            "the operator's first two are served"
+        );
+        assert!(
+            h2_connection(&pki, "operator", port).await.is_none(),
+            "the operator's third is refused"
+        );
+        let third = h2_connection(&pki, "processor", port).await;
+        assert!(third.is_some(), "another identity is served besides");
+        assert!(
+            h2_connection(&pki, "processor", port).await.is_none(),
+            "a fourth connection in all is refused"
+        );
+        let lines = captured
+            .wait_for("connection refused", |l| l.len() >= 2)
+            .await;
+        assert!(
+            lines[0].contains("WARN")
+                && lines[0].contains("identity already holds")
+                && lines[0].contains(&operator),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[1].contains("WARN")
+                && lines[1].contains("listener already serves")
+                && lines[1].contains(&processor),
+            "{lines:#?}"
+        );
+
+        drop(first);
+        // The place is given back once the server has seen the connection close.
+        tokio::time::timeout(GUARD, async {
+            loop {
+                let tls = pki.files("processor").client_config().unwrap();
+                let channel =
+                    crate::tls::channel(&format!("https://localhost:{port}"), None, &tls).unwrap();
+                let check = HealthClient::new(channel)
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await;
+                if check.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("a fresh client is served once a connection closed");
+    }
+
+    /// Refusals at the caps within one interval are one line with the first's identity and
+    /// one with the counts of the others by identity, the most refused first.
+    #[test]
+    fn refusals_are_counted_by_identity() {
+        let captured = Captured::default();
+        let _logging = captured.start();
+        let every = Duration::from_secs(10);
+        let peer: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        let refusal = |identity: &str| OverCap {
+            peer,
+            identity: identity.to_string(),
+            cap: Cap::PerIdentity(2),
+        };
+        let mut log = FailureLog::<OverCap>::new(every);
+        let t0 = Instant::now();
+        for identity in [
+            "spiffe://a",
+            "spiffe://b",
+            "spiffe://b",
+            "spiffe://a",
+            "spiffe://b",
+        ] {
+            log.record(t0, refusal(identity));
+        }
+        log.summarise(t0 + every);
+        let lines = captured.lines("refused");
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(lines[0].contains("identity=\"spiffe://a\""), "{lines:#?}");
+        assert_eq!(field(&lines[1], "refused"), 4, "{lines:#?}");
+        assert!(
+            lines[1].contains("spiffe://b: 3, spiffe://a: 1"),
+            "{lines:#?}"
+        );
     }
 
     /// What the test's log lines say, as they were written.
@@ -958,6 +1438,7 @@ mod tests {
             in_progress: MAX_HANDSHAKES,
             timeout: NEVER,
             log_every: Duration::from_millis(500),
+            ..HandshakeLimits::DEFAULT
         };
         let (port, _reporter) = serving(&pki, limits).await;
         let refusals = 20;
@@ -1080,6 +1561,7 @@ mod tests {
             in_progress: MAX_HANDSHAKES,
             timeout: NEVER,
             log_every: Duration::from_millis(500),
+            ..HandshakeLimits::DEFAULT
         };
         let _reporter = serving_on(&pki, listener, limits);
         tokio::time::timeout(GUARD, async {
