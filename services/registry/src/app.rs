@@ -164,6 +164,7 @@ impl App {
         }
         let (events, _) = broadcast::channel(1024);
         warn_of_unconfigured_processors(&db, &config).await;
+        warn_of_unlisted_recipients(&db, &config).await;
         let mut receipt_keys = HashMap::new();
         for r in &config.recipients {
             if let Some(keys) = r
@@ -391,6 +392,65 @@ async fn warn_of_unconfigured_processors(db: &Db, config: &Config) {
              queued for it is sent and its acknowledgements of them are rejected; give it \
              back this name in [[processors]] (cancelling the requests ends them, but queues \
              a Cancel for this name, which is not sent either)"
+        );
+    }
+}
+
+/// Warns of each recipient that open transfers (TRANSFER requests, transferring contract
+/// ends) name but `[[recipients]]` no longer lists: their processors may still send the
+/// data there, and the receipts are refused (`Store::with_receipt_keys`), so the requests
+/// wait until the recipient is listed again or they are cancelled. A request forgotten with
+/// its body no longer names one and is not counted.
+async fn warn_of_unlisted_recipients(db: &Db, config: &Config) {
+    use dsrelay_proto::prost::Message;
+    use dsrelay_proto::v1::{RequestKind, SubmitRequest};
+    let open = (crate::fold::OPEN_STATES.into_iter())
+        .map(|s| (s as i32).to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let transfers = format!(
+        "SELECT body FROM requests WHERE kind = {} AND state IN ({open}) AND body IS NOT NULL",
+        RequestKind::Transfer as i32
+    );
+    let contracts = format!(
+        "SELECT c.transfer_recipient FROM contracts c JOIN requests r ON r.id = c.request_id \
+         WHERE r.state IN ({open}) AND c.transfer_recipient <> ''"
+    );
+    let named = async {
+        let bodies: Vec<Vec<u8>> = sqlx::query_scalar(&transfers).fetch_all(&db.reader).await?;
+        let mut named: Vec<String> = sqlx::query_scalar(&contracts).fetch_all(&db.reader).await?;
+        named.extend(bodies.iter().filter_map(|b| {
+            let body = SubmitRequest::decode(b.as_slice()).ok()?;
+            Some(body.parameters?.transfer_recipient)
+        }));
+        Ok::<_, sqlx::Error>(named)
+    };
+    let named = match named.await {
+        Ok(named) => named,
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "checking which recipients open transfers name failed; the registry starts \
+                 without it"
+            );
+            return;
+        }
+    };
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for name in named {
+        *counts.entry(name).or_default() += 1;
+    }
+    for (recipient, requests) in counts {
+        if config.recipients.iter().any(|r| r.name == recipient) {
+            continue;
+        }
+        tracing::warn!(
+            recipient,
+            requests,
+            "open transfers name a recipient [[recipients]] no longer lists: their processors \
+             may still send the data there, but its receipts are refused, so the requests wait \
+             (a contract end cannot be confirmed); list it again with its public_key, or \
+             cancel them"
         );
     }
 }

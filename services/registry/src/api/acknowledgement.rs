@@ -972,6 +972,7 @@ mod recipient_tests {
         database_url: &str,
         dir: &std::path::Path,
     ) {
+        let logs = dsrelay_runtime::testing::captured_logs();
         let registry = Registry::start(dir, database_url, None).await;
         let id = registry.submit(RequestKind::Transfer, "transfer").await;
         registry.stop().await;
@@ -980,6 +981,20 @@ mod recipient_tests {
             ..Default::default()
         };
         let registry = crate::test_registry::Registry::start(dir, database_url, setup).await;
+        // The operator is told at the start, naming the recipient and how many wait on it.
+        let warned: Vec<serde_json::Value> = logs
+            .text()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|l: &serde_json::Value| {
+                l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("open transfers name a recipient"))
+            })
+            .collect();
+        assert_eq!(warned.len(), 1, "{}", logs.text());
+        assert_eq!(warned[0]["fields"]["recipient"], RECIPIENT);
+        assert_eq!(warned[0]["fields"]["requests"], 1);
         let completed = Acknowledgement {
             request_id: id.clone(),
             subprocessor: "crm".into(),
