@@ -113,6 +113,20 @@ fn latest(list: &[StoredCertificate]) -> Option<&StoredCertificate> {
         .or(list.last())
 }
 
+/// The `--public-key` flag (or `--key`) of an offline check, read as `whose` public key: a
+/// file holding SPKI PEM or base64, or the base64 itself.
+pub(crate) fn public_key_arg(key: Option<&Path>, whose: &str) -> Result<PublicKey, Failure> {
+    let key = key
+        .ok_or_else(|| {
+            Failure::Usage(format!(
+                "name the {whose}'s public key with --public-key PUBKEY"
+            ))
+        })?
+        .to_str()
+        .ok_or_else(|| Failure::Usage("--public-key is not valid utf-8".into()))?;
+    PublicKey::from_config(key).map_err(Failure::Setup)
+}
+
 /// Checks a certificate file against a public key, with no server; exit 1 when it fails.
 /// `key` is the `--public-key` flag (or `--key`): here the public key, not a TLS key.
 pub(crate) fn verify(
@@ -120,13 +134,7 @@ pub(crate) fn verify(
     key: Option<&Path>,
     io: &mut Io<'_>,
 ) -> Result<u8, Failure> {
-    let key = key
-        .ok_or_else(|| {
-            Failure::Usage("name the processor's public key with --public-key PUBKEY".into())
-        })?
-        .to_str()
-        .ok_or_else(|| Failure::Usage("--public-key is not valid utf-8".into()))?;
-    let key = PublicKey::from_config(key).map_err(Failure::Setup)?;
+    let key = public_key_arg(key, "processor")?;
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))
         .map_err(Failure::Setup)?;

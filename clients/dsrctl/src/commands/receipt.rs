@@ -191,13 +191,7 @@ pub(crate) fn verify(
     key: Option<&Path>,
     io: &mut Io<'_>,
 ) -> Result<u8, Failure> {
-    let key = key
-        .ok_or_else(|| {
-            Failure::Usage("name the recipient's public key with --public-key PUBKEY".into())
-        })?
-        .to_str()
-        .ok_or_else(|| Failure::Usage("--public-key is not valid utf-8".into()))?;
-    let key = PublicKey::from_config(key).map_err(Failure::Setup)?;
+    let key = super::certificate::public_key_arg(key, "recipient")?;
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))
         .map_err(Failure::Setup)?;
