@@ -122,9 +122,9 @@ impl Store {
     /// on SQLite, and one more for a step that keeps a retried failure's words,
     /// [`Transition::error`]), then their certificates (one read and one INSERT for all),
     /// each step's upload, then all their acknowledgements in one INSERT and their audit
-    /// entries, in the steps' order. A certificate therefore lists the retained data of the request as the
-    /// whole batch leaves it. Answers each step's new sequence, `None` for a step whose task
-    /// moved on or whose claim was lost (it records nothing).
+    /// entries, in the steps' order. A certificate therefore lists the retained data of the
+    /// request as the whole batch leaves it. Answers each step's new sequence, `None` for a
+    /// step whose task moved on or whose claim was lost (it records nothing).
     pub(super) async fn record_steps(&self, steps: &[QueuedStep]) -> Result<Vec<Option<i64>>> {
         let mut tx = self.begin_audited().await?;
         let issuer = self.issuer.as_deref();
