@@ -90,7 +90,7 @@ async fn served_certificate(pair: &TestPair, port: u16) -> CertificateDer<'stati
 /// handshake ends before the server has judged its certificate, so the verdict is the first
 /// thing read.
 async fn handshake_verdict(port: u16, files: &TlsFiles) -> Result<(), String> {
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let tls = files.client_config().expect("client tls");
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -100,6 +100,10 @@ async fn handshake_verdict(port: u16, files: &TlsFiles) -> Result<(), String> {
         .connect(ServerName::try_from("localhost").expect("name"), tcp)
         .await
         .map_err(|e| e.to_string())?;
+    // Spoken first, as an HTTP/2 client does: the server serves a connection only once it
+    // came (`server::PREFACE_TIMEOUT`), and answers with its settings. A refused handshake
+    // may already fail this write; the read below says why.
+    let _ = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
     let mut first = [0u8; 64];
     match tokio::time::timeout(CALL_TIMEOUT, stream.read(&mut first)).await {
         Ok(Ok(0)) => Err("closed without a word".into()),
