@@ -48,7 +48,7 @@ use dsrelay_proto::v1::{
 };
 use dsrelay_runtime::log_text::Said;
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
-use dsrelay_runtime::signing::{is_key_id, KeyRing, PublicKey};
+use dsrelay_runtime::signing::{KeyRing, PublicKey};
 use dsrelay_runtime::tls::ClientTls;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
@@ -632,8 +632,8 @@ async fn send_export(
 /// 64 bytes with a key id of the form `sha256:<hex>` (or absent with no key id), or a
 /// `received_at` finer than the milliseconds the signed body holds.
 fn form_problem(r: &TransferReceipt) -> Option<String> {
-    let signed = !r.signature.is_empty() || !r.key_id.is_empty();
-    if signed && (r.signature.len() != 64 || !is_key_id(&r.key_id)) {
+    use dsrelay_runtime::transfer_receipt::{received_in_whole_ms, signature_well_formed};
+    if !signature_well_formed(r) {
         return Some(format!(
             "has a signature of {} bytes with key id {:?}, not 64 bytes with a key id \
              `sha256:` and 64 lowercase hex digits",
@@ -642,12 +642,10 @@ fn form_problem(r: &TransferReceipt) -> Option<String> {
         ));
     }
     match &r.received_at {
-        Some(t) if !(0..1_000_000_000).contains(&t.nanos) || t.nanos % 1_000_000 != 0 => {
-            Some(format!(
-                "is dated {}.{:09} s, not in whole milliseconds",
-                t.seconds, t.nanos
-            ))
-        }
+        Some(t) if !received_in_whole_ms(r) => Some(format!(
+            "is dated {}.{:09} s, not in whole milliseconds",
+            t.seconds, t.nanos
+        )),
         _ => None,
     }
 }
@@ -670,7 +668,8 @@ fn signature_problem(keys: &KeyRing, r: &TransferReceipt) -> Option<String> {
     if let Some(why) = form_problem(r) {
         return Some(why);
     }
-    if !r.signature.is_empty() && is_key_id(&r.key_id) && !keys.holds(&r.key_id) {
+    // Well formed (above), a signature comes with a key id.
+    if !r.signature.is_empty() && !keys.holds(&r.key_id) {
         tracing::warn!(
             request_id = %r.request_id,
             key_id = %r.key_id,

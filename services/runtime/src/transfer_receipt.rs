@@ -49,6 +49,24 @@ pub fn sign(mut receipt: TransferReceipt, key: &SigningKey) -> Result<TransferRe
     Ok(receipt)
 }
 
+/// Whether `receipt`'s signature has the form transfer.proto states: none with no key id, or
+/// 64 bytes with a key id `sha256:` and 64 lowercase hex digits. The registry refuses any
+/// other, and the processor does not take one from a recipient.
+pub fn signature_well_formed(receipt: &TransferReceipt) -> bool {
+    let signed = !receipt.signature.is_empty() || !receipt.key_id.is_empty();
+    !signed || (receipt.signature.len() == 64 && crate::signing::is_key_id(&receipt.key_id))
+}
+
+/// Whether `receipt.received_at` (when set) is in whole milliseconds, as the signed body
+/// holds it: a finer or denormalised time would be stored and shown as other than what the
+/// recipient signed.
+pub fn received_in_whole_ms(receipt: &TransferReceipt) -> bool {
+    receipt
+        .received_at
+        .as_ref()
+        .is_none_or(|t| (0..1_000_000_000).contains(&t.nanos) && t.nanos % 1_000_000 == 0)
+}
+
 /// Why `receipt`'s signature does not hold under `keys`, if it does not: unsigned, signed
 /// with a key outside the ring, or not over these fields.
 pub fn verify(receipt: &TransferReceipt, keys: &KeyRing) -> Result<(), String> {

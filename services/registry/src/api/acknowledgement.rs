@@ -473,18 +473,13 @@ fn receipt_problems(i: usize, a: &Acknowledgement, r: &TransferReceipt) -> Vec<F
         ));
     }
     violations.extend(text_violation(&field("recipient"), &r.recipient, 256, true));
-    // The signed body holds the time in whole milliseconds: a finer or denormalised one
-    // would be stored and shown as other than what the recipient signed.
-    if let Some(t) = &r.received_at {
-        if !(0..1_000_000_000).contains(&t.nanos) || t.nanos % 1_000_000 != 0 {
-            violations.push(FieldViolation::new(
-                field("received_at"),
-                "must be whole milliseconds (nanos a multiple of 1000000, below 1000000000)",
-            ));
-        }
+    if !dsrelay_runtime::transfer_receipt::received_in_whole_ms(r) {
+        violations.push(FieldViolation::new(
+            field("received_at"),
+            "must be whole milliseconds (nanos a multiple of 1000000, below 1000000000)",
+        ));
     }
-    let signed = !r.signature.is_empty() || !r.key_id.is_empty();
-    if signed && (r.signature.len() != 64 || !dsrelay_runtime::signing::is_key_id(&r.key_id)) {
+    if !dsrelay_runtime::transfer_receipt::signature_well_formed(r) {
         violations.push(FieldViolation::new(
             field("signature"),
             "must be empty with an empty key_id (unsigned), or 64 bytes with key_id \
