@@ -493,8 +493,9 @@ impl DevPki {
             )?;
         }
         if *role == "registry" {
+            // It checks the processors' certificates and the recipients' receipts.
             for (other, role, _) in DEV_PARTIES {
-                if *role == "processor" {
+                if matches!(*role, "processor" | "recipient") {
                     public(
                         self.signing_public_key(other),
                         target.signing_public_key(other),
@@ -759,6 +760,7 @@ mod tests {
             [
                 "ca.pem",
                 "processor-signing.pub.pem",
+                "recipient-signing.pub.pem",
                 "registry-signing.key",
                 "registry-signing.pub.pem",
                 "registry.key",

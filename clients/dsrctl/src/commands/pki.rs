@@ -1,9 +1,6 @@
 //! `dsrctl pki init` and `dsrctl pki revoke`.
 
-use std::path::Path;
 use std::time::{Duration, SystemTime};
-
-use anyhow::Context;
 
 use dsrelay_sdk::runtime::pki::{dev_identity, DevPki, DEV_PARTIES};
 
@@ -22,7 +19,6 @@ pub(crate) fn init(args: &PkiInitArgs, env: &Environment, io: &mut Io<'_>) -> Re
     let mut installed = Vec::new();
     for (stem, target) in &args.install {
         let target = env.cwd().join(target);
-        install_recipient_keys(&pki, stem, &target).map_err(Failure::Setup)?;
         let set = pki.install(stem, &target).map_err(Failure::Setup)?;
         installed.push(PkiInstalledView {
             party: stem.clone(),
@@ -55,31 +51,6 @@ pub(crate) fn init(args: &PkiInitArgs, env: &Environment, io: &mut Io<'_>) -> Re
     };
     emit(io.out, io.format, &view, false)?;
     Ok(0)
-}
-
-/// Copies the recipients' public signing keys into `target` when `stem` is a registry: it
-/// checks their receipts with them (the `[[recipients]] public_key` `dev up` configures).
-/// Before [`DevPki::install`], which writes `ca.pem` last as the mark of a complete set.
-fn install_recipient_keys(pki: &DevPki, stem: &str, target: &Path) -> anyhow::Result<()> {
-    if !DEV_PARTIES
-        .iter()
-        .any(|(s, role, _)| *s == stem && *role == "registry")
-    {
-        return Ok(());
-    }
-    std::fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
-    let to = DevPki {
-        dir: target.to_path_buf(),
-    };
-    for (other, _, _) in DEV_PARTIES
-        .iter()
-        .filter(|(_, role, _)| *role == "recipient")
-    {
-        let (from, to) = (pki.signing_public_key(other), to.signing_public_key(other));
-        std::fs::copy(&from, &to)
-            .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
-    }
-    Ok(())
 }
 
 /// Adds the named parties' and files' certificates to the development CA's revocation list
