@@ -21,6 +21,7 @@ use dsrelay_runtime::pki::{dev_identity, DevPki};
 use dsrelay_runtime::settings::ServiceSettings;
 
 use crate::cli::DevUpArgs;
+use crate::commands::hint::shell_word;
 use crate::commands::Io;
 use crate::settings::{Environment, DEFAULT_ENDPOINT, DEV_PKI_DIR};
 use crate::Failure;
@@ -431,16 +432,6 @@ fn try_text(
         path("pki/partner-crm.key"),
         path("recipient.toml"),
     )
-}
-
-/// `word` as one word to a POSIX shell: as it is when nothing in it is special, else in
-/// single quotes (a single quote in it written as `'\''`).
-fn shell_word(word: &str) -> String {
-    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./:=@%+,".contains(c);
-    if !word.is_empty() && word.chars().all(plain) {
-        return word.to_string();
-    }
-    format!("'{}'", word.replace('\'', "'\\''"))
 }
 
 /// Connection flags given to `dev up`: it runs the services, so none of them applies.

@@ -31,7 +31,7 @@ impl Hint {
         let mut flags = String::new();
         for (flag, value) in given {
             if let Some(value) = value {
-                flags.push_str(&format!(" {flag} {}", quote(&value)));
+                flags.push_str(&format!(" {flag} {}", shell_word(&value)));
             }
         }
         Self { flags }
@@ -42,7 +42,7 @@ impl Hint {
         let mut out = String::from("dsrctl");
         for word in words {
             out.push(' ');
-            out.push_str(&quote(word));
+            out.push_str(&shell_word(word));
         }
         out.push_str(&self.flags);
         out
@@ -51,7 +51,7 @@ impl Hint {
 
 /// `word` as a POSIX shell reads it back: as it is when it holds nothing the shell would
 /// act on, else in single quotes.
-fn quote(word: &str) -> String {
+pub(crate) fn shell_word(word: &str) -> String {
     let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:=@%+,".contains(c);
     if !word.is_empty() && word.chars().all(plain) {
         return word.to_string();
@@ -100,7 +100,7 @@ mod tests {
              --config 'it'\\''s.toml' --ca 'my pki/ca.pem' --cert op.pem --key op.key \
              --crl crl.pem --server-identity spiffe://dsrelay.dev/registry/controller"
         );
-        assert_eq!(quote(""), "''");
-        assert_eq!(quote("a;b"), "'a;b'");
+        assert_eq!(shell_word(""), "''");
+        assert_eq!(shell_word("a;b"), "'a;b'");
     }
 }
