@@ -167,19 +167,17 @@ impl App {
         warn_of_unlisted_recipients(&db, &config).await;
         let mut receipt_keys = HashMap::new();
         for r in &config.recipients {
-            if let Some(keys) = r
+            let keys = r
                 .key_ring()
-                .with_context(|| format!("recipient {}", r.name))?
-            {
-                receipt_keys.insert(r.name.clone(), Some(keys));
-            } else {
-                receipt_keys.insert(r.name.clone(), None);
+                .with_context(|| format!("recipient {}", r.name))?;
+            if keys.is_none() {
                 tracing::warn!(
                     recipient = %r.name,
                     "recipient has no public_key: its transfer receipts are taken unsigned, on \
                      the processors' word"
                 );
             }
+            receipt_keys.insert(r.name.clone(), keys);
         }
         let store = Store::new(db, &identity_hash_key).with_receipt_keys(receipt_keys);
         let (intake, intake_writer) = intake::channel(store.clone());
@@ -441,7 +439,7 @@ async fn warn_of_unlisted_recipients(db: &Db, config: &Config) {
         *counts.entry(name).or_default() += 1;
     }
     for (recipient, requests) in counts {
-        if config.recipients.iter().any(|r| r.name == recipient) {
+        if config.recipient(&recipient).is_some() {
             continue;
         }
         tracing::warn!(

@@ -1538,17 +1538,7 @@ mod tests {
     }
 
     async fn store(dir: &std::path::Path) -> Store {
-        let db =
-            dsrelay_runtime::store::Db::connect(&format!("sqlite://{}/registry.db", dir.display()))
-                .await
-                .unwrap();
-        db.migrate(
-            &super::super::SQLITE_MIGRATIONS,
-            &super::super::POSTGRES_MIGRATIONS,
-        )
-        .await
-        .unwrap();
-        Store::new(db, b"test key")
+        store_at(&format!("sqlite://{}/registry.db", dir.display())).await
     }
 
     /// The texts a processor sends that a TASK_UPDATED event quotes (a legal basis, the
