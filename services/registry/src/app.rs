@@ -62,6 +62,8 @@ pub(crate) struct Shared {
     pub metrics: crate::metrics::Metrics,
     /// Group commit of submitted requests.
     pub intake: crate::intake::Intake,
+    /// Each partner's Submit quota, taken before a Submit reads or stores anything.
+    pub submit_quotas: crate::quota::SubmitQuotas,
     /// The clock deadlines and events are stamped by; tests move it. Leases are timed on the
     /// database's clock instead (`store/outbox.rs`), so that replicas agree on them.
     pub clock: Clock,
@@ -189,6 +191,7 @@ impl App {
             shared: Arc::new(Shared {
                 metrics: crate::metrics::Metrics::new(&config),
                 intake,
+                submit_quotas: crate::quota::SubmitQuotas::new(&config, std::time::Instant::now()),
                 store,
                 auth: crate::auth::authorizer(&config),
                 config,

@@ -1,7 +1,7 @@
 //! The registry's configuration: where it listens and stores, who may call it, which
 //! processors it routes to and which transfer recipients a request may name.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 pub use dsrelay_runtime::audit::signer::AuditConfig;
@@ -44,6 +44,9 @@ pub struct Config {
     /// Bounds on Watch streams.
     #[serde(default)]
     pub watch: WatchConfig,
+    /// Per-partner Submit quotas; off by default.
+    #[serde(default)]
+    pub submit_quota: SubmitQuotaConfig,
     /// Bounds on what processors upload to packages and on their downloads.
     #[serde(default)]
     pub packages: PackagesConfig,
@@ -357,6 +360,126 @@ impl Default for WatchConfig {
     }
 }
 
+/// Per-partner Submit quotas: a token bucket per partner name, holding up to `burst` Submits
+/// and refilled at `per_second`; a Submit that finds it empty is RESOURCE_EXHAUSTED with the
+/// time until a token is free. Each registry process keeps its own buckets (`quota.rs`), so
+/// behind `n` replicas a partner may submit `n` times as much. Operators are not limited.
+///
+/// Off by default (no key set): which rate is right depends on the partners, and one that
+/// migrates a backlog, or the benchmark, submits thousands a second from one partner.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubmitQuotaConfig {
+    /// Submits a second each partner's bucket gains; from [`MIN_SUBMITS_PER_SECOND`] to
+    /// [`MAX_SUBMITS_PER_SECOND`]. Set with `burst`, or neither.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_second: Option<f64>,
+    /// The most Submits each partner's bucket holds: how many may come at once after a
+    /// quiet spell. 1 to [`MAX_SUBMIT_BURST`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Limits of single partners, by the `name` of their `[[identities]]` entries (of role
+    /// partner), in place of the table's; a key left out is the table's. Without the
+    /// table's keys only the partners named here are limited, and each must set both.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub partners: BTreeMap<String, PartnerSubmitQuota>,
+}
+
+/// One partner's Submit quota (`[submit_quota.partners.NAME]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PartnerSubmitQuota {
+    /// In place of `submit_quota.per_second`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_second: Option<f64>,
+    /// In place of `submit_quota.burst`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+}
+
+/// The slowest `per_second` accepted: one Submit in under three hours. Slower is a typo
+/// (a missing zero), and the time to wait for a token must stay a sensible number.
+pub const MIN_SUBMITS_PER_SECOND: f64 = 0.0001;
+/// The fastest `per_second` accepted: far more than a registry commits.
+pub const MAX_SUBMITS_PER_SECOND: f64 = 1_000_000.0;
+/// The largest `burst` accepted.
+pub const MAX_SUBMIT_BURST: u32 = 1_000_000;
+
+impl SubmitQuotaConfig {
+    /// Every key set outside its range or where it does not belong, by its full key.
+    fn errors(&self, identities: &[IdentityRole]) -> Vec<String> {
+        let mut errors = Vec::new();
+        let table = "submit_quota";
+        match (self.per_second, self.burst) {
+            (Some(_), None) => errors.push(format!(
+                "{table}.burst: required with {table}.per_second (the most Submits at once)"
+            )),
+            (None, Some(_)) => errors.push(format!(
+                "{table}.per_second: required with {table}.burst (the Submits a second)"
+            )),
+            _ => {}
+        }
+        check_limits(&mut errors, table, self.per_second, self.burst);
+        for (name, own) in &self.partners {
+            let key = format!("{table}.partners.{name}");
+            match identities.iter().find(|i| &i.name == name) {
+                None => errors.push(format!(
+                    "{key}: no [[identities]] entry is named {name}; name a partner"
+                )),
+                Some(i) if i.role != Role::Partner => errors.push(format!(
+                    "{key}: {name} is an operator, whose Submits are not limited; name a partner"
+                )),
+                Some(_) => {}
+            }
+            if own.per_second.is_none() && own.burst.is_none() {
+                errors.push(format!("{key}: set per_second, burst or both"));
+            } else {
+                for (field, mine, table_s) in [
+                    (
+                        "per_second",
+                        own.per_second.is_some(),
+                        self.per_second.is_some(),
+                    ),
+                    ("burst", own.burst.is_some(), self.burst.is_some()),
+                ] {
+                    if !mine && !table_s {
+                        errors.push(format!(
+                            "{key}.{field}: required, since {table} sets no {field} to take"
+                        ));
+                    }
+                }
+            }
+            check_limits(&mut errors, &key, own.per_second, own.burst);
+        }
+        errors
+    }
+}
+
+/// Range errors of the `per_second` and `burst` of `table`, where set.
+fn check_limits(
+    errors: &mut Vec<String>,
+    table: &str,
+    per_second: Option<f64>,
+    burst: Option<u32>,
+) {
+    if let Some(v) = per_second {
+        // `!(..contains)` refuses NaN too, which TOML can spell.
+        if !(MIN_SUBMITS_PER_SECOND..=MAX_SUBMITS_PER_SECOND).contains(&v) {
+            errors.push(format!(
+                "{table}.per_second: must be from {MIN_SUBMITS_PER_SECOND} to \
+                 {MAX_SUBMITS_PER_SECOND} Submits a second; it is {v}"
+            ));
+        }
+    }
+    if let Some(v) = burst {
+        if !(1..=MAX_SUBMIT_BURST).contains(&v) {
+            errors.push(format!(
+                "{table}.burst: must be from 1 to {MAX_SUBMIT_BURST} Submits; it is {v}"
+            ));
+        }
+    }
+}
+
 /// Bounds on return-of-data packages: what one processor's part may take of the package
 /// folder before it is declared complete, and how many downloads one caller may run.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -450,6 +573,7 @@ impl ServiceConfig for Config {
         "delivery",
         "reconcile",
         "watch",
+        "submit_quota",
         "packages",
         "contracts",
         "identity_hash_key",
@@ -613,6 +737,7 @@ impl Config {
             errors.push("watch.streams_per_caller: must be at least 1".into());
         }
         errors.extend(self.packages.errors());
+        errors.extend(self.submit_quota.errors(&self.identities));
         if self.contracts.grace_months == 0 || self.contracts.grace_months > 120 {
             errors.push("contracts.grace_months: must be 1 to 120".into());
         }
@@ -1069,6 +1194,145 @@ mod tests {
         Config::load_from(Some(&file), every_duration(|_, max| max)).unwrap();
     }
 
+    const PARTNERS: &str = "[[identities]]\nidentity = \"spiffe://dsrelay.dev/partner/crm\"\n\
+        role = \"partner\"\nname = \"crm\"\n\
+        [[identities]]\nidentity = \"spiffe://dsrelay.dev/partner/webform\"\n\
+        role = \"partner\"\nname = \"webform\"\n\
+        [[identities]]\nidentity = \"spiffe://dsrelay.dev/operator/ops\"\n\
+        role = \"operator\"\nname = \"ops\"\n";
+
+    #[test]
+    fn the_submit_quota_is_off_by_default_and_read_with_partners_own_limits() {
+        let (_dir, file) = folder(PARTNERS);
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        assert_eq!(c.submit_quota, SubmitQuotaConfig::default());
+
+        let text = format!(
+            "[submit_quota]\nper_second = 5\nburst = 20\n\
+             [submit_quota.partners.webform]\nburst = 200\n{PARTNERS}"
+        );
+        let (_dir, file) = folder(&text);
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        assert_eq!(c.submit_quota.per_second, Some(5.0));
+        assert_eq!(c.submit_quota.burst, Some(20));
+        assert_eq!(
+            c.submit_quota.partners["webform"],
+            PartnerSubmitQuota {
+                per_second: None,
+                burst: Some(200),
+            }
+        );
+        // Written back (as `dsrctl dev up` does), it reads the same.
+        let again: Config = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(again.submit_quota, c.submit_quota);
+
+        // And from the environment, a fraction as well as a whole number.
+        let (_dir, file) = folder(PARTNERS);
+        let c = Config::load_from(
+            Some(&file),
+            env(&[
+                ("DSRELAY_REGISTRY__SUBMIT_QUOTA__PER_SECOND", "0.5"),
+                ("DSRELAY_REGISTRY__SUBMIT_QUOTA__BURST", "10"),
+                (
+                    "DSRELAY_REGISTRY__SUBMIT_QUOTA__PARTNERS__CRM__PER_SECOND",
+                    "2",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.submit_quota.per_second, Some(0.5));
+        assert_eq!(c.submit_quota.burst, Some(10));
+        assert_eq!(c.submit_quota.partners["crm"].per_second, Some(2.0));
+    }
+
+    /// Out of range, the quota's keys are refused in the words of the other range errors,
+    /// and with them.
+    #[test]
+    fn submit_quota_values_out_of_range_are_refused_with_the_other_range_errors() {
+        let text = format!(
+            "[delivery]\nlease_ms = 0\n[submit_quota]\nper_second = 0\nburst = 0\n\
+             [submit_quota.partners.crm]\nper_second = 1000001\nburst = 1000001\n{PARTNERS}"
+        );
+        let (_dir, file) = folder(&text);
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert_eq!(
+            err.0,
+            [
+                "submit_quota.per_second: must be from 0.0001 to 1000000 Submits a second; \
+                 it is 0",
+                "submit_quota.burst: must be from 1 to 1000000 Submits; it is 0",
+                "submit_quota.partners.crm.per_second: must be from 0.0001 to 1000000 Submits \
+                 a second; it is 1000001",
+                "submit_quota.partners.crm.burst: must be from 1 to 1000000 Submits; it is \
+                 1000001",
+                "delivery.lease_ms: must be from 1 ms to 2592000000 ms (30 days); it is 0",
+            ],
+            "{err}"
+        );
+        // TOML spells infinities and NaN; none is a rate.
+        for bad in ["nan", "inf", "-inf", "0.00009", "-1"] {
+            let text = format!("[submit_quota]\nper_second = {bad}\nburst = 1\n{PARTNERS}");
+            let (_dir, file) = folder(&text);
+            let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+            assert_eq!(err.0.len(), 1, "{bad}: {err}");
+            assert!(
+                err.0[0].starts_with("submit_quota.per_second: must be from 0.0001 to 1000000"),
+                "{bad}: {err}"
+            );
+        }
+        // The bounds themselves are taken.
+        let text = format!(
+            "[submit_quota]\nper_second = 0.0001\nburst = 1\n\
+             [submit_quota.partners.crm]\nper_second = 1000000\nburst = 1000000\n{PARTNERS}"
+        );
+        let (_dir, file) = folder(&text);
+        Config::load_from(Some(&file), env(&[])).unwrap();
+    }
+
+    #[test]
+    fn a_submit_quota_names_partners_and_sets_both_limits() {
+        let text = format!(
+            "[submit_quota]\nper_second = 1\n\
+             [submit_quota.partners.ops]\nburst = 5\n\
+             [submit_quota.partners.nobody]\nburst = 5\n\
+             [submit_quota.partners.crm]\n{PARTNERS}"
+        );
+        let (_dir, file) = folder(&text);
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert_eq!(
+            err.0,
+            [
+                "submit_quota.burst: required with submit_quota.per_second (the most Submits at \
+                 once)",
+                "submit_quota.partners.crm: set per_second, burst or both",
+                "submit_quota.partners.nobody: no [[identities]] entry is named nobody; name a \
+                 partner",
+                "submit_quota.partners.ops: ops is an operator, whose Submits are not limited; \
+                 name a partner",
+            ],
+            "{err}"
+        );
+        // Without the table's limits a partner's own must give both.
+        let text = format!("[submit_quota.partners.crm]\nburst = 5\n{PARTNERS}");
+        let (_dir, file) = folder(&text);
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert_eq!(
+            err.0,
+            [
+                "submit_quota.partners.crm.per_second: required, since submit_quota sets no \
+                 per_second to take"
+            ],
+            "{err}"
+        );
+        let text = format!("[submit_quota]\nburst = 5\n{PARTNERS}");
+        let (_dir, file) = folder(&text);
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert!(
+            err.0[0].starts_with("submit_quota.per_second: required with submit_quota.burst"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn a_delivery_lease_of_zero_is_refused_naming_the_key_and_the_range() {
         let (_dir, file) = folder("[delivery]\nlease_ms = 0\n");
@@ -1372,6 +1636,8 @@ mod tests {
         "reconcile.chain_interval_ms",
         "reconcile.max_backoff_ms",
         "watch.streams_per_caller",
+        "submit_quota.per_second",
+        "submit_quota.burst",
         "packages.max_part_bytes",
         "packages.max_files_per_part",
         "packages.downloads_per_caller",

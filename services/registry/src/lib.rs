@@ -11,6 +11,8 @@
 //! - [`auth`]: the registry's callers (partners, operators, processors) by certificate
 //!   identity.
 //! - [`validate`]: Submit input rules.
+//! - `quota`: per-partner Submit quotas (`[submit_quota]`), a token bucket per partner in
+//!   this process's memory.
 //! - [`intake`]: group commit of concurrent Submits; its writer is a worker, drained and
 //!   stopped on shutdown.
 //! - [`store`]: requests, the delivery outbox, tasks, acknowledgements, events, contract
@@ -42,6 +44,7 @@ mod intake;
 mod log_tests;
 mod metrics;
 pub mod packages;
+mod quota;
 mod reconciler;
 #[cfg(test)]
 mod request_state_tests;

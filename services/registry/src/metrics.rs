@@ -15,6 +15,7 @@
 //! | `dsrelay_acknowledgements_total` | counter | `result` (`applied`, `duplicate`) |
 //! | `dsrelay_acknowledgements_rejected_total` | counter | `processor`, `reason` (`invalid`, `not_routed`) |
 //! | `dsrelay_status_check_failures_total` | counter | `processor` |
+//! | `dsrelay_submits_refused_total` | counter | `partner` |
 
 use anyhow::Result;
 use dsrelay_proto::v1::{RequestKind, RequestState};
@@ -50,6 +51,8 @@ pub(crate) struct Metrics {
     /// The reconciler's GetStatus calls that failed (or could not be made), by processor:
     /// otherwise seen only in the log ("status check failed").
     pub status_check_failures: CounterVec,
+    /// Submits refused by the partner's Submit quota (`[submit_quota]`), by partner.
+    pub submits_refused: CounterVec,
 }
 
 impl Metrics {
@@ -106,6 +109,13 @@ impl Metrics {
                  in a later round.",
                 &["processor"],
             ),
+            submits_refused: CounterVec::register(
+                &mut registry,
+                "dsrelay_submits_refused",
+                "Submits refused RESOURCE_EXHAUSTED by the partner's Submit quota \
+                 ([submit_quota]) of this registry process; nothing of them was stored.",
+                &["partner"],
+            ),
             registry,
         };
         for p in &config.processors {
@@ -117,6 +127,9 @@ impl Metrics {
             for reason in REJECTION_REASONS {
                 m.acknowledgements_rejected.inc_by(&[&p.name, reason], 0);
             }
+        }
+        for partner in crate::quota::limited_partners(config) {
+            m.submits_refused.inc_by(&[partner], 0);
         }
         m.acknowledgements.inc_by(&["applied"], 0);
         m.acknowledgements.inc_by(&["duplicate"], 0);

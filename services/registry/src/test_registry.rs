@@ -48,6 +48,9 @@ pub(crate) struct Setup {
     pub(crate) recipient_keys: String,
     /// The recipient's name in `[[recipients]]` (default [`RECIPIENT`]).
     pub(crate) recipient_name: &'static str,
+    /// Partners configured besides `crm`, each with the development PKI's identity of that
+    /// name (`webform` has a certificate there: `partner-webform`).
+    pub(crate) more_partners: &'static [&'static str],
 }
 
 impl Default for Setup {
@@ -61,6 +64,7 @@ impl Default for Setup {
             admin: false,
             recipient_keys: String::new(),
             recipient_name: RECIPIENT,
+            more_partners: &[],
         }
     }
 }
@@ -99,7 +103,17 @@ impl Registry {
             admin,
             recipient_keys,
             recipient_name,
+            more_partners,
         } = setup;
+        let more_partners: String = more_partners
+            .iter()
+            .map(|name| {
+                format!(
+                    "[[identities]]\nidentity = {:?}\nrole = \"partner\"\nname = {name:?}\n",
+                    dev_identity("partner", name)
+                )
+            })
+            .collect();
         let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
         let (endpoint, stop_processor) = match processor {
             Some(routes) => {
@@ -117,6 +131,7 @@ impl Registry {
              [audit]\ncheckpoint_key = {:?}\ncheckpoint_file = {:?}\n{tables}\
              [[identities]]\nidentity = {:?}\nrole = \"partner\"\nname = \"crm\"\n\
              [[identities]]\nidentity = {:?}\nrole = \"operator\"\nname = \"ops\"\n\
+             {more_partners}\
              [[processors]]\nname = \"{PROCESSOR}\"\nendpoint = \"{endpoint}\"\n\
              identity = {:?}\ncategories = [\"contact\"]\n{processor_keys}\
              [[recipients]]\nname = \"{recipient_name}\"\nendpoint = \"https://localhost:1\"\n\

@@ -513,6 +513,7 @@ mod configs {
                 max_backoff_ms: 60_000,
             },
             watch: plan.opts.watch.clone().unwrap_or_default(),
+            submit_quota: Default::default(),
             packages: Default::default(),
             identity_hash_key: "test registry key".into(),
             forget_after_days: plan.opts.forget_after_days,

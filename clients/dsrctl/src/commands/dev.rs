@@ -91,6 +91,7 @@ fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_regist
         delivery: Default::default(),
         reconcile: Default::default(),
         watch: Default::default(),
+        submit_quota: Default::default(),
         packages: Default::default(),
         identity_hash_key: random_key(),
         forget_after_days: 30,

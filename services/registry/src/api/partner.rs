@@ -17,7 +17,8 @@ use dsrelay_runtime::grpc::CallerTrace;
 use dsrelay_runtime::identity::{keyed_digest, keyed_hash, request_id_violation, FieldViolation};
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use dsrelay_runtime::trace_context;
-use tonic::{Response, Status};
+use tonic::{Code, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::auth::Party;
 use crate::deadline::{due_at, MAX_EXTENSION_MONTHS};
@@ -78,6 +79,10 @@ impl RequestService for Api {
     ) -> Result<Response<SubmitResponse>, Status> {
         let span = tracing::Span::current();
         let caller = self.partner_api_caller(&req)?;
+        // First, so that a flood costs no store read (not even a retry's look-up).
+        if caller.role == Party::Partner {
+            self.take_submit_quota(&caller.name, 1)?;
+        }
         let trace_id = trace_context::trace_id_of(&span)
             .or_else(|| CallerTrace::of(&req).map(|t| t.trace_id().to_string()))
             .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
@@ -607,6 +612,60 @@ fn submitted(answer: SubmitResponse, kind: i32) -> SubmitResponse {
 }
 
 impl Api {
+    /// Takes `n` Submits of `partner`'s quota (`[submit_quota]`), or refuses them all with
+    /// RESOURCE_EXHAUSTED naming the quota's keys, with a `google.rpc.RetryInfo` of the time
+    /// until the bucket holds them; each refusal is counted, and logged at most once a second
+    /// per partner ([`crate::quota::WARN_EVERY`]) so that a flood does not flood the log.
+    fn take_submit_quota(&self, partner: &str, n: u32) -> Result<(), Status> {
+        let now = std::time::Instant::now();
+        let Err(refusal) = self.shared.submit_quotas.take(partner, n, now) else {
+            return Ok(());
+        };
+        self.shared.metrics.submits_refused.inc(&[partner]);
+        let l = &refusal.limits;
+        let quota = format!(
+            "the Submit quota of partner {partner} ({} at once, {}; then {} a second, {})",
+            l.burst, l.burst_key, l.per_second, l.per_second_key
+        );
+        let (message, details) = match refusal.retry_after {
+            Some(wait) => {
+                let at = self
+                    .shared
+                    .clock
+                    .now_ms()
+                    .saturating_add(wait.as_millis() as i64);
+                let message = format!(
+                    "{quota} is used up; nothing was stored: try again in {} (at {})",
+                    crate::quota::describe(wait),
+                    dsrelay_runtime::clock::date_label(at)
+                );
+                (message, ErrorDetails::with_retry_info(Some(wait)))
+            }
+            None => {
+                let message = format!(
+                    "{n} Submits at once are more than {quota} ever allows; nothing was \
+                     stored: send at most {} at once",
+                    l.burst
+                );
+                (message, ErrorDetails::new())
+            }
+        };
+        if let Some(refused) = refusal.log {
+            // `refused`: this partner's refusals since the last line, this one included.
+            tracing::warn!(
+                partner,
+                refused,
+                retry_after_ms = refusal.retry_after.map(|d| d.as_millis() as u64),
+                "Submit refused: the partner's Submit quota is used up"
+            );
+        }
+        Err(Status::with_error_details(
+            Code::ResourceExhausted,
+            message,
+            details,
+        ))
+    }
+
     /// The answer to a Submit whose request is stored already: its state, due date, trace
     /// and the processors it was routed to.
     async fn deduplicated(&self, row: RequestRow) -> Result<SubmitResponse, ApiError> {
@@ -758,5 +817,116 @@ mod extension_tests {
         for (months, used) in [(1, 0), (2, 0), (1, 1)] {
             assert_eq!(rule(months, used), None, "{months} after {used}");
         }
+    }
+}
+
+#[cfg(test)]
+mod submit_quota_tests {
+    use dsrelay_proto::v1::request_service_client::RequestServiceClient;
+    use dsrelay_proto::v1::{IdentityEncoding, IdentityType, SubjectIdentity};
+    use dsrelay_runtime::store::Db;
+
+    use super::*;
+    use crate::test_registry::{Registry, Setup};
+
+    fn erasure(key: &str) -> SubmitRequest {
+        SubmitRequest {
+            kind: RequestKind::Erasure as i32,
+            identities: vec![SubjectIdentity {
+                r#type: IdentityType::Email as i32,
+                encoding: IdentityEncoding::Raw as i32,
+                value: "maija@example.fi".into(),
+                label: String::new(),
+            }],
+            idempotency_key: key.into(),
+            ..Default::default()
+        }
+    }
+
+    /// With a burst of 3 and one Submit an hour, a partner's 4th Submit is
+    /// RESOURCE_EXHAUSTED with a RetryInfo of about an hour and nothing stored; a retry of
+    /// an accepted key spends a token too; the other partner and the operator go on
+    /// submitting; each refusal is counted by partner on /metrics.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partner_past_its_burst_is_refused_with_a_retry_time_and_nothing_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        let setup = Setup {
+            tables: "[submit_quota]\nper_second = 0.0002778\nburst = 3\n".into(),
+            more_partners: &["webform"],
+            admin: true,
+            ..Setup::default()
+        };
+        let registry = Registry::start(dir.path(), &url, setup).await;
+        let mut crm = RequestServiceClient::new(registry.channel("partner-crm"));
+        for key in ["k1", "k2", "k3"] {
+            crm.submit(erasure(key)).await.expect(key);
+        }
+        let refused = crm.submit(erasure("k4")).await.unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        let m = refused.message();
+        for said in [
+            "Submit quota of partner crm",
+            "submit_quota.burst",
+            "submit_quota.per_second",
+            "nothing was stored",
+            "try again in ",
+        ] {
+            assert!(m.contains(said), "{said:?} in {m}");
+        }
+        let wait = refused
+            .get_details_retry_info()
+            .and_then(|r| r.retry_delay)
+            .expect("a RetryInfo with a delay");
+        assert!(
+            (3_590..=3_600).contains(&wait.as_secs()),
+            "{wait:?}: the time one token takes at 0.0002778 a second"
+        );
+        // A retry of an accepted key is refused the same way: the quota comes first.
+        let again = crm.submit(erasure("k1")).await.unwrap_err();
+        assert_eq!(again.code(), Code::ResourceExhausted, "{again:?}");
+
+        let mut webform = RequestServiceClient::new(registry.channel("partner-webform"));
+        for key in ["k1", "k2", "k3"] {
+            webform.submit(erasure(key)).await.expect(key);
+        }
+        let mut ops = RequestServiceClient::new(registry.channel("operator"));
+        for key in ["o1", "o2", "o3", "o4", "o5"] {
+            ops.submit(erasure(key)).await.expect(key);
+        }
+
+        let db = Db::connect(&url).await.unwrap();
+        let stored = |partner: &'static str| {
+            let pool = db.pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT CAST(COUNT(*) AS BIGINT) FROM requests WHERE partner = $1",
+                )
+                .bind(partner)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+            }
+        };
+        assert_eq!(stored("crm").await, 3);
+        assert_eq!(stored("webform").await, 3);
+        assert_eq!(stored("ops").await, 5);
+        let k4: i64 = sqlx::query_scalar(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM requests WHERE idempotency_key = 'k4'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(k4, 0);
+
+        let metrics = registry.scrape().await;
+        for line in [
+            "dsrelay_submits_refused_total{partner=\"crm\"} 2",
+            "dsrelay_submits_refused_total{partner=\"webform\"} 0",
+        ] {
+            assert!(metrics.contains(line), "{line} in {metrics}");
+        }
+        assert!(!metrics.contains("partner=\"ops\""), "{metrics}");
+        registry.stop().await;
     }
 }
