@@ -179,6 +179,8 @@ impl CorrectionView {
 #[derive(Debug, Serialize)]
 pub(crate) struct DeliveryView {
     pub(crate) processor: String,
+    /// `deliver`, or the call that follows it: `cancel`, `extend` or `update`.
+    pub(crate) operation: String,
     pub(crate) state: String,
     pub(crate) attempts: u32,
     pub(crate) last_error: String,
@@ -193,6 +195,7 @@ impl From<&Delivery> for DeliveryView {
     fn from(d: &Delivery) -> Self {
         Self {
             processor: d.processor.clone(),
+            operation: d.operation.clone(),
             state: delivery_state_name(d.state),
             attempts: d.attempts,
             last_error: d.last_error.clone(),
@@ -201,6 +204,36 @@ impl From<&Delivery> for DeliveryView {
             dead_lettered_at: Time::from_proto(d.dead_lettered_at.as_ref()),
         }
     }
+}
+
+impl DeliveryView {
+    /// What the call carries, in a table's words.
+    pub(crate) fn call(&self) -> String {
+        let what = match self.operation.as_str() {
+            "deliver" => "the request",
+            "cancel" => "its cancellation",
+            "extend" => "its due date",
+            "update" => "the contract end's terms",
+            _ => return self.operation.clone(),
+        };
+        format!("{} ({what})", self.operation)
+    }
+}
+
+/// The table of `calls` (a request's calls that follow its deliveries, or a contract end's
+/// calls), with what each carries.
+pub(crate) fn calls_table(calls: &[DeliveryView]) -> String {
+    let mut t = Table::new(["PROCESSOR", "CALL", "STATE", "ATTEMPTS", "LAST ERROR"]);
+    for d in calls {
+        t.row([
+            d.processor.clone(),
+            d.call(),
+            d.state.clone(),
+            d.attempts.to_string(),
+            d.last_error.clone(),
+        ]);
+    }
+    t.render()
 }
 
 /// One task.
@@ -364,6 +397,9 @@ pub(crate) struct RequestView {
     pub(crate) extension_reasons: Vec<String>,
     pub(crate) cancel_reason: String,
     pub(crate) deliveries: Vec<DeliveryView>,
+    /// The calls that follow the deliveries: a cancellation, a due date, a contract end's
+    /// terms, each until the processor has it.
+    pub(crate) follow_up_deliveries: Vec<DeliveryView>,
     pub(crate) tasks: Vec<TaskView>,
 }
 
@@ -404,6 +440,9 @@ impl From<&Request> for RequestView {
             extension_reasons: r.extension_reasons.clone(),
             cancel_reason: r.cancel_reason.clone(),
             deliveries: r.deliveries.iter().map(DeliveryView::from).collect(),
+            follow_up_deliveries: (r.follow_up_deliveries.iter())
+                .map(DeliveryView::from)
+                .collect(),
             tasks: r.tasks.iter().map(TaskView::from).collect(),
         }
     }
@@ -493,6 +532,11 @@ impl RequestView {
                 ]);
             }
             out.push_str(&t.render());
+        }
+        // Until the processor has them, it works under what it was sent before.
+        if !self.follow_up_deliveries.is_empty() {
+            out.push_str("\nCalls that follow\n");
+            out.push_str(&calls_table(&self.follow_up_deliveries));
         }
         out.push_str("\nTasks\n");
         if self.tasks.is_empty() {
@@ -1061,6 +1105,36 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("until"), "{text}");
+    }
+
+    /// A cancellation the processor has not taken shows under the deliveries, with why;
+    /// before, only the Deliver showed, DELIVERED, as if the processor had all it was sent.
+    #[test]
+    fn calls_that_follow_show_with_what_they_carry() {
+        let mut request = sample();
+        assert!(!RequestView::from(&request)
+            .table()
+            .contains("Calls that follow"));
+        request.follow_up_deliveries = vec![Delivery {
+            processor: "payroll-bureau".into(),
+            operation: "cancel".into(),
+            state: DeliveryState::Pending as i32,
+            attempts: 3,
+            last_error: "Unavailable: connection refused".into(),
+            ..Default::default()
+        }];
+        let text = RequestView::from(&request).table();
+        assert!(
+            text.contains(
+                "\nCalls that follow\n\
+                 PROCESSOR       CALL                       STATE    ATTEMPTS  LAST ERROR\n\
+                 payroll-bureau  cancel (its cancellation)  PENDING  3         \
+                 Unavailable: connection refused\n\nTasks\n"
+            ),
+            "{text}"
+        );
+        let json = serde_json::to_value(RequestView::from(&request)).unwrap();
+        assert_eq!(json["follow_up_deliveries"][0]["operation"], "cancel");
     }
 
     #[test]

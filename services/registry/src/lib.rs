@@ -38,6 +38,8 @@ pub mod deadline;
 mod dispatcher;
 mod error;
 mod fold;
+#[cfg(test)]
+mod follow_up_tests;
 mod forget;
 mod intake;
 #[cfg(test)]

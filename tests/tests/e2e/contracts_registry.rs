@@ -16,9 +16,9 @@ use dsrelay_proto::v1::processor_service_server::{ProcessorService, ProcessorSer
 use dsrelay_proto::v1::{
     AcknowledgeRequest, Acknowledgement, CancelDeliveryRequest, ChooseContractEndRequest,
     CompletePartRequest, ConfirmReturnRequest, Contract, ContractEndChoice, ContractPhase,
-    ContractProgress, DeletionCertificate, DeliverRequest, DeliverResponse, EndContractRequest,
-    EventType, ExportFileHeader, ExtendDeadlineRequest, ExtendDueDateRequest, GetContractRequest,
-    GetPackageRequest, GetRequest, GetStatusRequest, GetUploadStateRequest,
+    ContractProgress, DeletionCertificate, DeliverRequest, DeliverResponse, DeliveryState,
+    EndContractRequest, EventType, ExportFileHeader, ExtendDeadlineRequest, ExtendDueDateRequest,
+    GetContractRequest, GetPackageRequest, GetRequest, GetStatusRequest, GetUploadStateRequest,
     ListCertificatesRequest, ListContractEndsRequest, ListContractsRequest, ListEventsRequest,
     ListSubprocessorsRequest, RequestKind, RequestState, SubprocessorList, TaskList, TaskState,
     TaskStatus, UpdateContractEndRequest, UploadFileChunk,
@@ -1158,18 +1158,55 @@ async fn contractreg_a_choice_too_late_for_the_processor_is_shown_refused() {
             .contains("deleting the controller's data has started"),
         "{shown:#?}"
     );
-    let table = dsrctl(&pair, "operator", &["contracts", "show", &unreported]).await;
+    // The calls to the processor say which of them did not get through, and why.
+    let calls_of = |c: &Contract| -> Vec<(String, i32)> {
+        (c.deliveries.iter())
+            .map(|d| (d.operation.clone(), d.state))
+            .collect()
+    };
+    let update = (shown.deliveries.iter())
+        .find(|d| d.operation == "update")
+        .unwrap_or_else(|| panic!("no update among the calls: {shown:#?}"));
+    assert_ne!(update.state, DeliveryState::Delivered as i32, "{update:#?}");
     assert!(
-        table
-            .ok()
-            .lines()
+        update
+            .last_error
+            .contains("deleting the controller's data has started"),
+        "{update:#?}"
+    );
+    assert_eq!(
+        calls_of(&shown)[0],
+        ("deliver".to_string(), DeliveryState::Delivered as i32),
+        "{shown:#?}"
+    );
+    let table = dsrctl(&pair, "operator", &["contracts", "show", &unreported]).await;
+    let text = table.ok();
+    assert!(
+        text.lines()
             .any(|l| l.starts_with("refused by the processor")
                 && l.contains("deleting the controller's data has started")),
         "{}",
         table.stdout
     );
-    // The other contract end, whose terms the processor took, shows no refusal.
-    assert_eq!(get(&pair, &reported).await.terms_refused, "");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("update (the contract end's terms)")
+                && (l.contains("PENDING") || l.contains("DEAD_LETTERED"))
+                && l.contains("deleting the controller's data has started")),
+        "{}",
+        table.stdout
+    );
+    // The other contract end, whose terms the processor took, shows no refusal, and no
+    // table of calls, all of which got through.
+    let took = get(&pair, &reported).await;
+    assert_eq!(took.terms_refused, "");
+    assert_eq!(
+        calls_of(&took),
+        [("deliver".to_string(), DeliveryState::Delivered as i32)],
+        "{took:#?}"
+    );
+    let table = dsrctl(&pair, "operator", &["contracts", "show", &reported]).await;
+    assert!(!table.ok().contains("CALL"), "{}", table.stdout);
     pair.stop().await;
 }
 

@@ -18,7 +18,9 @@ use sha2::{Digest, Sha256};
 
 use crate::cli::{ChosenArg, ContractChoiceArg, ContractsCommand};
 use crate::commands::{Hint, Io, Registry};
-use crate::output::{emit, erasure_run_cell, state_name, task_state_name, Render, Time};
+use crate::output::{
+    calls_table, emit, erasure_run_cell, state_name, task_state_name, DeliveryView, Render, Time,
+};
 use crate::table::{clean, clipped, Table};
 use crate::Failure;
 
@@ -292,6 +294,11 @@ struct ContractView {
     #[serde(skip_serializing_if = "Option::is_none")]
     idempotency_key: Option<String>,
     tasks: Vec<PartView>,
+    /// The registry's calls to the processor: its Deliver, then the terms as they stand, a
+    /// cancellation, a due date. Until one is DELIVERED the processor works under what it
+    /// was sent before. Empty in a listing, which the registry gives without them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    deliveries: Vec<DeliveryView>,
 }
 
 impl From<&Contract> for ContractView {
@@ -308,6 +315,7 @@ impl From<&Contract> for ContractView {
             terms_refused: c.terms_refused.clone(),
             idempotency_key: None,
             tasks: c.tasks.iter().map(PartView::from).collect(),
+            deliveries: c.deliveries.iter().map(DeliveryView::from).collect(),
         }
     }
 }
@@ -407,6 +415,12 @@ impl Render for ContractView {
                 out.push('\n');
                 out.push_str(&table.render());
             }
+        }
+        // Shown while one has not got through: what the parts show is then what the
+        // processor does under what it was sent before.
+        if (self.deliveries.iter()).any(|d| d.state != "DELIVERED") {
+            out.push('\n');
+            out.push_str(&calls_table(&self.deliveries));
         }
         out
     }

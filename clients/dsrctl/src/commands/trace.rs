@@ -3,14 +3,14 @@
 
 use std::collections::BTreeMap;
 
-use dsrelay_sdk::proto::{EventType, ListEventsRequest, RequestEvent, TaskState};
+use dsrelay_sdk::proto::{DeliveryState, EventType, ListEventsRequest, RequestEvent, TaskState};
 use serde::{Serialize, Serializer};
 
 use crate::cli::TraceArgs;
 use crate::commands::{Hint, Io, Registry};
 use crate::output::{
     delivery_state_name, emit, event_type_name, kind_name, retention_words, state_name,
-    task_state_name, time_cell, Render, Time,
+    task_state_name, time_cell, DeliveryView, Render, Time,
 };
 use crate::table::clean;
 use crate::Failure;
@@ -95,6 +95,10 @@ struct HopView {
     /// in order: failed attempts, dead letters, requeues, acceptances reported later, and
     /// contract-end updates and return confirmations.
     history: Vec<EventLine>,
+    /// The calls that follow the delivery (a cancellation, a due date, a contract end's
+    /// terms) that have not got through: PENDING or DEAD_LETTERED.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    calls_not_through: Vec<DeliveryView>,
     tasks: Vec<TaskView>,
 }
 
@@ -187,9 +191,19 @@ impl TraceView {
                     attempts: d.attempts,
                     failures: Vec::new(),
                     history: Vec::new(),
+                    calls_not_through: Vec::new(),
                     tasks: Vec::new(),
                 },
             );
+        }
+        for d in &request.follow_up_deliveries {
+            let through = !matches!(
+                DeliveryState::try_from(d.state),
+                Ok(DeliveryState::Pending | DeliveryState::DeadLettered)
+            );
+            if let (false, Some(hop)) = (through, hops.get_mut(&d.processor)) {
+                hop.calls_not_through.push(DeliveryView::from(d));
+            }
         }
         let mut events = Vec::new();
         let mut steps: BTreeMap<(String, String), Vec<Step>> = BTreeMap::new();
@@ -343,6 +357,30 @@ impl Render for TraceView {
                 ),
             };
             out.push_str(&format!("{branch} {}  {delivery}\n", clean(&p.processor)));
+            // Until they get through, the processor works under what it was sent before.
+            for d in &p.calls_not_through {
+                let state = if d.state == "DEAD_LETTERED" {
+                    format!(
+                        "DEAD_LETTERED: {} attempt(s) failed, no longer sent (`{}` sends it \
+                         again)",
+                        d.attempts,
+                        self.hint.command(&[
+                            "deliveries",
+                            "requeue",
+                            &self.request_id,
+                            "--processor",
+                            &p.processor
+                        ])
+                    )
+                } else {
+                    format!("{}: {} attempt(s) failed", d.state, d.attempts)
+                };
+                out.push_str(&format!(
+                    "{indent}   {} {}\n",
+                    clean(&d.call()),
+                    clean(&state)
+                ));
+            }
             for (k, e) in p.history.iter().enumerate() {
                 let line = match e.ty.as_str() {
                     // The refusal that dead-letters the delivery is not retried.
@@ -608,6 +646,51 @@ mod tests {
         e.attempt = attempt;
         e.message = message.into();
         e
+    }
+
+    /// A cancellation dead-lettered and a due date still pending show under their
+    /// processor, the dead letter with the command that sends it again; one delivered does
+    /// not. Before, the branch said "delivered" alone, as if the processor had all of them.
+    #[test]
+    fn calls_that_follow_and_did_not_get_through_show_under_their_processor() {
+        let delivered = Delivery {
+            processor: "payroll-bureau".into(),
+            operation: "deliver".into(),
+            state: DeliveryState::Delivered as i32,
+            attempts: 1,
+            delivered_at: Some(Timestamp::default()),
+            ..Default::default()
+        };
+        let mut list = traced(delivered.clone(), Vec::new());
+        let call = |operation: &str, state: DeliveryState, attempts| Delivery {
+            operation: operation.into(),
+            state: state as i32,
+            attempts,
+            ..delivered.clone()
+        };
+        list.request.as_mut().unwrap().follow_up_deliveries = vec![
+            call("cancel", DeliveryState::DeadLettered, 3),
+            call("extend", DeliveryState::Pending, 2),
+            call("update", DeliveryState::Delivered, 1),
+        ];
+        let view = TraceView::build(&list);
+        let text = view.to_table();
+        assert!(
+            text.contains(
+                "   cancel (its cancellation) DEAD_LETTERED: 3 attempt(s) failed, no longer \
+                 sent (`dsrctl deliveries requeue r-1 --processor payroll-bureau` sends it \
+                 again)\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("   extend (its due date) PENDING: 2 attempt(s) failed\n"),
+            "{text}"
+        );
+        assert!(!text.contains("update ("), "{text}");
+        let json = serde_json::to_value(&view).unwrap();
+        let calls = &json["processors"][0]["calls_not_through"];
+        assert_eq!(calls.as_array().map(Vec::len), Some(2), "{json:#}");
     }
 
     /// A dead letter is not retried; a requeue says when it was sent again.

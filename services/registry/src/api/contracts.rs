@@ -31,7 +31,7 @@ use crate::auth::{Caller, Party};
 use crate::deadline::{contract_end_due_at, grace_ends_at, CONTRACT_END_DUE_DAYS};
 use crate::error::ApiError;
 use crate::fold::request_is_terminal;
-use crate::store::{ContractChange, ContractRow, Inserted, NewContract, NewRequest};
+use crate::store::{ContractChange, ContractRow, DeliveryRow, Inserted, NewContract, NewRequest};
 
 use super::Api;
 
@@ -217,8 +217,18 @@ fn chosen(choice: i32) -> Result<ContractEndChoice, FieldViolation> {
 }
 
 /// The view of a contract end with its tasks.
-fn view(row: ContractRow, tasks: Vec<TaskStatus>, deduplicated: bool) -> Contract {
+/// How `row` is shown with its `tasks`, and its `deliveries` (none in a listing).
+fn view(
+    row: ContractRow,
+    deliveries: Vec<DeliveryRow>,
+    tasks: Vec<TaskStatus>,
+    deduplicated: bool,
+) -> Contract {
     Contract {
+        // Operators only, who see why a call failed.
+        deliveries: (deliveries.into_iter())
+            .map(|d| super::views::delivery(super::views::Reader::Operator, d))
+            .collect(),
         contract_id: row.request_id.clone(),
         processor: row.processor.clone(),
         contract_end: Some(row.terms()),
@@ -262,17 +272,21 @@ impl Api {
         id: &str,
     ) -> Result<(ContractRow, Vec<TaskStatus>), ApiError> {
         ApiError::ensure_valid(request_id_violation("contract_id", id))?;
-        self.shared
-            .store
+        let (row, _, tasks) = (self.shared.store)
             .contract_with_tasks(id)
             .await?
-            .ok_or_else(|| not_found(id))
+            .ok_or_else(|| not_found(id))?;
+        Ok((row, tasks))
     }
 
     /// The contract end `id` as shown.
     async fn contract_view(&self, id: &str, deduplicated: bool) -> Result<Contract, ApiError> {
-        let (row, tasks) = self.contract_and_tasks(id).await?;
-        Ok(view(row, tasks, deduplicated))
+        ApiError::ensure_valid(request_id_violation("contract_id", id))?;
+        let (row, deliveries, tasks) = (self.shared.store)
+            .contract_with_tasks(id)
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        Ok(view(row, deliveries, tasks, deduplicated))
     }
 
     /// Refuses a change to a contract end that has finished.
@@ -537,7 +551,7 @@ impl ContractService for Api {
             .into_iter()
             .map(|r| {
                 let t = tasks.remove(&r.request_id).unwrap_or_default();
-                view(r, t, false)
+                view(r, Vec::new(), t, false)
             })
             .collect();
         Ok(Response::new(ContractList { contracts }))

@@ -146,7 +146,9 @@ impl Api {
 
     /// The view of `row` for `reader`: its deliveries and tasks as of now.
     async fn view(&self, reader: views::Reader, row: RequestRow) -> Result<Request, ApiError> {
-        let deliveries = self.shared.store.deliveries(&row.id).await?;
+        let deliveries = (self.shared.store)
+            .deliveries_with_follow_ups(&row.id)
+            .await?;
         let tasks = self.shared.store.tasks(&row.id).await?;
         Ok(views::request_for(
             reader,

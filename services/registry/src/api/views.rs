@@ -8,7 +8,7 @@ use dsrelay_proto::v1::{
 };
 use dsrelay_runtime::audit;
 
-use crate::store::{DeliveryRow, EventRow, RequestRow};
+use crate::store::{DeliveryRow, EventRow, Operation, RequestRow};
 
 /// Who reads a view. Why a delivery failed is the processor's answer or what the
 /// connection to it said (TLS identities, addresses): internal network details that
@@ -47,6 +47,10 @@ pub(crate) fn request_for(
         .and_then(|b| SubmitRequest::decode(b).ok());
     let overdue = row.overdue(now);
     let extension_reasons = serde_json::from_str(&row.extension_reasons).unwrap_or_default();
+    let (delivered, follow_ups) = deliveries
+        .into_iter()
+        .map(|d| delivery(reader, d))
+        .partition(|d| d.operation == Operation::Deliver.as_str());
     let (identities, scope, parameters, note) = match &body {
         Some(b) => (
             b.identities.clone(),
@@ -71,10 +75,8 @@ pub(crate) fn request_for(
         overdue,
         extension_reasons,
         trace_id: row.trace_id,
-        deliveries: deliveries
-            .into_iter()
-            .map(|d| delivery(reader, d))
-            .collect(),
+        deliveries: delivered,
+        follow_up_deliveries: follow_ups,
         tasks,
         updated_at: Some(timestamp_from_millis(row.updated_at)),
         cancel_reason: row.cancel_reason.unwrap_or_default(),
@@ -82,8 +84,11 @@ pub(crate) fn request_for(
     }
 }
 
-fn delivery(reader: Reader, d: DeliveryRow) -> Delivery {
+/// A delivery row as `reader` is shown it: a request's Deliver to a processor, or a call
+/// that follows it.
+pub(crate) fn delivery(reader: Reader, d: DeliveryRow) -> Delivery {
     Delivery {
+        operation: d.op.to_string(),
         processor: d.processor,
         state: if d.withdrawn_at.is_some() {
             DeliveryState::Cancelled
@@ -177,6 +182,7 @@ mod tests {
     fn failed_delivery() -> DeliveryRow {
         DeliveryRow {
             processor: "payroll".into(),
+            op: Operation::Deliver,
             attempts: 3,
             next_attempt_at: 5_000,
             last_error: Some(WHY.into()),

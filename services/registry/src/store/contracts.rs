@@ -11,7 +11,7 @@ use dsrelay_proto::v1::{ContractEnd, ContractEndChoice, EventType, RequestState}
 
 use super::events::{insert_event, EventDetail};
 use super::outbox::describe_terms;
-use super::{Operation, Store, Tx};
+use super::{DeliveryRow, Operation, Store, Tx};
 use crate::fold::request_is_terminal;
 
 /// The columns of [`ContractRow`], from `contracts c JOIN requests r`.
@@ -151,13 +151,19 @@ impl Store {
         .await?)
     }
 
-    /// The contract end `id` with its tasks, read from one snapshot, so that its state agrees
-    /// with its tasks' (read one after the other, a task's last acknowledgement applied in
+    /// The contract end `id` with its deliveries and tasks, read from one snapshot, so that
+    /// its state agrees with its tasks' (read one after the other, a task's last acknowledgement applied in
     /// between showed every task final under a request still IN_PROGRESS).
     pub async fn contract_with_tasks(
         &self,
         id: &str,
-    ) -> Result<Option<(ContractRow, Vec<dsrelay_proto::v1::TaskStatus>)>> {
+    ) -> Result<
+        Option<(
+            ContractRow,
+            Vec<DeliveryRow>,
+            Vec<dsrelay_proto::v1::TaskStatus>,
+        )>,
+    > {
         let mut tx = self.snapshot().await?;
         let row: Option<ContractRow> = sqlx::query_as(&format!(
             "SELECT {CONTRACT_COLUMNS} FROM contracts c JOIN requests r ON r.id = c.request_id \
@@ -169,9 +175,10 @@ impl Store {
         let Some(row) = row else {
             return Ok(None);
         };
+        let deliveries = super::queries::read_deliveries(&mut *tx, id).await?;
         let tasks = super::queries::read_tasks(&mut *tx, id).await?;
         tx.commit().await?;
-        Ok(Some((row, tasks)))
+        Ok(Some((row, deliveries, tasks)))
     }
 
     /// Every contract end (or `processor`'s), newest first, with each one's tasks, read from

@@ -134,13 +134,21 @@ impl Store {
         Ok(out)
     }
 
-    /// A request's deliveries (not cancellations), by processor name.
+    /// A request's deliveries (not the calls that follow them), by processor name.
     pub async fn deliveries(&self, id: &str) -> Result<Vec<DeliveryRow>> {
+        let mut rows = read_deliveries(&self.db.reader, id).await?;
+        rows.retain(|d| d.op == Operation::Deliver);
+        Ok(rows)
+    }
+
+    /// A request's deliveries and the calls that follow them, by processor name, each
+    /// processor's Deliver first.
+    pub async fn deliveries_with_follow_ups(&self, id: &str) -> Result<Vec<DeliveryRow>> {
         read_deliveries(&self.db.reader, id).await
     }
 
-    /// The deliveries of each of `ids` (at most a page of them), by request id: one query
-    /// for the whole page.
+    /// The deliveries of each of `ids` (at most a page of them) and the calls that follow
+    /// them, by request id: one query for the whole page.
     pub async fn deliveries_of(
         &self,
         ids: &[String],
@@ -156,13 +164,13 @@ impl Store {
             return Ok(out);
         }
         let sql = format!(
-            "SELECT request_id, processor, attempts, next_attempt_at, last_error, done_at, \
-             dead_lettered_at, withdrawn_at FROM deliveries WHERE op = $1 AND request_id IN ({}) \
-             ORDER BY request_id, processor",
-            placeholders(2, ids.len())
+            "SELECT request_id, {DELIVERY_COLUMNS} FROM deliveries WHERE request_id IN ({}) \
+             ORDER BY request_id, processor, {}",
+            placeholders(1, ids.len()),
+            deliver_first()
         );
         let sql = self.db.backend.numbered(&sql);
-        let mut q = sqlx::query_as::<_, Keyed>(&sql).bind(Operation::Deliver.as_str());
+        let mut q = sqlx::query_as::<_, Keyed>(&sql);
         for id in ids {
             q = q.bind(id);
         }
@@ -311,18 +319,31 @@ async fn read_request<'e>(
     .await?)
 }
 
-/// A request's deliveries (not cancellations), by processor name, through `db`.
-async fn read_deliveries<'e>(
+/// The columns of a [`DeliveryRow`].
+const DELIVERY_COLUMNS: &str = "processor, op, attempts, next_attempt_at, last_error, done_at, \
+     dead_lettered_at, withdrawn_at";
+
+/// An ORDER BY term putting a processor's Deliver before the calls that follow it, which come
+/// in the order of their names.
+fn deliver_first() -> String {
+    format!(
+        "CASE WHEN op = '{}' THEN 0 ELSE 1 END, op",
+        Operation::Deliver
+    )
+}
+
+/// [`Store::deliveries_with_follow_ups`] through `db` (the pool, or a snapshot's
+/// transaction).
+pub(super) async fn read_deliveries<'e>(
     db: impl sqlx::Executor<'e, Database = sqlx::Any>,
     id: &str,
 ) -> Result<Vec<DeliveryRow>> {
-    Ok(sqlx::query_as(
-        "SELECT processor, attempts, next_attempt_at, last_error, done_at, \
-         dead_lettered_at, withdrawn_at FROM deliveries WHERE request_id = $1 AND op = $2 \
-         ORDER BY processor",
-    )
+    Ok(sqlx::query_as(&format!(
+        "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE request_id = $1 \
+         ORDER BY processor, {}",
+        deliver_first()
+    ))
     .bind(id)
-    .bind(Operation::Deliver.as_str())
     .fetch_all(db)
     .await?)
 }

@@ -133,6 +133,9 @@ impl RequestRow {
 pub struct DeliveryRow {
     /// Processor name.
     pub processor: String,
+    /// What the row sends.
+    #[sqlx(try_from = "String")]
+    pub op: Operation,
     /// Attempts so far.
     pub attempts: i64,
     /// Next attempt (ms).
