@@ -281,7 +281,8 @@ pub enum TasksCommand {
     /// Run a FAILED task again once its cause is fixed: it becomes IN_PROGRESS, its reason
     /// `retried by <you>: <note>` (kept in the request's events at the registry), and the
     /// holder is called as for a new task (past the due date, once); a return of data or a
-    /// transfer exports again and sends the new files. Refused for a contract end, a task
+    /// transfer exports again and sends the new files. A contract end task resumes in the
+    /// phase it failed in (a return exports again, an erasure goes on). Refused for a task
     /// that failed in a retention run, a cancelled or forgotten request, and a subprocessor
     /// no longer configured.
     Retry {

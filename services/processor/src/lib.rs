@@ -58,6 +58,8 @@ mod breaker;
 pub mod certificates;
 pub mod config;
 #[cfg(test)]
+mod contract_retry_tests;
+#[cfg(test)]
 mod contract_tests;
 pub mod exports;
 mod forget;

@@ -417,11 +417,6 @@ fn refusal_words(refusal: RetryRefusal, subprocessor: &str) -> String {
             forget_after_days), so there is nothing to run it with: the controller submits a \
             new request"
             .into(),
-        RetryRefusal::Kind(kind) => format!(
-            "it is of a {} request, which is not retried: its phases (return, confirmation, \
-             erasure) would not be followed by a run from the start",
-            dsrelay_connectors::kind_label(kind)
-        ),
         RetryRefusal::Unconfigured => format!(
             "subprocessor {subprocessor} is no longer configured here, so it has no holder to \
              run on"
@@ -1430,17 +1425,29 @@ mod tests {
             retry_refusal(&forgotten, false),
             Some(RetryRefusal::Forgotten)
         );
+        // A contract end is refused only for what refuses any other kind.
         let contract_end = RetryStanding {
             kind: Some(RequestKind::ContractEnd),
-            cancelled: true,
-            was_retained: true,
             ..Default::default()
         };
         assert_eq!(
             retry_refusal(&contract_end, false),
-            Some(RetryRefusal::Kind(RequestKind::ContractEnd))
+            Some(RetryRefusal::Unconfigured)
         );
-        for kind in [RequestKind::ReturnOfData, RequestKind::Transfer] {
+        let cancelled = RetryStanding {
+            cancelled: true,
+            was_retained: true,
+            ..contract_end
+        };
+        assert_eq!(
+            retry_refusal(&cancelled, true),
+            Some(RetryRefusal::Cancelled)
+        );
+        for kind in [
+            RequestKind::ReturnOfData,
+            RequestKind::Transfer,
+            RequestKind::ContractEnd,
+        ] {
             let export = RetryStanding {
                 kind: Some(kind),
                 ..Default::default()

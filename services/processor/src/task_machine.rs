@@ -61,7 +61,7 @@
 //! - an operator completes (or finds nothing) or refuses only a task WAITING_FOR_OPERATOR
 //! - an operator retries only a FAILED task (RetryTask): → IN_PROGRESS with the operator's
 //!   note as its reason and nothing of the failed run, its holder called at once
-//!   ([`Phase::Start`])
+//!   ([`Phase::Start`]); a contract end task resumes in its phase (below)
 //!
 //! # Contract ends (one task per subprocessor over all of a controller's data)
 //! - claimed PENDING (phase SCHEDULED) before its start ([`Terms::starts_at`]: the effective
@@ -84,6 +84,13 @@
 //!   it did (never "cancelled" over work that was done)
 //! - an operator completing a manual RETURNING step queues the delivery of its return record
 //!   (the task stays RETURNING); once that is delivered it moves to AWAITING_CONFIRMATION
+//! - an operator retries a FAILED task (RetryTask) in the phase it failed in, the operator's
+//!   note as its reason, its holder called at once ([`operator_retry`]): RETURNING → the
+//!   export runs again from the start (counts from zero, the failed run's export and upload
+//!   discarded), then its delivery; DELETING → the erasure runs again from the progress
+//!   recorded, which the connector counts on from (never twice); AWAITING_CONFIRMATION →
+//!   waits for the confirmation again; SCHEDULED (failed at its start) → PENDING, started as
+//!   the terms then say; DONE (failed in a retention run) is not retried
 
 use std::fmt;
 use std::ops::ControlFlow;
@@ -765,14 +772,7 @@ fn decide_event(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision
             "the task is {}: only a FAILED task is retried",
             task.state.as_str_name().trim_start_matches("TASK_STATE_")
         )),
-        // As a new task: IN_PROGRESS with nothing of the failed run (no handle, no count), its
-        // holder called at once. The operator's words go as the reason, which the registry
-        // keeps in the request's trail (a note would last only until the outcome's).
-        Event::OperatorRetry { note, by } => Decision::Move(Transition {
-            state: InProgress,
-            reason: format!("retried by {by}: {note}"),
-            ..Default::default()
-        }),
+        Event::OperatorRetry { note, by } => operator_retry(task, note, by),
         // Only a task still waiting for its delivery moves; a cancelled one stays cancelled.
         Event::Delivered { .. } | Event::Undeliverable { .. } | Event::DeliveryFailed { .. }
             if task.state != InProgress =>
@@ -1516,6 +1516,75 @@ fn contract_claimed(
             phase: retention_run(task),
         },
         _ => Decision::Ignore,
+    }
+}
+
+/// An operator's retry of a FAILED task. The operator's words go as the reason, which the
+/// registry keeps in the request's trail (a note would last only until the outcome's); the
+/// holder is called at once, and nothing of the failed call is kept (no handle, no count).
+///
+/// A contract end task resumes in the phase it failed in rather than from the start, which
+/// would ignore the return, its confirmation or the erasure under way:
+/// - SCHEDULED (it failed at its start, before its holder was called): PENDING again, so the
+///   claim starts it as it starts any contract end task, by the terms as they then stand;
+/// - RETURNING: the export runs again from the start (its counts from zero), and its
+///   delivery after it; what the failed run wrote and sent is discarded by the store;
+/// - DELETING: the erasure runs again, handed the progress the failed run recorded
+///   ([`BulkJob::recorded_progress`]), from which a connector resuming it counts, so that
+///   what was erased before is counted once;
+/// - AWAITING_CONFIRMATION: waits again for the controller's confirmation (deleting at once
+///   when it came);
+/// - DONE: it failed in a retention run, which is not retried (as `RetryRefusal::WasRetained`).
+///
+/// [`BulkJob::recorded_progress`]: dsrelay_connectors::BulkJob::recorded_progress
+fn operator_retry(task: &Current<'_>, note: &str, by: &str) -> Decision {
+    let reason = format!("retried by {by}: {note}");
+    let resumed = |phase, note: &str, progress| {
+        Decision::Move(Transition {
+            state: TaskState::InProgress,
+            reason: reason.clone(),
+            note: format!("retried: {note}"),
+            contract: Some(ContractStep {
+                phase,
+                progress,
+                scheduled_at: None,
+            }),
+            ..Default::default()
+        })
+    };
+    match task.phase {
+        ContractPhase::Unspecified => Decision::Move(Transition {
+            state: TaskState::InProgress,
+            reason,
+            ..Default::default()
+        }),
+        ContractPhase::Scheduled => Decision::Move(Transition {
+            state: TaskState::Pending,
+            reason,
+            note: "retried: starting the contract end as its terms say".into(),
+            contract: Some(ContractStep::keep(ContractPhase::Scheduled)),
+            ..Default::default()
+        }),
+        ContractPhase::Returning => resumed(
+            ContractPhase::Returning,
+            "returning the controller's data again, exporting it from the start",
+            Some(BulkProgress::default()),
+        ),
+        ContractPhase::Deleting => resumed(
+            ContractPhase::Deleting,
+            "deleting the controller's data again, going on from the progress recorded",
+            None,
+        ),
+        ContractPhase::AwaitingConfirmation => resumed(
+            ContractPhase::AwaitingConfirmation,
+            "waiting again for the controller's confirmation of the returned data",
+            None,
+        ),
+        ContractPhase::Done => Decision::Reject(
+            "it failed after its contract end's erasure was done (in a retention run), which \
+             is not retried"
+                .into(),
+        ),
     }
 }
 
@@ -3030,6 +3099,90 @@ mod tests {
             terms: Some(terms),
         };
         decide(t, event, &at(now))
+    }
+
+    /// A FAILED contract end task is retried in the phase it failed in, not from the start:
+    /// the claim after the retry runs that phase's step (or waits for what it waits for).
+    /// Before, the retry made it IN_PROGRESS with no phase step, which no claim moved on.
+    #[test]
+    fn an_operator_retries_a_contract_end_task_in_its_phase() {
+        let retry = |phase| {
+            let mut failed = contract_task(Failed, phase);
+            failed.handle = Some("job-1");
+            let event = Event::OperatorRetry {
+                note: "database restored",
+                by: "ops",
+            };
+            decide(&failed, event, &Context::at(NOW))
+        };
+        let reason = "retried by ops: database restored";
+        let rtd = terms(ContractEndChoice::ReturnThenDelete);
+        // RETURNING: the export again from the start, its counts from zero.
+        let t = moved(retry(ContractPhase::Returning));
+        assert_eq!((t.state, t.reason.as_str()), (InProgress, reason));
+        assert_eq!((t.handle, t.next_attempt_at, t.upload), (None, None, false));
+        assert_eq!(
+            t.contract,
+            Some(ContractStep::at(
+                ContractPhase::Returning,
+                BulkProgress::default()
+            ))
+        );
+        assert!(!t.discard_export);
+        let resumed = contract_task(InProgress, ContractPhase::Returning);
+        assert!(matches!(
+            contract_claimed(&resumed, rtd, NOW),
+            Decision::RunBulk {
+                start: None,
+                op: BulkOp::Export,
+                phase: Phase::Start
+            }
+        ));
+        // DELETING: the erasure again, its recorded progress kept for the holder to count on
+        // from.
+        let t = moved(retry(ContractPhase::Deleting));
+        assert_eq!((t.state, t.reason.as_str()), (InProgress, reason));
+        assert_eq!((t.handle, t.records_affected), (None, 0));
+        assert_eq!(
+            t.contract,
+            Some(ContractStep::keep(ContractPhase::Deleting))
+        );
+        let resumed = contract_task(InProgress, ContractPhase::Deleting);
+        assert!(matches!(
+            contract_claimed(&resumed, rtd, NOW),
+            Decision::RunBulk {
+                start: None,
+                op: BulkOp::Erase,
+                phase: Phase::Start
+            }
+        ));
+        // AWAITING_CONFIRMATION: waits for the confirmation again.
+        let t = moved(retry(ContractPhase::AwaitingConfirmation));
+        assert_eq!((t.state, t.reason.as_str()), (InProgress, reason));
+        assert_eq!(
+            t.contract,
+            Some(ContractStep::keep(ContractPhase::AwaitingConfirmation))
+        );
+        // SCHEDULED: PENDING again, started by the claim as the terms say.
+        let t = moved(retry(ContractPhase::Scheduled));
+        assert_eq!((t.state, t.reason.as_str()), (Pending, reason));
+        assert_eq!(t.next_attempt_at, None);
+        assert_eq!(
+            t.contract,
+            Some(ContractStep::keep(ContractPhase::Scheduled))
+        );
+        // DONE: it failed in a retention run.
+        assert!(matches!(retry(ContractPhase::Done), Decision::Reject(_)));
+        // Only a FAILED task.
+        let running = contract_task(InProgress, ContractPhase::Deleting);
+        let event = Event::OperatorRetry {
+            note: "database restored",
+            by: "ops",
+        };
+        assert_eq!(
+            decide(&running, event, &Context::at(NOW)),
+            Decision::Reject("the task is IN_PROGRESS: only a FAILED task is retried".into())
+        );
     }
 
     fn bulk(

@@ -52,9 +52,6 @@ pub enum RetryRefusal {
     /// The request was forgotten (its body, with the identities, removed), or its body no
     /// longer decodes: there is nothing to run the task with.
     Forgotten,
-    /// The request is of this kind, a CONTRACT_END: its tasks move through phases (return,
-    /// confirmation, erasure) that a rerun from the start would not follow.
-    Kind(RequestKind),
     /// The task's subprocessor is no longer configured: it has no holder to run on.
     Unconfigured,
     /// The controller cancelled the request.
@@ -82,12 +79,10 @@ pub struct RetryStanding {
 /// what an operator is shown is what a retry does. The first reason that holds is given, in
 /// the order of [`RetryRefusal`].
 pub fn retry_refusal(standing: &RetryStanding, configured: bool) -> Option<RetryRefusal> {
-    let kind = match standing.kind {
-        Some(kind) if !standing.forgotten => kind,
-        _ => return Some(RetryRefusal::Forgotten),
-    };
-    if kind == RequestKind::ContractEnd {
-        Some(RetryRefusal::Kind(kind))
+    // Every kind is retried: a contract end task resumes in the phase it failed in
+    // (`task_machine::operator_retry`), not from the start.
+    if standing.kind.is_none() || standing.forgotten {
+        Some(RetryRefusal::Forgotten)
     } else if !configured {
         Some(RetryRefusal::Unconfigured)
     } else if standing.cancelled {
@@ -732,28 +727,38 @@ impl Store {
             tx.rollback().await?;
             return Ok(Retried::Changed);
         }
-        // A return of data or a transfer exports again, into its emptied folder, and queues
-        // a new upload: the failed run's upload (retired, so a new one would not be queued
-        // beside it) goes, and with it the sweep's claim on the folder the new export
-        // writes (`Store::export_still_retired`). The destination takes the new files in
-        // place of whatever the failed run sent of its part, which it never closed.
+        // A return of data, a transfer or a contract end's return (retried in RETURNING)
+        // exports again, into its emptied folder, and queues a new upload: the failed run's
+        // upload (retired, so a new one would not be queued beside it) goes, and with it the
+        // sweep's claim on the folder the new export writes (`Store::export_still_retired`).
+        // The destination takes the new files in place of whatever the failed run sent of
+        // its part, which it never closed. A contract end task resumed in a later phase
+        // keeps its delivered return's upload: it exports nothing again.
+        let exports_again = t
+            .contract
+            .is_none_or(|c| c.phase == ContractPhase::Returning);
         sqlx::query(
-            "UPDATE tasks SET last_error = NULL, export_files = NULL WHERE controller = $1 \
-             AND request_id = $2 AND subprocessor = $3",
+            "UPDATE tasks SET last_error = NULL, \
+             export_files = CASE WHEN $1 = 1 THEN NULL ELSE export_files END \
+             WHERE controller = $2 AND request_id = $3 AND subprocessor = $4",
         )
+        .bind(i64::from(exports_again))
         .bind(&key.controller)
         .bind(&key.request_id)
         .bind(&key.subprocessor)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "DELETE FROM uploads WHERE controller = $1 AND request_id = $2 AND subprocessor = $3",
-        )
-        .bind(&key.controller)
-        .bind(&key.request_id)
-        .bind(&key.subprocessor)
-        .execute(&mut *tx)
-        .await?;
+        if exports_again {
+            sqlx::query(
+                "DELETE FROM uploads WHERE controller = $1 AND request_id = $2 \
+                 AND subprocessor = $3",
+            )
+            .bind(&key.controller)
+            .bind(&key.request_id)
+            .bind(&key.subprocessor)
+            .execute(&mut *tx)
+            .await?;
+        }
         let row: OperatorRecord = sqlx::query_as(&format!(
             "{JOINED_SELECT} WHERE t.controller = $1 AND t.request_id = $2 \
              AND t.subprocessor = $3"
