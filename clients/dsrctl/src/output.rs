@@ -356,14 +356,13 @@ fn erasure_run_cell_at(next_run: &str, now: DateTime<Utc>) -> String {
 
 impl TaskView {
     /// Reason, legal basis and retention date in one cell; tasks rarely have more than one.
-    /// A task still at work, or waiting for an operator, shows its note instead when it has
-    /// no reason: what it waits for, or what the operator must do.
+    /// A task without a reason shows its note instead: what it waits for, what the operator
+    /// must do, or what the holder (or the operator who did it by hand) said it did.
     fn detail(&self) -> String {
         let mut parts = Vec::new();
-        let waiting = ["IN_PROGRESS", "WAITING_FOR_OPERATOR"].contains(&self.state.as_str());
         if !self.reason.is_empty() {
             parts.push(self.reason.clone());
-        } else if waiting && !self.evidence_note.is_empty() {
+        } else if !self.evidence_note.is_empty() {
             parts.push(self.evidence_note.clone());
         }
         let retention = retention_words(&self.legal_basis, &time_cell(self.retain_until));
@@ -1105,6 +1104,31 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("until"), "{text}");
+    }
+
+    /// A finished task shows what its holder said it did, as one still at work shows what it
+    /// waits for; before, a COMPLETED manual task's evidence ("shredded folder 17") showed in
+    /// `trace` and the JSON only, its detail `-`.
+    #[test]
+    fn a_finished_task_shows_its_evidence_note() {
+        let mut request = sample();
+        request.tasks = vec![TaskStatus {
+            processor: "payroll-bureau".into(),
+            subprocessor: "archive".into(),
+            state: TaskState::Completed as i32,
+            sequence: 4,
+            evidence: Some(Evidence {
+                records_affected: 1,
+                note: "shredded folder 17".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }];
+        let text = RequestView::from(&request).table();
+        assert!(
+            text.contains("archive       COMPLETED  4    1        shredded folder 17\n"),
+            "{text}"
+        );
     }
 
     /// A cancellation the processor has not taken shows under the deliveries, with why;

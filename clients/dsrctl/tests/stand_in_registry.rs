@@ -1319,3 +1319,32 @@ async fn a_contract_watch_outlasts_a_registry_restart() {
     assert!(run.stderr.contains("NOT_FOUND"), "{run:?}");
     assert!(!run.stderr.contains("asking again"), "{run:?}");
 }
+
+/// A watch that ends at FAILED says what to read, who retries the task and how to follow
+/// the retry, as one that ends answered says how to follow the erasure to come; before, it
+/// said "ended FAILED" and no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_that_ends_failed_says_what_an_operator_does_next() {
+    let registry = Registry::start(Answers {
+        events: vec![
+            event(1, RequestState::Received),
+            event(2, RequestState::Failed),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let run = registry.dsrctl(&["watch", "r-1"]).await;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr
+            .starts_with("request r-1 ended FAILED: a task failed, and an operator must act"),
+        "{run:?}"
+    );
+    for words in [
+        "`dsrctl get r-1 ",
+        "`dsrctl tasks retry`",
+        "`dsrctl watch r-1 --follow ",
+    ] {
+        assert!(run.stderr.contains(words), "{words:?} in {run:?}");
+    }
+}

@@ -537,8 +537,10 @@ async fn a_holder_call_not_answered_yet_is_shown() {
     let (code, table, stderr) = processor.list(&["--state", "in-progress"]).await;
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
-        row(&table, "r-calling")
-            .contains("holder called 2026-12-06T12:00:00Z, no answer yet; last error: database"),
+        row(&table, "r-calling").contains(
+            "holder called 2026-12-06T12:00:00Z, no answer recorded yet (made again if a \
+                 restart cut it off, once its claim's lease ends); last error: database"
+        ),
         "{table}"
     );
     assert!(!row(&table, "r-idle").contains("holder called"), "{table}");

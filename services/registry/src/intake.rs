@@ -1,7 +1,8 @@
 //! Group commit for Submit: concurrent Submits queue their requests here, and one writer
-//! stores everything queued in a single transaction. One commit (one fsync on SQLite with
-//! `synchronous=FULL`) then serves many partners, which is how intake outruns the rate of
-//! single-row commits while every answer still waits for its request to be durable.
+//! stores what is queued, up to [`MAX_BATCH`] requests, in a single transaction. One commit
+//! (one fsync on SQLite with `synchronous=FULL`) then serves many partners, which is how
+//! intake outruns the rate of single-row commits while every answer still waits for its
+//! request to be durable.
 //!
 //! [`channel`] makes the queue ([`Intake`], shared by the handlers) and its [`Writer`], which
 //! runs as one of the registry's workers. When told to stop, the writer refuses new requests,

@@ -45,6 +45,8 @@
 //! - [`trace_context`]: W3C trace context in gRPC metadata and stored rows.
 //! - [`transfer_manifest`]: the canonical manifest of a transfer's part, whose SHA-256 both
 //!   the sending processor and the recipient compute for the receipt.
+//! - [`transfer_receipt`]: the signed body of a transfer receipt, and the checks of its form
+//!   that the processor and the registry both make.
 //! - [`trust`]: the trust domain and role path every configured caller's identity must have.
 //! - [`worker`]: the claim-and-run loop of the outboxes and the task runner.
 

@@ -145,7 +145,12 @@ impl TaskView {
         let retried = ["PENDING", "IN_PROGRESS"].contains(&self.state.as_str());
         let mut why = Vec::new();
         if let Some(at) = self.holder_called_at.filter(|_| self.reason.is_empty()) {
-            why.push(format!("holder called {at}, no answer yet"));
+            // Either a call still under way or one a restart cut off: the processor cannot tell
+            // them apart until the lease of the call's claim (`tasks.lease_ms`) ends.
+            why.push(format!(
+                "holder called {at}, no answer recorded yet (made again if a restart cut it \
+                 off, once its claim's lease ends)"
+            ));
         }
         if !self.reason.is_empty() {
             why.push(clean(&self.reason));

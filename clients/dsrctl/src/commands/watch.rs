@@ -273,7 +273,9 @@ pub(crate) async fn run(
         }
     };
     let name = state_name(state);
-    if is_terminal(state) {
+    if state == RequestState::Failed as i32 {
+        writeln!(io.err, "{}", failed_note(&registry.hint, &args.id))?;
+    } else if is_terminal(state) {
         writeln!(io.err, "request {} ended {name}", args.id)?;
     } else if ends_answered(state) {
         writeln!(io.err, "{}", answered_note(&registry.hint, &args.id, &name))?;
@@ -301,6 +303,18 @@ fn resume(hint: &Hint, args: &WatchArgs, after: u64) -> String {
     words.extend(args.until_erased.then_some("--until-erased"));
     words.extend(args.follow.then_some("--follow"));
     hint.command(&words)
+}
+
+/// What a watch that ends at request `id` FAILED says: what an operator does next.
+fn failed_note(hint: &Hint, id: &str) -> String {
+    format!(
+        "request {id} ended FAILED: a task failed, and an operator must act (`{}` shows which \
+         and why); once the cause is fixed, the processor's operator retries it (`dsrctl \
+         tasks list --state failed --processor URL`, then `dsrctl tasks retry`), and `{}` \
+         follows the request past this",
+        hint.command(&["get", id]),
+        hint.command(&["watch", id, "--follow"])
+    )
 }
 
 /// What a watch that ends at request `id` answered PARTIALLY_COMPLETED (`name`) says.
@@ -344,6 +358,15 @@ mod tests {
         for words in [
             format!("(`dsrctl get r-1 {at}` shows when;"),
             format!("`dsrctl watch r-1 --until-erased {at}` follows it until then)"),
+        ] {
+            assert!(note.contains(&words), "{words:?} in {note}");
+        }
+        // A FAILED request: what to read, who retries it and how to follow the retry.
+        let note = failed_note(&hint, "r-1");
+        for words in [
+            format!("(`dsrctl get r-1 {at}` shows which and why)"),
+            "`dsrctl tasks retry`".to_string(),
+            format!("`dsrctl watch r-1 --follow {at}` follows the request past this"),
         ] {
             assert!(note.contains(&words), "{words:?} in {note}");
         }

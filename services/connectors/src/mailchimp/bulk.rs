@@ -1,5 +1,5 @@
-//! A contract end in Mailchimp: a whole audience, the controller's, exported or deleted with a
-//! handful of calls however many members it has.
+//! A contract end in Mailchimp: a whole audience, the controller's, deleted with a handful of
+//! calls however many members it has, and exported a page of members per call.
 //!
 //! - Both steps first count the audience's members of every status (`GET
 //!   /lists/{list}/members?count=1&fields=total_items`: `total_items`) and report it as the

@@ -267,8 +267,8 @@ impl Store {
 
     /// After forgetting on SQLite, moves every page out of the write-ahead log and empties
     /// it, so the old versions of the rewritten pages (which still hold what was forgotten)
-    /// leave the disk; `secure_delete` (set on every connection) zeroes freed space in the
-    /// database file itself. PostgreSQL keeps old row versions until VACUUM reclaims them.
+    /// leave the disk; `secure_delete` (set on the writer connection, the only one that changes
+    /// the file) zeroes freed space in the database file itself. PostgreSQL keeps old row versions until VACUUM reclaims them.
     /// Returns false when a reader kept part of the log in use: call again later.
     pub async fn scrub_log(&self) -> Result<bool> {
         if self.db.backend != dsrelay_runtime::store::Backend::Sqlite {
