@@ -70,13 +70,11 @@ fn accounting(c: &Contract) -> Option<(TaskState, ContractPhase)> {
     ))
 }
 
-/// DELETE, effective now, whose SQL holder lost a table it erases from: the erasure fails
-/// for good (FAILED in DELETING, nothing erased, the contract end FAILED at the registry).
-/// The table is restored, `dsrctl tasks list` says the task is retried, and `dsrctl tasks
-/// retry` resumes the erasure: the contract end is open again, then COMPLETED, every
-/// customer gone, and the registry's trail keeps who retried it and why.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_contract_end_erasure_is_retried_to_completion() {
+/// A pair whose SQL holder keeps nothing under the Accounting Act (every customer goes at
+/// the erasure, so the contract end is COMPLETED rather than PARTIALLY_COMPLETED) and has
+/// lost its `contacts` table, which the export and the erasure both need: any contract end
+/// fails there for good until [`restore`].
+async fn broken_pair() -> TestPair {
     let pair = spawn_pair(PairOptions {
         mode: Mode::Processes,
         holders: vec![Holder::Accounting],
@@ -85,17 +83,31 @@ async fn a_failed_contract_end_erasure_is_retried_to_completion() {
     .await
     .expect("pair");
     let books = &pair.accounting_url;
-    // Nothing the Accounting Act keeps: the erasure takes every customer, and the contract
-    // end is COMPLETED rather than PARTIALLY_COMPLETED.
     execute(books, "DELETE FROM ledger_entries").await;
     execute(books, "DELETE FROM invoices").await;
     execute(books, "ALTER TABLE contacts RENAME TO contacts_moved").await;
-    let customers = "SELECT COUNT(*) FROM customers";
-    assert_eq!(count(books, customers).await, 6);
+    pair
+}
 
-    let processor = format!("https://localhost:{}", pair.processor.addr().port());
+/// Puts back the table [`broken_pair`] took away.
+async fn restore(pair: &TestPair) {
+    execute(
+        &pair.accounting_url,
+        "ALTER TABLE contacts_moved RENAME TO contacts",
+    )
+    .await;
+}
+
+/// The processor's address, as `dsrctl tasks --processor` takes it.
+fn processor(pair: &TestPair) -> String {
+    format!("https://localhost:{}", pair.processor.addr().port())
+}
+
+/// Ends the contract with the processor, effective now, with `choice` (as `dsrctl contracts
+/// end --choice` spells it); the contract end's id.
+async fn end_now(pair: &TestPair, choice: &str) -> String {
     let ended = dsrctl(
-        &pair,
+        pair,
         "operator",
         &[
             "contracts",
@@ -103,7 +115,7 @@ async fn a_failed_contract_end_erasure_is_retried_to_completion() {
             "--processor",
             crate::harness::PROCESSOR,
             "--choice",
-            "delete",
+            choice,
             "--now",
             "--output",
             "json",
@@ -111,10 +123,49 @@ async fn a_failed_contract_end_erasure_is_retried_to_completion() {
     )
     .await
     .json();
-    let id = ended["contract_id"]
+    ended["contract_id"]
         .as_str()
         .expect("contract id")
-        .to_string();
+        .to_string()
+}
+
+/// `dsrctl tasks retry` of contract end `id`'s accounting task with [`NOTE`]; the task as
+/// the processor answers.
+async fn retry(pair: &TestPair, id: &str) -> serde_json::Value {
+    dsrctl(
+        pair,
+        "operator",
+        &[
+            "--output",
+            "json",
+            "tasks",
+            "retry",
+            "--processor",
+            &processor(pair),
+            CONTROLLER,
+            id,
+            "accounting",
+            "--note",
+            NOTE,
+        ],
+    )
+    .await
+    .json()
+}
+
+/// DELETE, effective now, whose SQL holder lost a table it erases from: the erasure fails
+/// for good (FAILED in DELETING, nothing erased, the contract end FAILED at the registry).
+/// The table is restored, `dsrctl tasks list` says the task is retried, and `dsrctl tasks
+/// retry` resumes the erasure: the contract end is open again, then COMPLETED, every
+/// customer gone, and the registry's trail keeps who retried it and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_contract_end_erasure_is_retried_to_completion() {
+    let pair = broken_pair().await;
+    let books = &pair.accounting_url;
+    let customers = "SELECT COUNT(*) FROM customers";
+    assert_eq!(count(books, customers).await, 6);
+
+    let id = end_now(&pair, "delete").await;
     let failed = until(&pair, &id, 60, "the erasure failed", |c| {
         state(c) == RequestState::Failed
     })
@@ -136,7 +187,7 @@ async fn a_failed_contract_end_erasure_is_retried_to_completion() {
             "tasks",
             "list",
             "--processor",
-            &processor,
+            &processor(&pair),
             "--state",
             "failed",
         ],
@@ -148,26 +199,8 @@ async fn a_failed_contract_end_erasure_is_retried_to_completion() {
     assert_eq!(task["retryable"], true, "{listed:#}");
     assert_eq!(task["retry_refusal"], "", "{listed:#}");
 
-    execute(books, "ALTER TABLE contacts_moved RENAME TO contacts").await;
-    let retried = dsrctl(
-        &pair,
-        "operator",
-        &[
-            "--output",
-            "json",
-            "tasks",
-            "retry",
-            "--processor",
-            &processor,
-            CONTROLLER,
-            &id,
-            "accounting",
-            "--note",
-            NOTE,
-        ],
-    )
-    .await
-    .json();
+    restore(&pair).await;
+    let retried = retry(&pair, &id).await;
     assert_eq!(retried["state"], "IN_PROGRESS", "{retried}");
     assert_eq!(
         retried["reason"],
@@ -211,39 +244,8 @@ async fn a_failed_contract_end_erasure_is_retried_to_completion() {
 /// downloads whole and is confirmed, and the erasure completes the contract end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_contract_end_return_is_retried_into_the_package() {
-    let pair = spawn_pair(PairOptions {
-        mode: Mode::Processes,
-        holders: vec![Holder::Accounting],
-        ..Default::default()
-    })
-    .await
-    .expect("pair");
-    let books = &pair.accounting_url;
-    execute(books, "DELETE FROM ledger_entries").await;
-    execute(books, "DELETE FROM invoices").await;
-    execute(books, "ALTER TABLE contacts RENAME TO contacts_moved").await;
-    let processor = format!("https://localhost:{}", pair.processor.addr().port());
-    let ended = dsrctl(
-        &pair,
-        "operator",
-        &[
-            "contracts",
-            "end",
-            "--processor",
-            crate::harness::PROCESSOR,
-            "--choice",
-            "return-then-delete",
-            "--now",
-            "--output",
-            "json",
-        ],
-    )
-    .await
-    .json();
-    let id = ended["contract_id"]
-        .as_str()
-        .expect("contract id")
-        .to_string();
+    let pair = broken_pair().await;
+    let id = end_now(&pair, "return-then-delete").await;
     let failed = until(&pair, &id, 60, "the return failed", |c| {
         state(c) == RequestState::Failed
     })
@@ -263,26 +265,8 @@ async fn a_failed_contract_end_return_is_retried_into_the_package() {
         "{package:#}"
     );
 
-    execute(books, "ALTER TABLE contacts_moved RENAME TO contacts").await;
-    let retried = dsrctl(
-        &pair,
-        "operator",
-        &[
-            "--output",
-            "json",
-            "tasks",
-            "retry",
-            "--processor",
-            &processor,
-            CONTROLLER,
-            &id,
-            "accounting",
-            "--note",
-            NOTE,
-        ],
-    )
-    .await
-    .json();
+    restore(&pair).await;
+    let retried = retry(&pair, &id).await;
     assert_eq!(retried["state"], "IN_PROGRESS", "{retried}");
     let returned = until(&pair, &id, 60, "the part returned", |c| {
         accounting(c) == Some((TaskState::InProgress, ContractPhase::AwaitingConfirmation))
@@ -319,6 +303,7 @@ async fn a_failed_contract_end_return_is_retried_into_the_package() {
         Some((TaskState::Completed, ContractPhase::Done)),
         "{done:#?}"
     );
-    assert_eq!(count(books, "SELECT COUNT(*) FROM customers").await, 0);
+    let customers = count(&pair.accounting_url, "SELECT COUNT(*) FROM customers").await;
+    assert_eq!(customers, 0);
     pair.stop().await;
 }
