@@ -1,7 +1,8 @@
 //! Sends queued acknowledgements to each controller's registry, in batches, retrying with
 //! backoff until the registry has stored them. The registry judges each acknowledgement on its
-//! own; one it rejects is retried alone, and dead-lettered after `acks.max_rejections`
-//! rejections, so it never holds back the others.
+//! own; one it rejects is rescheduled on its own (after the backoff, the others sent
+//! meanwhile), then sent again in a batch like any due acknowledgement, and dead-lettered
+//! after `acks.max_rejections` rejections, so it never holds back the others.
 //!
 //! A dead-lettered acknowledgement does not hold back later ones of the same task either: the
 //! registry keeps a task at the state of the highest sequence it applied and records an older

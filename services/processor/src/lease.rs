@@ -27,7 +27,8 @@ pub(crate) struct LeaseClock {
 }
 
 impl LeaseClock {
-    /// A lease of `lease_ms` taken at `claimed_at`.
+    /// A lease of `lease_ms` set by a statement (a claim, or a step holding the task anew)
+    /// sent after `claimed_at`: an instant taken before it was sent, as for a renewal.
     pub(crate) fn new(claimed_at: Instant, lease_ms: u64) -> Self {
         let lease = Duration::from_millis(lease_ms);
         Self {

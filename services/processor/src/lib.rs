@@ -64,6 +64,8 @@ mod contract_tests;
 pub mod exports;
 mod forget;
 mod head_start;
+#[cfg(test)]
+mod holder_down_tests;
 mod lease;
 #[cfg(test)]
 mod log_tests;

@@ -3,8 +3,13 @@
 //! (its lease renewed while the holder works), the state machine turns the outcome into the
 //! task's next state, and the store records it with its acknowledgement. A holder that
 //! failed transiently is marked unreachable ([`crate::breaker`]) and its other tasks wait
-//! without calling it. An export task's connector writes into the task's folder under the
+//! without calling it: waits 1, 2, 4, 8... of a task are acknowledged with a reason saying
+//! why, and logged. An export task's connector writes into the task's folder under the
 //! data folder ([`crate::exports`]), emptied before each call.
+//!
+//! A claim counts an attempt (`attempts = attempts + 1`, so that one cut off by a crash
+//! still counts); a step that ends without calling the holder takes it back when it records
+//! what it decided, so a task's attempts are the holder's calls made.
 //!
 //! Each claim leases its task under a random token ([`TaskJob::lease_owner`]), timed on the
 //! database's clock; the lease is renewed every third of `tasks.lease_ms` while the
@@ -54,6 +59,7 @@ use dsrelay_connectors::{
     ProgressReporter, Task,
 };
 use dsrelay_proto::v1::{ContractPhase, DeliverRequest, RequestKind};
+use dsrelay_runtime::clock::date_label;
 use dsrelay_runtime::log_text::withheld;
 use dsrelay_runtime::trace_context;
 use dsrelay_runtime::worker::{run_pool, PoolSettings};
@@ -125,6 +131,8 @@ async fn pool(
         move |n| {
             let shared = claimer.clone();
             async move {
+                // Before the claim's statement is sent: the lease it sets ends no sooner.
+                let leased_at = Instant::now();
                 shared
                     .store
                     .claim_tasks(shared.clock.now_ms(), n as i64, cfg.lease_ms as i64)
@@ -133,9 +141,12 @@ async fn pool(
                         tracing::error!(error = format!("{e:#}"), "claiming tasks failed");
                         Vec::new()
                     })
+                    .into_iter()
+                    .map(|job| (job, leased_at))
+                    .collect::<Vec<_>>()
             }
         },
-        move |job| {
+        move |(job, leased_at): (TaskJob, Instant)| {
             let shared = runner.clone();
             let (stopping, finished) = (stopping.clone(), finished.clone());
             // Each step of a task is a span under the Deliver call that brought the request.
@@ -155,7 +166,7 @@ async fn pool(
                 trace_context::set_parent(&span, trace_context::from_traceparent(tp));
             }
             async move {
-                if let Err(e) = run_task(&shared, job).await {
+                if let Err(e) = run_claimed(&shared, job, leased_at).await {
                     // The lease runs out and the task is picked up again.
                     tracing::error!(error = format!("{e:#}"), "task step failed");
                 }
@@ -169,8 +180,20 @@ async fn pool(
     .await;
 }
 
-/// One step of a claimed task: claim → phase → connector → next state.
+/// [`run_claimed`] for a task claimed a moment ago (tests claim, then run it): its lease is
+/// timed from now, a moment after its claim's statement.
+#[cfg(test)]
 pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
+    run_claimed(shared, job, Instant::now()).await
+}
+
+/// One step of a claimed task: claim → phase → connector → next state. `leased_at`: an
+/// instant before the claim's statement was sent, from which its lease is timed here.
+pub(crate) async fn run_claimed(
+    shared: &Shared,
+    job: TaskJob,
+    leased_at: Instant,
+) -> anyhow::Result<()> {
     let key = &job.task.key;
     let current = job.task.current();
     let seq = job.task.sequence;
@@ -179,7 +202,7 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
         RequestKind::try_from(r.kind).unwrap_or(RequestKind::Unspecified)
     });
     if kind == RequestKind::ContractEnd {
-        return run_contract_task(shared, job).await;
+        return run_contract_task(shared, job, leased_at).await;
     }
     let connector = shared
         .connectors
@@ -199,13 +222,13 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
         &context(shared, &job, 0),
     ) {
         Decision::Run { start, phase } => (start, phase),
-        other => return record(shared, &job, seq, other).await,
+        other => return record(shared, &job, seq, other, false).await,
     };
     let (Some(connector), Some(request)) = (connector, request) else {
         return Ok(());
     };
-    let Some((seq, phase, noted)) = before_call(shared, &job, seq, start, phase, true).await?
-    else {
+    let before = before_call(shared, &job, seq, start, phase, true, leased_at).await?;
+    let Some((seq, phase, noted, leased_at)) = before else {
         return Ok(());
     };
     let call = call(
@@ -215,7 +238,7 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
         request,
         kind,
         &phase,
-        (seq, noted),
+        (seq, noted, leased_at),
     );
     let Ok(result) = call.await else {
         return Ok(());
@@ -249,14 +272,14 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
         decision
     };
     if current.cancel_requested {
-        return record(shared, &job, seq, decided(true)).await;
+        return record(shared, &job, seq, decided(true), true).await;
     }
     let decision = decided(false);
     let gave_up = match &decision {
         Decision::Move(t) => t.due_by.is_some(),
         _ => false,
     };
-    let written = write(shared, &job, seq, decision, true).await?;
+    let written = write(shared, &job, seq, decision, true, true).await?;
     if written == Some(true) {
         return Ok(());
     }
@@ -265,7 +288,7 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
         None => false,
     };
     if marked {
-        return record(shared, &job, seq, decided(true)).await;
+        return record(shared, &job, seq, decided(true), true).await;
     }
     if gave_up {
         // Given up at the due date the task was claimed with, but not written: an extension
@@ -276,7 +299,7 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
             at: ctx.now,
             error: result.as_ref().err().map(ToString::to_string),
         };
-        if write(shared, &job, seq, again, true).await? == Some(true) {
+        if write(shared, &job, seq, again, true, true).await? == Some(true) {
             tracing::info!("the due date moved while the holder worked; trying again under it");
             return Ok(());
         }
@@ -291,11 +314,13 @@ pub(crate) async fn run_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()
 }
 
 /// What comes between a task's claim and its holder's call, for single and contract end
-/// tasks alike: records the `start` transition the claim decided on, then, while the holder
-/// is known to be unreachable, lets the task wait instead of calling it. Returns the sequence
+/// tasks alike: while the holder is known to be unreachable, lets the task wait instead of
+/// calling it (asked first, so that a start recorded for a wait does not note a call); then
+/// records the `start` transition the claim decided on, and the wait. Returns the sequence
 /// and the phase to call with, and whether the call was noted (`note_call`: with the start
-/// transition, which spares the call its own statement; a wait that follows clears the note
-/// again), or `None` when the step ends here (what happened is recorded).
+/// transition, which spares the call its own statement), or `None` when the step ends here
+/// (what happened is recorded); with them, when the lease was last set: `leased_at` (the
+/// claim's), or an instant before the start's statement when the start held the task anew.
 async fn before_call(
     shared: &Shared,
     job: &TaskJob,
@@ -303,43 +328,95 @@ async fn before_call(
     start: Option<crate::task_machine::Transition>,
     mut phase: Phase,
     note_call: bool,
-) -> anyhow::Result<Option<(i64, Phase, bool)>> {
-    let mut noted = false;
-    if let Some(start) = start {
-        let call_at = note_call.then(|| shared.clock.now_ms());
-        match record_move(shared, job, seq, &start, call_at, false).await? {
-            Some(s) => seq = s,
-            None => return Ok(None),
-        }
-        noted = note_call;
-    }
+    mut leased_at: Instant,
+) -> anyhow::Result<Option<(i64, Phase, bool, Instant)>> {
     let cfg = &shared.config.tasks;
-    if let Some(until) = shared.unavailable_until.admit(
-        &job.task.key.subprocessor,
+    let key = &job.task.key;
+    let mut wait = None;
+    if let Some(down) = shared.unavailable_until.admit(
+        &key.subprocessor,
+        key,
         shared.clock.now_ms(),
         cfg.lease_ms as i64,
         cfg.poll_interval_ms as i64,
     ) {
-        let event = Event::HolderDown { phase, until };
+        let event = Event::HolderDown {
+            phase,
+            until: down.until,
+            since: down.since,
+            error: &down.error,
+            waits: down.waits,
+        };
         match decide(&job.task.current(), event, &context(shared, job, 0)) {
             Decision::Run { phase: p, .. } => phase = p,
-            // No call in this claim: unless its start noted one, a note of a call cut off
-            // earlier stays for the call that follows (see `Store::postpone`).
-            Decision::Later { at, error } => {
-                postpone(shared, job, seq, at, error.as_deref(), false, !noted).await?;
-                return Ok(None);
-            }
             other => {
-                record(shared, job, seq, other).await?;
-                return Ok(None);
+                phase = Phase::Start;
+                wait = Some((other, down));
             }
         }
     }
-    Ok(Some((seq, phase, noted)))
+    let mut noted = false;
+    if let Some(start) = start {
+        let call_at = (note_call && wait.is_none()).then(|| shared.clock.now_ms());
+        let attempts = job.task.attempts;
+        // Its `hold_ms` sets the lease anew, from when the statement runs: no sooner.
+        let asked = Instant::now();
+        match record_move(shared, job, seq, &start, call_at, false, attempts).await? {
+            Some(s) => seq = s,
+            None => return Ok(None),
+        }
+        if start.hold_ms.is_some() {
+            leased_at = asked;
+        }
+        noted = call_at.is_some();
+    }
+    let Some((decision, down)) = wait else {
+        return Ok(Some((seq, phase, noted, leased_at)));
+    };
+    // No call in this claim: a note of a call cut off earlier stays for the call that
+    // follows, and the claim is no attempt (see `Store::postpone`).
+    let acknowledged = matches!(decision, Decision::Move(_));
+    let written = match decision {
+        Decision::Later { at, error } => {
+            postpone(shared, job, seq, at, error.as_deref(), false, true).await?
+        }
+        // Acknowledged like a retry: the note is written again as it stands, not cleared.
+        Decision::Move(t) => {
+            let (note, attempts) = (job.task.call_started_at, job.task.attempts - 1);
+            let moved = record_move(shared, job, seq, &t, note, false, attempts).await?;
+            // `record_move` leaves the wakeup to a call that follows when `note` is set.
+            shared.ack_wakeup.notify_one();
+            moved.is_some()
+        }
+        other => {
+            record(shared, job, seq, other, false).await?;
+            false
+        }
+    };
+    if acknowledged && written {
+        // One line per acknowledged wait (1, 2, 4, 8...), not one per claim.
+        tracing::warn!(
+            controller = %key.controller,
+            request_id = %key.request_id,
+            subprocessor = %key.subprocessor,
+            waits = down.waits,
+            unreachable_since = %date_label(down.since),
+            unreachable_until = %date_label(down.until),
+            error = %withheld(shared.log_key(), &down.error),
+            "task waits for its holder, marked unreachable, without calling it; the registry \
+             was told why"
+        );
+    }
+    Ok(None)
 }
 
 /// One step of a claimed contract end task: claim → bulk step (with progress) → next state.
-async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> {
+/// `leased_at` as for [`run_claimed`].
+async fn run_contract_task(
+    shared: &Shared,
+    job: TaskJob,
+    leased_at: Instant,
+) -> anyhow::Result<()> {
     let key = &job.task.key;
     let current = job.task.current();
     let seq = job.task.sequence;
@@ -361,7 +438,7 @@ async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> 
     let event = Event::ContractClaimed { holder, terms };
     let (start, op, phase) = match decide(&current, event, &context(shared, &job, 0)) {
         Decision::RunBulk { start, op, phase } => (start, op, phase),
-        other => return record(shared, &job, seq, other).await,
+        other => return record(shared, &job, seq, other, false).await,
     };
     let Some(connector) = connector else {
         return Ok(());
@@ -384,18 +461,18 @@ async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> 
     // Not noted with the start: `call_bulk` notes an erasure's call right before the holder
     // is called, so that a step failing before it (what the return left not removed) leaves
     // no note of a call never made, which would tell the next call that one was cut off.
-    let Some((mut seq, phase, _)) = before_call(shared, &job, seq, start, phase, false).await?
-    else {
+    let before = before_call(shared, &job, seq, start, phase, false, leased_at).await?;
+    let Some((mut seq, phase, _, leased_at)) = before else {
         return Ok(());
     };
     let Ok((result, progress, called)) = call_bulk(
         shared,
         connector.as_ref(),
         &job,
-        op,
-        to_registry,
+        (op, to_registry),
         &phase,
         &mut seq,
+        leased_at,
     )
     .await
     else {
@@ -428,10 +505,11 @@ async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> 
                 .await
                 .map(drop)
         }
-        // Acknowledged alike: the note is written again as it stands, not cleared.
+        // Acknowledged alike: the note is written again as it stands, not cleared, and the
+        // claim is no attempt.
         Decision::Move(t) if !called && t.error.is_some() => {
-            let note = job.task.call_started_at;
-            if record_move(shared, &job, seq, &t, note, false)
+            let (note, attempts) = (job.task.call_started_at, job.task.attempts - 1);
+            if record_move(shared, &job, seq, &t, note, false, attempts)
                 .await?
                 .is_some()
             {
@@ -440,24 +518,25 @@ async fn run_contract_task(shared: &Shared, job: TaskJob) -> anyhow::Result<()> 
             }
             Ok(())
         }
-        decision => record(shared, &job, seq, decision).await,
+        decision => record(shared, &job, seq, decision, called).await,
     }
 }
 
 /// Runs the connector's bulk step `op`, renewing the task's lease and acknowledging the
 /// connector's progress at most every `contracts.progress_interval_ms` when it moved;
 /// `seq` follows the acknowledgements. An export the registry is to receive
-/// (`to_registry`) gets a head start. Answers the outcome, the last progress reported and
+/// (`to_registry`) gets a head start. The lease is timed from `leased_at`, before the
+/// statement that last set it. Answers the outcome, the last progress reported and
 /// whether the holder was called, or [`LeaseLost`] when the step was abandoned (or an
 /// erasure's call or an export's start could not be noted).
 async fn call_bulk(
     shared: &Shared,
     connector: &dyn Connector,
     job: &TaskJob,
-    op: BulkOp,
-    to_registry: bool,
+    (op, to_registry): (BulkOp, bool),
     phase: &Phase,
     seq: &mut i64,
+    leased_at: Instant,
 ) -> Result<(Result<Outcome, ConnectorError>, BulkProgress, bool), LeaseLost> {
     let key = &job.task.key;
     let export = if op == BulkOp::Export {
@@ -519,7 +598,7 @@ async fn call_bulk(
         returned,
         returned_since_ms,
     };
-    let mut lease = Lease::new(shared, job);
+    let mut lease = Lease::new(shared, job, leased_at);
     let every = Duration::from_millis(shared.config.contracts.progress_interval_ms);
     let mut tick = tokio::time::interval(every.min(lease.every()));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -697,9 +776,10 @@ fn after_call(shared: &Shared, job: &TaskJob, result: &Result<Outcome, Connector
     let ctx = context(shared, job, backoff);
     match result {
         // One timeout per holder, not one per task: the others wait as long as this one.
-        Err(e) if e.is_transient() => shared
-            .unavailable_until
-            .unreachable(holder, retry_at(&ctx, e)),
+        Err(e) if e.is_transient() => {
+            let until = retry_at(&ctx, e);
+            (shared.unavailable_until).failed(holder, ctx.now, until, &e.to_string());
+        }
         _ => shared.unavailable_until.answered(holder),
     }
     ctx
@@ -719,9 +799,10 @@ fn context(shared: &Shared, job: &TaskJob, backoff_ms: i64) -> Context {
 }
 
 /// Calls the connector for `phase`, renewing the task's lease while the holder works, so a
-/// slow holder is not run twice by another replica (or by this one, on its next claim).
-/// `noted`: the call was already noted with the task's sequence `seq` (by the start
-/// transition); otherwise it is noted here first. [`LeaseLost`] when the lease could not be
+/// slow holder is not run twice by another replica (or by this one, on its next claim),
+/// timed from `leased_at`, before the statement that last set the lease. `noted`: the call
+/// was already noted with the task's sequence `seq` (by the start transition); otherwise it
+/// is noted here first. [`LeaseLost`] when the lease could not be
 /// kept: the call is dropped unfinished.
 async fn call(
     shared: &Shared,
@@ -730,7 +811,7 @@ async fn call(
     request: &DeliverRequest,
     kind: RequestKind,
     phase: &Phase,
-    (seq, noted): (i64, bool),
+    (seq, noted, leased_at): (i64, bool, Instant),
 ) -> Result<Result<Outcome, ConnectorError>, LeaseLost> {
     let key = &job.task.key;
     let categories = request
@@ -768,7 +849,7 @@ async fn call(
         note_call(shared, job, seq).await?;
     }
     let renew = async {
-        let mut lease = Lease::new(shared, job);
+        let mut lease = Lease::new(shared, job, leased_at);
         loop {
             tokio::time::sleep(lease.every()).await;
             if let Err(lost) = lease.renew(seq).await {
@@ -882,15 +963,15 @@ struct Lease<'a> {
 }
 
 impl<'a> Lease<'a> {
-    /// The lease of `tasks.lease_ms` that `job`'s claim took.
-    fn new(shared: &'a Shared, job: &'a TaskJob) -> Self {
+    /// The lease of `tasks.lease_ms` that `job`'s claim took, or its start step set anew,
+    /// from `leased_at`: an instant before that statement was sent.
+    fn new(shared: &'a Shared, job: &'a TaskJob, leased_at: Instant) -> Self {
         let lease_ms = shared.config.tasks.lease_ms as i64;
-        // The claim was made at most a moment ago; counting from now errs by that moment.
         Self {
             shared,
             job,
             lease_ms,
-            clock: LeaseClock::new(Instant::now(), u64::try_from(lease_ms).unwrap_or(0)),
+            clock: LeaseClock::new(leased_at, u64::try_from(lease_ms).unwrap_or(0)),
         }
     }
 
@@ -934,14 +1015,18 @@ impl<'a> Lease<'a> {
     }
 }
 
-/// Stores what the state machine decided.
+/// Stores what the state machine decided; `called`: whether this claim called the holder
+/// (if not, the claim is no attempt, and a note of an earlier call cut off stays).
 async fn record(
     shared: &Shared,
     job: &TaskJob,
     seq: i64,
     decision: Decision,
+    called: bool,
 ) -> anyhow::Result<()> {
-    write(shared, job, seq, decision, false).await.map(drop)
+    write(shared, job, seq, decision, false, called)
+        .await
+        .map(drop)
 }
 
 /// [`record`], only while no cancellation marked the task when `unless_cancelled` (then a
@@ -953,10 +1038,12 @@ async fn write(
     seq: i64,
     decision: Decision,
     unless_cancelled: bool,
+    called: bool,
 ) -> anyhow::Result<Option<bool>> {
     match decision {
         Decision::Move(t) => {
-            let moved = record_move(shared, job, seq, &t, None, unless_cancelled).await?;
+            let attempts = job.task.attempts - i64::from(!called);
+            let moved = record_move(shared, job, seq, &t, None, unless_cancelled, attempts).await?;
             Ok(Some(moved.is_some()))
         }
         Decision::Later { at, error } => {
@@ -967,7 +1054,7 @@ async fn write(
                 at,
                 error.as_deref(),
                 unless_cancelled,
-                false,
+                !called,
             )
             .await?;
             Ok(Some(held))
@@ -982,7 +1069,8 @@ async fn write(
 
 /// Puts the claimed task off until `at` ([`crate::store::Store::postpone`], against the due
 /// time as this claim knows it); answers whether it was. A postponement that matched
-/// nothing is logged unless `unless_cancelled` (the caller finds out why).
+/// nothing is logged unless `unless_cancelled` (the caller finds out why). `no_call`: the
+/// claim called no holder, so it is no attempt and an earlier call's note stays.
 async fn postpone(
     shared: &Shared,
     job: &TaskJob,
@@ -990,7 +1078,7 @@ async fn postpone(
     at: i64,
     error: Option<&str>,
     unless_cancelled: bool,
-    keep_call_note: bool,
+    no_call: bool,
 ) -> anyhow::Result<bool> {
     let held = shared
         .store
@@ -1002,7 +1090,7 @@ async fn postpone(
             at,
             error,
             unless_cancelled,
-            keep_call_note,
+            no_call,
         )
         .await?;
     if !held && !unless_cancelled {
@@ -1012,7 +1100,8 @@ async fn postpone(
 }
 
 /// Records a transition (noting the holder's call at `call_at` with it, when the call follows
-/// directly, or keeping the note of an earlier call cut off, when no call was made; only
+/// directly, or keeping the note of an earlier call cut off, when no call was made; with
+/// `attempts` as the task's count, the claim's taken back when it made no call; only
 /// while no cancellation marked the task when `unless_cancelled`) and wakes
 /// the acknowledgement sender; the new sequence, or `None` when the task changed meanwhile
 /// (a cancellation wins) or another claim took it. An export the transition ends without a
@@ -1030,6 +1119,7 @@ async fn record_move(
     t: &crate::task_machine::Transition,
     call_at: Option<i64>,
     unless_cancelled: bool,
+    attempts: i64,
 ) -> anyhow::Result<Option<i64>> {
     let now = shared.clock.now_ms();
     let moved = shared
@@ -1040,7 +1130,7 @@ async fn record_move(
             &job.lease_owner,
             t,
             now,
-            job.task.attempts,
+            attempts,
             call_at,
             unless_cancelled,
         )

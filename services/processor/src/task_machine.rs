@@ -12,7 +12,13 @@
 //!   IN_PROGRESS → ask again ([`Phase::Confirm`] with the holder's handle, else
 //!   [`Phase::Start`]); claimed RETAINED (its date has come) → [`Phase::RetentionExpired`]
 //! - holder marked unreachable → wait for it without calling it, until the mark ends (and no
-//!   later than the due date); past the due date it is called anyway
+//!   later than the due date); past the due date it is called anyway. A wait is no attempt
+//!   (the claim's count is taken back). Waits 1, 2, 4, 8... of the task
+//!   ([`worth_acknowledging`]) stay IN_PROGRESS with a reason saying since when the holder is
+//!   unreachable and why, when the next try comes and until when ([`holder_down`]; handle and
+//!   count kept), acknowledged as a retry is; the waits in between, a retention run's and a
+//!   task marked cancelled are only postponed. The holder's answer, when it comes, replaces
+//!   the reason with its outcome's
 //! - COMPLETED of a RETURN_OF_DATA or a TRANSFER → stays IN_PROGRESS (confirmed, with its
 //!   export files listed) and queues the delivery of the export: to the registry for a
 //!   return of data, to the recipient for a transfer. The task is COMPLETED only when the
@@ -119,8 +125,9 @@ pub struct Current<'a> {
     pub handle: Option<&'a str>,
     /// Records reported so far: a retention run adds to them.
     pub records_affected: i64,
-    /// Claims so far, this one included (`TaskRow::attempts`: connector calls, and claims
-    /// that ended without one): the reason of a task given up says how many.
+    /// Claims so far, this one included (`TaskRow::attempts`, as the claim returns it): the
+    /// holder's calls made before it, plus this claim's. The runner takes back the count of a
+    /// claim that ends without a call, so a retry's and a give-up's reason say which call.
     pub attempts: i64,
     /// A contract end task's phase; UNSPECIFIED for every other kind.
     pub phase: ContractPhase,
@@ -286,12 +293,19 @@ pub(crate) enum Event<'a> {
         recipient: bool,
     },
     /// The runner was about to take `phase`, but the holder is marked unreachable until
-    /// `until`.
+    /// `until` ([`crate::breaker`]).
     HolderDown {
         /// The step it would take.
         phase: Phase,
-        /// The end of the mark (ms).
+        /// When to look at the task again (ms): the mark's end, or shortly while another
+        /// task probes the holder.
         until: i64,
+        /// Since when the holder has been failing (ms).
+        since: i64,
+        /// Its last transient error.
+        error: &'a str,
+        /// The task's waits for the holder, this one included.
+        waits: i64,
     },
     /// A runner claimed a contract end task. `terms` is `None` when they are missing.
     ContractClaimed {
@@ -627,23 +641,13 @@ fn decide_event(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision
             terms,
             scheduled_at,
         } => terms_changed(task, terms, scheduled_at, ctx),
-        Event::HolderDown { phase, until } => {
-            if !may_retry(task, &phase, ctx) {
-                return Decision::Run { start: None, phase };
-            }
-            let at = if in_retention_run(task, &phase) {
-                until
-            } else {
-                until.min(ctx.due_at)
-            };
-            Decision::Later {
-                at,
-                error: Some(format!(
-                    "subprocessor {} is unreachable; waiting",
-                    task.subprocessor
-                )),
-            }
-        }
+        Event::HolderDown {
+            phase,
+            until,
+            since,
+            error,
+            waits,
+        } => holder_down(task, phase, (until, since, error, waits), ctx),
         Event::Ran {
             kind,
             phase,
@@ -1091,24 +1095,52 @@ fn retry(
     ctx: &Context,
 ) -> Decision {
     let at = retry_at(ctx, error);
-    if in_retention_run(task, phase) || task.cancel_requested || !worth_acknowledging(task.attempts)
-    {
+    let note = || {
+        format!(
+            "{} at subprocessor {}: attempt {} failed at {}: {}; next attempt at {}, retrying \
+             until {}",
+            doing.what,
+            task.subprocessor,
+            task.attempts,
+            date_label(ctx.now),
+            clip(&error.to_string()),
+            date_label(at),
+            date_label(ctx.due_at)
+        )
+    };
+    let retried = Retried {
+        count: task.attempts,
+        at,
+        contract: doing.contract,
+        error: error.to_string(),
+    };
+    acknowledged_or_later(task, phase, retried, note)
+}
+
+/// What a task tried again at `at` keeps: the `count`th attempt or wait, a contract end's
+/// phase (`None` keeps the recorded one), the words kept for operators.
+struct Retried {
+    count: i64,
+    at: i64,
+    contract: Option<ContractStep>,
+    error: String,
+}
+
+/// A task to be looked at again as `r` says, acknowledged IN_PROGRESS with `note` as its
+/// reason when `r.count` is worth it ([`retry`], [`holder_down`]), else only postponed.
+fn acknowledged_or_later(
+    task: &Current<'_>,
+    phase: &Phase,
+    r: Retried,
+    note: impl FnOnce() -> String,
+) -> Decision {
+    if in_retention_run(task, phase) || task.cancel_requested || !worth_acknowledging(r.count) {
         return Decision::Later {
-            at,
-            error: Some(error.to_string()),
+            at: r.at,
+            error: Some(r.error),
         };
     }
-    let note = format!(
-        "{} at subprocessor {}: attempt {} failed at {}: {}; next attempt at {}, retrying until \
-         {}",
-        doing.what,
-        task.subprocessor,
-        task.attempts,
-        date_label(ctx.now),
-        clip(&error.to_string()),
-        date_label(at),
-        date_label(ctx.due_at)
-    );
+    let note = note();
     Decision::Move(Transition {
         state: TaskState::InProgress,
         records_affected: task.records_affected,
@@ -1117,13 +1149,64 @@ fn retry(
         // when its state or phase changes).
         reason: note.clone(),
         note,
-        next_attempt_at: Some(at),
+        next_attempt_at: Some(r.at),
         // Accepted work is still the holder's: the next claim asks for its confirmation.
         handle: task.handle.map(str::to_string),
-        contract: doing.contract,
-        error: Some(error.to_string()),
+        contract: r.contract,
+        error: Some(r.error),
         ..Default::default()
     })
+}
+
+/// What a task held back by its holder's unreachable mark decides ([`Event::HolderDown`]:
+/// `(until, since, error, waits)`): past the due date the holder is called anyway (a
+/// retention run's is never past it); otherwise the task is looked at again at `until`, no
+/// later than the due date. Waits 1, 2, 4, 8... are acknowledged like a retry
+/// ([`acknowledged_or_later`]), saying since when the holder is unreachable and why, when the
+/// next try comes and until when; the phase and counts of a contract end stay as recorded.
+fn holder_down(
+    task: &Current<'_>,
+    phase: Phase,
+    (until, since, error, waits): (i64, i64, &str, i64),
+    ctx: &Context,
+) -> Decision {
+    if !may_retry(task, &phase, ctx) {
+        return Decision::Run { start: None, phase };
+    }
+    let at = if in_retention_run(task, &phase) {
+        until
+    } else {
+        until.min(ctx.due_at)
+    };
+    let why = if error.is_empty() {
+        format!(
+            "subprocessor {} is unreachable since {}",
+            task.subprocessor,
+            date_label(since)
+        )
+    } else {
+        format!(
+            "subprocessor {} is unreachable since {} ({})",
+            task.subprocessor,
+            date_label(since),
+            clip(error)
+        )
+    };
+    let note = || {
+        format!(
+            "waiting: {why}; next try at {}, until {}",
+            date_label(at),
+            date_label(ctx.due_at)
+        )
+    };
+    let waited = Retried {
+        count: waits,
+        at,
+        contract: None,
+        // For operators, as every wait has recorded it; the reason acknowledged says more.
+        error: format!("subprocessor {} is unreachable; waiting", task.subprocessor),
+    };
+    acknowledged_or_later(task, &phase, waited, note)
 }
 
 /// The run at a RETAINED task's `retain_until`, the holder's next release date (0 for none,
@@ -2022,11 +2105,24 @@ mod tests {
         );
     }
 
+    /// [`Event::HolderDown`] for a holder failing since NOW - 60 s with "connection refused",
+    /// at the task's `waits`th wait.
+    fn holder_down(t: &Current<'_>, phase: Phase, until: i64, waits: i64, c: &Context) -> Decision {
+        let event = Event::HolderDown {
+            phase,
+            until,
+            since: NOW - 60_000,
+            error: "connection refused",
+            waits,
+        };
+        decide(t, event, c)
+    }
+
     #[test]
     fn an_unreachable_holder_is_waited_for_until_the_due_date() {
-        let down = |phase, until, ctx: &Context| {
-            decide(&task(InProgress), Event::HolderDown { phase, until }, ctx)
-        };
+        // A third wait is not acknowledged: only postponed.
+        let down =
+            |phase, until, ctx: &Context| holder_down(&task(InProgress), phase, until, 3, ctx);
         let note = Some("subprocessor accounting is unreachable; waiting".to_string());
         assert_eq!(
             down(Phase::Start, NOW + 700, &ctx()),
@@ -2063,6 +2159,83 @@ mod tests {
                 error: note
             }
         );
+    }
+
+    /// Waits 1, 2, 4, 8... for an unreachable holder are acknowledged IN_PROGRESS saying
+    /// since when and why it is unreachable, when the next try comes and until when, the
+    /// handle kept; the others, a retention run's and a cancelled task's are postponed.
+    /// Before, every wait was only postponed: the registry saw no reason.
+    #[test]
+    fn waits_for_an_unreachable_holder_are_acknowledged_on_the_retry_schedule() {
+        let accepted = Current {
+            handle: Some("h-1"),
+            ..task(InProgress)
+        };
+        let confirm = || Phase::Confirm {
+            handle: "h-1".into(),
+        };
+        let why = format!(
+            "subprocessor accounting is unreachable since {} (connection refused)",
+            date_label(NOW - 60_000)
+        );
+        let kept = "subprocessor accounting is unreachable; waiting";
+        for waits in 1..=9 {
+            let d = holder_down(&accepted, confirm(), NOW + 700, waits, &ctx());
+            if ![1, 2, 4, 8].contains(&waits) {
+                assert_eq!(d.retried(), Some((NOW + 700, kept)), "{waits}");
+                assert!(matches!(d, Decision::Later { .. }), "{waits}: {d:?}");
+                continue;
+            }
+            let t = moved(d);
+            assert_eq!(t.state, InProgress);
+            assert_eq!(
+                t.reason,
+                format!(
+                    "waiting: {why}; next try at {}, until {}",
+                    date_label(NOW + 700),
+                    date_label(DUE)
+                )
+            );
+            assert_eq!(t.note, t.reason);
+            assert_eq!(t.records_affected, 3);
+            assert_eq!(t.next_attempt_at, Some(NOW + 700));
+            assert_eq!(t.handle.as_deref(), Some("h-1"));
+            assert_eq!(t.error.as_deref(), Some(kept));
+            // A contract end keeps the phase and counts recorded.
+            assert_eq!(t.contract, None);
+        }
+        // Without the holder's words, the reason says when alone.
+        let event = Event::HolderDown {
+            phase: Phase::Start,
+            until: DUE + 5,
+            since: NOW,
+            error: "",
+            waits: 1,
+        };
+        let t = moved(decide(&task(InProgress), event, &ctx()));
+        assert_eq!(
+            t.reason,
+            format!(
+                "waiting: subprocessor accounting is unreachable since {}; next try at {}, \
+                 until {}",
+                date_label(NOW),
+                date_label(DUE),
+                date_label(DUE)
+            )
+        );
+        let retained = Current {
+            retain_until: Some(DUE),
+            ..task(Retained)
+        };
+        let run = Phase::RetentionExpired { until_ms: DUE };
+        let d = holder_down(&retained, run, NOW + 700, 1, &ctx());
+        assert!(matches!(d, Decision::Later { .. }), "{d:?}");
+        let marked = Current {
+            cancel_requested: true,
+            ..task(InProgress)
+        };
+        let d = holder_down(&marked, Phase::Start, NOW + 700, 1, &ctx());
+        assert!(matches!(d, Decision::Later { .. }), "{d:?}");
     }
 
     #[test]

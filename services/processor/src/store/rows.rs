@@ -33,8 +33,10 @@ pub struct TaskRow {
     pub state: TaskState,
     /// Sequence of the last acknowledgement queued.
     pub sequence: i64,
-    /// Claims so far: each connector call, and each claim that ended without one (a wait
-    /// while the holder is unreachable, a contract end's wake-up after its return arrived).
+    /// The holder's calls so far. A claim counts one (so that a call cut off by a crash
+    /// counts), and a claim that ends without a call (a wait while the holder is
+    /// unreachable, a contract end's wake-up after its return arrived) takes it back when its
+    /// step is recorded.
     pub attempts: i64,
     /// Records affected.
     pub records_affected: i64,

@@ -625,7 +625,9 @@ impl Store {
             .fetch_all(&self.db.claimer)
             .await?;
         // Claiming starts an attempt (`attempts` as returned counts it): a run cut off by a
-        // crash still counts. The most overdue first, as picked.
+        // crash still counts; a claim that ends without calling the holder takes it back
+        // (`postpone`'s `no_call`, or the step the runner writes). The most overdue first,
+        // as picked.
         rows.sort_by_key(|r| r.next_attempt_at);
         Ok(rows.into_iter().map(TaskJob::from).collect())
     }
@@ -773,10 +775,12 @@ impl Store {
     }
 
     /// Leaves a task of the claim `lease_owner` in its state and looks at it again at
-    /// `next_at`, releasing it; nothing is acknowledged, since nothing changed. `error` (a
-    /// transient failure, an unreachable holder) is kept for operators; `None` keeps the last
-    /// one. Answers whether the claim still held the task (another claim's lease is left
-    /// alone) and, when `unless_cancelled`, no cancellation had marked it.
+    /// `next_at`, releasing it; nothing is acknowledged, since nothing the controller sees
+    /// changed (a wait the registry is told of is a step instead: see
+    /// `task_machine::holder_down`). `error` (a transient failure, an unreachable holder) is
+    /// kept for operators; `None` keeps the last one. Answers whether the claim still held
+    /// the task (another claim's lease is left alone) and, when `unless_cancelled`, no
+    /// cancellation had marked it.
     ///
     /// `claimed_at` is when the task was due as the claim last knew it: as the claim found
     /// it, or as the claim's own last step wrote it ([`TaskJob::due_as_known`]). A time set
@@ -784,8 +788,9 @@ impl Store {
     /// date extended) stays: the claim decided without what came, and the task is looked at
     /// again when that says.
     ///
-    /// `keep_call_note`: the claim called no holder (it waits for one marked unreachable),
-    /// so a note of an earlier call cut off ([`TaskRow::call_started_at`]) stays: the call
+    /// `no_call`: the claim called no holder (it waits for one marked unreachable, or for a
+    /// contract end's start), so it is no attempt: the count its claim added is taken back,
+    /// and a note of an earlier call cut off ([`TaskRow::call_started_at`]) stays: the call
     /// that follows is still made as interrupted, and a cancellation meanwhile still waits
     /// for what the cut-off call did. Otherwise the note is cleared: the call answered.
     #[allow(clippy::too_many_arguments)]
@@ -798,7 +803,7 @@ impl Store {
         next_at: i64,
         error: Option<&str>,
         unless_cancelled: bool,
-        keep_call_note: bool,
+        no_call: bool,
     ) -> Result<bool> {
         let unmarked = if unless_cancelled {
             " AND cancel_requested_at IS NULL"
@@ -809,6 +814,7 @@ impl Store {
             "UPDATE tasks SET next_attempt_at = CASE WHEN next_attempt_at = $8 THEN $1 \
              ELSE next_attempt_at END, lease_until = 0, \
              call_started_at = CASE WHEN $9 = 1 THEN call_started_at END, \
+             attempts = CASE WHEN $9 = 1 AND attempts > 0 THEN attempts - 1 ELSE attempts END, \
              last_error = COALESCE($2, last_error) WHERE controller = $3 AND request_id = $4 \
              AND subprocessor = $5 AND sequence = $6 AND lease_owner = $7{unmarked}"
         ))
@@ -820,7 +826,7 @@ impl Store {
         .bind(expected_sequence)
         .bind(lease_owner)
         .bind(claimed_at)
-        .bind(i64::from(keep_call_note))
+        .bind(i64::from(no_call))
         .execute(&self.db.pool)
         .await?
         .rows_affected();
