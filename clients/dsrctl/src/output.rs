@@ -1193,7 +1193,7 @@ mod tests {
         };
         assert_eq!(
             EventView::from(&e).line(),
-            "2023-11-14T22:13:20Z  TASK_UPDATED            IN_PROGRESS          \
+            "2023-11-14T22:13:20Z  TASK_UPDATED              IN_PROGRESS          \
              payroll-bureau/netvisor         erased [task COMPLETED]"
         );
     }
@@ -1212,7 +1212,7 @@ mod tests {
         };
         assert_eq!(
             EventView::from(&e).line(),
-            "2023-11-14T22:13:20Z  TASK_UPDATED            IN_PROGRESS          \
+            "2023-11-14T22:13:20Z  TASK_UPDATED              IN_PROGRESS          \
              payroll-bureau/netvisor         task RETAINED (kept under Kirjanpitolaki 2:10 §; \
              next erasure run 2030-03-17T17:46:40Z)"
         );
@@ -1265,7 +1265,7 @@ mod tests {
         };
         assert_eq!(
             EventView::from(&e).line(),
-            "2023-11-14T22:13:20Z  PART_STORED             IN_PROGRESS          \
+            "2023-11-14T22:13:20Z  PART_STORED               IN_PROGRESS          \
              payroll-bureau/netvisor         part of netvisor stored: 2 file(s), 90 bytes"
         );
     }

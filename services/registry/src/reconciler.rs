@@ -4,7 +4,9 @@
 //! wait for months cost a call a day, not one every `ack_timeout_ms`. A check that gets no
 //! answer puts its request behind the other quiet ones, and when the processor is down or too
 //! slow (UNAVAILABLE, DEADLINE_EXCEEDED) the round skips the rest of its requests, so
-//! requests that cannot be checked never keep the others from being checked.
+//! requests that cannot be checked never keep the others from being checked. Why the last
+//! check at a processor failed, which the log line withholds, is kept for GetChain until one
+//! there is answered.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -95,6 +97,10 @@ pub(crate) async fn refresh_chain(shared: Arc<Shared>, mut stop: watch::Receiver
 /// Runs until `stop` turns true.
 pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let cfg = shared.config.reconcile.clone();
+    // The processors whose last status check may have left its failure in the store: an
+    // answer from one of them clears it, once. At the start, all of them, since a check
+    // before a restart may have failed.
+    let mut failing: BTreeSet<String> = shared.processors.keys().cloned().collect();
     loop {
         tokio::select! {
             _ = stop.changed() => return,
@@ -138,6 +144,11 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             };
             match answer {
                 Ok(resp) => {
+                    if failing.contains(&processor)
+                        && record_status_check(&shared, &processor, None).await
+                    {
+                        failing.remove(&processor);
+                    }
                     let tasks = crate::api::acknowledgement::well_formed_reports(
                         &processor,
                         &request_id,
@@ -167,13 +178,16 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 }
                 Err(status) => {
                     shared.metrics.status_check_failures.inc(&[&processor]);
-                    // The message is not kept anywhere: the code is what decides what follows.
+                    let said = Said::status(&status);
                     tracing::warn!(
                         %request_id,
                         %processor,
-                        error = %Said::status(&status).logged(&shared.identity_hash_key),
-                        "status check failed"
+                        error = %said.logged(&shared.identity_hash_key),
+                        "status check failed; `dsrctl chain` shows its answer"
                     );
+                    let error = format!("request {request_id}: {}", said.full());
+                    record_status_check(&shared, &processor, Some(&error)).await;
+                    failing.insert(processor.clone());
                     // Down or too slow, not an answer about this request alone.
                     if matches!(
                         status.code(),
@@ -184,6 +198,24 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     postpone(&shared, &request_id).await;
                 }
             }
+        }
+    }
+}
+
+/// Keeps why a status check at `processor` failed (`error`), or clears it with `None`, for
+/// GetChain; whether that was written (a store failure is logged).
+async fn record_status_check(shared: &Shared, processor: &str, error: Option<&str>) -> bool {
+    let now = shared.clock.now_ms();
+    match shared
+        .store
+        .record_status_check(processor, error, now)
+        .await
+    {
+        Ok(()) => true,
+        Err(e) => {
+            let error = format!("{e:#}");
+            tracing::error!(%processor, error, "recording a status check failed");
+            false
         }
     }
 }
@@ -227,11 +259,12 @@ mod tests {
     use super::*;
     use crate::test_registry::{self, Setup, PROCESSOR};
 
-    /// A processor that accepts deliveries, never answers GetStatus (UNAVAILABLE), and fails
-    /// ListSubprocessors until `up`.
+    /// A processor that accepts deliveries, fails GetStatus (UNAVAILABLE) until
+    /// `status_up`, and fails ListSubprocessors until `up`.
     #[derive(Clone, Default)]
     struct StandIn {
         up: Arc<AtomicBool>,
+        status_up: Arc<AtomicBool>,
     }
 
     #[tonic::async_trait]
@@ -263,7 +296,10 @@ mod tests {
             &self,
             _req: Request<GetStatusRequest>,
         ) -> Result<Response<TaskList>, Status> {
-            Err(Status::unavailable("restarting"))
+            if !self.status_up.load(Ordering::SeqCst) {
+                return Err(Status::unavailable("status store offline at 10.0.3.7"));
+            }
+            Ok(Response::new(TaskList::default()))
         }
 
         async fn list_subprocessors(
@@ -309,6 +345,12 @@ mod tests {
         /// after 20 to 100 ms (`delivery.backoff`).
         async fn start(reconcile: &str) -> Self {
             let dir = tempfile::tempdir().expect("tempdir");
+            let url = format!("sqlite://{}/registry.db", dir.path().display());
+            Self::start_on(&url, dir, reconcile).await
+        }
+
+        /// [`Self::start`] on the database at `url`, its files in `dir`.
+        async fn start_on(url: &str, dir: tempfile::TempDir, reconcile: &str) -> Self {
             let processor = StandIn::default();
             let setup = Setup {
                 tables: format!(
@@ -320,8 +362,7 @@ mod tests {
                 ..Setup::default()
             }
             .answered_by(processor.clone());
-            let url = format!("sqlite://{}/registry.db", dir.path().display());
-            let served = test_registry::Registry::start(dir.path(), &url, setup).await;
+            let served = test_registry::Registry::start(dir.path(), url, setup).await;
             Self {
                 served,
                 processor,
@@ -421,5 +462,78 @@ mod tests {
         })
         .await;
         registry.stop().await;
+    }
+    /// A failed status check's whole answer is kept for operators in GetChain (the log line
+    /// withholds it and says so), with the request it was about; partners see none of it,
+    /// and an answer clears it. Before, the text was not kept anywhere.
+    async fn a_failed_status_check_shows_in_the_chain(url: &str, dir: tempfile::TempDir) {
+        let logs = dsrelay_runtime::testing::captured_logs();
+        let registry = Registry::start_on(
+            url,
+            dir,
+            "interval_ms = 20\nack_timeout_ms = 1\nmax_backoff_ms = 0",
+        )
+        .await;
+        let id = registry
+            .requests("partner-crm")
+            .submit(SubmitRequest {
+                kind: RequestKind::Erasure as i32,
+                identities: vec![SubjectIdentity {
+                    r#type: IdentityType::Email as i32,
+                    encoding: IdentityEncoding::Raw as i32,
+                    value: "status.check@example.com".into(),
+                    label: String::new(),
+                }],
+                idempotency_key: "status-check".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("submit")
+            .into_inner()
+            .request_id;
+        let expected = format!("request {id}: Unavailable: status store offline at 10.0.3.7");
+        eventually("the failed status check shown", || async {
+            registry.chain().await.processors[0].status_check_error == expected
+        })
+        .await;
+        let chain = registry.chain().await;
+        assert!(chain.processors[0].status_check_failed_at.is_some());
+        let partner = registry
+            .requests("partner-crm")
+            .get_chain(GetChainRequest {})
+            .await
+            .expect("chain")
+            .into_inner();
+        assert!(partner.processors[0].status_check_error.is_empty());
+        assert!(partner.processors[0].status_check_failed_at.is_none());
+        let said_where = logs.text().lines().any(|l| {
+            l.contains("status check failed; `dsrctl chain` shows its answer")
+                && !l.contains("status store offline")
+        });
+        assert!(said_where, "{}", logs.text());
+        registry.processor.status_up.store(true, Ordering::SeqCst);
+        eventually("the answer clears it", || async {
+            let chain = registry.chain().await;
+            let p = &chain.processors[0];
+            p.status_check_error.is_empty() && p.status_check_failed_at.is_none()
+        })
+        .await;
+        registry.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_status_check_shows_in_the_chain_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        a_failed_status_check_shows_in_the_chain(&url, dir).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_status_check_shows_in_the_chain_on_postgres() {
+        crate::test_postgres::on_postgres(|url, dir| async move {
+            let dir = tempfile::tempdir_in(&dir).expect("tempdir");
+            a_failed_status_check_shows_in_the_chain(&url, dir).await;
+        })
+        .await;
     }
 }

@@ -22,6 +22,9 @@ struct ProcessorView {
     data_categories: Vec<String>,
     reported_at: Option<Time>,
     last_error: Option<String>,
+    /// Why the last status check of a request there failed, while none answered since.
+    status_check_error: Option<String>,
+    status_check_failed_at: Option<Time>,
     subprocessors: Vec<SubprocessorView>,
 }
 
@@ -70,6 +73,9 @@ impl From<&Chain> for ChainView {
                     data_categories: p.data_categories.clone(),
                     reported_at: Time::from_proto(p.reported_at.as_ref()),
                     last_error: (!p.last_error.is_empty()).then(|| p.last_error.clone()),
+                    status_check_error: (!p.status_check_error.is_empty())
+                        .then(|| p.status_check_error.clone()),
+                    status_check_failed_at: Time::from_proto(p.status_check_failed_at.as_ref()),
                     subprocessors: p
                         .subprocessors
                         .iter()
@@ -110,6 +116,13 @@ impl Render for ChainView {
                 clean(&p.endpoint),
                 clean(&p.data_categories.join(", "))
             ));
+            if let Some(e) = &p.status_check_error {
+                let at = p
+                    .status_check_failed_at
+                    .as_ref()
+                    .map_or_else(String::new, |t| format!(" at {t}"));
+                out.push_str(&format!("   last status check failed{at}: {}\n", clean(e)));
+            }
             let mut t = Table::headless();
             for s in &p.subprocessors {
                 let all = s.supported_kinds.len() == 6;
@@ -170,6 +183,7 @@ mod tests {
         let chain = Chain {
             processors: vec![ChainProcessor {
                 name: "bureau".into(),
+                status_check_error: "request r-1: Unavailable: restarting".into(),
                 subprocessors: vec![
                     Subprocessor {
                         name: "mail-marketing".into(),
@@ -195,6 +209,10 @@ mod tests {
         assert!(table.contains("matches EMAIL/RAW, EMAIL/MD5"), "{table}");
         assert!(
             table.contains("any identity (the holder decides)"),
+            "{table}"
+        );
+        assert!(
+            table.contains("last status check failed: request r-1: Unavailable: restarting"),
             "{table}"
         );
     }

@@ -788,6 +788,7 @@ mod tests {
                     | EventType::PartStored
                     | EventType::CertificateStored
                     | EventType::CertificateRejected
+                    | EventType::AcknowledgementRejected
                     | EventType::ContractUpdated
                     | EventType::ReturnConfirmed
             );
@@ -801,6 +802,7 @@ mod tests {
                             | EventType::PartStored
                             | EventType::CertificateStored
                             | EventType::CertificateRejected
+                            | EventType::AcknowledgementRejected
                     ),
                 ),
                 0,

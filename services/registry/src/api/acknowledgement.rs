@@ -6,7 +6,8 @@
 //! transfers nothing. The same proof rules hold for the task reports in processors'
 //! answers to calls and status checks ([`well_formed_reports`], and the store). Each
 //! acknowledgement of a batch is judged on its own: the valid ones are applied and the
-//! others listed in the answer's `rejected`.
+//! others listed in the answer's `rejected`; one that breaks a rule, of a request delivered
+//! to its processor, is also recorded on the request, once ([`Api::record_rejections`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -22,7 +23,7 @@ use tonic::{Response, Status};
 use crate::auth::Party;
 use crate::error::ApiError;
 use crate::metrics::{REJECTED_INVALID, REJECTED_NOT_ROUTED};
-use crate::store::{AckOutcome, TaskUpdate};
+use crate::store::{AckOutcome, RejectedAck, TaskUpdate};
 use crate::validate::text_violation;
 
 use super::Api;
@@ -101,6 +102,7 @@ impl AcknowledgementService for Api {
         let acks: Vec<Acknowledgement> = positions.iter().map(|&i| all[i].clone()).collect();
         let mut updates: Vec<TaskUpdate> = acks.iter().map(TaskUpdate::from).collect();
         self.check_certificates(&processor, &acks, &mut updates, &kinds);
+        let delivered: BTreeSet<String> = kinds.keys().cloned().collect();
         let AckOutcome {
             applied,
             duplicates,
@@ -129,6 +131,8 @@ impl AcknowledgementService for Api {
             });
         }
         rejected.sort_by_key(|r| r.index);
+        self.record_rejections(&processor, &all, &rejected, delivered)
+            .await?;
         let reason = |r: &RejectedAcknowledgement| {
             if r.code == tonic::Code::PermissionDenied as i32 {
                 REJECTED_NOT_ROUTED
@@ -220,6 +224,90 @@ impl AcknowledgementService for Api {
 }
 
 impl Api {
+    /// Records on its request each acknowledgement of `all` that `rejected` lists as
+    /// breaking rules (INVALID_ARGUMENT), when the request was delivered to `processor`
+    /// (`delivered`, read for the well-formed ones; read here for the others) and the
+    /// acknowledgement names its task well enough to say which (request id, subprocessor and
+    /// sequence keep their rules): an ACKNOWLEDGEMENT_REJECTED event, once per task and
+    /// sequence ([`crate::store::Store::record_rejected_acks`]), so that the request's events
+    /// (ListEvents, Watch, `dsrctl trace`) say why the task stands still here while the
+    /// processor has moved on.
+    /// One not routed here (PERMISSION_DENIED) records nothing: a processor writes no event
+    /// on a request that is not its own.
+    async fn record_rejections(
+        &self,
+        processor: &str,
+        all: &[Acknowledgement],
+        rejected: &[RejectedAcknowledgement],
+        mut delivered: BTreeSet<String>,
+    ) -> Result<(), ApiError> {
+        let named: Vec<(&Acknowledgement, &RejectedAcknowledgement)> = rejected
+            .iter()
+            .filter(|r| r.code == tonic::Code::InvalidArgument as i32)
+            .filter_map(|r| {
+                let a = all.get(r.index as usize)?;
+                let prefix = format!("acknowledgements[{}].", r.index);
+                let names_its_task = r.violations.iter().all(|v| {
+                    !matches!(
+                        v.field.strip_prefix(&prefix),
+                        Some("request_id" | "subprocessor" | "sequence")
+                    )
+                });
+                names_its_task.then_some((a, r))
+            })
+            .collect();
+        let unread: Vec<&str> = named
+            .iter()
+            .map(|(a, _)| a.request_id.as_str())
+            .filter(|id| !delivered.contains(*id))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if !unread.is_empty() {
+            let read = self
+                .shared
+                .store
+                .kinds_delivered_to(processor, &unread)
+                .await;
+            delivered.extend(read.map_err(ApiError::from)?.into_keys());
+        }
+        let rejections: Vec<RejectedAck> = named
+            .into_iter()
+            .filter(|(a, _)| delivered.contains(&a.request_id))
+            .map(|(a, r)| {
+                let prefix = format!("acknowledgements[{}].", r.index);
+                let rules: Vec<String> = r
+                    .violations
+                    .iter()
+                    .map(|v| {
+                        let field = v.field.strip_prefix(&prefix).unwrap_or(&v.field);
+                        format!("{field} {}", unquoted(&v.rule))
+                    })
+                    .collect();
+                RejectedAck {
+                    request_id: a.request_id.clone(),
+                    subprocessor: a.subprocessor.clone(),
+                    sequence: a.sequence as i64,
+                    state: a.state,
+                    rules: rules.join("; "),
+                }
+            })
+            .collect();
+        if rejections.is_empty() {
+            return Ok(());
+        }
+        let recorded = self
+            .shared
+            .store
+            .record_rejected_acks(processor, &rejections, self.shared.clock.now_ms())
+            .await
+            .map_err(ApiError::from)?;
+        for id in &recorded {
+            self.shared.publish(id);
+        }
+        Ok(())
+    }
+
     /// The kinds of the requests `acks` concern, among those delivered to `processor`, in
     /// one query for the whole call. COMPLETED reports and receipts
     /// ([`Self::receipt_violations`]) and certificates (whose claims name the kind) need
@@ -436,6 +524,33 @@ fn recipient_problem<'a>(
         ),
         _ => None,
     }
+}
+
+/// `rule` with every text it quotes (`"…"`, as `{:?}` writes it: a recipient's name, from
+/// the processor's receipt or the request) left out. The rest is the registry's own words,
+/// kept in an event and its audit entry for good; a recipient's name tells where the subject
+/// moved their data, which forgetting the request must remove, and the event would keep it.
+fn unquoted(rule: &str) -> String {
+    let mut out = String::with_capacity(rule.len());
+    let mut chars = rule.chars();
+    while let Some(c) = chars.next() {
+        if c != '"' {
+            out.push(c);
+            continue;
+        }
+        // Up to the closing quote, past escaped ones.
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    chars.next();
+                }
+                '"' => break,
+                _ => {}
+            }
+        }
+        out.push_str("(a name)");
+    }
+    out
 }
 
 /// A COMPLETED report.
@@ -726,6 +841,15 @@ mod tests {
     }
 
     #[test]
+    fn quoted_names_are_left_out_of_a_rule() {
+        assert_eq!(
+            unquoted(r#"must be "a \"b\" c", the recipient; of "x""#),
+            "must be (a name), the recipient; of (a name)"
+        );
+        assert_eq!(unquoted("must not be negative"), "must not be negative");
+    }
+
+    #[test]
     fn a_receipt_must_name_the_request_s_recipient() {
         let r = |name: &str| TransferReceipt {
             recipient: name.into(),
@@ -1011,6 +1135,160 @@ mod recipient_tests {
         assert!(rule.contains("no longer lists"), "{rule}");
         assert!(registry.get(&id).await.tasks.is_empty());
         registry.stop().await;
+    }
+
+    /// A COMPLETED TRANSFER task whose receipt its recipient did not sign, sent three times
+    /// as the processor retries it: rejected each time, and recorded on the request once, as
+    /// an ACKNOWLEDGEMENT_REJECTED event with its processor, task, reported state and the
+    /// rule broken (not the recipient's name the rule quotes), with its audit entry; partners
+    /// read it too. A rejection of another sequence (a rule of form) records its own; one of
+    /// a request that does not exist records nothing. Before, nothing on the request said
+    /// why it stayed IN_PROGRESS.
+    async fn a_rejected_acknowledgement_is_recorded_once(
+        database_url: &str,
+        dir: &std::path::Path,
+    ) {
+        use dsrelay_proto::v1::request_service_client::RequestServiceClient;
+        use dsrelay_proto::v1::{EventType, ListEventsRequest, RequestEvent};
+        use dsrelay_runtime::signing::SigningKey;
+        let key = SigningKey::generate();
+        let setup = crate::test_registry::Setup {
+            recipient_keys: format!("public_key = {:?}\n", key.public_key().to_base64()),
+            ..Default::default()
+        };
+        let registry = crate::test_registry::Registry::start(dir, database_url, setup).await;
+        let id = registry.submit(RequestKind::Transfer, "transfer").await;
+        let unsigned = Acknowledgement {
+            request_id: id.clone(),
+            subprocessor: "crm".into(),
+            sequence: 1,
+            state: TaskState::Completed as i32,
+            evidence: Some(Evidence {
+                records_affected: 1,
+                transfer_receipt: Some(receipt(&id, "crm", RECIPIENT)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        for _ in 0..3 {
+            let answer = registry.acknowledge(vec![unsigned.clone()]).await;
+            assert_eq!(
+                rejected_fields(&answer),
+                ["acknowledgements[0].evidence.transfer_receipt.signature"]
+            );
+        }
+        let unknown = Acknowledgement {
+            request_id: "0190a0b0-0000-7000-8000-00000000dead".into(),
+            ..unsigned.clone()
+        };
+        let answer = registry.acknowledge(vec![unknown]).await;
+        assert_eq!(answer.rejected.len(), 1, "{answer:?}");
+        let negative = Acknowledgement {
+            sequence: 2,
+            state: TaskState::InProgress as i32,
+            evidence: Some(Evidence {
+                records_affected: -1,
+                ..Default::default()
+            }),
+            ..unsigned.clone()
+        };
+        for _ in 0..2 {
+            let answer = registry.acknowledge(vec![negative.clone()]).await;
+            assert_eq!(
+                rejected_fields(&answer),
+                ["acknowledgements[0].evidence.records_affected"]
+            );
+        }
+        let events = |stem: &'static str| {
+            let channel = registry.channel(stem);
+            let id = id.clone();
+            async move {
+                let list = RequestServiceClient::new(channel)
+                    .list_events(ListEventsRequest { request_id: id })
+                    .await
+                    .expect("list events")
+                    .into_inner();
+                let rejected: Vec<RequestEvent> = list
+                    .events
+                    .into_iter()
+                    .filter(|e| e.r#type == EventType::AcknowledgementRejected as i32)
+                    .collect();
+                rejected
+            }
+        };
+        let rejected = events("operator").await;
+        assert_eq!(rejected.len(), 2, "{rejected:#?}");
+        let first = &rejected[0];
+        assert_eq!(first.processor, PROCESSOR);
+        let task = first.task.as_ref().expect("task");
+        assert_eq!(
+            (task.subprocessor.as_str(), task.state, task.sequence),
+            ("crm", TaskState::Completed as i32, 1)
+        );
+        assert!(
+            first
+                .message
+                .starts_with("acknowledgement crm #1: COMPLETED rejected: ")
+                && first
+                    .message
+                    .contains("evidence.transfer_receipt.signature must be the recipient's")
+                && !first.message.contains(RECIPIENT),
+            "{first:?}"
+        );
+        let second = &rejected[1];
+        assert!(
+            second
+                .message
+                .contains("evidence.records_affected must not be negative"),
+            "{second:?}"
+        );
+        let partner = events("partner-crm").await;
+        assert_eq!(
+            partner.iter().map(|e| &e.message).collect::<Vec<_>>(),
+            rejected.iter().map(|e| &e.message).collect::<Vec<_>>()
+        );
+        assert!(registry.get(&id).await.tasks.is_empty());
+        // The unknown request's rejection wrote neither an event nor an audit entry.
+        let db = dsrelay_runtime::store::Db::connect(database_url)
+            .await
+            .expect("connect");
+        let events: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE type = $1")
+            .bind(EventType::AcknowledgementRejected as i64)
+            .fetch_one(&db.pool)
+            .await
+            .expect("count");
+        assert_eq!(events, 2);
+        let audited = RequestServiceClient::new(registry.channel("operator"))
+            .list_audit_entries(dsrelay_proto::v1::ListAuditEntriesRequest {
+                after_seq: 0,
+                page_size: 1000,
+            })
+            .await
+            .expect("audit entries")
+            .into_inner()
+            .entries;
+        let audited: Vec<&str> = audited
+            .iter()
+            .filter(|e| e.event_type == EventType::AcknowledgementRejected as i32)
+            .map(|e| e.request_id.as_str())
+            .collect();
+        assert_eq!(audited, [id.as_str(), id.as_str()]);
+        registry.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rejected_acknowledgement_is_recorded_once_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        a_rejected_acknowledgement_is_recorded_once(&url, dir.path()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rejected_acknowledgement_is_recorded_once_on_postgres() {
+        on_postgres(|url, dir| async move {
+            a_rejected_acknowledgement_is_recorded_once(&url, &dir).await;
+        })
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

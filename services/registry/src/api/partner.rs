@@ -361,6 +361,18 @@ impl RequestService for Api {
                 .and_then(|b| SubprocessorList::decode(b).ok())
                 .map(|l| l.subprocessors)
                 .unwrap_or_default();
+            // For operators only, as `last_error`: the processor's or the connection's words.
+            let status_failure = match internal {
+                true => (self.shared.store)
+                    .status_check_error(&p.name)
+                    .await
+                    .map_err(ApiError::from)?,
+                false => None,
+            };
+            let (status_check_error, status_check_failed_at) = match status_failure {
+                Some((error, at)) => (error, Some(timestamp_from_millis(at))),
+                None => (String::new(), None),
+            };
             processors.push(ChainProcessor {
                 name: p.name.clone(),
                 endpoint: if internal {
@@ -375,6 +387,8 @@ impl RequestService for Api {
                     true => row.last_error.unwrap_or_default(),
                     false => String::new(),
                 },
+                status_check_error,
+                status_check_failed_at,
             });
         }
         Ok(Response::new(Chain { processors }))

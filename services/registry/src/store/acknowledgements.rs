@@ -292,6 +292,22 @@ pub struct AckOutcome {
     pub not_routed: Vec<usize>,
 }
 
+/// An acknowledgement the registry rejected, of a request delivered to its processor, for
+/// [`Store::record_rejected_acks`].
+#[derive(Debug, Clone, Default)]
+pub struct RejectedAck {
+    /// Request id.
+    pub request_id: String,
+    /// Subprocessor.
+    pub subprocessor: String,
+    /// Sequence number.
+    pub sequence: i64,
+    /// The state the processor reported (proto enum value, as sent).
+    pub state: i32,
+    /// The rules it breaks, in the registry's words, quoting nothing the processor sent.
+    pub rules: String,
+}
+
 /// Most Acknowledge calls applied in one transaction.
 pub(crate) const MAX_ACK_CALLS: usize = 32;
 
@@ -560,6 +576,108 @@ impl Store {
         tx.commit().await?;
         self.acks.commits.fetch_add(1, Ordering::Relaxed);
         Ok(outcomes)
+    }
+
+    /// Records an ACKNOWLEDGEMENT_REJECTED event, with its audit entry, for each of
+    /// `rejected` whose key (request, `processor`, subprocessor, sequence) has none yet, and
+    /// returns the requests that got one. The caller passes only acknowledgements of requests
+    /// delivered to `processor` (a processor must not write events on others' requests); a
+    /// request that does not exist gets nothing. A retry of the same acknowledgement finds its
+    /// key in `rejected_acknowledgements` and records nothing more, so a processor retrying
+    /// until it dead-letters the acknowledgement leaves one event.
+    pub async fn record_rejected_acks(
+        &self,
+        processor: &str,
+        rejected: &[RejectedAck],
+        now: i64,
+    ) -> Result<BTreeSet<String>> {
+        // By key, in key order, as `record_acks` writes its rows: one per key even when a
+        // batch repeats it, and concurrent calls wait for each other's keys in one order.
+        let by_key: BTreeMap<(&str, &str, i64), &RejectedAck> = rejected
+            .iter()
+            .map(|r| {
+                (
+                    (r.request_id.as_str(), r.subprocessor.as_str(), r.sequence),
+                    r,
+                )
+            })
+            .collect();
+        if by_key.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let ids: Vec<&str> = by_key
+            .keys()
+            .map(|k| k.0)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut tx = self.begin().await?;
+        // Locked as an acknowledgement batch locks them, so the state the event shows is
+        // the one the request is in, not one a concurrent batch is moving it from.
+        let locked = lock_states(&mut tx, &ids).await?;
+        let existing: Vec<(&(&str, &str, i64), &&RejectedAck)> = by_key
+            .iter()
+            .filter(|(k, _)| locked.states.contains_key(k.0))
+            .collect();
+        let mut recorded: BTreeSet<(String, String, i64)> = BTreeSet::new();
+        for chunk in existing.chunks(tx.backend.rows_per_statement(5)) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| values_row(1 + i * 5..6 + i * 5))
+                .collect();
+            let sql = format!(
+                "INSERT INTO rejected_acknowledgements (request_id, processor, subprocessor, \
+                 sequence, rejected_at) VALUES {} ON CONFLICT DO NOTHING \
+                 RETURNING request_id, subprocessor, sequence",
+                values.join(", ")
+            );
+            let sql = tx.backend.numbered(&sql);
+            let mut q = sqlx::query_as::<_, (String, String, i64)>(&sql);
+            for ((id, subprocessor, sequence), _) in chunk {
+                q = q
+                    .bind(*id)
+                    .bind(processor)
+                    .bind(*subprocessor)
+                    .bind(*sequence)
+                    .bind(now);
+            }
+            recorded.extend(q.fetch_all(tx.conn()).await?);
+        }
+        let mut events = Vec::new();
+        for (key, r) in existing {
+            if !recorded.contains(&(key.0.to_string(), key.1.to_string(), key.2)) {
+                continue;
+            }
+            let (state, forgotten) = locked.of(key.0);
+            let reported = TaskState::try_from(r.state)
+                .map(|s| {
+                    s.as_str_name()
+                        .trim_start_matches("TASK_STATE_")
+                        .to_string()
+                })
+                .unwrap_or_else(|_| r.state.to_string());
+            events.push(NewEvent {
+                request_id: r.request_id.clone(),
+                event_type: EventType::AcknowledgementRejected,
+                at: now,
+                request_state: state,
+                detail: EventDetail {
+                    processor: processor.to_string(),
+                    subprocessor: r.subprocessor.clone(),
+                    task_state: r.state,
+                    sequence: r.sequence,
+                    message: format!(
+                        "acknowledgement {} #{}: {reported} rejected: {}",
+                        r.subprocessor, r.sequence, r.rules
+                    ),
+                    forgotten,
+                    ..Default::default()
+                },
+            });
+        }
+        let requests = events.iter().map(|e| e.request_id.clone()).collect();
+        insert_events(&mut tx, events).await?;
+        tx.commit().await?;
+        Ok(requests)
     }
 
     /// Transactions the acknowledgement writer committed so far (set against the

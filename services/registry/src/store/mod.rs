@@ -63,7 +63,7 @@ mod requests;
 mod routes;
 mod rows;
 
-pub use acknowledgements::{AckOutcome, TaskUpdate};
+pub use acknowledgements::{AckOutcome, RejectedAck, TaskUpdate};
 pub use certificates::{CertificateRow, ReceivedCertificate};
 pub use chain::ChainReport;
 pub use contracts::{ContractChange, ContractRow};
