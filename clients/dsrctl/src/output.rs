@@ -189,6 +189,9 @@ pub(crate) struct DeliveryView {
     /// Set when the processor kept refusing it and it is no longer sent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) dead_lettered_at: Option<Time>,
+    /// An `update` or `extend` waiting for its processor's Deliver, not yet through.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) behind_deliver: bool,
 }
 
 impl From<&Delivery> for DeliveryView {
@@ -202,6 +205,7 @@ impl From<&Delivery> for DeliveryView {
             next_attempt_at: Time::from_proto(d.next_attempt_at.as_ref()),
             delivered_at: Time::from_proto(d.delivered_at.as_ref()),
             dead_lettered_at: Time::from_proto(d.dead_lettered_at.as_ref()),
+            behind_deliver: d.behind_deliver,
         }
     }
 }
@@ -218,18 +222,49 @@ impl DeliveryView {
         };
         format!("{} ({what})", self.operation)
     }
+
+    /// The state, and for one waiting for its Deliver, that it does.
+    pub(crate) fn state_cell(&self) -> String {
+        if self.behind_deliver {
+            format!("{} (after the deliver)", self.state)
+        } else {
+            self.state.clone()
+        }
+    }
+
+    /// When it got through, was dead-lettered, or is tried next: the one that applies.
+    pub(crate) fn when_cell(&self) -> String {
+        match (
+            self.delivered_at,
+            self.dead_lettered_at,
+            self.next_attempt_at,
+        ) {
+            (Some(at), _, _) => format!("delivered {at}"),
+            (None, Some(at), _) => format!("dead-lettered {at}"),
+            (None, None, Some(at)) => format!("next {at}"),
+            (None, None, None) => String::new(),
+        }
+    }
 }
 
 /// The table of `calls` (a request's calls that follow its deliveries, or a contract end's
 /// calls), with what each carries.
 pub(crate) fn calls_table(calls: &[DeliveryView]) -> String {
-    let mut t = Table::new(["PROCESSOR", "CALL", "STATE", "ATTEMPTS", "LAST ERROR"]);
+    let mut t = Table::new([
+        "PROCESSOR",
+        "CALL",
+        "STATE",
+        "ATTEMPTS",
+        "WHEN",
+        "LAST ERROR",
+    ]);
     for d in calls {
         t.row([
             d.processor.clone(),
             d.call(),
-            d.state.clone(),
+            d.state_cell(),
             d.attempts.to_string(),
+            d.when_cell(),
             d.last_error.clone(),
         ]);
     }
@@ -521,12 +556,13 @@ impl RequestView {
         if self.deliveries.is_empty() {
             out.push_str("(none)\n");
         } else {
-            let mut t = Table::new(["PROCESSOR", "STATE", "ATTEMPTS", "LAST ERROR"]);
+            let mut t = Table::new(["PROCESSOR", "STATE", "ATTEMPTS", "WHEN", "LAST ERROR"]);
             for d in &self.deliveries {
                 t.row([
                     d.processor.clone(),
                     d.state.clone(),
                     d.attempts.to_string(),
+                    d.when_cell(),
                     d.last_error.clone(),
                 ]);
             }
@@ -1093,7 +1129,7 @@ mod tests {
         assert!(text.contains("identities  EMAIL\n"), "{text}");
         assert!(!text.contains("maija"), "{text}");
         assert!(
-            text.contains("payroll-bureau  DELIVERED  2         connection refused"),
+            text.contains("payroll-bureau  DELIVERED  2         -     connection refused"),
             "{text}"
         );
         assert!(
@@ -1145,20 +1181,38 @@ mod tests {
             state: DeliveryState::Pending as i32,
             attempts: 3,
             last_error: "Unavailable: connection refused".into(),
+            next_attempt_at: ts(1_700_000_000),
             ..Default::default()
         }];
         let text = RequestView::from(&request).table();
         assert!(
             text.contains(
                 "\nCalls that follow\n\
-                 PROCESSOR       CALL                       STATE    ATTEMPTS  LAST ERROR\n\
+                 PROCESSOR       CALL                       STATE    ATTEMPTS  \
+                 WHEN                       LAST ERROR\n\
                  payroll-bureau  cancel (its cancellation)  PENDING  3         \
-                 Unavailable: connection refused\n\nTasks\n"
+                 next 2023-11-14T22:13:20Z  Unavailable: connection refused\n\nTasks\n"
             ),
             "{text}"
         );
+        // One waiting for its Deliver says so, and when it was dead-lettered shows too.
+        request.follow_up_deliveries[0].operation = "extend".into();
+        request.follow_up_deliveries[0].behind_deliver = true;
+        request.follow_up_deliveries[0].next_attempt_at = None;
+        request.deliveries[0].state = DeliveryState::DeadLettered as i32;
+        request.deliveries[0].dead_lettered_at = ts(1_700_000_000);
+        let text = RequestView::from(&request).table();
+        assert!(
+            text.contains("DEAD_LETTERED  2         dead-lettered 2023-11-14T22:13:20Z"),
+            "{text}"
+        );
+        assert!(
+            text.contains("extend (its due date)  PENDING (after the deliver)  3  "),
+            "{text}"
+        );
         let json = serde_json::to_value(RequestView::from(&request)).unwrap();
-        assert_eq!(json["follow_up_deliveries"][0]["operation"], "cancel");
+        assert_eq!(json["follow_up_deliveries"][0]["operation"], "extend");
+        assert_eq!(json["follow_up_deliveries"][0]["behind_deliver"], true);
     }
 
     #[test]

@@ -544,7 +544,7 @@ async fn refused_delivery_is_dead_lettered(backend: Backend) {
     .await;
     assert!(requeued.ok().contains(&id), "{}", requeued.stdout);
     assert!(
-        requeued.stderr.contains("requeued the delivery"),
+        requeued.stderr.contains("'s dead-lettered calls to"),
         "{}",
         requeued.stderr
     );

@@ -123,7 +123,8 @@ pub(crate) async fn run(
                 .into_inner();
             writeln!(
                 io.err,
-                "requeued the delivery of {} to {}",
+                "requeued request {}'s dead-lettered calls to {} (its Deliver, cancellation, \
+                 terms or due date: whichever were dead-lettered)",
                 clean(id),
                 clean(processor)
             )?;

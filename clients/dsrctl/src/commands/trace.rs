@@ -337,8 +337,8 @@ impl Render for TraceView {
                 }
                 (true, None) => format!("delivered ({} attempt(s))", p.attempts),
                 (false, _) if p.state == "DEAD_LETTERED" => format!(
-                    "DEAD_LETTERED delivery: {} attempt(s) failed, no longer sent (`{}` \
-                     sends it again)",
+                    "DEAD_LETTERED delivery: {} attempt(s) failed, no longer sent (an \
+                     operator's `{}` sends it again)",
                     p.attempts,
                     clean(&self.hint.command(&[
                         "deliveries",
@@ -359,10 +359,12 @@ impl Render for TraceView {
             out.push_str(&format!("{branch} {}  {delivery}\n", clean(&p.processor)));
             // Until they get through, the processor works under what it was sent before.
             for d in &p.calls_not_through {
-                let state = if d.state == "DEAD_LETTERED" {
+                let state = if d.behind_deliver {
+                    format!("{}: waits for the deliver, and goes after it", d.state)
+                } else if d.state == "DEAD_LETTERED" {
                     format!(
-                        "DEAD_LETTERED: {} attempt(s) failed, no longer sent (`{}` sends it \
-                         again)",
+                        "DEAD_LETTERED: {} attempt(s) failed, no longer sent (an operator's \
+                         `{}` sends it again)",
                         d.attempts,
                         self.hint.command(&[
                             "deliveries",
@@ -678,8 +680,8 @@ mod tests {
         assert!(
             text.contains(
                 "   cancel (its cancellation) DEAD_LETTERED: 3 attempt(s) failed, no longer \
-                 sent (`dsrctl deliveries requeue r-1 --processor payroll-bureau` sends it \
-                 again)\n"
+                 sent (an operator's `dsrctl deliveries requeue r-1 --processor \
+                 payroll-bureau` sends it again)\n"
             ),
             "{text}"
         );
@@ -691,6 +693,16 @@ mod tests {
         let json = serde_json::to_value(&view).unwrap();
         let calls = &json["processors"][0]["calls_not_through"];
         assert_eq!(calls.as_array().map(Vec::len), Some(2), "{json:#}");
+        // One that waits for its Deliver says so rather than count failed attempts.
+        let follow_ups = &mut list.request.as_mut().unwrap().follow_up_deliveries;
+        follow_ups[1].behind_deliver = true;
+        let text = TraceView::build(&list).to_table();
+        assert!(
+            text.contains(
+                "   extend (its due date) PENDING: waits for the deliver, and goes after it\n"
+            ),
+            "{text}"
+        );
     }
 
     /// A dead letter is not retried; a requeue says when it was sent again.
@@ -746,8 +758,8 @@ mod tests {
             endpoint: Some("https://registry.example:50051".into()),
             ..Default::default()
         });
-        let requeue = "(`dsrctl deliveries requeue r-1 --processor payroll-bureau --endpoint \
-                       https://registry.example:50051` sends it again)";
+        let requeue = "(an operator's `dsrctl deliveries requeue r-1 --processor payroll-bureau \
+                       --endpoint https://registry.example:50051` sends it again)";
         assert!(view.to_table().contains(requeue), "{}", view.to_table());
 
         let mut requeued = events;

@@ -226,9 +226,7 @@ fn view(
 ) -> Contract {
     Contract {
         // Operators only, who see why a call failed.
-        deliveries: (deliveries.into_iter())
-            .map(|d| super::views::delivery(super::views::Reader::Operator, d))
-            .collect(),
+        deliveries: super::views::calls(super::views::Reader::Operator, deliveries),
         contract_id: row.request_id.clone(),
         processor: row.processor.clone(),
         contract_end: Some(row.terms()),

@@ -643,11 +643,12 @@ impl Api {
         );
         let (message, details) = match refusal.retry_after {
             Some(wait) => {
-                let at = self
-                    .shared
-                    .clock
-                    .now_ms()
-                    .saturating_add(wait.as_millis() as i64);
+                // Up to the second the label names: a retry at that second finds the token.
+                let at = (self.shared.clock.now_ms())
+                    .saturating_add(wait.as_millis() as i64)
+                    .saturating_add(999)
+                    / 1000
+                    * 1000;
                 let message = format!(
                     "{quota} is used up; nothing was stored: try again in {} (at {})",
                     crate::quota::describe(wait),

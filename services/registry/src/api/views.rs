@@ -47,9 +47,8 @@ pub(crate) fn request_for(
         .and_then(|b| SubmitRequest::decode(b).ok());
     let overdue = row.overdue(now);
     let extension_reasons = serde_json::from_str(&row.extension_reasons).unwrap_or_default();
-    let (delivered, follow_ups) = deliveries
+    let (delivered, follow_ups) = calls(reader, deliveries)
         .into_iter()
-        .map(|d| delivery(reader, d))
         .partition(|d| d.operation == Operation::Deliver.as_str());
     let (identities, scope, parameters, note) = match &body {
         Some(b) => (
@@ -84,11 +83,37 @@ pub(crate) fn request_for(
     }
 }
 
+/// A request's delivery rows as `reader` is shown them: each processor's Deliver and the
+/// calls that follow it, those that wait for a Deliver not yet through marked so
+/// ([`Delivery::behind_deliver`]).
+pub(crate) fn calls(reader: Reader, rows: Vec<DeliveryRow>) -> Vec<Delivery> {
+    let mut calls: Vec<Delivery> = rows.into_iter().map(|d| delivery(reader, d)).collect();
+    let through: std::collections::HashSet<String> = (calls.iter())
+        .filter(|d| d.operation == Operation::Deliver.as_str())
+        .filter(|d| d.state == DeliveryState::Delivered as i32)
+        .map(|d| d.processor.clone())
+        .collect();
+    // Only these two wait for the Deliver (`Store::claim_deliveries`); a cancellation goes
+    // whether the Deliver got through or not.
+    let waits = [Operation::Update.as_str(), Operation::Extend.as_str()];
+    for d in &mut calls {
+        if waits.contains(&d.operation.as_str())
+            && d.state == DeliveryState::Pending as i32
+            && !through.contains(&d.processor)
+        {
+            d.behind_deliver = true;
+            d.next_attempt_at = None;
+        }
+    }
+    calls
+}
+
 /// A delivery row as `reader` is shown it: a request's Deliver to a processor, or a call
 /// that follows it.
-pub(crate) fn delivery(reader: Reader, d: DeliveryRow) -> Delivery {
+fn delivery(reader: Reader, d: DeliveryRow) -> Delivery {
     Delivery {
         operation: d.op.to_string(),
+        behind_deliver: false,
         processor: d.processor,
         state: if d.withdrawn_at.is_some() {
             DeliveryState::Cancelled
@@ -208,6 +233,55 @@ mod tests {
             span_id: None,
             progress: None,
         }
+    }
+
+    /// An extension or new terms wait for a Deliver that has not got through, and say so
+    /// with no next attempt (the claim does not take them before it); a cancellation goes
+    /// regardless. Before, a dead-lettered Deliver's extension read PENDING with a next
+    /// attempt long past, as if it were being retried.
+    #[test]
+    fn calls_behind_a_deliver_not_yet_through_say_so() {
+        let row = |op, dead: bool, done: bool| DeliveryRow {
+            op,
+            last_error: None,
+            dead_lettered_at: dead.then_some(4_000),
+            done_at: done.then_some(4_500),
+            ..failed_delivery()
+        };
+        let behind = |deliver: DeliveryRow| {
+            let rows = vec![
+                deliver,
+                row(Operation::Cancel, false, false),
+                row(Operation::Extend, false, false),
+                row(Operation::Update, false, false),
+                row(Operation::Extend, false, true),
+            ];
+            calls(Reader::Operator, rows)
+                .into_iter()
+                .map(|d| (d.operation, d.behind_deliver, d.next_attempt_at.is_some()))
+                .collect::<Vec<_>>()
+        };
+        let s = |op: &str, behind, next| (op.to_string(), behind, next);
+        assert_eq!(
+            behind(row(Operation::Deliver, true, false)),
+            [
+                s("deliver", false, false),
+                s("cancel", false, true),
+                s("extend", true, false),
+                s("update", true, false),
+                s("extend", false, false),
+            ]
+        );
+        assert_eq!(
+            behind(row(Operation::Deliver, false, true)),
+            [
+                s("deliver", false, false),
+                s("cancel", false, true),
+                s("extend", false, true),
+                s("update", false, true),
+                s("extend", false, false),
+            ]
+        );
     }
 
     #[test]
