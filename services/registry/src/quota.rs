@@ -41,9 +41,8 @@ pub(crate) struct Limits {
 pub(crate) struct Refusal {
     /// The partner's limits.
     pub limits: Limits,
-    /// How long until the bucket holds the tokens asked for; `None` when it never will
-    /// (more asked at once than `burst`).
-    pub retry_after: Option<Duration>,
+    /// How long until the bucket holds a token.
+    pub retry_after: Duration,
     /// `Some(refusals)` when this refusal is to be logged: the refusals of this partner since
     /// the last one logged, this one included. `None` within [`WARN_EVERY`] of the last.
     pub log: Option<u64>,
@@ -91,9 +90,9 @@ impl SubmitQuotas {
         Self { partners }
     }
 
-    /// Takes `n` tokens of `partner`'s bucket at `now`, or says why not (and then takes
-    /// none). A partner without a quota always passes.
-    pub(crate) fn take(&self, partner: &str, n: u32, now: Instant) -> Result<(), Refusal> {
+    /// Takes a token of `partner`'s bucket at `now`, or says why not (and then takes none).
+    /// A partner without a quota always passes.
+    pub(crate) fn take(&self, partner: &str, now: Instant) -> Result<(), Refusal> {
         let Some((limits, bucket)) = self.partners.get(partner) else {
             return Ok(());
         };
@@ -105,22 +104,20 @@ impl SubmitQuotas {
         let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
         b.tokens = (b.tokens + elapsed * limits.per_second).min(burst);
         b.at = b.at.max(now);
-        let wanted = f64::from(n);
         // Refilled in many small steps, the tokens fall short of a whole one by float dust
         // (0.9999999999) at the time the last refusal named: that much is forgiven.
-        if b.tokens + TOKEN_DUST >= wanted {
-            b.tokens = (b.tokens - wanted).max(0.0);
+        if b.tokens + TOKEN_DUST >= 1.0 {
+            b.tokens = (b.tokens - 1.0).max(0.0);
             return Ok(());
         }
-        let retry_after = (n <= limits.burst).then(|| {
-            let seconds = (wanted - b.tokens) / limits.per_second;
+        let retry_after = {
+            let seconds = (1.0 - b.tokens) / limits.per_second;
             // To the microsecond first, so that float noise (60.000000001 ms) does not add a
             // millisecond; then up to the millisecond, so that a retry after it finds the
-            // token there. At most 10^10 s (the largest burst at the slowest rate): no
-            // overflow, and `as` saturates anyway.
+            // token there. At most 10^4 s (one token at the slowest rate): no overflow.
             let micros = (seconds * 1_000_000.0).round() as u64;
             Duration::from_millis(micros.div_ceil(1000).max(1))
-        });
+        };
         b.unlogged += 1;
         let log = match b.warned_at {
             Some(at) if now.saturating_duration_since(at) < WARN_EVERY => None,
@@ -224,62 +221,47 @@ mod tests {
         let t0 = Instant::now();
         let q = SubmitQuotas::new(&config(quota(10.0, 3)), t0);
         for _ in 0..3 {
-            q.take("crm", 1, t0).unwrap();
+            q.take("crm", t0).unwrap();
         }
-        let refused = q.take("crm", 1, t0).unwrap_err();
+        let refused = q.take("crm", t0).unwrap_err();
         // One token every 100 ms.
-        assert_eq!(refused.retry_after, Some(ms(100)));
+        assert_eq!(refused.retry_after, ms(100));
         assert_eq!(refused.limits.burst, 3);
         assert_eq!(refused.limits.burst_key, "submit_quota.burst");
         // 40 ms later 0.4 of a token is there: 60 ms to go.
-        let refused = q.take("crm", 1, t0 + ms(40)).unwrap_err();
-        assert_eq!(refused.retry_after, Some(ms(60)));
-        q.take("crm", 1, t0 + ms(100)).unwrap();
-        q.take("crm", 1, t0 + ms(100)).unwrap_err();
+        let refused = q.take("crm", t0 + ms(40)).unwrap_err();
+        assert_eq!(refused.retry_after, ms(60));
+        q.take("crm", t0 + ms(100)).unwrap();
+        q.take("crm", t0 + ms(100)).unwrap_err();
         // A long quiet spell fills the bucket to its burst, no further.
         let later = t0 + Duration::from_secs(3600);
         for _ in 0..3 {
-            q.take("crm", 1, later).unwrap();
+            q.take("crm", later).unwrap();
         }
-        assert!(q.take("crm", 1, later).is_err());
+        assert!(q.take("crm", later).is_err());
     }
 
     #[test]
     fn a_refusal_takes_no_token() {
         let t0 = Instant::now();
         let q = SubmitQuotas::new(&config(quota(10.0, 1)), t0);
-        q.take("crm", 1, t0).unwrap();
+        q.take("crm", t0).unwrap();
         // Refused again and again, it still gets its token when the first comes.
         for i in 0..10 {
-            assert!(q.take("crm", 1, t0 + ms(i * 9)).is_err());
+            assert!(q.take("crm", t0 + ms(i * 9)).is_err());
         }
-        q.take("crm", 1, t0 + ms(100)).unwrap();
-    }
-
-    #[test]
-    fn more_at_once_than_the_burst_is_refused_without_a_retry_time() {
-        let t0 = Instant::now();
-        let q = SubmitQuotas::new(&config(quota(1.0, 3)), t0);
-        let refused = q.take("crm", 4, t0).unwrap_err();
-        assert_eq!(refused.retry_after, None);
-        // And it took nothing.
-        q.take("crm", 3, t0).unwrap();
-        // Several at once wait for all of them.
-        assert_eq!(
-            q.take("crm", 2, t0).unwrap_err().retry_after,
-            Some(ms(2000))
-        );
+        q.take("crm", t0 + ms(100)).unwrap();
     }
 
     #[test]
     fn partners_have_buckets_of_their_own_and_operators_none() {
         let t0 = Instant::now();
         let q = SubmitQuotas::new(&config(quota(0.001, 1)), t0);
-        q.take("crm", 1, t0).unwrap();
-        assert!(q.take("crm", 1, t0).is_err());
-        q.take("webform", 1, t0).unwrap();
+        q.take("crm", t0).unwrap();
+        assert!(q.take("crm", t0).is_err());
+        q.take("webform", t0).unwrap();
         for _ in 0..100 {
-            q.take("ops", 1, t0).unwrap();
+            q.take("ops", t0).unwrap();
         }
         let mut names: Vec<_> = q.partners.keys().map(String::as_str).collect();
         names.sort();
@@ -292,7 +274,7 @@ mod tests {
         let q = SubmitQuotas::new(&config(SubmitQuotaConfig::default()), t0);
         assert_eq!(q.partners.len(), 0);
         for _ in 0..1000 {
-            q.take("crm", 1, t0).unwrap();
+            q.take("crm", t0).unwrap();
         }
     }
 
@@ -308,12 +290,16 @@ mod tests {
         );
         let t0 = Instant::now();
         let q = SubmitQuotas::new(&config(c), t0);
-        q.take("crm", 2, t0).unwrap();
-        let refused = q.take("crm", 1, t0).unwrap_err();
+        for _ in 0..2 {
+            q.take("crm", t0).unwrap();
+        }
+        let refused = q.take("crm", t0).unwrap_err();
         assert_eq!(refused.limits.burst_key, "submit_quota.partners.crm.burst");
         assert_eq!(refused.limits.per_second_key, "submit_quota.per_second");
-        assert_eq!(refused.retry_after, Some(ms(1000)));
-        q.take("webform", 5, t0).unwrap();
+        assert_eq!(refused.retry_after, ms(1000));
+        for _ in 0..5 {
+            q.take("webform", t0).unwrap();
+        }
 
         // Without the table's limits only the partner that sets both has a quota.
         let mut c = SubmitQuotaConfig::default();
@@ -332,19 +318,16 @@ mod tests {
     fn refusals_are_logged_at_most_once_a_second_with_those_left_out_counted() {
         let t0 = Instant::now();
         let q = SubmitQuotas::new(&config(quota(0.001, 1)), t0);
-        q.take("crm", 1, t0).unwrap();
-        q.take("webform", 1, t0).unwrap();
-        let logged = |at: Duration| q.take("crm", 1, t0 + at).unwrap_err().log;
+        q.take("crm", t0).unwrap();
+        q.take("webform", t0).unwrap();
+        let logged = |at: Duration| q.take("crm", t0 + at).unwrap_err().log;
         assert_eq!(logged(ms(0)), Some(1));
         assert_eq!(logged(ms(10)), None);
         assert_eq!(logged(ms(999)), None);
         assert_eq!(logged(ms(1000)), Some(3));
         assert_eq!(logged(ms(1001)), None);
         // Another partner's refusals are logged on their own.
-        assert_eq!(
-            q.take("webform", 1, t0 + ms(1001)).unwrap_err().log,
-            Some(1)
-        );
+        assert_eq!(q.take("webform", t0 + ms(1001)).unwrap_err().log, Some(1));
         assert_eq!(logged(ms(5000)), Some(2));
     }
 
@@ -352,9 +335,9 @@ mod tests {
     fn a_clock_reading_older_than_the_last_adds_nothing() {
         let t0 = Instant::now() + Duration::from_secs(10);
         let q = SubmitQuotas::new(&config(quota(10.0, 1)), t0);
-        q.take("crm", 1, t0).unwrap();
-        let refused = q.take("crm", 1, t0 - ms(50)).unwrap_err();
-        assert_eq!(refused.retry_after, Some(ms(100)));
+        q.take("crm", t0).unwrap();
+        let refused = q.take("crm", t0 - ms(50)).unwrap_err();
+        assert_eq!(refused.retry_after, ms(100));
     }
 
     #[test]

@@ -81,7 +81,7 @@ impl RequestService for Api {
         let caller = self.partner_api_caller(&req)?;
         // First, so that a flood costs no store read (not even a retry's look-up).
         if caller.role == Party::Partner {
-            self.take_submit_quota(&caller.name, 1)?;
+            self.take_submit_quota(&caller.name)?;
         }
         let trace_id = trace_context::trace_id_of(&span)
             .or_else(|| CallerTrace::of(&req).map(|t| t.trace_id().to_string()))
@@ -626,58 +626,47 @@ fn submitted(answer: SubmitResponse, kind: i32) -> SubmitResponse {
 }
 
 impl Api {
-    /// Takes `n` Submits of `partner`'s quota (`[submit_quota]`), or refuses them all with
+    /// Takes a Submit of `partner`'s quota (`[submit_quota]`), or refuses it with
     /// RESOURCE_EXHAUSTED naming the quota's keys, with a `google.rpc.RetryInfo` of the time
-    /// until the bucket holds them; each refusal is counted, and logged at most once a second
+    /// until the bucket holds a token; each refusal is counted, and logged at most once a second
     /// per partner ([`crate::quota::WARN_EVERY`]) so that a flood does not flood the log.
-    fn take_submit_quota(&self, partner: &str, n: u32) -> Result<(), Status> {
+    fn take_submit_quota(&self, partner: &str) -> Result<(), Status> {
         let now = std::time::Instant::now();
-        let Err(refusal) = self.shared.submit_quotas.take(partner, n, now) else {
+        let Err(refusal) = self.shared.submit_quotas.take(partner, now) else {
             return Ok(());
         };
         self.shared.metrics.submits_refused.inc(&[partner]);
         let l = &refusal.limits;
-        let quota = format!(
-            "the Submit quota of partner {partner} ({} at once, {}; then {} a second, {})",
-            l.burst, l.burst_key, l.per_second, l.per_second_key
+        let wait = refusal.retry_after;
+        // Up to the second the label names: a retry at that second finds the token.
+        let at = (self.shared.clock.now_ms())
+            .saturating_add(wait.as_millis() as i64)
+            .saturating_add(999)
+            / 1000
+            * 1000;
+        let message = format!(
+            "the Submit quota of partner {partner} ({} at once, {}; then {} a second, {}) is \
+             used up; nothing was stored: try again in {} (at {})",
+            l.burst,
+            l.burst_key,
+            l.per_second,
+            l.per_second_key,
+            crate::quota::describe(wait),
+            dsrelay_runtime::clock::date_label(at)
         );
-        let (message, details) = match refusal.retry_after {
-            Some(wait) => {
-                // Up to the second the label names: a retry at that second finds the token.
-                let at = (self.shared.clock.now_ms())
-                    .saturating_add(wait.as_millis() as i64)
-                    .saturating_add(999)
-                    / 1000
-                    * 1000;
-                let message = format!(
-                    "{quota} is used up; nothing was stored: try again in {} (at {})",
-                    crate::quota::describe(wait),
-                    dsrelay_runtime::clock::date_label(at)
-                );
-                (message, ErrorDetails::with_retry_info(Some(wait)))
-            }
-            None => {
-                let message = format!(
-                    "{n} Submits at once are more than {quota} ever allows; nothing was \
-                     stored: send at most {} at once",
-                    l.burst
-                );
-                (message, ErrorDetails::new())
-            }
-        };
         if let Some(refused) = refusal.log {
             // `refused`: this partner's refusals since the last line, this one included.
             tracing::warn!(
                 partner,
                 refused,
-                retry_after_ms = refusal.retry_after.map(|d| d.as_millis() as u64),
+                retry_after_ms = wait.as_millis() as u64,
                 "Submit refused: the partner's Submit quota is used up"
             );
         }
         Err(Status::with_error_details(
             Code::ResourceExhausted,
             message,
-            details,
+            ErrorDetails::with_retry_info(Some(wait)),
         ))
     }
 
