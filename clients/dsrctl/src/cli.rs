@@ -462,7 +462,9 @@ pub enum CertificateCommand {
     /// Check a certificate file offline against the processor's public key, given with
     /// --public-key PUBKEY (or --key PUBKEY: verify connects to nothing, so it names no TLS
     /// key here), and print what it certifies; exits 1 when any byte of it was changed or
-    /// another key signed it.
+    /// another key signed it. A revoked key (`revoked_public_keys`) is not checked here: the
+    /// file does not hold when the registry received it, so revocations are applied by the
+    /// registry only (`certificate get` refuses what it reads as rejected).
     Verify(CertificateVerifyArgs),
 }
 
@@ -517,7 +519,8 @@ pub enum ReceiptCommand {
     /// --public-key PUBKEY (or --key PUBKEY: verify connects to nothing, so it names no TLS
     /// key here), and print what it attests; exits 1 when the receipt is unsigned, any of
     /// its fields was changed or another key signed it. Reads only the file `receipt get`
-    /// writes.
+    /// writes. A revoked key (`revoked_public_keys`) is not checked here: the file does not
+    /// hold when the registry received it, so revocations are applied by the registry only.
     Verify(ReceiptVerifyArgs),
 }
 

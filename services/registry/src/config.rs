@@ -11,7 +11,7 @@ use dsrelay_runtime::config::{
     MAX_DURATION_MS, MAX_RETENTION_DAYS,
 };
 use dsrelay_runtime::settings::{Defaults, ServiceConfig, ServiceSettings};
-use dsrelay_runtime::signing::{KeyRing, PublicKey};
+use dsrelay_runtime::signing::{KeyRing, PublicKey, Revocation};
 use serde::{Deserialize, Deserializer, Serialize};
 use tonic::transport::Uri;
 
@@ -157,13 +157,34 @@ pub struct ProcessorConfig {
     /// signed with it read as rejected. Needs `public_key`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub previous_public_keys: Vec<String>,
+    /// Keys revoked as of a time (one that leaked, say): a certificate signed with one stays
+    /// verified if the registry stored it before `revoked_at`, and one arriving at or after
+    /// it is rejected, whatever dates its body gives. Needs `public_key`; a key listed here
+    /// may not also be `public_key` or in `previous_public_keys`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_public_keys: Vec<RevokedKey>,
+}
+
+/// A key revoked as of a time: `{ key = "...", revoked_at = "2026-11-30T12:00:00Z" }`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RevokedKey {
+    /// The key, given as `public_key` is.
+    pub key: String,
+    /// From when (RFC 3339) what it signed is no longer trusted when it reaches the registry;
+    /// may be in the future, to schedule a revocation.
+    pub revoked_at: String,
 }
 
 impl ProcessorConfig {
     /// The keys its certificates are checked with, read from the settings (a file where one
     /// is named); `None` without a `public_key`.
     pub fn key_ring(&self) -> anyhow::Result<Option<KeyRing>> {
-        key_ring(self.public_key.as_deref(), &self.previous_public_keys)
+        key_ring(
+            self.public_key.as_deref(),
+            &self.previous_public_keys,
+            &self.revoked_public_keys,
+        )
     }
 }
 
@@ -195,23 +216,40 @@ pub struct RecipientConfig {
     /// processor's `previous_public_keys`. Needs `public_key`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub previous_public_keys: Vec<String>,
+    /// Keys revoked as of a time, as a processor's `revoked_public_keys`: a receipt signed
+    /// with one is taken only when the acknowledgement or answer carrying it reaches the
+    /// registry before `revoked_at`, and the key is no longer sent to the processors then.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_public_keys: Vec<RevokedKey>,
 }
 
 impl RecipientConfig {
     /// The keys its receipts are checked with; `None` without a `public_key`.
     pub fn key_ring(&self) -> anyhow::Result<Option<KeyRing>> {
-        key_ring(self.public_key.as_deref(), &self.previous_public_keys)
+        key_ring(
+            self.public_key.as_deref(),
+            &self.previous_public_keys,
+            &self.revoked_public_keys,
+        )
     }
 }
 
-/// The ring of `public_key` and `previous`, each read as a key or from the file it names;
-/// `None` without a `public_key` (and then no `previous` either).
-fn key_ring(public_key: Option<&str>, previous: &[String]) -> anyhow::Result<Option<KeyRing>> {
+/// The ring of `public_key`, `previous` and `revoked`, each key read as a key or from the
+/// file it names; `None` without a `public_key` (and then no `previous` or `revoked`).
+fn key_ring(
+    public_key: Option<&str>,
+    previous: &[String],
+    revoked: &[RevokedKey],
+) -> anyhow::Result<Option<KeyRing>> {
     use anyhow::Context;
     let Some(current) = public_key else {
         anyhow::ensure!(
             previous.is_empty(),
             "previous_public_keys needs a public_key (the key it signs with now)"
+        );
+        anyhow::ensure!(
+            revoked.is_empty(),
+            "revoked_public_keys needs a public_key (the key it signs with now)"
         );
         return Ok(None);
     };
@@ -223,8 +261,20 @@ fn key_ring(public_key: Option<&str>, previous: &[String]) -> anyhow::Result<Opt
             PublicKey::from_config(k).with_context(|| format!("previous_public_keys[{i}]"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    KeyRing::new(current, previous)
-        .context("previous_public_keys")
+    let ring = KeyRing::new(current, previous).context("previous_public_keys")?;
+    let revoked = revoked
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let key = PublicKey::from_config(&r.key)
+                .with_context(|| format!("revoked_public_keys[{i}].key"))?;
+            let revoked_at_ms = dsrelay_runtime::signing::parse_revoked_at(&r.revoked_at)
+                .with_context(|| format!("revoked_public_keys[{i}].revoked_at"))?;
+            Ok(Revocation { key, revoked_at_ms })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    ring.with_revoked(revoked)
+        .context("revoked_public_keys")
         .map(Some)
 }
 
@@ -588,13 +638,24 @@ impl ServiceConfig for Config {
     fn relative_to(&mut self, dir: &Path) {
         self.service.relative_to(dir);
         self.audit.relative_to(dir);
-        let processors =
-            (self.processors.iter_mut()).map(|p| (&mut p.public_key, &mut p.previous_public_keys));
-        let recipients =
-            (self.recipients.iter_mut()).map(|r| (&mut r.public_key, &mut r.previous_public_keys));
-        for (current, previous) in processors.chain(recipients) {
+        let processors = (self.processors.iter_mut()).map(|p| {
+            (
+                &mut p.public_key,
+                &mut p.previous_public_keys,
+                &mut p.revoked_public_keys,
+            )
+        });
+        let recipients = (self.recipients.iter_mut()).map(|r| {
+            (
+                &mut r.public_key,
+                &mut r.previous_public_keys,
+                &mut r.revoked_public_keys,
+            )
+        });
+        for (current, previous, revoked) in processors.chain(recipients) {
+            let revoked = revoked.iter_mut().map(|r| &mut r.key);
             // A key given inline stays as it is; a relative file name is the config's.
-            for key in current.iter_mut().chain(previous) {
+            for key in current.iter_mut().chain(previous).chain(revoked) {
                 if PublicKey::parse(key).is_err() && Path::new(key.as_str()).is_relative() {
                     *key = dir.join(key.as_str()).to_string_lossy().into_owned();
                 }
@@ -1025,6 +1086,120 @@ mod tests {
             "processors[0].previous_public_keys needs a public_key",
             "processors[1].previous_public_keys: previous key 0 is the current key again",
             "processors[2].previous_public_keys[0]: reading the public key",
+        ] {
+            assert!(said.contains(expected), "{expected}: {said}");
+        }
+    }
+
+    /// Revoked keys are read with the others: a future revocation is taken (scheduled), a
+    /// relative key file is the config folder's, and a revoked key that is also trusted, a
+    /// date that is none, a key file that is not there and a revocation without a current
+    /// key are each reported, naming the entry's key, together with the other errors.
+    #[test]
+    fn revoked_keys_are_checked_when_the_file_is_loaded() {
+        use dsrelay_runtime::signing::SigningKey;
+        let (key, leaked) = (
+            SigningKey::generate().public_key().to_base64(),
+            SigningKey::generate().public_key().to_base64(),
+        );
+        let revoked = |k: &str, at: &str| format!("{{ key = {k:?}, revoked_at = {at:?} }}");
+        let processor = |name: &str, keys: &str| {
+            format!(
+                "[[processors]]\nname = \"{name}\"\nendpoint = \"https://{name}:1\"\n\
+                 identity = \"spiffe://x/{name}\"\ncategories = [\"c\"]\n{keys}\n"
+            )
+        };
+        let recipient = |name: &str, keys: &str| {
+            format!(
+                "[[recipients]]\nname = \"{name}\"\nendpoint = \"https://{name}:1\"\n\
+                 identity = \"spiffe://y/{name}\"\n{keys}\n"
+            )
+        };
+        let good = [
+            processor(
+                "a",
+                &format!(
+                    "public_key = {key:?}\nrevoked_public_keys = [{}, {}]",
+                    revoked(&leaked, "2026-11-30T12:00:00Z"),
+                    revoked("keys/old.pub.pem", "2999-01-01T00:00:00+02:00"),
+                ),
+            ),
+            recipient(
+                "r",
+                &format!(
+                    "public_key = {key:?}\nrevoked_public_keys = [{}]",
+                    revoked(&leaked, "2026-11-30T12:00:00Z")
+                ),
+            ),
+        ]
+        .concat();
+        let (dir, file) = folder(&good);
+        std::fs::create_dir(dir.path().join("keys")).unwrap();
+        let old = SigningKey::generate();
+        old.write(&dir.path().join("keys/old.key")).unwrap();
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        let path = dir.path().join("keys/old.pub.pem");
+        assert_eq!(
+            c.processors[0].revoked_public_keys[1].key,
+            path.to_str().unwrap()
+        );
+        let ring = c.processors[0].key_ring().unwrap().unwrap();
+        let scheduled = ring.revocation(&old.public_key().key_id()).unwrap();
+        assert_eq!(scheduled.revoked_at_ms, 32_472_136_800_000);
+        assert_eq!(ring.revoked().len(), 2);
+        let ring = c.recipients[0].key_ring().unwrap().unwrap();
+        assert_eq!(ring.revoked()[0].revoked_at_ms, 1_796_040_000_000);
+
+        let bad = [
+            processor(
+                "a",
+                &format!(
+                    "public_key = {key:?}\nrevoked_public_keys = [{}]",
+                    revoked(&key, "2026-11-30T12:00:00Z")
+                ),
+            ),
+            processor(
+                "b",
+                &format!(
+                    "public_key = {key:?}\nprevious_public_keys = [{leaked:?}]\n\
+                     revoked_public_keys = [{}]",
+                    revoked(&leaked, "2026-11-30T12:00:00Z")
+                ),
+            ),
+            processor(
+                "c",
+                &format!(
+                    "public_key = {key:?}\nrevoked_public_keys = [{}]",
+                    revoked(&leaked, "30 Nov 2026")
+                ),
+            ),
+            processor(
+                "d",
+                &format!(
+                    "revoked_public_keys = [{}]",
+                    revoked(&leaked, "2026-11-30T12:00:00Z")
+                ),
+            ),
+            recipient(
+                "r",
+                &format!(
+                    "public_key = {key:?}\nrevoked_public_keys = [{}]",
+                    revoked("gone.pem", "2026-11-30T12:00:00Z")
+                ),
+            ),
+            "[contracts]\ngrace_months = 0\n".to_string(),
+        ]
+        .concat();
+        let (_dir, file) = folder(&bad);
+        let errors = Config::load_from(Some(&file), env(&[])).unwrap_err().0;
+        let said = errors.join("\n");
+        for expected in [
+            "processors[0].revoked_public_keys: revoked key 0 is the current key too",
+            "processors[1].revoked_public_keys: revoked key 0 is previous key 0 too",
+            "processors[2].revoked_public_keys[0].revoked_at: \"30 Nov 2026\" is not an RFC 3339",
+            "processors[3].revoked_public_keys needs a public_key",
+            "recipients[0].revoked_public_keys[0].key: reading the public key",
+            "contracts.grace_months: must be 1 to 120",
         ] {
             assert!(said.contains(expected), "{expected}: {said}");
         }
@@ -1494,6 +1669,7 @@ mod tests {
                 description: "the accounting firm a customer moves to".into(),
                 public_key: None,
                 previous_public_keys: Vec::new(),
+                revoked_public_keys: Vec::new(),
             }]
         );
         assert_eq!(c.known_recipients(), ["new-bookkeeper"].into());
@@ -1653,6 +1829,7 @@ mod tests {
                 "categories",
                 "public_key",
                 "previous_public_keys",
+                "revoked_public_keys",
             ],
         ),
         ("identities", &["identity", "role", "name"]),
@@ -1665,6 +1842,7 @@ mod tests {
                 "description",
                 "public_key",
                 "previous_public_keys",
+                "revoked_public_keys",
             ],
         ),
     ];

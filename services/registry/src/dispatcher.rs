@@ -505,10 +505,13 @@ fn deliver_request(
 
 /// The recipient named `name` as the processors are to have it, from the configuration read
 /// at the start: where it receives, the identity it must present, and the keys its receipts
-/// are checked with (so a processor refuses a receipt the registry would refuse).
+/// are checked with (so a processor refuses a receipt the registry would refuse): a revoked
+/// key only until its `revoked_at`. A processor holding a Deliver sent before then still
+/// takes what the key signs after it, and the registry refuses that when it arrives.
 fn recipient(shared: &Shared, name: &str) -> Option<TransferRecipient> {
     let mut to = shared.config.recipient(name)?;
     if let Some(keys) = shared.store.receipt_keys(name) {
+        let keys = keys.as_of(shared.clock.now_ms());
         to.public_keys = keys.keys().iter().map(|k| k.to_base64()).collect();
     }
     Some(to)

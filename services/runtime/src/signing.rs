@@ -154,6 +154,19 @@ pub enum VerifyError {
     /// The signature is right but the body is not a canonical JSON object.
     #[error("the signed body is not canonical json: {0}")]
     NotCanonical(String),
+    /// Signed with a key revoked at or before the time the document was received
+    /// ([`KeyRing::verify_received`]): whoever holds the key may have signed it since, and
+    /// could write any date inside it.
+    #[error(
+        "signed with key {key_id}, which was revoked at {revoked_at}, no later than this \
+         document was received"
+    )]
+    Revoked {
+        /// The id of the revoked key.
+        key_id: String,
+        /// When it was revoked, RFC 3339.
+        revoked_at: String,
+    },
 }
 
 /// An Ed25519 private key that signs documents.
@@ -332,14 +345,59 @@ pub fn is_key_id(key_id: &str) -> bool {
         .is_some_and(crate::export_files::is_sha256)
 }
 
+/// A key taken out of a [`KeyRing`] as of a time (one that leaked, say): what was received
+/// before `revoked_at_ms` still verifies under it, nothing received at or after it does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// The revoked key.
+    pub key: PublicKey,
+    /// When it was revoked, in milliseconds since the Unix epoch.
+    pub revoked_at_ms: i64,
+}
+
+impl Revocation {
+    /// `revoked_at_ms` as RFC 3339 (UTC), as error messages name it.
+    pub fn revoked_at(&self) -> String {
+        chrono::DateTime::from_timestamp_millis(self.revoked_at_ms).map_or_else(
+            || format!("{} ms since the epoch", self.revoked_at_ms),
+            |t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+        )
+    }
+
+    /// Whether the key still verifies a document received at `received_at_ms`.
+    pub fn trusts_received(&self, received_at_ms: i64) -> bool {
+        received_at_ms < self.revoked_at_ms
+    }
+
+    /// The error of a document signed with the key and received too late.
+    fn error(&self) -> VerifyError {
+        VerifyError::Revoked {
+            key_id: self.key.key_id(),
+            revoked_at: self.revoked_at(),
+        }
+    }
+}
+
+/// Reads an RFC 3339 time (`2026-11-30T12:00:00Z`, any offset) as milliseconds since the
+/// Unix epoch, as a [`Revocation`] holds it.
+pub fn parse_revoked_at(text: &str) -> Result<i64> {
+    let t = chrono::DateTime::parse_from_rfc3339(text.trim()).with_context(|| {
+        format!("{text:?} is not an RFC 3339 time such as 2026-11-30T12:00:00Z")
+    })?;
+    Ok(t.timestamp_millis())
+}
+
 /// The public keys one party's documents are checked with: the key it signs with now, and
 /// those it signed with before a rotation, so that what it signed then still verifies. A
-/// document is checked with the key its key id names; a key taken out of the ring (one that
-/// leaked, say) verifies nothing any more.
+/// document is checked with the key its key id names; a key taken out of the ring verifies
+/// nothing any more, and a revoked one ([`Revocation`]) only what was received before its
+/// revocation ([`KeyRing::verify_received`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRing {
     /// The key it signs with now first, then the earlier ones.
     keys: Vec<PublicKey>,
+    /// Keys revoked as of a time.
+    revoked: Vec<Revocation>,
 }
 
 impl KeyRing {
@@ -357,7 +415,36 @@ impl KeyRing {
             }
             keys.push(key);
         }
-        Ok(Self { keys })
+        Ok(Self {
+            keys,
+            revoked: Vec::new(),
+        })
+    }
+
+    /// The ring with `revoked` added; refuses a revoked key that is also in the ring (a key
+    /// cannot be trusted and revoked at once) or revoked twice, naming its place in
+    /// `revoked` (0-based).
+    pub fn with_revoked(mut self, revoked: Vec<Revocation>) -> Result<Self> {
+        for (i, r) in revoked.into_iter().enumerate() {
+            if let Some(j) = self.keys.iter().position(|k| *k == r.key) {
+                let listed = match j {
+                    0 => "the current key".to_string(),
+                    j => format!("previous key {}", j - 1),
+                };
+                anyhow::bail!(
+                    "revoked key {i} is {listed} too ({}): a key is either trusted or revoked",
+                    r.key.key_id()
+                );
+            }
+            if let Some(j) = self.revoked.iter().position(|k| k.key == r.key) {
+                anyhow::bail!(
+                    "revoked key {i} is revoked key {j} again ({})",
+                    r.key.key_id()
+                );
+            }
+            self.revoked.push(r);
+        }
+        Ok(self)
     }
 
     /// The key the party signs with now.
@@ -367,6 +454,8 @@ impl KeyRing {
 
     /// Checks `doc` with the ring's key its key id names ([`PublicKey::verify`]); one signed
     /// with a key outside the ring is [`VerifyError::WrongKey`], expecting the current key.
+    /// A revoked key verifies nothing here, since no time of receipt is given: see
+    /// [`KeyRing::verify_received`].
     pub fn verify(&self, doc: &Signed) -> Result<Value, VerifyError> {
         match self.keys.iter().find(|k| k.key_id() == doc.key_id) {
             Some(key) => key.verify(doc),
@@ -374,12 +463,53 @@ impl KeyRing {
         }
     }
 
-    /// Every key of the ring: the current one first, then the earlier ones.
+    /// [`KeyRing::verify`] of a document the checker received at `received_at_ms` (its own
+    /// clock, never a date the document gives): a revoked key verifies it if it was received
+    /// before the revocation, and else it is [`VerifyError::Revoked`].
+    pub fn verify_received(&self, doc: &Signed, received_at_ms: i64) -> Result<Value, VerifyError> {
+        match self.revocation(&doc.key_id) {
+            Some(r) if r.trusts_received(received_at_ms) => r.key.verify(doc),
+            Some(r) => Err(r.error()),
+            None => self.verify(doc),
+        }
+    }
+
+    /// The ring as it stands at `at_ms`: its keys and those revoked after `at_ms`, with no
+    /// revocation left, for checks that take a plain ring (a receipt's, say), and the keys
+    /// to hand on at that time.
+    pub fn as_of(&self, at_ms: i64) -> KeyRing {
+        let still = self.revoked.iter().filter(|r| r.trusts_received(at_ms));
+        KeyRing {
+            keys: (self.keys.iter().cloned())
+                .chain(still.map(|r| r.key.clone()))
+                .collect(),
+            revoked: Vec::new(),
+        }
+    }
+
+    /// [`VerifyError::Revoked`] when `key_id` names a key revoked at or before `at_ms`.
+    pub fn revoked_error(&self, key_id: &str, at_ms: i64) -> Option<VerifyError> {
+        self.revocation(key_id)
+            .filter(|r| !r.trusts_received(at_ms))
+            .map(Revocation::error)
+    }
+
+    /// The revocation of the key `key_id` names, if it is revoked.
+    pub fn revocation(&self, key_id: &str) -> Option<&Revocation> {
+        self.revoked.iter().find(|r| r.key.key_id() == key_id)
+    }
+
+    /// Every key of the ring: the current one first, then the earlier ones (not the revoked).
     pub fn keys(&self) -> &[PublicKey] {
         &self.keys
     }
 
-    /// Whether `key_id` names a key of the ring.
+    /// The revoked keys.
+    pub fn revoked(&self) -> &[Revocation] {
+        &self.revoked
+    }
+
+    /// Whether `key_id` names a key of the ring (not a revoked one).
     pub fn holds(&self, key_id: &str) -> bool {
         self.keys.iter().any(|k| k.key_id() == key_id)
     }
@@ -463,6 +593,69 @@ mod tests {
             err.contains("previous key 1 is previous key 0 again"),
             "{err}"
         );
+    }
+
+    /// A revoked key verifies what was received before its revocation and nothing after,
+    /// whatever the document says of its own date; it is no key of the ring's to hand on
+    /// once revoked.
+    #[test]
+    fn a_revoked_key_verifies_only_what_was_received_before_its_revocation() {
+        let (leaked, new) = (SigningKey::generate(), SigningKey::generate());
+        let at = parse_revoked_at("2026-11-30T12:00:00Z").unwrap();
+        assert_eq!(at, 1_796_040_000_000);
+        let revoked = Revocation {
+            key: leaked.public_key(),
+            revoked_at_ms: at,
+        };
+        let ring = KeyRing::new(new.public_key(), vec![])
+            .unwrap()
+            .with_revoked(vec![revoked.clone()])
+            .unwrap();
+        // Dated long before the revocation: the holder of a leaked key can write any date.
+        let doc = leaked.sign(canonical_json(&json!({"signed_at": "2020-01-01"})).unwrap());
+        assert!(ring.verify_received(&doc, at - 1).is_ok());
+        let late = VerifyError::Revoked {
+            key_id: leaked.public_key().key_id(),
+            revoked_at: "2026-11-30T12:00:00Z".into(),
+        };
+        assert_eq!(ring.verify_received(&doc, at), Err(late.clone()));
+        assert_eq!(
+            ring.verify_received(&doc, at + 86_400_000),
+            Err(late.clone())
+        );
+        let text = late.to_string();
+        assert!(text.contains("revoked at 2026-11-30T12:00:00Z"), "{text}");
+        // Without a time of receipt, a revoked key verifies nothing.
+        assert!(matches!(
+            ring.verify(&doc),
+            Err(VerifyError::WrongKey { .. })
+        ));
+        assert!(!ring.holds(&doc.key_id));
+        // The current key is unaffected, whenever received.
+        let fresh = new.sign(canonical_json(&json!({"a": 1})).unwrap());
+        assert!(ring.verify_received(&fresh, at + 1).is_ok());
+        // The ring as of a time holds the revoked key only before its revocation.
+        assert!(ring.as_of(at - 1).verify(&doc).is_ok());
+        assert_eq!(ring.as_of(at - 1).keys().len(), 2);
+        assert_eq!(ring.as_of(at).keys(), &[new.public_key()]);
+        assert!(ring.revoked_error(&doc.key_id, at - 1).is_none());
+        assert!(ring.revoked_error(&doc.key_id, at).is_some());
+        // A key trusted and revoked at once, or revoked twice, is a mistake in the settings.
+        let err = KeyRing::new(new.public_key(), vec![leaked.public_key()])
+            .unwrap()
+            .with_revoked(vec![revoked.clone()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("revoked key 0 is previous key 0 too"), "{err}");
+        let err = (ring.clone().with_revoked(vec![revoked]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("revoked key 0 is revoked key 0 again"),
+            "{err}"
+        );
+        assert!(parse_revoked_at("2026-11-30").is_err());
+        assert_eq!(parse_revoked_at("2026-11-30T13:00:00+01:00").unwrap(), at);
     }
 
     #[test]

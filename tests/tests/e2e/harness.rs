@@ -423,6 +423,7 @@ mod configs {
                     .to_string()
             })),
             previous_public_keys: Vec::new(),
+            revoked_public_keys: Vec::new(),
         }];
         if let Some(absent) = plan.absent_processor_port {
             processors.push(ProcessorConfig {
@@ -432,6 +433,7 @@ mod configs {
                 categories: vec!["web-analytics".into()],
                 public_key: None,
                 previous_public_keys: Vec::new(),
+                revoked_public_keys: Vec::new(),
             });
         }
         let party = |stem: &str, name: &str, role: Role| IdentityRole {
@@ -484,6 +486,7 @@ mod configs {
                             .to_string(),
                     ),
                     previous_public_keys: Vec::new(),
+                    revoked_public_keys: Vec::new(),
                 },
                 None => RecipientConfig {
                     name: RECIPIENT.into(),
@@ -492,6 +495,7 @@ mod configs {
                     description: "the accounting firm a customer moves to".into(),
                     public_key: None,
                     previous_public_keys: Vec::new(),
+                    revoked_public_keys: Vec::new(),
                 },
             }],
             delivery: DeliveryConfig {

@@ -67,6 +67,7 @@ fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_regist
                 .to_string(),
             ),
             previous_public_keys: Vec::new(),
+            revoked_public_keys: Vec::new(),
         }],
         recipients: vec![RecipientConfig {
             name: RECIPIENT.into(),
@@ -87,6 +88,7 @@ fn registry_config(dir: &Path, port: u16, processor_port: u16) -> dsrelay_regist
                 .to_string(),
             ),
             previous_public_keys: Vec::new(),
+            revoked_public_keys: Vec::new(),
         }],
         delivery: Default::default(),
         reconcile: Default::default(),

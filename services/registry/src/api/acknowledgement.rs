@@ -464,7 +464,9 @@ impl Api {
                             ),
                         ),
                     ));
-                } else if let Some(why) = self.shared.store.receipt_signature_problem(r) {
+                } else if let Some(why) =
+                    (self.shared.store).receipt_signature_problem(r, self.shared.clock.now_ms())
+                {
                     violations.push((
                         i,
                         FieldViolation::new(
@@ -1081,6 +1083,94 @@ mod recipient_tests {
         let shown = shown.tasks[0].evidence.as_ref().unwrap();
         assert_eq!(shown.transfer_receipt.as_ref(), Some(&signed));
         registry.stop().await;
+    }
+
+    /// A recipient's key leaked and is revoked as of a time: a receipt it signed that
+    /// reached the registry before (the revocation still scheduled) stays with its task as
+    /// taken; one arriving after is refused naming the key and the revocation, though the
+    /// receipt says it was received long before (the key holder writes that date). Before,
+    /// the key was trusted or not, whatever the time its receipt arrived.
+    async fn a_revoked_key_s_receipt_is_taken_only_before_its_revocation(
+        database_url: &str,
+        dir: &std::path::Path,
+    ) {
+        use dsrelay_runtime::signing::SigningKey;
+        use dsrelay_runtime::transfer_receipt::sign;
+        let (leaked, new) = (SigningKey::generate(), SigningKey::generate());
+        let setup = |revoked_at: &str| crate::test_registry::Setup {
+            recipient_keys: format!(
+                "public_key = {:?}\nrevoked_public_keys = [{{ key = {:?}, revoked_at = {:?} }}]\n",
+                new.public_key().to_base64(),
+                leaked.public_key().to_base64(),
+                revoked_at
+            ),
+            ..Default::default()
+        };
+        let start = |revoked_at: &str| {
+            crate::test_registry::Registry::start(dir, database_url, setup(revoked_at))
+        };
+        let registry = start("2999-01-01T00:00:00Z").await;
+        let id = registry.submit(RequestKind::Transfer, "transfer").await;
+        let completed = |subprocessor: &str, n: u64| {
+            let mut r = receipt(&id, subprocessor, RECIPIENT);
+            r.received_at = Some(dsrelay_proto::prost_types::Timestamp {
+                seconds: 1_577_836_800,
+                nanos: 0,
+            });
+            Acknowledgement {
+                request_id: id.clone(),
+                subprocessor: subprocessor.into(),
+                sequence: n,
+                state: TaskState::Completed as i32,
+                evidence: Some(Evidence {
+                    records_affected: 1,
+                    transfer_receipt: Some(sign(r, &leaked).unwrap()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        };
+        let before = completed("crm", 1);
+        let answer = registry.acknowledge(vec![before.clone()]).await;
+        assert_eq!(answer.applied, 1, "{answer:?}");
+        registry.stop().await;
+
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let revoked_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let registry = start(&revoked_at).await;
+        let answer = registry.acknowledge(vec![completed("mail", 1)]).await;
+        assert_eq!(
+            rejected_fields(&answer),
+            ["acknowledgements[0].evidence.transfer_receipt.signature"]
+        );
+        let rule = &answer.rejected[0].violations[0].rule;
+        let revoked = format!(
+            "signed with key {}, which was revoked at {revoked_at}",
+            leaked.public_key().key_id()
+        );
+        assert!(rule.contains(&revoked), "{rule}");
+        let shown = registry.get(&id).await;
+        assert_eq!(shown.tasks.len(), 1, "{shown:?}");
+        let kept = shown.tasks[0].evidence.as_ref().unwrap();
+        let taken = before.evidence.unwrap().transfer_receipt;
+        assert_eq!(kept.transfer_receipt, taken);
+        registry.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revoked_key_s_receipt_is_taken_only_before_its_revocation_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        a_revoked_key_s_receipt_is_taken_only_before_its_revocation(&url, dir.path()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revoked_key_s_receipt_is_taken_only_before_its_revocation_on_postgres() {
+        on_postgres(|url, dir| async move {
+            a_revoked_key_s_receipt_is_taken_only_before_its_revocation(&url, &dir).await;
+        })
+        .await;
     }
 
     /// A recipient taken out of `[[recipients]]` after the request named it: its receipt

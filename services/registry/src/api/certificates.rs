@@ -3,14 +3,19 @@
 //!
 //! A certificate is verified when it is signed by the key configured as the processor's
 //! `public_key`, or one of its `previous_public_keys` (the certificate's `key_id` says which;
-//! so a key rotation leaves what was signed before it verified), its body is canonical JSON, and the body names the same processor
+//! so a key rotation leaves what was signed before it verified), or one of its
+//! `revoked_public_keys` if it arrived before that key's `revoked_at` (by the registry's
+//! clock: its body's dates are the key holder's to forge), its body is canonical JSON, and
+//! the body names the same processor
 //! (identity), request, subprocessor and task state as the acknowledgement it came with,
 //! and the kind its request calls for: `erasure` for an ERASURE (and any other request),
 //! `contract_end` for a CONTRACT_END. One that fails is still stored, as rejected with why (in
 //! words that quote none of the body's text), so that an operator sees it until the request
 //! is forgotten (which removes what it carries: `store::forget`); the task's state change is
 //! applied as reported either way, since the processor's work happened whatever its
-//! certificate says. One stored as verified is checked again each time it is served.
+//! certificate says. One stored as verified is checked again each time it is served, a
+//! revoked key's against the time it was stored (`received_at`): what was stored before the
+//! revocation stays verified.
 
 use dsrelay_proto::v1::certificate_service_server::CertificateService;
 use std::collections::HashMap;
@@ -79,13 +84,15 @@ fn signature_rejection(e: &VerifyError) -> String {
 }
 
 /// Checks `c`, which came with `ack` from the processor whose certificate identity is
-/// `identity` and whose configured keys are `key`; its body must name `kind`.
+/// `identity` and whose configured keys are `key`, received at `received_at_ms` (the
+/// registry's clock, which decides for a revoked key); its body must name `kind`.
 pub(crate) fn check(
     key: Option<&KeyRing>,
     identity: &str,
     kind: &str,
     ack: &Acknowledgement,
     c: &DeletionCertificate,
+    received_at_ms: i64,
 ) -> ReceivedCertificate {
     let doc = Signed {
         body: c.body.clone(),
@@ -109,7 +116,7 @@ pub(crate) fn check(
     let mut certificate_id = None;
     let rejection = match key {
         None => Some("no public_key is configured for this processor".to_string()),
-        Some(key) => match key.verify(&doc) {
+        Some(key) => match key.verify_received(&doc, received_at_ms) {
             Err(e) => Some(signature_rejection(&e)),
             Ok(value) => {
                 certificate_id = id_in(&value);
@@ -219,10 +226,13 @@ impl Api {
     ) {
         let identity = self.processor_identity(processor).unwrap_or_default();
         let key = self.shared.certificate_keys.get(processor);
+        // The store records its own time a moment later, never earlier, so one checked
+        // before a revocation and stored at or after it reads rejected when served.
+        let now = self.shared.clock.now_ms();
         for (a, u) in acks.iter().zip(updates.iter_mut()) {
             if let Some(c) = &a.certificate {
                 let kind = certificate_kind(kinds.get(a.request_id.as_str()).copied());
-                let checked = check(key, identity, kind, a, c);
+                let checked = check(key, identity, kind, a, c, now);
                 if !checked.verified {
                     // The rejection is the registry's words; it quotes nothing of the body
                     // but its version (a number) and a key id that is one: the values it
@@ -283,6 +293,7 @@ pub(super) fn violations(i: usize, c: &DeletionCertificate) -> Vec<FieldViolatio
 /// against the processor's keys configured now and the row it is stored in (its request,
 /// processor, subprocessor and id; the task state it went with is not stored): the row may
 /// have been changed in the database since, and `verified` promises a signature that holds.
+/// A key revoked since verifies it still if the row was stored before the revocation.
 /// One that fails is shown as rejected, with why; a rejected one is shown as stored.
 fn stored(
     row: CertificateRow,
@@ -324,8 +335,13 @@ fn recheck(
         signature: row.signature.clone(),
         key_id: row.key_id.clone(),
     };
-    let value = match key.verify(&doc) {
+    let value = match key.verify_received(&doc, row.received_at) {
         Ok(value) => value,
+        Err(e @ VerifyError::Revoked { .. }) => {
+            return Some(format!(
+                "the certificate was stored no earlier than its key's revocation: {e}"
+            ));
+        }
         Err(VerifyError::WrongKey { .. }) if !dsrelay_runtime::signing::is_key_id(&row.key_id) => {
             return Some(format!("{STORED_CHANGED}: {}", key.current().key_id()));
         }
@@ -426,6 +442,17 @@ mod tests {
     use serde_json::json;
 
     const ID: &str = "spiffe://dsrelay.dev/processor/p";
+
+    /// [`super::check`] of a certificate received at the epoch (no key here is revoked).
+    fn check(
+        key: Option<&KeyRing>,
+        identity: &str,
+        kind: &str,
+        ack: &Acknowledgement,
+        c: &DeletionCertificate,
+    ) -> ReceivedCertificate {
+        super::check(key, identity, kind, ack, c, 0)
+    }
 
     fn signed(key: &SigningKey, body: serde_json::Value) -> DeletionCertificate {
         let doc = key.sign(to_canonical_json(&body).unwrap());
@@ -738,6 +765,97 @@ mod served_tests {
             }
         }
         registry.stop().await;
+    }
+
+    /// The processor's key leaked: the registry is restarted with it in
+    /// `revoked_public_keys` as of now. A certificate it signed that was stored before
+    /// (while its revocation was still scheduled) stays verified when shown; one arriving
+    /// now is rejected naming the key and the revocation, though its body is dated long
+    /// before (the key holder writes those dates). Before, a key was trusted or not: taken
+    /// out, it unverified what it signed before its leak too.
+    async fn a_revoked_key_leaves_what_was_stored_before_verified(database_url: &str, dir: &Path) {
+        let (leaked, new) = (SigningKey::generate(), SigningKey::generate());
+        let keys = |revoked_at: &str| {
+            format!(
+                "public_key = {:?}\nrevoked_public_keys = [{{ key = {:?}, revoked_at = {:?} }}]\n",
+                new.public_key().to_base64(),
+                leaked.public_key().to_base64(),
+                revoked_at
+            )
+        };
+        let registry = with_keys(dir, database_url, keys("2999-01-01T00:00:00Z")).await;
+        let id = registry.submit(RequestKind::Erasure, "erasure").await;
+        let certified = |key: &SigningKey, subprocessor: &str, n: u64| {
+            let doc = key.sign(
+                to_canonical_json(&json!({
+                    "version": 1, "certificate_id": format!("c-{n}"), "kind": "erasure",
+                    "processor": dev_identity("processor", PROCESSOR), "request_id": id,
+                    "subprocessor": subprocessor, "task_state": "COMPLETED",
+                    "controller": "acme", "records_affected": 1, "erased": [], "retained": [],
+                    "completed_at": "2020-01-01T00:00:00.000Z",
+                    "issued_at": "2020-01-01T00:00:00.000Z",
+                }))
+                .unwrap(),
+            );
+            Acknowledgement {
+                request_id: id.clone(),
+                subprocessor: subprocessor.into(),
+                sequence: n,
+                state: TaskState::Completed as i32,
+                certificate: Some(DeletionCertificate {
+                    body: doc.body,
+                    signature: doc.signature,
+                    key_id: doc.key_id,
+                }),
+                ..Default::default()
+            }
+        };
+        let answer = registry
+            .acknowledge(vec![certified(&leaked, "accounting", 1)])
+            .await;
+        assert_eq!(answer.applied, 1, "{answer:?}");
+        assert!(list(&registry, &id).await[0].verified);
+        registry.stop().await;
+
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let revoked_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let registry = with_keys(dir, database_url, keys(&revoked_at)).await;
+        let answer = registry
+            .acknowledge(vec![
+                certified(&leaked, "mail", 2),
+                certified(&new, "crm", 3),
+            ])
+            .await;
+        assert_eq!(answer.applied, 2, "{answer:?}");
+        let shown = list(&registry, &id).await;
+        assert_eq!(shown.len(), 3, "{shown:?}");
+        let revoked = format!(
+            "signed with key {}, which was revoked at {revoked_at}",
+            leaked.public_key().key_id()
+        );
+        for c in &shown {
+            match c.subprocessor.as_str() {
+                "mail" => assert!(!c.verified && c.rejection.contains(&revoked), "{c:?}"),
+                _ => assert!(c.verified, "{}: {}", c.subprocessor, c.rejection),
+            }
+        }
+        registry.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revoked_key_leaves_what_was_stored_before_verified_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        a_revoked_key_leaves_what_was_stored_before_verified(&url, dir.path()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revoked_key_leaves_what_was_stored_before_verified_on_postgres() {
+        on_postgres(|url, dir| async move {
+            a_revoked_key_leaves_what_was_stored_before_verified(&url, &dir).await;
+        })
+        .await;
     }
 
     /// Every certificate of request `id`, as the partner sees them.

@@ -727,6 +727,7 @@ impl Store {
                 .map(|u| (processor, u))
                 .collect::<Vec<_>>()
                 .as_slice(),
+            now,
         )
         .await?;
         for update in updates {
@@ -789,7 +790,8 @@ impl Store {
 /// recipient `[[recipients]]` no longer lists, which nothing here can check (it may have
 /// been taken out for a leaked key); and a receipt of a recipient whose `[[recipients]]`
 /// entry has a `public_key` that does not verify its signature (`Store::with_receipt_keys`),
-/// which would be the processor's word alone. A TRANSFER forgotten with its body no longer
+/// which would be the processor's word alone (a key revoked at or before `now`, the time the
+/// answer reached the registry, verifies nothing). A TRANSFER forgotten with its body no longer
 /// names its recipient: its receipts are taken under any name `[[recipients]]` lists.
 /// Acknowledge refuses all of those by name (see `api::acknowledgement`); a report in
 /// a processor's answer to a call or a status check is left out, logged, so the task stays
@@ -799,6 +801,7 @@ impl Store {
 async fn unproven_completions(
     tx: &mut Tx,
     reports: &[(&str, &TaskUpdate)],
+    now: i64,
 ) -> Result<BTreeSet<(String, String, String)>> {
     let checked: Vec<(&str, &TaskUpdate)> = reports
         .iter()
@@ -883,7 +886,7 @@ async fn unproven_completions(
         {
             "a transfer receipt of a recipient the registry's [[recipients]] does not list"
         } else if let Some(why) = (u.transfer_receipt.as_ref())
-            .and_then(|r| super::signature_problem(&tx.receipt_keys, r))
+            .and_then(|r| super::signature_problem(&tx.receipt_keys, r, now))
         {
             tracing::warn!(
                 request_id = %u.request_id,
@@ -1315,6 +1318,7 @@ pub(super) async fn apply_accepted(
             .zip(&reported)
             .flat_map(|(a, updates)| updates.iter().map(|u| (a.processor, u)))
             .collect::<Vec<_>>(),
+        now,
     )
     .await?;
     let mut events = Vec::new();

@@ -55,6 +55,9 @@ pub struct CertificateRow {
     pub verified: i64,
     /// Why it was rejected.
     pub rejection: String,
+    /// When the registry stored it (its clock, milliseconds since the epoch): what decides
+    /// whether a key revoked since still verifies it.
+    pub received_at: i64,
 }
 
 /// What forgetting leaves of a rejected certificate (`verified` false), as `(key_id,
@@ -193,7 +196,7 @@ impl Store {
     ) -> Result<Vec<CertificateRow>> {
         Ok(sqlx::query_as(
             "SELECT processor, subprocessor, sequence, certificate_id, body, signature, key_id, \
-             verified, rejection FROM certificates WHERE request_id = $1 \
+             verified, rejection, received_at FROM certificates WHERE request_id = $1 \
              AND ($2 = '' OR processor = $2) AND ($3 = '' OR subprocessor = $3) \
              ORDER BY MIN(id) OVER (PARTITION BY processor, subprocessor), sequence, id",
         )

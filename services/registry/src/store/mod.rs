@@ -157,14 +157,16 @@ impl Store {
         }
     }
 
-    /// Why `receipt` does not carry the signature of the recipient it names, when that
-    /// recipient's keys are known ([`Store::with_receipt_keys`]); `None` when it does, or
-    /// when no key is configured for it.
+    /// Why `receipt`, received at `received_at_ms` (the registry's clock), does not carry
+    /// the signature of the recipient it names, when that recipient's keys are known
+    /// ([`Store::with_receipt_keys`]); `None` when it does, or when no key is configured for
+    /// it.
     pub fn receipt_signature_problem(
         &self,
         receipt: &dsrelay_proto::v1::TransferReceipt,
+        received_at_ms: i64,
     ) -> Option<String> {
-        signature_problem(&self.receipt_keys, receipt)
+        signature_problem(&self.receipt_keys, receipt, received_at_ms)
     }
 
     /// Whether `recipient` is not among the recipients the store was given
@@ -173,7 +175,8 @@ impl Store {
         self.receipt_keys.unlisted(recipient)
     }
 
-    /// The keys the recipient named `name` signs its receipts with, when configured.
+    /// The keys the recipient named `name` signs its receipts with, when configured, with
+    /// their revocations ([`KeyRing::as_of`] gives those still in use at a time).
     pub fn receipt_keys(&self, name: &str) -> Option<&KeyRing> {
         self.receipt_keys.of(name)
     }
@@ -196,12 +199,18 @@ impl Store {
 
 /// [`Store::receipt_signature_problem`] under the recipients' keys `keys`: the check the
 /// API makes of an acknowledgement's receipt and a transaction of a processor's answer's.
+/// A key revoked at or before `received_at_ms` verifies nothing, whatever the receipt's
+/// own `received_at` says (the key holder could write any).
 fn signature_problem(
     keys: &ReceiptKeys,
     receipt: &dsrelay_proto::v1::TransferReceipt,
+    received_at_ms: i64,
 ) -> Option<String> {
     let keys = keys.of(&receipt.recipient)?;
-    dsrelay_runtime::transfer_receipt::verify(receipt, keys).err()
+    if let Some(e) = keys.revoked_error(&receipt.key_id, received_at_ms) {
+        return Some(format!("is {e}"));
+    }
+    dsrelay_runtime::transfer_receipt::verify(receipt, &keys.as_of(received_at_ms)).err()
 }
 
 /// A transaction and the backend it runs on, so that helpers given only the transaction can
