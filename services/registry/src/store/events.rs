@@ -30,9 +30,11 @@ pub(super) struct EventDetail {
     pub(super) audit_message: String,
     /// Text from outside the registry that may name the subject (a processor's reason, a
     /// partner's cancel reason, an operator's extension reason, a delivery error). The
-    /// event's message shows it after `message` until the request is forgotten; the
-    /// immutable audit trail holds only its keyed hash, so no raw text that may hold
-    /// personal data is ever written where it cannot be removed.
+    /// event's message shows it after `message` until the request is forgotten, when
+    /// forgetting empties the whole message of every event of the types that carry such
+    /// text (`Store::forget_request`: the registry's own words of those events too, which
+    /// their audit entries keep); the immutable audit trail holds only its keyed hash, so no
+    /// raw text that may hold personal data is ever written where it cannot be removed.
     pub(super) free_text: String,
     /// The request is forgotten already: the event shows the words as the audit entry holds
     /// them (`audit_message`, else `message`) and not `free_text`, so that it holds nothing
