@@ -112,14 +112,14 @@ impl Connector for FailsFirst {
 
 /// A processor in `dir` on `database_url` whose subprocessor `crm` is `holder`, with contract
 /// end `id` accepted: `choice`, effective now, due in a minute.
-async fn with_contract_end(
+pub(crate) async fn with_contract_end(
     dir: &std::path::Path,
     database_url: &str,
-    holder: Arc<FailsFirst>,
+    holder: Arc<dyn Connector>,
     id: &str,
     choice: ContractEndChoice,
 ) -> App {
-    let connectors = HashMap::from([("crm".to_string(), holder as Arc<dyn Connector>)]);
+    let connectors = HashMap::from([("crm".to_string(), holder)]);
     let config = crate::contract_tests::config(dir, database_url, &["acme"]);
     let app = App::with_connectors(config, connectors).await.expect("app");
     let shared = app.shared();
@@ -147,7 +147,7 @@ async fn with_contract_end(
     app
 }
 
-fn key(id: &str) -> TaskKey {
+pub(crate) fn key(id: &str) -> TaskKey {
     TaskKey {
         controller: "acme".into(),
         request_id: id.into(),
@@ -156,7 +156,7 @@ fn key(id: &str) -> TaskKey {
 }
 
 /// Claims and runs what is due now; how many tasks ran.
-async fn step_now(shared: &Arc<Shared>) -> usize {
+pub(crate) async fn step_now(shared: &Arc<Shared>) -> usize {
     let jobs = (shared.store)
         .claim_tasks(shared.clock.now_ms(), 10, 30_000)
         .await
@@ -169,7 +169,7 @@ async fn step_now(shared: &Arc<Shared>) -> usize {
 }
 
 /// The acknowledgements queued for `id`, in order.
-async fn acks(shared: &Shared, id: &str) -> Vec<Acknowledgement> {
+pub(crate) async fn acks(shared: &Shared, id: &str) -> Vec<Acknowledgement> {
     let payloads: Vec<Vec<u8>> = sqlx::query_scalar(
         "SELECT payload FROM ack_outbox WHERE request_id = $1 ORDER BY sequence",
     )
@@ -196,7 +196,7 @@ async fn uploads(shared: &Shared, id: &str) -> Vec<bool> {
 
 /// What ListManualTasks would say of the FAILED task `id` (its `retry_refusal`), then the
 /// operator's retry of it, as RetryTask records it.
-async fn retry(shared: &Shared, id: &str) -> crate::store::ManualRow {
+pub(crate) async fn retry(shared: &Shared, id: &str) -> crate::store::ManualRow {
     let key = key(id);
     let row = (shared.store.manual_task(&key).await)
         .expect("read")

@@ -38,6 +38,9 @@ const RETURNED: BulkProgress = BulkProgress {
 enum Call {
     /// Fails transiently before its check.
     FailBeforeCheck,
+    /// Reports what it holds (as a count before its check), then fails transiently before
+    /// its check.
+    ReportThenFail,
     /// Passes its check, records that, then fails transiently (part erased, say).
     PassThenFail,
     /// Checks, records, erases: COMPLETED.
@@ -117,6 +120,10 @@ impl Connector for Holder {
             let transient = || Err(ConnectorError::Transient("the holder went away".into()));
             match call {
                 Call::FailBeforeCheck | Call::ExportFail => return transient(),
+                Call::ReportThenFail => {
+                    job.progress.report(self.held);
+                    return transient();
+                }
                 Call::ExportAccepted => {
                     return Ok(Outcome::Accepted {
                         handle: "job-1".into(),
@@ -294,6 +301,28 @@ async fn checked_until_a_call_passed(database_url: &str, dir: &std::path::Path) 
     assert_eq!(task.state, TaskState::Completed, "{task:?}");
 }
 
+/// A call that reported counts before its check and failed is checked again: its counts,
+/// recorded, would tell the next call that a check passed.
+async fn counts_from_before_the_check_are_not_recorded(database_url: &str, dir: &std::path::Path) {
+    let held = BulkProgress {
+        subjects_done: 0,
+        subjects_total: 3,
+        records_done: 0,
+        records_total: 6,
+    };
+    let script = [Call::ReportThenFail, Call::Finish];
+    let holder = Holder::new(held, &script);
+    let choice = ContractEndChoice::ReturnThenDelete;
+    let (_app, shared) = contract_end(database_url, dir, holder.clone(), choice).await;
+    for _ in script {
+        assert_eq!(step(&shared, shared.clock.now_ms() + 10).await, 1);
+        shared.clock.advance(3_600_000);
+    }
+    assert_eq!(holder.seen(), [Some(RETURNED), Some(RETURNED)]);
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(task.state, TaskState::Completed, "{task:?}");
+}
+
 /// A holder holding more than was returned: the task FAILS with its reason (the data is
 /// still there), in phase DELETING, never COMPLETED; its acknowledgement says so.
 async fn more_held_than_returned_fails_the_task(database_url: &str, dir: &std::path::Path) {
@@ -437,6 +466,7 @@ async fn the_erasure_gets_the_last_export_start(database_url: &str, dir: &std::p
 
 on_both!(
     checked_until_a_call_passed,
+    counts_from_before_the_check_are_not_recorded,
     more_held_than_returned_fails_the_task,
     a_delete_is_not_checked,
     the_erasure_gets_the_export_start,

@@ -583,6 +583,10 @@ async fn call_bulk(
     };
     let (export, head_start) = head_start::attach(shared, key, export, to_registry);
     let (reporter, _seen, mut asked) = ProgressReporter::recorded();
+    // Recorded as the whole step's counts, also while a resumed erasure runs.
+    let cut_off = job.task.call_started_at.is_some();
+    let counted = |p| crate::task_machine::step_counts(op, phase, (recorded, cut_off), p);
+    let check_due = returned.is_some();
     let bulk = BulkJob {
         job_id: bulk_job_id(key, op),
         request_id: key.request_id.clone(),
@@ -641,7 +645,8 @@ async fn call_bulk(
                 let answer = if ask.progress == reported {
                     Ok(())
                 } else {
-                    match record_bulk_progress(shared, job, op, *seq, ask.progress).await {
+                    let counts = counted(ask.progress);
+                    match record_bulk_progress(shared, job, op, *seq, counts).await {
                         Ok(Some(s)) => {
                             (*seq, reported, reported_at) = (s, ask.progress, Instant::now());
                             Ok(())
@@ -655,7 +660,7 @@ async fn call_bulk(
         }
         let latest = reporter.latest();
         if latest != reported && reported_at.elapsed() >= every {
-            match record_bulk_progress(shared, job, op, *seq, latest).await {
+            match record_bulk_progress(shared, job, op, *seq, counted(latest)).await {
                 Ok(Some(s)) => (*seq, reported, reported_at) = (s, latest, Instant::now()),
                 // The task changed meanwhile (cancelled) or another claim took it: the
                 // step's end, or the next renewal, finds out.
@@ -673,7 +678,14 @@ async fn call_bulk(
             .metrics
             .connector_error(&key.subprocessor, e.is_transient());
     }
-    Ok((result, reporter.latest(), true))
+    // A failed call that was to check the holder against the return and recorded nothing
+    // may have reported counts before its check passed: handed on, they would be recorded
+    // and spare the next call the check.
+    let last = match &result {
+        Err(_) if check_due && reported == BulkProgress::default() => BulkProgress::default(),
+        _ => reporter.latest(),
+    };
+    Ok((result, last, true))
 }
 
 /// The progress `job`'s task recorded of its bulk step `op` before this call: what the task

@@ -83,11 +83,17 @@
 //!   by the processor itself at its date like a single erasure
 //! - refused by the holder, or a permanent error → FAILED with why: the data is not gone;
 //!   transient errors → retried until the due date (the latest moment the data may exist),
-//!   acknowledged as for a single task, in the step's phase with its recorded counts
+//!   acknowledged as for a single task, in the step's phase; either keeps the counts the
+//!   call reported last (what was done is still done: [`step_counts`]), or those recorded
+//!   when it reported nothing
+//! - an erasure resumed (after a call cut off, a failure, an operator's retry) reports the
+//!   whole step's counts ([`step_counts`]): done from what was recorded on, the total the one
+//!   counted when the deletion began, unknown (0) when an earlier call erased uncounted
 //! - new terms ([`Event::TermsChanged`]): a SCHEDULED task is rescheduled to the new start
 //!   (at once when it has passed); a confirmed return releases AWAITING_CONFIRMATION
-//! - cancelled: tasks not yet deleting are CANCELLED; once deleting, the erasure reports what
-//!   it did (never "cancelled" over work that was done)
+//! - cancelled: tasks not yet deleting are CANCELLED, keeping their counts (an export
+//!   written, not delivered, still counts what it exported); once deleting, the erasure
+//!   reports what it did (never "cancelled" over work that was done)
 //! - an operator completing a manual RETURNING step queues the delivery of its return record
 //!   (the task stays RETURNING); once that is delivered it moves to AWAITING_CONFIRMATION
 //! - an operator retries a FAILED task (RetryTask) in the phase it failed in, the operator's
@@ -242,6 +248,69 @@ pub(crate) fn progress_proto(
     }
 }
 
+/// The counts a bulk step's call records as the step's, from the connector's last report
+/// (`last`), the progress the task recorded of the step before the call (`recorded`) and
+/// whether an earlier call was cut off before its answer was recorded (`cut_off`). Only an
+/// erasure's [`Phase::Start`] call goes on from an earlier one: an export runs again whole,
+/// and a confirmation or a retention run counts as its holder says.
+///
+/// An erasure resumed after an earlier call (cut off, or failed) reports the whole step's
+/// counts, never only what the resumed call counted as if it were the whole: done is at least
+/// what was recorded before, and the total stays the one counted when the deletion began. A
+/// connector going on from the recorded progress counts what was left, which misses what the
+/// earlier call erased after its last recorded progress: its total would come out below the
+/// one counted at the start ([`uncounted`] tells the certificate). When an earlier call was
+/// cut off with nothing recorded, what it erased is counted nowhere and no earlier total is
+/// known: the totals are reported as unknown (0) once anything is done, and stay so for the
+/// calls after (a recorded total of 0 beside a done count is kept); with nothing done yet
+/// they are left as counted, so that the recorded progress of a call that passed its check
+/// ([`BulkJob::returned`]) is never all zero.
+///
+/// [`BulkJob::returned`]: dsrelay_connectors::BulkJob::returned
+pub(crate) fn step_counts(
+    op: BulkOp,
+    phase: &Phase,
+    (recorded, cut_off): (BulkProgress, bool),
+    last: BulkProgress,
+) -> BulkProgress {
+    if op != BulkOp::Erase || !matches!(phase, Phase::Start) {
+        return last;
+    }
+    let anything_done = last.records_done > 0 || last.subjects_done > 0;
+    if cut_off && recorded == BulkProgress::default() {
+        return match anything_done {
+            true => BulkProgress {
+                subjects_total: 0,
+                records_total: 0,
+                ..last
+            },
+            false => last,
+        };
+    }
+    // A total of 0 beside a done count was reported unknown by an earlier call: it stays so.
+    let total = |recorded_done: u64, recorded_total: u64, total: u64| {
+        if recorded_total == 0 && recorded_done > 0 {
+            0
+        } else {
+            recorded_total.max(total)
+        }
+    };
+    BulkProgress {
+        subjects_done: recorded.subjects_done.max(last.subjects_done),
+        subjects_total: total(
+            recorded.subjects_done,
+            recorded.subjects_total,
+            last.subjects_total,
+        ),
+        records_done: recorded.records_done.max(last.records_done),
+        records_total: total(
+            recorded.records_done,
+            recorded.records_total,
+            last.records_total,
+        ),
+    }
+}
+
 /// What the decision may depend on besides the task.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Context {
@@ -323,7 +392,8 @@ pub(crate) enum Event<'a> {
         phase: Phase,
         /// What it ended in.
         result: Result<Outcome, ConnectorError>,
-        /// The connector's last report.
+        /// The connector's last report; all zero for a failed call that was to check the
+        /// holder against the return and recorded nothing (its counts may predate the check).
         progress: BulkProgress,
         /// What the task recorded of this step before the call ([`BulkJob::recorded_progress`]):
         /// an earlier call's last progress, all zero when there was none.
@@ -683,9 +753,11 @@ fn decide_event(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision
                 ),
             }
         }
+        // What was done stands in the count (a contract end's export written, not delivered).
         Event::Cancel { reason, .. } => match task.state {
             Pending | InProgress | WaitingForOperator => Decision::Move(Transition {
                 state: Cancelled,
+                records_affected: task.records_affected,
                 reason: format!("cancelled: {reason}"),
                 ..Default::default()
             }),
@@ -1006,13 +1078,15 @@ fn outcome_or_retry(
     ctx: &Context,
 ) -> ControlFlow<Decision, Outcome> {
     // A retention run that fails leaves what the earlier runs erased erased: the count says
-    // so, as it covers every run.
+    // so, as it covers every run. A contract end's progress keeps what the call counted.
+    let contract = doing.contract;
     let counted = |t: Transition| Transition {
         records_affected: if in_retention_run(task, phase) {
             task.records_affected
         } else {
             0
         },
+        contract,
         ..t
     };
     match result {
@@ -1053,19 +1127,26 @@ impl Doing {
         }
     }
 
-    /// A contract end's bulk step `op` in `phase`. The counts stay as recorded: a failed call
-    /// may have reported progress before its check passed, which, recorded, would spare the
-    /// next call the check ([`BulkJob::recorded_progress`]).
+    /// A contract end's bulk step `op` in `phase`, whose call counted `counts` last
+    /// ([`step_counts`]): a failed call's counts are recorded, what it did being still done,
+    /// so that the task says how far it got and a call resuming it counts on from there.
+    /// A call that reported nothing keeps the counts recorded. The runner hands no counts
+    /// (all zero) of a failed call that was to check the holder against the return and
+    /// recorded nothing: it may have reported them before its check passed, which,
+    /// recorded, would spare the next call the check ([`BulkJob::recorded_progress`]).
     ///
     /// [`BulkJob::recorded_progress`]: dsrelay_connectors::BulkJob::recorded_progress
-    fn bulk(op: BulkOp, phase: &Phase) -> Self {
+    fn bulk(op: BulkOp, phase: &Phase, counts: BulkProgress) -> Self {
         let step = bulk_step(op);
         Self {
             what: match phase {
                 Phase::Confirm { .. } => format!("{step} (the holder's confirmation)"),
                 _ => step.to_string(),
             },
-            contract: Some(ContractStep::keep(phase_of(op))),
+            contract: Some(match counts == BulkProgress::default() {
+                true => ContractStep::keep(phase_of(op)),
+                false => ContractStep::at(phase_of(op), counts),
+            }),
         }
     }
 }
@@ -1696,8 +1777,9 @@ fn bulk_ran(
         counts,
         uncounted: uncounted(task, &phase, recorded, progress),
     };
+    let progress = step_counts(op, &phase, (recorded, task.call_started), progress);
     let step = ContractStep::at(phase_of(op), progress);
-    let doing = Doing::bulk(op, &phase);
+    let doing = Doing::bulk(op, &phase, progress);
     let outcome = match outcome_or_retry(task, &phase, result, doing, ctx) {
         ControlFlow::Continue(outcome) => outcome,
         ControlFlow::Break(decision) => return decision,
@@ -1829,7 +1911,8 @@ fn bulk_ran(
 /// it counts now, so its totals come out below the earlier call's by what that call erased
 /// after its last recorded progress (give or take what others added or removed meanwhile): a
 /// connector that counts everything keeps the totals. A call cut off with no progress
-/// recorded leaves nothing to compare: what it erased may not be counted at all.
+/// recorded leaves nothing to compare: what it erased may not be counted at all, nor by a
+/// later call resuming the one that resumed it (whose recorded total is then unknown).
 fn uncounted(
     task: &Current<'_>,
     phase: &Phase,
@@ -1850,6 +1933,12 @@ fn uncounted(
     } else if task.call_started && recorded == BulkProgress::default() {
         "an earlier call of this erasure was cut off before its answer was recorded, with no \
          progress recorded: what it erased may not be counted"
+            .to_string()
+    } else if recorded.records_total == 0 && recorded.records_done > 0 && last.records_total > 0 {
+        // An earlier call reported its total unknown ([`step_counts`]): its count missed
+        // what a call before it erased.
+        "an earlier call of this erasure resumed one cut off with no progress recorded: what \
+         that one erased may not be counted"
             .to_string()
     } else {
         return None;
@@ -2893,9 +2982,10 @@ mod tests {
         assert_eq!(moved(ran(&pending, Phase::Start, down())).state, InProgress);
     }
 
-    /// A contract end's bulk step that failed and is retried is acknowledged in its phase,
-    /// the recorded counts kept (the connector's last report is not recorded: it may come
-    /// from before the erasure's check passed).
+    /// A contract end's bulk step that failed and is retried is acknowledged in its phase
+    /// with the counts its call reported last (what was done is still done); a call that
+    /// reported nothing (or whose counts the runner withheld, from before the erasure's
+    /// check passed) keeps the recorded counts.
     #[test]
     fn a_retried_bulk_step_is_acknowledged_in_its_phase_with_its_counts_kept() {
         let down = || {
@@ -2911,9 +3001,24 @@ mod tests {
                 attempts: 1,
                 ..contract_task(InProgress, phase)
             };
+            let event = |progress| Event::BulkRan {
+                op,
+                phase: Phase::Start,
+                result: down(),
+                progress,
+                earlier: BulkProgress::default(),
+            };
+            let silent = moved(decide(&t, event(BulkProgress::default()), &ctx()));
+            assert_eq!(silent.contract, Some(ContractStep::keep(phase)));
             let t = moved(bulk(&t, op, Phase::Start, down()));
             assert_eq!((t.state, t.records_affected), (InProgress, 3));
-            assert_eq!(t.contract, Some(ContractStep::keep(phase)));
+            let reported = BulkProgress {
+                subjects_done: 2,
+                subjects_total: 2,
+                records_done: 5,
+                records_total: 5,
+            };
+            assert_eq!(t.contract, Some(ContractStep::at(phase, reported)));
             assert_eq!(
                 t.reason,
                 format!(
@@ -3356,6 +3461,59 @@ mod tests {
             decide(&running, event, &Context::at(NOW)),
             Decision::Reject("the task is IN_PROGRESS: only a FAILED task is retried".into())
         );
+    }
+
+    /// An erasure resumed counts as the whole step: done never below what was recorded,
+    /// the total the one counted when the deletion began; after a call cut off with nothing
+    /// recorded the total is unknown (0) once anything is done, and stays so; exports,
+    /// confirmations and first calls report as the connector counted.
+    #[test]
+    fn step_counts_are_the_whole_steps() {
+        let p = |sd, st, rd, rt| BulkProgress {
+            subjects_done: sd,
+            subjects_total: st,
+            records_done: rd,
+            records_total: rt,
+        };
+        let none = BulkProgress::default();
+        let erase = |recorded, cut_off, last| {
+            step_counts(BulkOp::Erase, &Phase::Start, (recorded, cut_off), last)
+        };
+        assert_eq!(erase(none, false, p(1, 4, 2, 8)), p(1, 4, 2, 8));
+        // Resumed from 25/100, the connector counting 25 + 70 left: the total stays 100.
+        assert_eq!(
+            erase(p(10, 40, 25, 100), false, p(10, 38, 25, 95)),
+            p(10, 40, 25, 100)
+        );
+        assert_eq!(
+            erase(p(10, 40, 25, 100), true, p(38, 38, 95, 95)),
+            p(38, 40, 95, 100)
+        );
+        // A connector counting only what it did now: done is never below what was recorded.
+        assert_eq!(
+            erase(p(10, 40, 25, 100), false, p(3, 30, 5, 75)),
+            p(10, 40, 25, 100)
+        );
+        // Cut off with nothing recorded: unknown totals once anything is done.
+        assert_eq!(erase(none, true, p(0, 20, 0, 50)), p(0, 20, 0, 50));
+        assert_eq!(erase(none, true, p(5, 20, 9, 50)), p(5, 0, 9, 0));
+        // An unknown total recorded stays unknown.
+        assert_eq!(erase(p(5, 0, 9, 0), false, p(5, 20, 9, 41)), p(5, 0, 9, 0));
+        let export = step_counts(
+            BulkOp::Export,
+            &Phase::Start,
+            (p(1, 9, 1, 9), true),
+            p(0, 3, 0, 3),
+        );
+        assert_eq!(export, p(0, 3, 0, 3));
+        let confirm = Phase::Confirm { handle: "h".into() };
+        let confirmed = step_counts(
+            BulkOp::Erase,
+            &confirm,
+            (p(1, 9, 1, 9), false),
+            p(0, 3, 0, 3),
+        );
+        assert_eq!(confirmed, p(0, 3, 0, 3));
     }
 
     fn bulk(
