@@ -44,10 +44,11 @@ pub struct CertificateBody {
     pub erased: Vec<ErasedCount>,
     /// The request's tasks at this processor keeping data under an obligation.
     pub retained: Vec<Retained>,
-    /// Present when `records_affected` and `erased` may leave out records the task erased:
-    /// an earlier call of the step was cut off, or failed, and what it erased is counted
-    /// only as far as its progress was recorded. Absent from the bodies of every other
-    /// certificate, which are as before.
+    /// Present when the counts are not all of one call's: an earlier call of the step was
+    /// cut off, or failed, after erasing part ([`Uncounted::earlier_records`], which
+    /// `erased` need not tell apart by table, as it is the connector's answer to the call
+    /// that finished), or what it erased is counted only as far as its progress was
+    /// recorded. Absent from the bodies of every other certificate, which are as before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uncounted: Option<Uncounted>,
     /// The certificate this one follows up, when the task had one before.
@@ -71,6 +72,19 @@ pub struct Uncounted {
     pub records: u64,
     /// The same in data subjects.
     pub subjects: u64,
+    /// Records an earlier call of the step (cut off, or failed) erased or anonymized as far
+    /// as its progress was recorded: the connector counts them in `records_affected` when
+    /// it counts on from that progress, while `erased` holds its answer to the call that
+    /// finished, which need not list them by table. 0 (and absent) when none was recorded.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub earlier_records: u64,
+    /// The data subjects of those records.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub earlier_subjects: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What a step erased, as a certificate lists it.
@@ -292,6 +306,8 @@ mod tests {
             reason: "an earlier call was cut off".into(),
             records: 40_000,
             subjects: 10_000,
+            earlier_records: 0,
+            earlier_subjects: 0,
         };
         let erased = Erased {
             counts: Vec::new(),
@@ -312,13 +328,43 @@ mod tests {
             })
             .unwrap();
         let body: CertificateBody = serde_json::from_value(public.verify(&doc).unwrap()).unwrap();
-        assert_eq!(body.uncounted, Some(uncounted));
+        assert_eq!(body.uncounted.as_ref(), Some(&uncounted));
         let text = String::from_utf8(doc.body).unwrap();
         assert!(
             text.contains(
                 "\"uncounted\":{\"reason\":\"an earlier call was cut off\",\
                  \"records\":40000,\"subjects\":10000}"
             ),
+            "{text}"
+        );
+        // An earlier call's recorded work is signed with it when there was some.
+        let erased = Erased {
+            counts: Vec::new(),
+            uncounted: Some(Uncounted {
+                earlier_records: 40_000,
+                earlier_subjects: 10_000,
+                ..uncounted
+            }),
+        };
+        let (_, doc) = issuer
+            .issue(Facts {
+                kind: "contract_end",
+                controller: "acme",
+                request_id: "ce-1",
+                subprocessor: "accounting",
+                state: TaskState::Completed,
+                records_affected: 760_020,
+                erased: &erased,
+                retained: Vec::new(),
+                follows: None,
+                now: 1_800_000_000_123,
+            })
+            .unwrap();
+        let body: CertificateBody = serde_json::from_value(public.verify(&doc).unwrap()).unwrap();
+        assert_eq!(body.uncounted, erased.uncounted);
+        let text = String::from_utf8(doc.body).unwrap();
+        assert!(
+            text.contains("\"earlier_records\":40000,\"earlier_subjects\":10000,\"reason\":"),
             "{text}"
         );
     }

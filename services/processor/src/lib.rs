@@ -58,6 +58,8 @@ mod breaker;
 pub mod certificates;
 pub mod config;
 #[cfg(test)]
+mod contract_certificate_tests;
+#[cfg(test)]
 mod contract_progress_tests;
 #[cfg(test)]
 mod contract_retry_tests;

@@ -1913,6 +1913,12 @@ fn bulk_ran(
 /// connector that counts everything keeps the totals. A call cut off with no progress
 /// recorded leaves nothing to compare: what it erased may not be counted at all, nor by a
 /// later call resuming the one that resumed it (whose recorded total is then unknown).
+///
+/// An earlier call's recorded work (its done counts) is named too, whatever the totals say:
+/// the counts by table are the connector's answer to the call that finished, which has no
+/// counts by table of the earlier call to give (the SQL connector lists its records as one
+/// entry), and the processor keeps none, so the certificate says how much is not counted by
+/// table rather than pass the last call's counts off as the erasure's.
 fn uncounted(
     task: &Current<'_>,
     phase: &Phase,
@@ -1924,29 +1930,46 @@ fn uncounted(
     }
     let records = recorded.records_total.saturating_sub(last.records_total);
     let subjects = recorded.subjects_total.saturating_sub(last.subjects_total);
-    let reason = if records > 0 || subjects > 0 {
-        format!(
+    let (earlier_records, earlier_subjects) = (recorded.records_done, recorded.subjects_done);
+    let mut reasons = Vec::new();
+    if earlier_records > 0 || earlier_subjects > 0 {
+        reasons.push(format!(
+            "an earlier call of this erasure (cut off, or failed) erased or anonymized \
+             {earlier_records} record(s) of {earlier_subjects} subject(s) as far as its \
+             progress was recorded; the counts by table are the connector's answer to the \
+             call that finished, which need not list that call's records by table"
+        ));
+    }
+    if records > 0 || subjects > 0 {
+        reasons.push(format!(
             "an earlier call of this erasure (cut off, or failed) counted {records} more \
              record(s) ({subjects} more subject(s)) than these counts account for: erased by it \
              after its last recorded progress, or added or removed by others meanwhile"
-        )
+        ));
     } else if task.call_started && recorded == BulkProgress::default() {
-        "an earlier call of this erasure was cut off before its answer was recorded, with no \
-         progress recorded: what it erased may not be counted"
-            .to_string()
+        reasons.push(
+            "an earlier call of this erasure was cut off before its answer was recorded, with \
+             no progress recorded: what it erased may not be counted"
+                .to_string(),
+        );
     } else if recorded.records_total == 0 && recorded.records_done > 0 && last.records_total > 0 {
         // An earlier call reported its total unknown ([`step_counts`]): its count missed
         // what a call before it erased.
-        "an earlier call of this erasure resumed one cut off with no progress recorded: what \
-         that one erased may not be counted"
-            .to_string()
-    } else {
+        reasons.push(
+            "an earlier call of this erasure resumed one cut off with no progress recorded: \
+             what that one erased may not be counted"
+                .to_string(),
+        );
+    }
+    if reasons.is_empty() {
         return None;
-    };
+    }
     Some(Uncounted {
-        reason,
+        reason: reasons.join("; "),
         records,
         subjects,
+        earlier_records,
+        earlier_subjects,
     })
 }
 
@@ -3843,7 +3866,8 @@ mod tests {
 
     /// An erasure resumed after an earlier call takes the connector's count (which counts
     /// that call's recorded work itself), and its certificate says what the count may miss:
-    /// what the totals lost beyond it, or everything when a cut-off call recorded nothing.
+    /// what the totals lost beyond it, or everything when a cut-off call recorded nothing;
+    /// and what the earlier call erased as recorded, which the counts by table need not list.
     #[test]
     fn a_resumed_erasure_says_what_its_count_may_miss() {
         let deleting = contract_task(InProgress, ContractPhase::Deleting);
@@ -3872,12 +3896,30 @@ mod tests {
         assert_eq!(t.records_affected, 190_005);
         let uncounted = t.erased.uncounted.expect("the count may miss some");
         assert_eq!((uncounted.records, uncounted.subjects), (40_000, 10_000));
+        assert_eq!(
+            (uncounted.earlier_records, uncounted.earlier_subjects),
+            (40_000, 10_000)
+        );
         assert!(uncounted
             .reason
             .contains("after its last recorded progress"));
-        // Its progress was recorded up to the cut: nothing is missing.
+        // Its progress was recorded up to the cut: nothing is missing from the totals, but
+        // the counts by table are the last call's.
         let t = resumed(&cut_off, at(20_000, 200_005), at(200_005, 200_005));
-        assert_eq!(t.erased.uncounted, None);
+        let uncounted = t.erased.uncounted.expect("the earlier call's work");
+        assert_eq!((uncounted.records, uncounted.subjects), (0, 0));
+        assert_eq!(
+            (uncounted.earlier_records, uncounted.earlier_subjects),
+            (80_000, 20_000)
+        );
+        assert!(
+            uncounted.reason.contains(
+                "erased or anonymized 80000 record(s) of 20000 subject(s) as far as its \
+                 progress was recorded"
+            ),
+            "{}",
+            uncounted.reason
+        );
         // A cut-off call that recorded nothing: how much is missing is not known.
         let t = resumed(&cut_off, BulkProgress::default(), at(180_005, 180_005));
         let uncounted = t.erased.uncounted.expect("unknown");
