@@ -26,19 +26,22 @@ Connection settings: each is taken from the first of
      `dsrctl pki init` creates that PKI. With ca, cert and key given, the server identity
      must be given too: the registry is never trusted on its CA alone.
 
-Exit status: 0 on success; 1 for a configuration or connection problem, from `watch`
-when the request ended other than COMPLETED (or, without --until-erased, answered
-PARTIALLY_COMPLETED), from `contracts show --watch` when the
-contract end ended FAILED or CANCELLED, from `audit verify` when the trail is
-broken or the signed checkpoints asked for do not verify or are none, from `download`
-when a file does not match the manifest or cannot be written, from `contracts confirm
---package` when a file of the folder is missing or not as its manifest lists it, from
-`certificate verify` when the certificate does not verify (`certificate get`: when the
-registry rejected it), from `receipt verify` when the transfer receipt is unsigned or does
-not verify (`receipt get`: when the task has no signed receipt), and when a server
-answers something that cannot be right (a listing whose pages do not advance), also when
-nothing reads the output any more; 2 for a usage error or an error answer from the registry
-(printed as `error: <CODE>: <message>`).";
+Exit status: 0 on success, also when nothing reads the output any more (`dsrctl list |
+head`); 1 for a configuration or connection problem, from `watch` when the request ended
+other than COMPLETED (or, without --until-erased, answered PARTIALLY_COMPLETED) or when
+nothing reads its output any more (it cannot tell how the request ended), from `contracts
+show --watch` when the contract end ended FAILED or CANCELLED, from `audit verify` when the
+trail is broken or the signed checkpoints asked for do not verify or are none, from
+`download` when a file does not match the manifest or cannot be written (or a folder that
+holds the download finished no longer matches its manifest), from `contracts confirm
+--package` when a file of the folder (manifest.json included) is missing or not as its
+manifest lists it, from `certificate verify` when the certificate does not verify
+(`certificate get`: when the registry rejected it), from `receipt verify` when the transfer
+receipt is unsigned or does not verify (`receipt get`: when the task has no signed
+receipt), and when a server answers something that cannot be right (a listing whose pages
+do not advance); these verdicts hold even when nothing reads the output; 2 for a usage
+error (a party the development PKI does not have, a checkpoint file of another service's
+trail) or an error answer from the registry (printed as `error: <CODE>: <message>`).";
 
 /// Command-line client for the dsrelay registry: submit and follow data-subject requests.
 #[derive(Debug, Parser)]
@@ -74,7 +77,8 @@ pub struct ConnectionArgs {
     #[arg(long, global = true, value_name = "URL")]
     pub endpoint: Option<String>,
 
-    /// CA bundle (PEM) the registry's certificate must chain to [env: DSRCTL_CA]
+    /// CA bundle (PEM) the registry's certificate (a processor's, for the commands that call
+    /// one) must chain to [env: DSRCTL_CA]
     #[arg(long, global = true, value_name = "FILE")]
     pub ca: Option<PathBuf>,
 
@@ -136,8 +140,10 @@ pub enum Command {
     /// and gives up once 30 attempts in a row fail to open the stream, naming the --after
     /// that continues.
     Watch(WatchArgs),
-    /// Cancel a request that is still open (RECEIVED, DISPATCHED or IN_PROGRESS) while a
-    /// cancellation can stop something (a delivery or a task not yet ended).
+    /// Cancel a request, or a contract end by its id (a contract end is a request too), that
+    /// is still open (RECEIVED, DISPATCHED or IN_PROGRESS) while a cancellation can stop
+    /// something (a delivery or a task not yet ended; a contract end's deletion under way is
+    /// not stopped).
     Cancel(CancelArgs),
     /// Extend a request's due date (operators only); the registry sends the new date to the
     /// processors, whose tasks then retry until it.
@@ -166,7 +172,8 @@ pub enum Command {
     Trace(TraceArgs),
     /// Tasks at a processor: those that wait for an operator (manual connectors) or in
     /// other states, and acknowledgements its registry kept rejecting (dead letters). These
-    /// commands talk to the processor, not the registry.
+    /// commands talk to the processor, not the registry: --ca/--cert/--key are those of an
+    /// operator of the processor, and no --server-identity is needed.
     #[command(subcommand)]
     Tasks(TasksCommand),
     /// Run the whole service pair on this machine for development.
@@ -204,14 +211,18 @@ pub struct TraceArgs {
     pub id: String,
 }
 
-/// Where the processor is, for `dsrctl tasks`.
+/// Where the processor is, for `dsrctl tasks` and `dsrctl contracts scheduled`.
 #[derive(Debug, Clone, Args)]
 pub struct ProcessorArgs {
-    /// The processor's endpoint.
+    /// The processor's endpoint. The call presents --cert/--key (an operator certificate of
+    /// the processor) and checks the processor's certificate against --ca; --endpoint and
+    /// --server-identity, the registry's, are not used.
     #[arg(long, default_value = "https://127.0.0.1:50061", value_name = "URL")]
     pub processor: String,
-    /// The identity the processor's certificate must carry [default with the development PKI:
-    /// spiffe://dsrelay.dev/processor/payroll-bureau].
+    /// The identity the processor's certificate must carry [default, only with the
+    /// development PKI (its operator's certificate as dsrctl finds it in ./.dsrelay/pki, or
+    /// the dsrctl.toml `dsrctl dev up` writes): spiffe://dsrelay.dev/processor/payroll-bureau,
+    /// the processor `dsrctl dev up` runs; required otherwise].
     #[arg(long, value_name = "URI")]
     pub processor_identity: Option<String>,
 }
@@ -242,9 +253,10 @@ pub enum TasksCommand {
         /// Only this subprocessor's tasks.
         #[arg(long)]
         subprocessor: Option<String>,
-        /// Tasks in this state instead of those waiting for an operator (repeatable), e.g.
-        /// `--state failed --state refused` to see what could not be done and why, or
-        /// `--state in-progress` for what a holder that keeps failing said last.
+        /// Tasks in this state instead of those waiting for an operator (repeatable): pending,
+        /// in-progress, completed, not-found, retained, refused, failed, waiting-for-operator
+        /// or cancelled; e.g. `--state failed --state refused` to see what could not be done
+        /// and why, or `--state in-progress` for what a holder that keeps failing said last.
         #[arg(long = "state", value_name = "STATE")]
         states: Vec<String>,
     },
@@ -440,7 +452,8 @@ pub enum ContractsCommand {
         package: Option<PathBuf>,
     },
     /// What a processor has scheduled for the contract ends it received, and when (asks the
-    /// processor's operator API, like `dsrctl tasks`).
+    /// processor's operator API, like `dsrctl tasks`: --ca/--cert/--key are those of an
+    /// operator of the processor, and no --server-identity is needed).
     Scheduled {
         /// Where the processor is.
         #[command(flatten)]
@@ -566,20 +579,22 @@ pub struct ReceiptVerifyArgs {
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Read the whole audit trail and check its hash chain; exits 0 if it is intact and 1
-    /// naming the first entry that was modified, inserted or removed. Keep the printed last
-    /// hash: passed to --anchor later, it also catches entries removed from the end and a
-    /// trail rewritten up to that entry. With the registry's signed checkpoints
-    /// (--checkpoints FILE or --fetch-checkpoints, and --checkpoint-key), it also checks
-    /// every checkpoint's signature and that the trail still holds every checkpointed
-    /// entry, naming the checkpoint a rewritten or cut trail no longer matches; with none
-    /// there to check against, it exits 1 without judging the trail. With
-    /// --processor, the same for that processor's own trail and checkpoints (operators of
-    /// the processor only).
+    /// naming the first entry that was modified, inserted or removed. Keep the printed number
+    /// of entries and last hash: entries are numbered from 1 without gaps, so that number is
+    /// the last entry's SEQ (`last_seq` in --output json), and `--anchor SEQ:HASH` later also
+    /// catches entries removed from the end and a trail rewritten up to that entry. With the
+    /// registry's signed checkpoints (--checkpoints FILE or --fetch-checkpoints, and
+    /// --checkpoint-key), it also checks every checkpoint's signature and that the trail still
+    /// holds every checkpointed entry, naming the checkpoint a rewritten or cut trail no
+    /// longer matches; with none there to check against, it exits 1 without judging the
+    /// trail. With --processor, the same for that processor's own trail and checkpoints
+    /// (operators of the processor only).
     Verify(AuditVerifyArgs),
     /// Print the registry's signed audit checkpoints, one JSON line each, as its checkpoint
-    /// file holds them (partners and operators): keep them where the registry's operators
-    /// cannot change them, and verify against them later (`audit verify --checkpoints`).
-    /// With --processor, that processor's checkpoints (its operators and controllers).
+    /// file holds them (partners and operators), with --output json too: keep them where the
+    /// registry's operators cannot change them, and verify against them later (`audit verify
+    /// --checkpoints`). With --processor, that processor's checkpoints (its operators and
+    /// controllers).
     Checkpoints(AuditCheckpointsArgs),
     /// Print one page of the registry's audit trail, oldest first (operators only): seq,
     /// time, event, request, actor and the detail (shortened in the table; whole, with both
@@ -593,11 +608,15 @@ pub enum AuditCommand {
 #[derive(Debug, Clone, Args)]
 pub struct AuditTrailArgs {
     /// Read the trail of the processor at this endpoint (its operator API) instead of the
-    /// registry's.
+    /// registry's. The call presents --cert/--key (a certificate the processor accepts: its
+    /// operator's, or a controller's for checkpoints) and checks the processor's certificate
+    /// against --ca; --endpoint and --server-identity, the registry's, are not used.
     #[arg(long, value_name = "URL")]
     pub processor: Option<String>,
-    /// The identity the processor's certificate must carry [default with the development PKI:
-    /// spiffe://dsrelay.dev/processor/payroll-bureau].
+    /// The identity the processor's certificate must carry [default, only with the
+    /// development PKI (its operator's certificate as dsrctl finds it in ./.dsrelay/pki, or
+    /// the dsrctl.toml `dsrctl dev up` writes): spiffe://dsrelay.dev/processor/payroll-bureau,
+    /// the processor `dsrctl dev up` runs; required otherwise].
     #[arg(long, value_name = "URI", requires = "processor")]
     pub processor_identity: Option<String>,
 }
@@ -613,7 +632,8 @@ pub struct AuditVerifyArgs {
     #[arg(long, value_name = "SEQ:HASH", value_parser = parse_anchor)]
     pub anchor: Option<(u64, String)>,
     /// Check the trail against the signed checkpoints in FILE (JSON lines, as the service's
-    /// checkpoint file or `dsrctl audit checkpoints` hold them).
+    /// checkpoint file or `dsrctl audit checkpoints` hold them); a file of another service's
+    /// trail (the registry's for --processor, or the other way round) is a usage error.
     #[arg(
         long,
         value_name = "FILE",
@@ -798,6 +818,12 @@ impl From<StateArg> for RequestState {
 /// Arguments of `dsrctl submit`. Give at least one identity; every identity flag repeats.
 #[derive(Debug, Clone, Args)]
 #[command(group = ArgGroup::new("identities").required(true).multiple(true))]
+// clap's own usage line shows the identities as one choice among them.
+#[command(
+    override_usage = "dsrctl submit [OPTIONS] --kind <KIND> <IDENTITY>...\n       \
+    IDENTITY: one or more of --email, --phone, --customer-number, --national-id, --other,\n       \
+    --sha256-email, --md5-email, each repeatable"
+)]
 pub struct SubmitArgs {
     /// What the subject asked for.
     #[arg(long, value_enum)]
@@ -953,7 +979,7 @@ pub struct WatchArgs {
 /// Arguments of `dsrctl cancel`.
 #[derive(Debug, Clone, Args)]
 pub struct CancelArgs {
-    /// The request id.
+    /// The request id, or a contract end's id.
     pub id: String,
 
     /// Why it is cancelled; kept with the request.

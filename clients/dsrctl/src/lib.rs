@@ -15,14 +15,16 @@
 //! Exit status: 0 on success; 1 for configuration and connection problems, when `watch`
 //! sees the request end other than COMPLETED, when `audit verify` finds the trail broken
 //! or, asked to check signed checkpoints, finds any that does not verify or none at all,
-//! when `download` finds a file that does not match the manifest or cannot write it,
-//! when `contracts confirm --package` finds a file of the folder missing or not as its
-//! manifest lists it, when `certificate verify` finds a certificate that does not verify
-//! (or `certificate get` one the registry rejected), when `receipt verify` finds a transfer
-//! receipt unsigned or not verifying (or `receipt get` a task with no signed receipt), and
-//! when a server answers something that cannot be right (a listing whose pages do not
-//! advance); each of these verdicts holds even when whatever reads the output has gone
-//! (`dsrctl audit verify | true`);
+//! when `download` finds a file that does not match the manifest or cannot write it (or a
+//! folder holding the download finished that no longer matches its manifest), when
+//! `contracts confirm --package` finds a file of the folder (its manifest.json included)
+//! missing or not as its manifest lists it, when `certificate verify` finds a certificate
+//! that does not verify (or `certificate get` one the registry rejected), when `receipt
+//! verify` finds a transfer receipt unsigned or not verifying (or `receipt get` a task with
+//! no signed receipt), and when a server answers something that cannot be right (a listing
+//! whose pages do not advance); each of these verdicts holds even when whatever reads the
+//! output has gone (`dsrctl audit verify | true`), which otherwise ends a command with 0,
+//! but `watch` with 1;
 //! 2 for usage errors (clap's own included) and error answers from the registry.
 
 use std::io::Write;

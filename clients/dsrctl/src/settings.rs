@@ -139,6 +139,43 @@ impl FileSettings {
 
 /// Works out the connection settings from the flags, `env` and the config file it names.
 pub fn resolve(args: &ConnectionArgs, env: &Environment) -> Result<ConnectionSettings> {
+    let (endpoint, tls, server_identity) = resolve_parts(args, env)?;
+    let Some(server_identity) = server_identity else {
+        bail!(
+            "no server identity: give --server-identity (or DSRCTL_SERVER_IDENTITY, or \
+             server_identity in the --config file), the identity the registry's certificate \
+             carries, e.g. spiffe://dsrelay.dev/registry/controller; without it any party the \
+             CA certified could pose as the registry"
+        );
+    };
+    Ok(ConnectionSettings {
+        endpoint,
+        tls,
+        server_identity,
+    })
+}
+
+/// The settings for commands that call a processor, never the registry: resolved as by
+/// [`resolve`], but without insisting on the registry's identity, which the processor
+/// connection does not check. `server_identity` is the registry's when given or implied by
+/// the development PKI (its value picks the default `--processor-identity`), else empty.
+pub fn resolve_for_processor(
+    args: &ConnectionArgs,
+    env: &Environment,
+) -> Result<ConnectionSettings> {
+    let (endpoint, tls, server_identity) = resolve_parts(args, env)?;
+    Ok(ConnectionSettings {
+        endpoint,
+        tls,
+        server_identity: server_identity.unwrap_or_default(),
+    })
+}
+
+/// The endpoint, the TLS files and the registry's identity when known.
+fn resolve_parts(
+    args: &ConnectionArgs,
+    env: &Environment,
+) -> Result<(String, TlsFiles, Option<String>)> {
     let config_path = args
         .config
         .as_ref()
@@ -237,19 +274,7 @@ pub fn resolve(args: &ConnectionArgs, env: &Environment) -> Result<ConnectionSet
     if let Some(crl) = crl {
         tls.crls = vec![crl];
     }
-    let Some(server_identity) = server_identity else {
-        bail!(
-            "no server identity: give --server-identity (or DSRCTL_SERVER_IDENTITY, or \
-             server_identity in the --config file), the identity the registry's certificate \
-             carries, e.g. spiffe://dsrelay.dev/registry/controller; without it any party the \
-             CA certified could pose as the registry"
-        );
-    };
-    Ok(ConnectionSettings {
-        endpoint,
-        tls,
-        server_identity,
-    })
+    Ok((endpoint, tls, server_identity))
 }
 
 /// Whether `file` is in `folder`, as the file system resolves both (`folder` must exist; the

@@ -104,7 +104,7 @@ fn pki_init_installs_a_party_s_own_files_apart() {
     );
 
     let out = dsrctl(tmp.path(), &[], &["pki", "init", "--install", "nobody=x"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
     assert!(
         text(&out.stderr).contains("not a party"),
         "{}",
@@ -162,7 +162,7 @@ fn pki_revoke_lists_certificates_in_the_ca_s_revocation_list() {
     );
 
     let out = dsrctl(tmp.path(), &[], &["pki", "revoke", "--dir", "pki", "ca"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
     assert!(
         text(&out.stderr).contains("not a party"),
         "{}",
@@ -263,6 +263,9 @@ fn usage_errors_exit_2() {
         &["package"],
         &["download", "r-1"],
         &["download", "r-1", "--out", "d", "--zip", "p.zip"],
+        // Parties the development PKI does not have.
+        &["pki", "init", "--install", "nosuch=x"],
+        &["pki", "revoke", "nosuch"],
         &[
             "submit",
             "--kind",
@@ -291,6 +294,8 @@ fn usage_errors_exit_2() {
         );
         assert!(out.stdout.is_empty(), "{args:?}");
     }
+    // Refused before any file is written.
+    assert!(!tmp.path().join(".dsrelay").exists());
     let out = dsrctl(
         tmp.path(),
         &[],
@@ -467,12 +472,20 @@ fn dev_up(cwd: &Path, args: &[&str]) -> (support::DevUp, Vec<String>) {
     support::dev_up(cwd, &[&ports[..], args].concat())
 }
 
-/// The dsrctl arguments of every `cargo run -q -p dsrctl -- ...` line printed, with
-/// `<request id>` replaced by `id`.
+/// The dsrctl under test, as its printed commands start it: outside the source tree, by its
+/// path (which needs no quoting here).
+fn program() -> String {
+    let exe = std::fs::canonicalize(env!("CARGO_BIN_EXE_dsrctl")).unwrap();
+    exe.to_str().unwrap().to_string()
+}
+
+/// The dsrctl arguments of every line printed that runs this dsrctl, with `<request id>`
+/// replaced by `id`.
 fn printed_commands(lines: &[String], id: &str) -> Vec<Vec<String>> {
+    let prefix = format!("{} ", program());
     lines
         .iter()
-        .filter_map(|l| l.trim_start().strip_prefix("cargo run -q -p dsrctl -- "))
+        .filter_map(|l| l.trim_start().strip_prefix(&prefix))
         .map(|rest| {
             let rest = rest.replace("<request id>", id);
             rest.split_whitespace().map(String::from).collect()
@@ -557,6 +570,8 @@ fn dev_up_prints_commands_that_work_as_printed() {
     let (_dev, lines) = dev_up(&cwd, &["--dir", dir.to_str().unwrap()]);
     let all = lines.join("\n");
     assert!(!all.contains("by default"), "{all}");
+    // Started outside the source tree, where `cargo run` finds no dsrctl: this binary.
+    assert!(!all.contains("cargo run -q -p dsrctl"), "{all}");
     run_printed_commands(&cwd, &lines);
 
     // The recipient's file names this folder's PKI, relative to the file.
@@ -713,7 +728,14 @@ fn dev_up_s_stand_in_holds_nothing_and_its_recipient_moves_with_the_processor() 
         all.contains(&format!("example-recipient (https://localhost:{moved})")),
         "{all}"
     );
-    let listen = format!("DSRELAY_RECIPIENT__LISTEN=127.0.0.1:{moved} cargo run");
+    // The recipient beside this dsrctl, or cargo's when it was not built.
+    let beside = Path::new(&program()).with_file_name("dsrelay-example-recipient");
+    let recipient = if beside.is_file() {
+        beside.to_str().unwrap().to_string()
+    } else {
+        "cargo run -q -p dsrelay-example-recipient --".to_string()
+    };
+    let listen = format!("DSRELAY_RECIPIENT__LISTEN=127.0.0.1:{moved} {recipient} --config");
     assert!(all.contains(&listen), "{all}");
 }
 
@@ -738,6 +760,19 @@ fn dev_up_takes_no_connection_flags_and_hides_them() {
         );
     }
 
+    // Nor --output: it prints no result.
+    let out = dsrctl(
+        tmp.path(),
+        &[],
+        &["--output", "json", "dev", "up", "--dir", "file"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).starts_with("error: dev up takes no --output"),
+        "{}",
+        text(&out.stderr)
+    );
+
     let out = dsrctl(tmp.path(), &[], &["dev", "up", "--help"]);
     assert_eq!(out.status.code(), Some(0));
     let help = text(&out.stdout);
@@ -745,6 +780,97 @@ fn dev_up_takes_no_connection_flags_and_hides_them() {
         assert!(!help.contains(flag), "{flag} in\n{help}");
     }
     assert!(help.contains("--registry-port"), "{help}");
+}
+
+/// A partner certificate `dsrctl pki revoke` listed before `dev up` started is refused by
+/// its registry.
+#[test]
+fn a_dev_up_pair_checks_the_revocation_list_pki_revoke_wrote() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = dsrctl(tmp.path(), &[], &["pki", "init"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = dsrctl(tmp.path(), &[], &["pki", "revoke", "partner-webform"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("dsrctl dev up"),
+        "{}",
+        text(&out.stderr)
+    );
+    let (_dev, lines) = dev_up(tmp.path(), &[]);
+    let commands = printed_commands(&lines, "r-1");
+    let list = commands
+        .iter()
+        .find(|c| c[..2] == ["list", "--overdue"])
+        .expect("a list command");
+    let run = |extra: &[&str]| {
+        let mut args: Vec<&str> = list.iter().map(String::as_str).collect();
+        args.extend(extra);
+        dsrctl(tmp.path(), &[], &args)
+    };
+    let pki = ".dsrelay/pki";
+    let partner = |stem: &str| {
+        let (cert, key) = (format!("{pki}/{stem}.pem"), format!("{pki}/{stem}.key"));
+        run(&["--cert", &cert, "--key", &key])
+    };
+    assert_eq!(run(&[]).status.code(), Some(0));
+    let out = partner("partner-crm");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = partner("partner-webform");
+    assert_ne!(out.status.code(), Some(0), "a revoked partner got in");
+}
+
+/// The processor's operator reaches the processor with TLS files given outright and its
+/// identity, without the registry's.
+#[test]
+fn processor_calls_need_no_registry_identity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_dev, lines) = dev_up(tmp.path(), &[]);
+    let commands = printed_commands(&lines, "r-1");
+    let pki = ".dsrelay/pki";
+    let tasks = commands
+        .iter()
+        .find(|c| c[..2] == ["tasks", "list"])
+        .expect("a tasks command");
+    let mut args: Vec<&str> = tasks.iter().map(String::as_str).collect();
+    let files = [
+        ("--ca", format!("{pki}/ca.pem")),
+        ("--cert", format!("{pki}/operator.pem")),
+        ("--key", format!("{pki}/operator.key")),
+    ];
+    for (flag, file) in &files {
+        args.extend([*flag, file.as_str()]);
+    }
+    let out = dsrctl(tmp.path(), &[], &args);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).starts_with("error: no processor identity"),
+        "{}",
+        text(&out.stderr)
+    );
+    let identity = [
+        "--processor-identity",
+        "spiffe://dsrelay.dev/processor/payroll-bureau",
+    ];
+    args.extend(identity);
+    let out = dsrctl(tmp.path(), &[], &args);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // The processor's own audit trail, the same way.
+    let at = tasks
+        .windows(2)
+        .find(|w| w[0] == "--processor")
+        .expect("--processor");
+    let mut args = vec!["audit", "verify", "--processor", at[1].as_str()];
+    for (flag, file) in &files {
+        args.extend([*flag, file.as_str()]);
+    }
+    args.extend(identity);
+    let out = dsrctl(tmp.path(), &[], &args);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("audit trail intact"),
+        "{}",
+        text(&out.stdout)
+    );
 }
 
 #[test]

@@ -603,7 +603,8 @@ async fn a_download_that_failed_its_checks_cannot_confirm_a_return() {
     let run = registry
         .dsrctl(&["contracts", "confirm", "c-1", "--package", "pkg"])
         .await;
-    assert_ne!(run.code, Some(0), "{run:?}");
+    // Its manifest.json missing is a file of the package missing: exit 1, as for any other.
+    assert_eq!(run.code, Some(1), "{run:?}");
     assert!(run.stderr.contains("--package pkg"), "{run:?}");
     assert!(registry.answers().confirmed.is_empty(), "{run:?}");
     // Only a folder whose every file verified holds a manifest.
@@ -677,6 +678,83 @@ async fn a_failed_verdict_stays_failed_when_nobody_reads_the_output() {
     assert!(runs.iter().all(|(_, run)| run.code == Some(1)), "{runs:#?}");
     // The notes on stderr still name the file that failed.
     assert!(runs[2].1.stderr.contains(FILES[0].0), "{runs:#?}");
+}
+
+/// `audit checkpoints --output json` prints the checkpoint file's lines, which `audit verify
+/// --checkpoints` reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_printed_as_json_are_a_checkpoint_file() {
+    let key = SigningKey::generate();
+    let public = key.public_key().to_base64();
+    let entries = trail(5);
+    let registry = Registry::start(Answers {
+        checkpoints: checkpoints(&entries, &[2, 4], &key),
+        entries,
+        ..Default::default()
+    })
+    .await;
+    let table = registry.dsrctl(&["audit", "checkpoints"]).await;
+    assert_eq!(table.code, Some(0), "{table:?}");
+    let json = registry
+        .dsrctl(&["audit", "checkpoints", "--output", "json"])
+        .await;
+    assert_eq!(json.code, Some(0), "{json:?}");
+    assert_eq!(json.stdout, table.stdout);
+    assert_eq!(json.stdout.lines().count(), 2, "{json:?}");
+    std::fs::write(registry.path("kept.jsonl"), &json.stdout).expect("the file");
+    let run = registry
+        .dsrctl(&[
+            "audit",
+            "verify",
+            "--checkpoints",
+            "kept.jsonl",
+            "--checkpoint-key",
+            &public,
+        ])
+        .await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stdout.contains("2 signed checkpoints kept"), "{run:?}");
+}
+
+/// Checkpoints of another service's trail, named with --checkpoints, are a usage error that
+/// says so, rather than a trail that reads as rewritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_file_of_another_service_is_a_usage_error() {
+    let key = SigningKey::generate();
+    let public = key.public_key().to_base64();
+    let entries = trail(5);
+    let lines: String = [2, 4]
+        .iter()
+        .map(|&seq: &u64| {
+            let hash = &entries[seq as usize - 1].hash;
+            let (_, signed) =
+                Checkpoint::sign("processor", seq, hash, 1_800_000_100_000, &key).expect("signing");
+            signed.to_json_line().expect("a line") + "\n"
+        })
+        .collect();
+    let registry = Registry::start(Answers {
+        entries,
+        ..Default::default()
+    })
+    .await;
+    std::fs::write(registry.path("processor.jsonl"), lines).expect("the file");
+    let run = registry
+        .dsrctl(&[
+            "audit",
+            "verify",
+            "--checkpoints",
+            "processor.jsonl",
+            "--checkpoint-key",
+            &public,
+        ])
+        .await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(
+        run.stderr
+            .starts_with("error: checkpoint 1 is the processor's, not this registry's trail"),
+        "{run:?}"
+    );
+    assert!(run.stdout.is_empty(), "{run:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1077,14 +1155,15 @@ async fn a_finished_download_run_again_says_so_and_succeeds() {
     let mut bytes = FILES[1].1.to_vec();
     bytes[0] ^= 1;
     std::fs::write(&changed, &bytes).unwrap();
+    // A package problem, as a file that fails its check in a download: exit 1.
     let run = registry.dsrctl(&["download", "c-1", "--out", "pkg"]).await;
-    assert_eq!(run.code, Some(2), "{run:?}");
+    assert_eq!(run.code, Some(1), "{run:?}");
     assert!(run.stderr.contains("no longer matches"), "{run:?}");
     assert!(run.stderr.contains(FILES[1].0), "{run:?}");
     // A change of size, too.
     std::fs::write(&changed, b"[]").unwrap();
     let run = registry.dsrctl(&["download", "c-1", "--out", "pkg"]).await;
-    assert_eq!(run.code, Some(2), "{run:?}");
+    assert_eq!(run.code, Some(1), "{run:?}");
     assert!(
         run.stderr.contains("no longer matches") && run.stderr.contains(FILES[1].0),
         "{run:?}"

@@ -5,7 +5,7 @@
 //! list`: prints one page of the trail.
 
 use anyhow::Context as _;
-use dsrelay_runtime::audit::checkpoint::{self, Checkpoint};
+use dsrelay_runtime::audit::checkpoint::{self, Checkpoint, CheckpointError};
 use dsrelay_runtime::audit::{ChainBreak, Entry, Verifier};
 use dsrelay_runtime::signing::{PublicKey, Signed};
 use dsrelay_sdk::proto::processor_operator_service_client::ProcessorOperatorServiceClient;
@@ -53,7 +53,8 @@ impl Trail {
         let Some(processor) = &args.processor else {
             return Ok(Self::Registry(Box::new(Registry::connect(cli, env)?)));
         };
-        let settings = settings::resolve(&cli.connection, env).map_err(Failure::Setup)?;
+        let settings =
+            settings::resolve_for_processor(&cli.connection, env).map_err(Failure::Setup)?;
         let target = ProcessorArgs {
             processor: processor.clone(),
             processor_identity: args.processor_identity.clone(),
@@ -353,7 +354,8 @@ pub(crate) async fn verify(
 }
 
 /// The checkpoints `args` name, their signatures checked: `None` when none were asked for,
-/// `Some(Err)` naming the first that does not check out, or saying there are none.
+/// `Some(Err)` naming the first that does not check out, or saying there are none. A
+/// `--checkpoints` file over another service's trail is a usage error.
 async fn checkpoints_to_check(
     trail: &mut Trail,
     args: &AuditVerifyArgs,
@@ -390,9 +392,17 @@ async fn checkpoints_to_check(
             "none to check against: {source} no signed checkpoint"
         ))));
     }
-    Ok(Some(
-        checkpoint::check(&signed, &key).map_err(|e| e.to_string()),
-    ))
+    match checkpoint::check(&signed, &key, trail.owner()) {
+        // A file of the other service's checkpoints was named by mistake; one the service
+        // itself served is its answer, judged like any other that does not check out.
+        Err(e @ CheckpointError::OtherService { .. }) if args.checkpoints.is_some() => {
+            Err(Failure::Usage(format!(
+                "{e}: --checkpoints must name the {}'s checkpoint file",
+                trail.owner()
+            )))
+        }
+        checked => Ok(Some(checked.map_err(|e| e.to_string()))),
+    }
 }
 
 /// Every checkpoint over a seq after `after_seq`, page by page, with the key id the
@@ -413,54 +423,32 @@ async fn fetch_checkpoints(
     }
 }
 
-/// The checkpoints as fetched, in their file form.
-#[derive(Debug, Serialize)]
-pub(crate) struct CheckpointsView {
-    /// Each checkpoint as one line of the checkpoint file.
-    #[serde(skip)]
-    lines: Vec<String>,
-    /// The same, parsed: `{body, signature, key_id}`.
-    checkpoints: Vec<serde_json::Value>,
-    /// The key id the service says signs them now.
-    key_id: String,
-}
-
-impl Render for CheckpointsView {
-    fn to_table(&self) -> String {
-        self.lines.iter().map(|l| format!("{l}\n")).collect()
-    }
-}
-
-/// Prints the service's checkpoints after `--after-seq`, one line each (the file form).
+/// Prints the service's checkpoints after `--after-seq`, one line each (the file form),
+/// whatever `--output` says: that is the form `audit verify --checkpoints` reads, and each
+/// line is a JSON document already.
 pub(crate) async fn checkpoints(
     trail: &mut Trail,
     args: &AuditCheckpointsArgs,
     io: &mut Io<'_>,
 ) -> Result<u8, Failure> {
     let (signed, key_id) = fetch_checkpoints(trail, args.after_seq).await?;
-    let mut lines = Vec::with_capacity(signed.len());
-    let mut parsed = Vec::with_capacity(signed.len());
+    let mut lines = String::new();
     for s in &signed {
         let line = s
             .to_json_line()
             .with_context(|| format!("a checkpoint the {} sent", trail.owner()))
             .map_err(Failure::Setup)?;
-        parsed.push(serde_json::from_str(&line).map_err(|e| Failure::Setup(e.into()))?);
-        lines.push(line);
+        lines.push_str(&line);
+        lines.push('\n');
     }
     writeln!(
         io.err,
         "{} checkpoints, signed with key {key_id}: check them with a public key you got from \
          the {owner}'s operator, not from the {owner}",
-        lines.len(),
+        signed.len(),
         owner = trail.owner()
     )?;
-    let view = CheckpointsView {
-        lines,
-        checkpoints: parsed,
-        key_id,
-    };
-    emit(io.out, io.format, &view, false)?;
+    io.out.write_all(lines.as_bytes())?;
     Ok(0)
 }
 

@@ -581,8 +581,9 @@ impl Render for ScheduledListView {
 fn manifest_digest(dir: &Path, id: &str, hint: &Hint) -> Result<String, Failure> {
     let download = hint.command(&["download", id, "--out", "DIR"]);
     let path = dir.join(crate::unpack::MANIFEST_NAME);
+    // Its manifest.json missing is a file of the package missing, as any other is.
     let bytes = std::fs::read(&path).map_err(|e| {
-        Failure::Usage(format!(
+        Failure::Package(anyhow::anyhow!(
             "--package {}: cannot read {} ({e}), which dsrctl download --out writes once \
              every file verified; download the package there first ({download})",
             dir.display(),
@@ -973,9 +974,11 @@ mod tests {
     fn a_refused_confirmation_suggests_commands_that_reach_the_same_registry() {
         let at = "--endpoint https://registry.example:50051";
         let dir = tempfile::tempdir().unwrap();
-        let Err(Failure::Usage(m)) = manifest_digest(dir.path(), "c-1", &elsewhere()) else {
+        // Its manifest.json missing is a file of the package missing: exit 1.
+        let Err(Failure::Package(e)) = manifest_digest(dir.path(), "c-1", &elsewhere()) else {
             panic!("a folder without a manifest gave a digest");
         };
+        let m = e.to_string();
         assert!(
             m.contains(&format!("(dsrctl download c-1 --out DIR {at})")),
             "{m}"
@@ -1007,7 +1010,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
             manifest_digest(dir.path(), "c-1", &Hint::default()),
-            Err(Failure::Usage(m)) if m.contains("dsrctl download c-1 --out DIR")
+            Err(Failure::Package(e)) if e.to_string().contains("dsrctl download c-1 --out DIR")
         ));
         let data = b"id,name\n1,Maija\n";
         let file = serde_json::json!({

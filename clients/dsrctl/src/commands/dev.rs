@@ -6,8 +6,11 @@
 //! `dsrctl --config` from anywhere (the operator's certificate). Later starts reuse them, so
 //! edits stick. Environment overrides (`DSRELAY_REGISTRY__*`, `DSRELAY_PROCESSOR__*`) apply as
 //! for the service binaries. Once both services listen it prints commands to try, with the
-//! flags they need to reach this pair from the working directory.
+//! flags they need to reach this pair from the working directory, started as this dsrctl
+//! was ([`Programs`]). Once `dsrctl pki revoke` wrote the PKI's revocation list, both
+//! services check it from their next start.
 
+use std::ffi::OsStr;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -20,7 +23,7 @@ use dsrelay_registry::config::{AuditConfig, IdentityRole, ProcessorConfig, Recip
 use dsrelay_runtime::pki::{dev_identity, DevPki};
 use dsrelay_runtime::settings::ServiceSettings;
 
-use crate::cli::DevUpArgs;
+use crate::cli::{DevUpArgs, OutputFormat};
 use crate::commands::hint::shell_word;
 use crate::commands::Io;
 use crate::settings::{Environment, DEFAULT_ENDPOINT, DEV_PKI_DIR};
@@ -369,6 +372,73 @@ fn dsrctl_file() -> String {
     )
 }
 
+/// `cargo run` of dsrctl, for the printed commands.
+const CARGO_DSRCTL: &str = "cargo run -q -p dsrctl --";
+/// The example recipient's binary, as cargo builds it.
+const RECIPIENT_BIN: &str = "dsrelay-example-recipient";
+/// `cargo run` of the example recipient.
+const CARGO_RECIPIENT: &str = "cargo run -q -p dsrelay-example-recipient --";
+
+/// How the printed commands start dsrctl and the example recipient, each as shell words
+/// the arguments follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Programs {
+    dsrctl: String,
+    recipient: String,
+}
+
+impl Programs {
+    /// The programs for a dsrctl running from `exe` (canonical; `None`: unknown), the
+    /// commands being run from `cwd` with `path` as PATH. A dsrctl cargo built under the
+    /// target folder of a workspace `cwd` is in: `cargo run` (of the recipient too), which
+    /// builds what is missing. Else this very binary: by its name when PATH finds it so,
+    /// else by its path; and the recipient beside it, the same way, or `cargo run` when
+    /// there is none.
+    fn new(exe: Option<&Path>, cwd: &Path, path: Option<&OsStr>) -> Self {
+        let cargo = Self {
+            dsrctl: CARGO_DSRCTL.into(),
+            recipient: CARGO_RECIPIENT.into(),
+        };
+        let Some(exe) = exe else {
+            return Self {
+                dsrctl: "dsrctl".into(),
+                ..cargo
+            };
+        };
+        let cwd = std::fs::canonicalize(cwd).unwrap_or_else(|_| cwd.to_path_buf());
+        let in_workspace = cwd
+            .ancestors()
+            .any(|dir| dir.join("Cargo.toml").is_file() && exe.starts_with(dir.join("target")));
+        if in_workspace {
+            return cargo;
+        }
+        let beside = exe.with_file_name(RECIPIENT_BIN);
+        Self {
+            dsrctl: named_or_path(exe, "dsrctl", path),
+            recipient: if beside.is_file() {
+                named_or_path(&beside, RECIPIENT_BIN, path)
+            } else {
+                cargo.recipient
+            },
+        }
+    }
+}
+
+/// `name` when PATH (`path`) finds `exe` by it, else `exe`'s path, as one shell word.
+fn named_or_path(exe: &Path, name: &str, path: Option<&OsStr>) -> String {
+    let on_path = path.is_some_and(|path| {
+        std::env::split_paths(path)
+            .find(|dir| dir.join(name).is_file())
+            .and_then(|dir| std::fs::canonicalize(dir.join(name)).ok())
+            .is_some_and(|found| found == exe)
+    });
+    if on_path {
+        name.to_string()
+    } else {
+        shell_word(&exe.display().to_string())
+    }
+}
+
 /// What `up` prints once both services listen: commands that work as printed from `cwd`.
 /// dsrctl finds the development PKI only in `./.dsrelay/pki` and calls
 /// `https://127.0.0.1:50051` unless told otherwise, so each command carries `--config` (the
@@ -377,7 +447,9 @@ fn dsrctl_file() -> String {
 /// `https://127.0.0.1:50061` unless given `--processor`, so they carry it when the
 /// processor's port is another. The example recipient's command sets its listen address
 /// (`recipient_listen`) when the folder's recipient.toml has another port than `recipient`.
+/// Each command starts as `programs` say.
 fn try_text(
+    programs: &Programs,
     dir: &Path,
     cwd: &Path,
     registry: &str,
@@ -410,7 +482,8 @@ fn try_text(
     } else {
         format!("--config names the operator's certificate in {d}/pki")
     };
-    let dsrctl = "cargo run -q -p dsrctl --";
+    let dsrctl = &programs.dsrctl;
+    let recipient_program = &programs.recipient;
     format!(
         "dsrelay is running on the embedded default (SQLite, development certificates) in {d}\n\
          \x20 registry   {registry}   partners: crm, webform; operator: ops\n\
@@ -427,7 +500,7 @@ fn try_text(
          \x20 {dsrctl} tasks list{processor_flags}\n\
          \x20 {dsrctl} contracts scheduled{processor_flags}\n\
          Transfers to {RECIPIENT} ({recipient}) wait until it runs:\n\
-         \x20 {recipient_env}cargo run -q -p dsrelay-example-recipient -- --config {}\n\
+         \x20 {recipient_env}{recipient_program} --config {}\n\
          \x20 {dsrctl} submit --kind transfer --recipient {RECIPIENT} \
          --email maija.meikalainen@example.fi{flags}\n\
          Stop with Ctrl-C.",
@@ -449,6 +522,28 @@ fn refuse_connection_flags(args: &DevUpArgs) -> Result<(), Failure> {
     }
 }
 
+/// Has both services check the development CA's revocation list once `dsrctl pki revoke`
+/// wrote it: the files `dev up` writes name none, as a service refuses to start without a
+/// list it names.
+fn check_revocation_list(
+    dir: &Path,
+    registry: &mut dsrelay_registry::Config,
+    processor: &mut dsrelay_processor::Config,
+) {
+    let crl = DevPki {
+        dir: dir.join("pki"),
+    }
+    .crl();
+    if !crl.exists() {
+        return;
+    }
+    for tls in [&mut registry.service.tls, &mut processor.service.tls] {
+        if !tls.crls.contains(&crl) {
+            tls.crls.push(crl.clone());
+        }
+    }
+}
+
 /// Prepares the folder and runs both services until Ctrl-C.
 pub(crate) async fn up(
     args: &DevUpArgs,
@@ -456,6 +551,12 @@ pub(crate) async fn up(
     io: &mut Io<'_>,
 ) -> Result<u8, Failure> {
     refuse_connection_flags(args)?;
+    // It prints no result, only notes for a human (and the services' logs) on stderr.
+    if io.format != OutputFormat::Table {
+        return Err(Failure::Usage(
+            "dev up takes no --output: it prints no result to format, only what to try next".into(),
+        ));
+    }
     let telemetry = dsrelay_runtime::telemetry::init(false, "dsrelay-dev");
     let dir = env.cwd().join(&args.dir);
     std::fs::create_dir_all(&dir)
@@ -485,6 +586,7 @@ pub(crate) async fn up(
             port_of(&processor.service.listen),
         ];
         apply_listen_ports(args, &mut registry, &mut processor);
+        check_revocation_list(&dir, &mut registry, &mut processor);
         anyhow::Ok((registry, processor, file_ports))
     };
     let (mut registry, mut processor, file_ports) = prepare.await.map_err(Failure::Setup)?;
@@ -564,7 +666,11 @@ pub(crate) async fn up(
         stopped(stop_rx),
     ));
 
+    let exe = std::env::current_exe().and_then(std::fs::canonicalize).ok();
+    let path = std::env::var_os("PATH");
+    let programs = Programs::new(exe.as_deref(), env.cwd(), path.as_deref());
     let text = try_text(
+        &programs,
         &dir,
         env.cwd(),
         &registry_endpoint,
@@ -614,17 +720,92 @@ pub(crate) async fn up(
 mod tests {
     use super::*;
 
+    /// The programs of a dsrctl cargo built in the workspace the commands run in.
+    fn cargo() -> Programs {
+        Programs {
+            dsrctl: CARGO_DSRCTL.into(),
+            recipient: CARGO_RECIPIENT.into(),
+        }
+    }
+
     /// A folder with a space stays one word in each printed command.
     #[test]
     fn printed_paths_are_shell_words() {
         let dir = Path::new("/tmp/my dev");
-        let text = try_text(dir, Path::new("/"), "https://localhost:1", "p", "r", None);
+        let text = try_text(
+            &cargo(),
+            dir,
+            Path::new("/"),
+            "https://localhost:1",
+            "p",
+            "r",
+            None,
+        );
         for path in ["dsrctl.toml", "pki/partner-crm.pem", "recipient.toml"] {
             let quoted = format!(" '/tmp/my dev/{path}'");
             assert!(text.contains(&quoted), "{quoted} in {text}");
         }
         assert_eq!(shell_word("/tmp/a.toml"), "/tmp/a.toml");
         assert_eq!(shell_word("it's"), "'it'\\''s'");
+    }
+
+    /// The printed commands start as this dsrctl was started: cargo's in the workspace they
+    /// run in, else this binary by the name PATH finds it by, else by its path.
+    #[test]
+    fn printed_commands_start_this_dsrctl() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let ws = root.join("a ws");
+        std::fs::create_dir_all(ws.join("target/debug")).unwrap();
+        std::fs::create_dir_all(ws.join("clients")).unwrap();
+        std::fs::write(ws.join("Cargo.toml"), "").unwrap();
+        let exe = ws.join("target/debug/dsrctl");
+        std::fs::write(&exe, "").unwrap();
+        // In the workspace, or a folder of it.
+        for cwd in [ws.clone(), ws.join("clients")] {
+            assert_eq!(Programs::new(Some(&exe), &cwd, None), cargo(), "{cwd:?}");
+        }
+        // Elsewhere: its path, as one shell word; no recipient beside it, cargo's.
+        let away = root.join("away");
+        std::fs::create_dir(&away).unwrap();
+        let quoted = format!("'{}'", exe.display());
+        let programs = Programs::new(Some(&exe), &away, None);
+        assert_eq!(programs.dsrctl, quoted);
+        assert_eq!(programs.recipient, CARGO_RECIPIENT);
+        let recipient = ws.join("target/debug").join(RECIPIENT_BIN);
+        std::fs::write(&recipient, "").unwrap();
+        let programs = Programs::new(Some(&exe), &away, None);
+        assert_eq!(programs.recipient, format!("'{}'", recipient.display()));
+        // Installed where PATH finds it by its name, and only then.
+        let bin = root.join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        std::fs::write(bin.join("dsrctl"), "").unwrap();
+        let path = std::env::join_paths([root.join("none"), bin.clone()]).unwrap();
+        let installed = Programs::new(Some(&bin.join("dsrctl")), &away, Some(&path));
+        assert_eq!(installed.dsrctl, "dsrctl");
+        assert_eq!(installed.recipient, CARGO_RECIPIENT);
+        assert_eq!(Programs::new(Some(&exe), &away, Some(&path)).dsrctl, quoted);
+    }
+
+    /// Both services check the PKI's revocation list once `dsrctl pki revoke` wrote it, and
+    /// name it once however often started.
+    #[test]
+    fn both_services_check_the_revocation_list_once_it_exists() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::create_dir(dir.join("pki")).unwrap();
+        let mut registry = registry_config(dir, 50051, 50061);
+        let mut processor = processor_config(dir, 50061, 50051);
+        check_revocation_list(dir, &mut registry, &mut processor);
+        assert!(registry.service.tls.crls.is_empty());
+        assert!(processor.service.tls.crls.is_empty());
+        std::fs::write(dir.join("pki/crl.pem"), "").unwrap();
+        check_revocation_list(dir, &mut registry, &mut processor);
+        check_revocation_list(dir, &mut registry, &mut processor);
+        let crl = dir.join("pki/crl.pem");
+        for tls in [&registry.service.tls, &processor.service.tls] {
+            assert_eq!(tls.crls, std::slice::from_ref(&crl));
+        }
     }
 
     /// Its dsrctl file checks the revocation list once `dsrctl pki revoke` wrote it, as the
@@ -669,6 +850,7 @@ mod tests {
     fn printed_commands_reach_both_services_on_other_ports() {
         use clap::Parser;
         let text = try_text(
+            &cargo(),
             Path::new("/tmp/dsrelay-dev"),
             Path::new("/"),
             "https://localhost:6000",
@@ -717,6 +899,7 @@ mod tests {
     #[test]
     fn on_the_default_ports_the_processor_commands_carry_no_endpoint() {
         let text = try_text(
+            &cargo(),
             Path::new("/tmp/dsrelay-dev"),
             Path::new("/"),
             "https://localhost:50051",
@@ -924,6 +1107,7 @@ mod tests {
             None
         );
         let text = try_text(
+            &cargo(),
             Path::new("/tmp/dsrelay-dev"),
             Path::new("/"),
             "https://localhost:7000",

@@ -65,9 +65,11 @@ impl Target {
                     DirSink::check_target(dir, &args.id).map_err(Failure::Usage)?;
                     return Ok(Destination::Write(Self::Dir(dir.clone())));
                 };
-                let outcomes = check_folder_files(dir, &done.manifest).map_err(Failure::Usage)?;
+                // A package that does not match its manifest, as in a download.
+                let outcomes = check_folder_files(dir, &done.manifest)
+                    .map_err(|e| Failure::Package(anyhow!("--out {}: {e}", dir.display())))?;
                 if let Some(problems) = mismatches(&outcomes) {
-                    return Err(Failure::Usage(format!(
+                    return Err(Failure::Package(anyhow!(
                         "--out {} holds a download of request {} that no longer matches its \
                          {MANIFEST_NAME} ({problems}): download into a new folder",
                         dir.display(),

@@ -123,13 +123,15 @@ pub(crate) async fn dispatch(cli: &Cli, env: &Environment, io: &mut Io<'_>) -> R
             audit::list(&mut audit::Trail::connect(cli, env, &args.trail)?, args, io).await
         }
         Command::Tasks(cmd) => {
+            // Only the TLS files: the registry's identity is not needed to reach a processor.
             let settings: ConnectionSettings =
-                settings::resolve(&cli.connection, env).map_err(Failure::Setup)?;
+                settings::resolve_for_processor(&cli.connection, env).map_err(Failure::Setup)?;
             tasks::run(cmd, &settings, io).await
         }
         Command::Contracts(cmd @ ContractsCommand::Scheduled { .. }) => {
+            // Only the TLS files: the registry's identity is not needed to reach a processor.
             let settings: ConnectionSettings =
-                settings::resolve(&cli.connection, env).map_err(Failure::Setup)?;
+                settings::resolve_for_processor(&cli.connection, env).map_err(Failure::Setup)?;
             contracts::scheduled(cmd, &settings, io).await
         }
         Command::Contracts(cmd) => contracts::run(&Registry::connect(cli, env)?, cmd, io).await,

@@ -12,6 +12,13 @@ use crate::Failure;
 
 /// Creates the development PKI unless it is there, and prints its files and identities.
 pub(crate) fn init(args: &PkiInitArgs, env: &Environment, io: &mut Io<'_>) -> Result<u8, Failure> {
+    // Before anything is created: a party the PKI does not have is a mistyped argument.
+    if let Some((stem, _)) = args.install.iter().find(|(stem, _)| !is_party(stem)) {
+        return Err(unknown_party(
+            stem,
+            "--install takes STEM=DIR for one of these",
+        ));
+    }
     let dir = env.cwd().join(&args.dir);
     // `ensure` keeps an existing set; say which happened so nobody expects fresh keys.
     let existed = dir.join("ca.pem").exists();
@@ -65,16 +72,12 @@ pub(crate) fn revoke(
     };
     let mut certs = Vec::new();
     for party in &args.parties {
-        if !DEV_PARTIES.iter().any(|(stem, _, _)| stem == party) {
-            let known: Vec<&str> = DEV_PARTIES.iter().map(|(s, _, _)| *s).collect();
-            return Err(Failure::Setup(anyhow::anyhow!(
-                "{party:?} is not a party of the development PKI ({}); name other \
-                 certificates with --file",
-                known.join(", ")
-            )));
+        if !is_party(party) {
+            return Err(unknown_party(party, "name other certificates with --file"));
         }
         certs.push(pki.cert(party));
     }
+    let listed_before = pki.crl().exists();
     certs.extend(args.certs.iter().map(|c| env.cwd().join(c)));
     let valid_for = Duration::from_secs(u64::from(args.days) * 86_400);
     let next_update = SystemTime::now() + valid_for;
@@ -86,7 +89,30 @@ pub(crate) fn revoke(
         revoked: revoked.iter().map(|r| hex::encode(&r.serial)).collect(),
     };
     emit(io.out, io.format, &view, false)?;
+    if !listed_before {
+        // Services load the lists their `tls.crls` name when they start, and `dev up` names
+        // this one only when it is there then.
+        writeln!(
+            io.err,
+            "a `dsrctl dev up` pair whose --dir holds this PKI checks {} from its next start: \
+             restart one that runs now",
+            pki.crl().display()
+        )?;
+    }
     Ok(0)
+}
+
+fn is_party(stem: &str) -> bool {
+    DEV_PARTIES.iter().any(|(s, _, _)| *s == stem)
+}
+
+/// The usage error for `stem`, no party of the development PKI; `what_else` says how to go on.
+fn unknown_party(stem: &str, what_else: &str) -> Failure {
+    let known: Vec<&str> = DEV_PARTIES.iter().map(|(s, _, _)| *s).collect();
+    Failure::Usage(format!(
+        "{stem:?} is not a party of the development PKI ({}); {what_else}",
+        known.join(", ")
+    ))
 }
 
 #[cfg(test)]

@@ -386,7 +386,8 @@ impl Render for RequeuedView {
     }
 }
 
-/// A channel to the processor `args` names, with the TLS files of `settings`.
+/// A channel to the processor `args` names, with the TLS files of `settings` (from
+/// [`crate::settings::resolve_for_processor`]: its registry identity may be empty).
 pub(super) fn connect(
     args: &ProcessorArgs,
     settings: &ConnectionSettings,
@@ -400,7 +401,8 @@ pub(super) fn connect(
     let Some(identity) = identity else {
         return Err(Failure::Setup(anyhow::anyhow!(
             "no processor identity: give --processor-identity, the identity the processor's \
-             certificate carries"
+             certificate carries (only the development PKI implies one, \
+             {DEV_PROCESSOR_IDENTITY})"
         )));
     };
     dsrelay_runtime::tls::channel(&args.processor, Some(identity), &tls).map_err(Failure::Setup)

@@ -80,6 +80,17 @@ pub enum CheckpointError {
     /// Signed, but not a checkpoint of this form.
     #[error("checkpoint {0} is signed but not a checkpoint: {1}")]
     NotACheckpoint(usize, String),
+    /// Signed, but over another service's trail (`service` says whose), which would read
+    /// as a rewritten trail if checked against this one.
+    #[error("checkpoint {index} is the {service}'s, not this {expected}'s trail")]
+    OtherService {
+        /// The checkpoint's number.
+        index: usize,
+        /// The service it names.
+        service: String,
+        /// The service whose trail it was to check.
+        expected: String,
+    },
     /// Its seq does not come after the one before it: checkpoints were reordered, or one
     /// was taken from another trail.
     #[error("checkpoint {index} at seq {seq} does not follow checkpoint {} at seq {previous}", index - 1)]
@@ -93,9 +104,14 @@ pub enum CheckpointError {
     },
 }
 
-/// Checks every checkpoint's signature with `key` and that their seqs increase; returns what
-/// they state, in order, to pass to [`super::Verifier::checkpoints`].
-pub fn check(signed: &[Signed], key: &PublicKey) -> Result<Vec<Checkpoint>, CheckpointError> {
+/// Checks every checkpoint's signature with `key`, that each is over `service`'s trail and
+/// that their seqs increase; returns what they state, in order, to pass to
+/// [`super::Verifier::checkpoints`].
+pub fn check(
+    signed: &[Signed],
+    key: &PublicKey,
+    service: &str,
+) -> Result<Vec<Checkpoint>, CheckpointError> {
     let mut out: Vec<Checkpoint> = Vec::with_capacity(signed.len());
     for (i, doc) in signed.iter().enumerate() {
         let index = i + 1;
@@ -112,6 +128,13 @@ pub fn check(signed: &[Signed], key: &PublicKey) -> Result<Vec<Checkpoint>, Chec
                     c.key_id, doc.key_id
                 ),
             ));
+        }
+        if c.service != service {
+            return Err(CheckpointError::OtherService {
+                index,
+                service: c.service,
+                expected: service.to_string(),
+            });
         }
         if let Some(prev) = out.last() {
             if c.seq <= prev.seq {
@@ -360,7 +383,7 @@ mod tests {
             )
         );
         assert_eq!(
-            check(std::slice::from_ref(&signed), &key.public_key()).unwrap(),
+            check(std::slice::from_ref(&signed), &key.public_key(), "registry").unwrap(),
             [c]
         );
         // One line in the file, read back the same.
@@ -380,14 +403,14 @@ mod tests {
         assert_ne!(forged, line);
         assert_eq!(forged.len(), line.len());
         signed[1] = parse_lines(&forged).unwrap().remove(0);
-        let err = check(&signed, &key.public_key()).unwrap_err();
+        let err = check(&signed, &key.public_key(), "registry").unwrap_err();
         assert_eq!(
             err.to_string(),
             "checkpoint 2 bad signature: the signature does not match the document"
         );
         // Another key's checkpoints are refused by name.
         let other = SigningKey::generate();
-        let err = check(&signed_at(&t, &[1], &other), &key.public_key()).unwrap_err();
+        let err = check(&signed_at(&t, &[1], &other), &key.public_key(), "registry").unwrap_err();
         assert!(matches!(
             err,
             CheckpointError::BadSignature(1, VerifyError::WrongKey { .. })
@@ -399,10 +422,35 @@ mod tests {
     }
 
     #[test]
+    fn another_service_s_checkpoints_are_refused_by_name() {
+        let key = SigningKey::generate();
+        let t = trail(3);
+        let err = check(
+            &signed_at(&t, &[1, 2], &key),
+            &key.public_key(),
+            "processor",
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "checkpoint 1 is the registry's, not this processor's trail"
+        );
+        assert!(matches!(
+            err,
+            CheckpointError::OtherService { index: 1, .. }
+        ));
+    }
+
+    #[test]
     fn checkpoints_must_move_forward() {
         let key = SigningKey::generate();
         let t = trail(5);
-        let err = check(&signed_at(&t, &[2, 4, 4], &key), &key.public_key()).unwrap_err();
+        let err = check(
+            &signed_at(&t, &[2, 4, 4], &key),
+            &key.public_key(),
+            "registry",
+        )
+        .unwrap_err();
         assert_eq!(
             err.to_string(),
             "checkpoint 3 at seq 4 does not follow checkpoint 2 at seq 4"
@@ -413,7 +461,12 @@ mod tests {
     fn checkpoints_catch_a_rewritten_trail_and_name_where_it_began() {
         let key = SigningKey::generate();
         let t = trail(10);
-        let cps = check(&signed_at(&t, &[3, 6, 9], &key), &key.public_key()).unwrap();
+        let cps = check(
+            &signed_at(&t, &[3, 6, 9], &key),
+            &key.public_key(),
+            "registry",
+        )
+        .unwrap();
         assert_eq!(verified(&t, &cps), Ok(3));
 
         // Rewritten from entry 5 on with fresh hashes: the chain alone is intact.
@@ -438,6 +491,7 @@ mod tests {
         let every = check(
             &signed_at(&t, &(1..=10).collect::<Vec<_>>(), &key),
             &key.public_key(),
+            "registry",
         )
         .unwrap();
         let (seq, _, detail) = verified(&forged, &every).unwrap_err();
@@ -452,7 +506,7 @@ mod tests {
     fn checkpoints_catch_truncation() {
         let key = SigningKey::generate();
         let t = trail(10);
-        let cps = check(&signed_at(&t, &[3, 9], &key), &key.public_key()).unwrap();
+        let cps = check(&signed_at(&t, &[3, 9], &key), &key.public_key(), "registry").unwrap();
         let (seq, kind, detail) = verified(&t[..7], &cps).unwrap_err();
         assert_eq!((seq, kind), (8, BreakKind::Removed));
         assert_eq!(
