@@ -309,27 +309,32 @@ mod tests {
             earlier_records: 0,
             earlier_subjects: 0,
         };
+        // The body `erased` is signed into, as the verified document reads.
+        let signed = |erased: &Erased| {
+            let (_, doc) = issuer
+                .issue(Facts {
+                    kind: "contract_end",
+                    controller: "acme",
+                    request_id: "ce-1",
+                    subprocessor: "accounting",
+                    state: TaskState::Completed,
+                    records_affected: 760_020,
+                    erased,
+                    retained: Vec::new(),
+                    follows: None,
+                    now: 1_800_000_000_123,
+                })
+                .unwrap();
+            let body: CertificateBody =
+                serde_json::from_value(public.verify(&doc).unwrap()).unwrap();
+            (body, String::from_utf8(doc.body).unwrap())
+        };
         let erased = Erased {
             counts: Vec::new(),
             uncounted: Some(uncounted.clone()),
         };
-        let (_, doc) = issuer
-            .issue(Facts {
-                kind: "contract_end",
-                controller: "acme",
-                request_id: "ce-1",
-                subprocessor: "accounting",
-                state: TaskState::Completed,
-                records_affected: 760_020,
-                erased: &erased,
-                retained: Vec::new(),
-                follows: None,
-                now: 1_800_000_000_123,
-            })
-            .unwrap();
-        let body: CertificateBody = serde_json::from_value(public.verify(&doc).unwrap()).unwrap();
+        let (body, text) = signed(&erased);
         assert_eq!(body.uncounted.as_ref(), Some(&uncounted));
-        let text = String::from_utf8(doc.body).unwrap();
         assert!(
             text.contains(
                 "\"uncounted\":{\"reason\":\"an earlier call was cut off\",\
@@ -346,23 +351,8 @@ mod tests {
                 ..uncounted
             }),
         };
-        let (_, doc) = issuer
-            .issue(Facts {
-                kind: "contract_end",
-                controller: "acme",
-                request_id: "ce-1",
-                subprocessor: "accounting",
-                state: TaskState::Completed,
-                records_affected: 760_020,
-                erased: &erased,
-                retained: Vec::new(),
-                follows: None,
-                now: 1_800_000_000_123,
-            })
-            .unwrap();
-        let body: CertificateBody = serde_json::from_value(public.verify(&doc).unwrap()).unwrap();
+        let (body, text) = signed(&erased);
         assert_eq!(body.uncounted, erased.uncounted);
-        let text = String::from_utf8(doc.body).unwrap();
         assert!(
             text.contains("\"earlier_records\":40000,\"earlier_subjects\":10000,\"reason\":"),
             "{text}"

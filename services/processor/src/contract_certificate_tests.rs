@@ -18,6 +18,7 @@ use dsrelay_runtime::store::Db;
 use serde_json::Value;
 use tokio::sync::Notify;
 
+use crate::contract_progress_tests::{cut_off_then_resumed, last_certificate};
 use crate::contract_retry_tests::{acks, retry, step_now, with_contract_end};
 
 /// Customers in the accounting database: one batch of the SQL connector's erasure (10,000)
@@ -26,17 +27,6 @@ const CUSTOMERS: u64 = 10_100;
 
 /// The customer whose deletion a trigger refuses: in the second batch.
 const BLOCKED: u64 = 10_050;
-
-/// The signed body of `id`'s last certificate.
-async fn last_certificate(shared: &crate::app::Shared, id: &str) -> Value {
-    let bodies: Vec<Vec<u8>> =
-        sqlx::query_scalar("SELECT body FROM certificates WHERE request_id = $1 ORDER BY sequence")
-            .bind(id)
-            .fetch_all(&shared.store.db().pool)
-            .await
-            .expect("certificates");
-    serde_json::from_slice(bodies.last().expect("a certificate")).expect("json")
-}
 
 /// The sample accounting database at `url`, its rows replaced by [`CUSTOMERS`] customers,
 /// with a trigger refusing the deletion of [`BLOCKED`].
@@ -222,27 +212,7 @@ async fn a_resumed_cut_off_erasure_certifies_what_the_cut_off_call_erased(
     let id = "ce-cut";
     let app = with_contract_end(dir, url, holder.clone(), id, ContractEndChoice::Delete).await;
     let shared = app.shared();
-    let claim = || async {
-        let jobs = (shared.store)
-            .claim_tasks(shared.clock.now_ms(), 10, 30_000)
-            .await
-            .expect("claim");
-        assert_eq!(jobs.len(), 1);
-        jobs.into_iter().next().expect("job")
-    };
-    let first = {
-        let (shared, job) = (shared.clone(), claim().await);
-        tokio::spawn(async move { crate::runner::run_task(&shared, job).await })
-    };
-    tokio::time::timeout(Duration::from_secs(10), holder.recorded.notified())
-        .await
-        .expect("the holder was called");
-    shared.abandon.send_replace(true);
-    first.await.expect("first runner").expect("first step");
-    shared.abandon.send_replace(false);
-    crate::runner::run_task(&shared, claim().await)
-        .await
-        .expect("resumed step");
+    cut_off_then_resumed(&shared, &holder.recorded).await;
     let done = acks(&shared, id).await;
     assert_eq!(
         done.last().expect("acks").state(),

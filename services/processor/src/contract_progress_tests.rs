@@ -84,8 +84,35 @@ impl Connector for FailsAtOnce {
     }
 }
 
+/// Runs the one task's step until its holder signals `called`, cuts the call off (as a
+/// shutdown does, its answer never recorded), then claims the task again and runs the step
+/// that resumes it.
+pub(crate) async fn cut_off_then_resumed(shared: &Arc<crate::app::Shared>, called: &Notify) {
+    let claim = || async {
+        let jobs = (shared.store)
+            .claim_tasks(shared.clock.now_ms(), 10, 30_000)
+            .await
+            .expect("claim");
+        assert_eq!(jobs.len(), 1);
+        jobs.into_iter().next().expect("job")
+    };
+    let first = {
+        let (shared, job) = (shared.clone(), claim().await);
+        tokio::spawn(async move { crate::runner::run_task(&shared, job).await })
+    };
+    tokio::time::timeout(Duration::from_secs(10), called.notified())
+        .await
+        .expect("the holder was called");
+    shared.abandon.send_replace(true);
+    first.await.expect("first runner").expect("first step");
+    shared.abandon.send_replace(false);
+    crate::runner::run_task(shared, claim().await)
+        .await
+        .expect("resumed step");
+}
+
 /// The signed body of `id`'s last certificate.
-async fn last_certificate(shared: &crate::app::Shared, id: &str) -> serde_json::Value {
+pub(crate) async fn last_certificate(shared: &crate::app::Shared, id: &str) -> serde_json::Value {
     let bodies: Vec<Vec<u8>> =
         sqlx::query_scalar("SELECT body FROM certificates WHERE request_id = $1 ORDER BY sequence")
             .bind(id)
@@ -200,27 +227,7 @@ async fn a_cut_off_erasure_reports_an_unknown_total(url: &str, dir: &std::path::
     });
     let app = with_contract_end(dir, url, holder.clone(), "ce-c", ContractEndChoice::Delete).await;
     let shared = app.shared();
-    let claim = || async {
-        let jobs = (shared.store)
-            .claim_tasks(shared.clock.now_ms(), 10, 30_000)
-            .await
-            .expect("claim");
-        assert_eq!(jobs.len(), 1);
-        jobs.into_iter().next().expect("job")
-    };
-    let first = {
-        let (shared, job) = (shared.clone(), claim().await);
-        tokio::spawn(async move { crate::runner::run_task(&shared, job).await })
-    };
-    tokio::time::timeout(Duration::from_secs(10), holder.called.notified())
-        .await
-        .expect("the holder was called");
-    shared.abandon.send_replace(true);
-    first.await.expect("first runner").expect("first step");
-    shared.abandon.send_replace(false);
-    crate::runner::run_task(&shared, claim().await)
-        .await
-        .expect("resumed step");
+    cut_off_then_resumed(&shared, &holder.called).await;
     let done = acks(&shared, "ce-c").await;
     let last = done.last().expect("acks");
     assert_eq!(last.state(), TaskState::Completed, "{done:#?}");
