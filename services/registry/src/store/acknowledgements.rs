@@ -1659,6 +1659,24 @@ mod tests {
         .encode_to_vec()
     }
 
+    /// A TRANSFER request `id` to `recipient`, routed to processor `p1`.
+    fn transfer_request(id: &str, recipient: &str) -> super::super::NewRequest {
+        super::super::NewRequest {
+            id: id.into(),
+            partner: "crm".into(),
+            idempotency_key: format!("key-{id}"),
+            body_hash: format!("hash-{id}"),
+            body: transfer_body(recipient),
+            identity_hashes: "[\"h\"]".into(),
+            kind: RequestKind::Transfer as i32,
+            received_at: 0,
+            due_at: 1_000_000,
+            trace_id: "0".repeat(32),
+            traceparent: None,
+            processors: vec!["p1".into()],
+        }
+    }
+
     async fn store(dir: &std::path::Path) -> Store {
         store_at(&format!("sqlite://{}/registry.db", dir.display())).await
     }
@@ -1673,20 +1691,7 @@ mod tests {
         // The receipt names the request's own recipient (`unproven_completions`).
         let recipient = "the bookkeeper of jane.doe@example.org";
         store
-            .insert_request(&super::super::NewRequest {
-                id: "r1".into(),
-                partner: "crm".into(),
-                idempotency_key: "key-r1".into(),
-                body_hash: "hash-r1".into(),
-                body: transfer_body(recipient),
-                identity_hashes: "[\"h\"]".into(),
-                kind: RequestKind::Transfer as i32,
-                received_at: 0,
-                due_at: 1_000_000,
-                trace_id: "0".repeat(32),
-                traceparent: None,
-                processors: vec!["p1".into()],
-            })
+            .insert_request(&transfer_request("r1", recipient))
             .await
             .unwrap();
         let basis = "tax law, as agreed with jane.doe@example.org";
@@ -1934,20 +1939,7 @@ mod tests {
         let key = SigningKey::generate();
         let ring = KeyRing::new(key.public_key(), Vec::new()).unwrap();
         let store = store.with_receipt_keys([(RECIPIENT.to_string(), Some(ring))].into());
-        let request = super::super::NewRequest {
-            id: "t1".into(),
-            partner: "crm".into(),
-            idempotency_key: "key-t1".into(),
-            body_hash: "hash-t1".into(),
-            body: transfer_body(RECIPIENT),
-            identity_hashes: "[\"h\"]".into(),
-            kind: RequestKind::Transfer as i32,
-            received_at: 0,
-            due_at: 1_000_000,
-            trace_id: "0".repeat(32),
-            traceparent: None,
-            processors: vec!["p1".into()],
-        };
+        let request = transfer_request("t1", RECIPIENT);
         store.insert_batch(&[(request, None)]).await.unwrap();
         let unsigned = TransferReceipt {
             request_id: "t1".into(),
@@ -2007,20 +1999,7 @@ mod tests {
         let unlisted = store
             .clone()
             .with_receipt_keys([("someone-else".to_string(), None)].into());
-        let request = super::super::NewRequest {
-            id: "t1".into(),
-            partner: "crm".into(),
-            idempotency_key: "key-t1".into(),
-            body_hash: "hash-t1".into(),
-            body: transfer_body(RECIPIENT),
-            identity_hashes: "[\"h\"]".into(),
-            kind: RequestKind::Transfer as i32,
-            received_at: 0,
-            due_at: 1_000_000,
-            trace_id: "0".repeat(32),
-            traceparent: None,
-            processors: vec!["p1".into()],
-        };
+        let request = transfer_request("t1", RECIPIENT);
         unlisted.insert_batch(&[(request, None)]).await.unwrap();
         let completed = |sequence: u64| TaskStatus {
             processor: "p1".into(),
