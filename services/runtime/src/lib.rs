@@ -16,6 +16,7 @@
 //! - [`pki`]: the generated development PKI, with each processor's and registry's signing
 //!   key and the CA's revocation list.
 //! - [`signing`]: canonical JSON signed with Ed25519 (deletion certificates); key files.
+//! - [`slots`]: places counted per key (a caller, an identity), given back when dropped.
 //! - [`store`]: one sqlx handle over SQLite or PostgreSQL, with per-backend migrations.
 //! - [`backoff`]: retry spacing for the outboxes.
 //! - [`group_commit`]: the queue behind a group commit: concurrent callers' writes share
@@ -69,6 +70,7 @@ pub mod resumable_hash;
 pub mod server;
 pub mod settings;
 pub mod signing;
+pub mod slots;
 pub mod store;
 pub mod telemetry;
 // Also in this crate's own tests, whose PostgreSQL tests skip or fail by its rule.

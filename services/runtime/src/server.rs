@@ -499,14 +499,9 @@ impl HandshakeLimits {
 /// The connections a listener serves, in all and by identity.
 struct Connections {
     most: usize,
-    per_identity: usize,
-    open: std::sync::Mutex<OpenConnections>,
-}
-
-#[derive(Default)]
-struct OpenConnections {
-    total: usize,
-    by_identity: std::collections::HashMap<String, usize>,
+    per_identity: u32,
+    total: std::sync::atomic::AtomicUsize,
+    by_identity: crate::slots::KeyedSlots,
 }
 
 /// Which cap a connection was refused at, and its size.
@@ -520,52 +515,47 @@ impl Connections {
     fn new(limits: &HandshakeLimits) -> std::sync::Arc<Self> {
         std::sync::Arc::new(Self {
             most: limits.connections,
-            per_identity: limits.per_identity,
-            open: Default::default(),
+            per_identity: u32::try_from(limits.per_identity).unwrap_or(u32::MAX),
+            total: Default::default(),
+            by_identity: Default::default(),
         })
     }
 
     /// A place for one more connection of `identity`, held until the slot is dropped.
     fn admit(self: &std::sync::Arc<Self>, identity: &str) -> Result<Slot, Cap> {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        if open.total >= self.most {
-            return Err(Cap::Total(self.most));
-        }
-        let held = open.by_identity.get(identity).copied().unwrap_or(0);
-        if held >= self.per_identity {
-            return Err(Cap::PerIdentity(self.per_identity));
-        }
-        open.total += 1;
-        open.by_identity.insert(identity.to_string(), held + 1);
+        use std::sync::atomic::Ordering;
+        let most = self.most;
+        (self.total)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < most).then_some(n + 1)
+            })
+            .map_err(|_| Cap::Total(most))?;
+        let total = Total(self.clone());
+        let identity = (self.by_identity)
+            .take(identity, self.per_identity)
+            .map_err(|_| Cap::PerIdentity(self.per_identity as usize))?;
         Ok(Slot {
-            connections: self.clone(),
-            identity: identity.to_string(),
+            _total: total,
+            _identity: identity,
         })
     }
 }
 
-/// One connection's place among the [`Connections`], given back when the connection is
-/// dropped (tonic drops it when the connection ends, or serving does when it stops).
-struct Slot {
-    connections: std::sync::Arc<Connections>,
-    identity: String,
+/// One connection counted in [`Connections`]' total, until dropped.
+struct Total(std::sync::Arc<Connections>);
+
+impl Drop for Total {
+    fn drop(&mut self) {
+        (self.0.total).fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut open = self
-            .connections
-            .open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        open.total = open.total.saturating_sub(1);
-        if let Some(held) = open.by_identity.get_mut(&self.identity) {
-            *held -= 1;
-            if *held == 0 {
-                open.by_identity.remove(&self.identity);
-            }
-        }
-    }
+/// One connection's place among the [`Connections`], in all and for its identity, given
+/// back when the connection is dropped (tonic drops it when the connection ends, or serving
+/// does when it stops).
+struct Slot {
+    _total: Total,
+    _identity: crate::slots::KeyedSlot,
 }
 
 /// The identity a connection counts against: its client certificate's, or what stands for

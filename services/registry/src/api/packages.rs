@@ -1585,7 +1585,7 @@ mod tests {
         let d = Slots::default();
         let first = take_download(&d, "crm", 2).expect("free");
         let _second = take_download(&d, "crm", 2).expect("free");
-        let refused = Status::from(take_download(&d, "crm", 2).err().expect("a third"));
+        let refused = Status::from(take_download(&d, "crm", 2).expect_err("a third"));
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
         for words in ["crm already has 2", "packages.downloads_per_caller = 2"] {
             assert!(refused.message().contains(words), "{words} in {refused:?}");

@@ -12,13 +12,14 @@
 //! that does not read, and the stream ends, after the events already queued, with
 //! UNAVAILABLE naming the `after_event_id` to watch again from.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dsrelay_proto::v1::{RequestEvent, RequestState, WatchRequest};
 use dsrelay_runtime::identity::FieldViolation;
+use dsrelay_runtime::slots::{KeyedSlot, KeyedSlots};
 use futures::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -35,13 +36,10 @@ pub(crate) type EventStream =
 
 /// How many streams of one kind (Watch, DownloadPackage) each caller holds open.
 #[derive(Debug, Default)]
-pub(crate) struct Slots(Arc<Mutex<HashMap<String, u32>>>);
+pub(crate) struct Slots(KeyedSlots);
 
 /// One open stream of one caller; dropping it frees the slot.
-pub(crate) struct Slot {
-    held: Arc<Mutex<HashMap<String, u32>>>,
-    caller: String,
-}
+pub(crate) type Slot = KeyedSlot;
 
 impl Slots {
     /// Takes a slot for `caller`, or RESOURCE_EXHAUSTED when it holds `limit` of them:
@@ -53,31 +51,12 @@ impl Slots {
         rpc: &str,
         setting: &str,
     ) -> Result<Slot, ApiError> {
-        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let open = held.entry(caller.to_string()).or_default();
-        if *open >= limit {
-            return Err(ApiError::resource_exhausted(format!(
+        self.0.take(caller, limit).map_err(|open| {
+            ApiError::resource_exhausted(format!(
                 "{caller} already has {open} {rpc} streams open, the most the registry allows \
                  one caller ({setting} = {limit}); let one end before opening another"
-            )));
-        }
-        *open += 1;
-        Ok(Slot {
-            held: self.0.clone(),
-            caller: caller.to_string(),
+            ))
         })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(open) = held.get_mut(&self.caller) {
-            *open -= 1;
-            if *open == 0 {
-                held.remove(&self.caller);
-            }
-        }
     }
 }
 
