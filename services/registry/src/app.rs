@@ -267,6 +267,7 @@ impl App {
         let scraped = shared.clone();
         let (dispatched, reconciled, chained) = (shared.clone(), shared.clone(), shared.clone());
         let (expiring, forgetting) = (shared.clone(), shared.clone());
+        let quota_log = shared.clone();
         let audit_chain = shared.store.clone();
         let checkpointing = shared
             .checkpoints
@@ -335,6 +336,13 @@ impl App {
             .worker("audit chainer", move |stop| async move {
                 audit_chain.run_audit_chainer(stop).await
             });
+        // Only with a quota: otherwise nothing is ever refused.
+        let host = match shared.submit_quotas.is_empty() {
+            true => host,
+            false => host.worker("quota refusals log", move |stop| {
+                crate::quota::log_late_refusals(quota_log, stop)
+            }),
+        };
         match checkpointing {
             Some((checkpointer, store, clock)) => host.worker("audit checkpoints", move |stop| {
                 dsrelay_runtime::audit::signer::run(checkpointer, store, clock, stop)

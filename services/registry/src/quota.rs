@@ -134,6 +134,56 @@ impl SubmitQuotas {
     }
 }
 
+impl SubmitQuotas {
+    /// Whether no partner has a quota (nothing to refuse, nothing to log).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.partners.is_empty()
+    }
+
+    /// The refusals not logged yet of each partner whose last line is at least [`WARN_EVERY`]
+    /// old at `now`, taken as if logged now: what a flood's last second leaves when no
+    /// refusal follows to carry it into a line.
+    pub(crate) fn take_unlogged(&self, now: Instant) -> Vec<(&str, u64)> {
+        let mut late = Vec::new();
+        for (partner, (_, bucket)) in &self.partners {
+            let mut b = bucket.lock().unwrap_or_else(|e| e.into_inner());
+            let quiet = b
+                .warned_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= WARN_EVERY);
+            if b.unlogged > 0 && quiet {
+                b.warned_at = Some(now);
+                late.push((partner.as_str(), std::mem::take(&mut b.unlogged)));
+            }
+        }
+        late
+    }
+}
+
+/// Logs, every [`WARN_EVERY`] until `stop`, the refusals a flood left unlogged
+/// ([`SubmitQuotas::take_unlogged`]), so that a log line follows every refusal within about
+/// two seconds even when no refusal comes after it.
+pub(crate) async fn log_late_refusals(
+    shared: std::sync::Arc<crate::app::Shared>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => {}
+            _ = tokio::time::sleep(WARN_EVERY) => {}
+        }
+        for (partner, refused) in shared.submit_quotas.take_unlogged(Instant::now()) {
+            tracing::warn!(
+                partner,
+                refused,
+                "Submit refused: the partner's Submit quota is used up"
+            );
+        }
+        if *stop.borrow() {
+            return;
+        }
+    }
+}
+
 /// The partners `config` sets a Submit quota for.
 pub(crate) fn limited_partners(config: &Config) -> impl Iterator<Item = &str> {
     config
@@ -329,6 +379,27 @@ mod tests {
         // Another partner's refusals are logged on their own.
         assert_eq!(q.take("webform", t0 + ms(1001)).unwrap_err().log, Some(1));
         assert_eq!(logged(ms(5000)), Some(2));
+    }
+
+    #[test]
+    fn refusals_left_unlogged_are_taken_once_their_partner_s_line_is_a_second_old() {
+        let t0 = Instant::now();
+        let q = SubmitQuotas::new(&config(quota(0.001, 1)), t0);
+        q.take("crm", t0).unwrap();
+        q.take("webform", t0).unwrap();
+        assert!(q.take_unlogged(t0).is_empty());
+        // Logged at once, then two within the second: those two wait for a line.
+        for at in [0, 10, 20] {
+            q.take("crm", t0 + ms(at)).unwrap_err();
+        }
+        assert!(q.take_unlogged(t0 + ms(999)).is_empty());
+        assert_eq!(q.take_unlogged(t0 + ms(1000)), [("crm", 2)]);
+        assert!(q.take_unlogged(t0 + ms(5000)).is_empty());
+        // Taken counts as a line: the next refusal within the second waits again, and a
+        // refusal logged as it came leaves nothing behind.
+        assert_eq!(q.take("crm", t0 + ms(1500)).unwrap_err().log, None);
+        assert_eq!(q.take("webform", t0 + ms(1500)).unwrap_err().log, Some(1));
+        assert_eq!(q.take_unlogged(t0 + ms(2000)), [("crm", 1)]);
     }
 
     #[test]
