@@ -29,6 +29,8 @@ const SHUT: &str = "the processor takes no follow-up calls yet";
 #[derive(Clone, Default)]
 struct Gate {
     open: Arc<AtomicBool>,
+    /// Cancellations are refused (FAILED_PRECONDITION), which dead-letters them.
+    refuse_cancel: bool,
 }
 
 impl Gate {
@@ -69,6 +71,9 @@ impl ProcessorService for Gate {
         &self,
         req: Request<CancelDeliveryRequest>,
     ) -> Result<Response<TaskList>, Status> {
+        if self.refuse_cancel {
+            return Err(Status::failed_precondition("this processor cannot cancel"));
+        }
         self.answer(req.into_inner().request_id, TaskState::Cancelled)
     }
 
@@ -234,6 +239,98 @@ async fn follow_up_calls_show_until_the_processor_has_them_on_sqlite() {
 async fn follow_up_calls_show_until_the_processor_has_them_on_postgres() {
     on_postgres(|url, dir| async move {
         follow_up_calls_show_until_the_processor_has_them(&url, &dir).await;
+    })
+    .await;
+}
+
+/// A cancellation the processor keeps refusing is dead-lettered, and while it is the
+/// processor finishes the request's only task: the request is COMPLETED (the cancellation
+/// stopped nothing), and its Cancel is withdrawn with why rather than left dead-lettered,
+/// listed and counted as something an operator must requeue. Before, it stayed
+/// DEAD_LETTERED for good.
+async fn a_dead_lettered_cancel_of_a_request_that_completed_is_withdrawn(
+    url: &str,
+    dir: &std::path::Path,
+) {
+    use dsrelay_proto::v1::{Acknowledgement, RequestState};
+
+    let gate = Gate {
+        refuse_cancel: true,
+        ..Gate::default()
+    };
+    let setup = Setup {
+        tables: "[delivery]\npoll_interval_ms = 20\nmax_refusals = 2\n\
+                 backoff = { initial_ms = 20, max_ms = 100 }\n"
+            .into(),
+        admin: true,
+        ..Setup::default()
+    }
+    .answered_by(gate);
+    let registry = Registry::start(dir, url, setup).await;
+    let id = registry.submit(RequestKind::Erasure, "moot-cancel").await;
+    eventually(&registry, &id, "delivered", |r| {
+        r.deliveries.len() == 1 && r.deliveries[0].state == DeliveryState::Delivered as i32
+    })
+    .await;
+    RequestServiceClient::new(registry.channel("operator"))
+        .cancel(CancelRequest {
+            request_id: id.clone(),
+            reason: "the subject withdrew".into(),
+        })
+        .await
+        .expect("cancel");
+    let dead = eventually(&registry, &id, "the cancellation dead-lettered", |r| {
+        is(follow_up(r, "cancel"), DeliveryState::DeadLettered)
+    })
+    .await;
+    assert_eq!(dead.state, RequestState::Cancelled as i32, "{dead:#?}");
+
+    let answer = registry
+        .acknowledge(vec![Acknowledgement {
+            request_id: id.clone(),
+            subprocessor: "payroll".into(),
+            sequence: 2,
+            state: TaskState::Completed as i32,
+            ..Default::default()
+        }])
+        .await;
+    assert_eq!(answer.applied, 1, "{answer:?}");
+    let done = get(&registry, &id).await;
+    assert_eq!(done.state, RequestState::Completed as i32, "{done:#?}");
+    let cancel = follow_up(&done, "cancel").expect("cancel row");
+    assert_eq!(cancel.state, DeliveryState::Cancelled as i32, "{cancel:#?}");
+    assert!(
+        cancel.last_error.contains("nothing left to stop"),
+        "{cancel:#?}"
+    );
+    assert!(cancel.dead_lettered_at.is_some(), "{cancel:#?}");
+    assert!(cancel.next_attempt_at.is_none(), "{cancel:#?}");
+    assert!(cancel.delivered_at.is_none(), "{cancel:#?}");
+    assert!(
+        is(done.deliveries.first(), DeliveryState::Delivered),
+        "{done:#?}"
+    );
+    let metrics = registry.scrape().await;
+    let gauge = metrics
+        .lines()
+        .find(|l| l.starts_with("dsrelay_outbox_dead_lettered{op=\"cancel\"}"))
+        .unwrap_or_else(|| panic!("no dead-lettered cancel gauge: {metrics}"));
+    let value = gauge.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(value, Some(0.0), "{gauge}");
+    registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lettered_cancel_of_a_request_that_completed_is_withdrawn_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/registry.db", dir.path().display());
+    a_dead_lettered_cancel_of_a_request_that_completed_is_withdrawn(&url, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lettered_cancel_of_a_request_that_completed_is_withdrawn_on_postgres() {
+    on_postgres(|url, dir| async move {
+        a_dead_lettered_cancel_of_a_request_that_completed_is_withdrawn(&url, &dir).await;
     })
     .await;
 }

@@ -222,7 +222,8 @@ async fn a_failed_retention_run_fails_the_request_on_postgres() {
 /// A cancellation that came too late for every task (the last one had finished, and its
 /// acknowledgement was on its way) stopped nothing: once the tasks have all reported, the
 /// request says what happened, however the reports come (an acknowledgement, the answer to
-/// the Cancel, a status check). The Cancel is still sent to the processor.
+/// the Cancel, a status check). A Cancel not yet through when the request becomes COMPLETED
+/// is withdrawn, with why: nothing is left to stop.
 async fn a_cancellation_too_late_for_every_task_gives_way(store: Store) {
     // The acknowledgement in flight.
     with_tasks(&store, "r1", Completed, InProgress).await;
@@ -235,10 +236,15 @@ async fn a_cancellation_too_late_for_every_task_gives_way(store: Store) {
     ack(&store, "r1", "b", 3, Completed, 4_000).await;
     let row = store.request("r1").await.unwrap().unwrap();
     assert_eq!(row.state, R::Completed);
-    // What was asked stays on record, and the processor is still told.
+    // What was asked stays on record; the Cancel is no longer sent.
     assert_eq!(row.cancel_reason.as_deref(), Some("withdrawn"));
-    let answer = [status("a", 2, Completed), status("b", 3, Completed)];
-    accept(&store, "r1", "p1", Operation::Cancel, &answer).await;
+    let calls = store.deliveries_with_follow_ups("r1").await.unwrap();
+    let cancel = (calls.iter())
+        .find(|d| d.op == Operation::Cancel)
+        .expect("the Cancel's row");
+    assert!(cancel.withdrawn_at.is_some(), "{cancel:?}");
+    let due = store.claim_deliveries(LATER, 100, 60_000).await.unwrap();
+    assert!(due.iter().all(|j| j.request_id != "r1"), "{due:?}");
     assert_eq!(state(&store, "r1").await, R::Completed);
 
     // The answer to the Cancel reports what the holder did.

@@ -560,6 +560,7 @@ impl Store {
             events.push(state_changed_event(id, old, new, now));
         }
         write_request_states(&mut tx, &changed, now, Checked::Now).await?;
+        view.withdraw_moot_cancels(&mut tx, &changed, now).await?;
         if !unchanged.is_empty() {
             let sql = format!(
                 "UPDATE requests SET checked_at = $1 WHERE id IN ({})",
@@ -1046,6 +1047,8 @@ struct FoldView {
     tasks: BTreeMap<(String, String, String), TaskNow>,
     /// Where each delivery stands, by (request, processor).
     delivered: BTreeMap<(String, String), Delivery>,
+    /// The requests with a Cancel not done yet (pending, in flight or dead-lettered).
+    cancel_undone: BTreeSet<String>,
 }
 
 impl FoldView {
@@ -1059,21 +1062,23 @@ impl FoldView {
     /// The tasks and deliveries of `ids`, whose request rows `locked` holds (read under
     /// their lock in this transaction), in one statement.
     async fn read_with(tx: &mut Tx, ids: &[&str], locked: Locked) -> Result<Self> {
-        // Both in one statement, each row saying which it is: a delivery's subprocessor is
-        // empty, whether it was withdrawn stands in the state's column and whether it is
-        // done in the sequence's.
+        // Both in one statement, each row saying which it is (a Cancel's 'c', which only a
+        // cancelled request has): a delivery's subprocessor is empty, whether it was
+        // withdrawn stands in the state's column and whether it is done in the sequence's.
         let n = ids.len();
         let sql = format!(
             "SELECT 't', request_id, processor, subprocessor, state, sequence, progress \
              FROM tasks WHERE request_id IN ({}) \
              UNION ALL \
-             SELECT 'd', request_id, processor, '', \
+             SELECT CASE WHEN op = ${} THEN 'd' ELSE 'c' END, request_id, processor, '', \
              CASE WHEN withdrawn_at IS NULL THEN 0 ELSE 1 END, \
              CASE WHEN done_at IS NULL THEN 0 ELSE 1 END, NULL \
-             FROM deliveries WHERE op = ${} AND request_id IN ({})",
+             FROM deliveries WHERE op IN (${}, ${}) AND request_id IN ({})",
             placeholders(1, n),
             n + 1,
-            placeholders(n + 2, n)
+            n + 1,
+            n + 2,
+            placeholders(n + 3, n)
         );
         let sql = tx.backend.numbered(&sql);
         let mut q =
@@ -1081,15 +1086,22 @@ impl FoldView {
         for id in ids {
             q = q.bind(*id);
         }
-        q = q.bind(Operation::Deliver.as_str());
+        q = q
+            .bind(Operation::Deliver.as_str())
+            .bind(Operation::Cancel.as_str());
         for id in ids {
             q = q.bind(*id);
         }
         let mut tasks = BTreeMap::new();
         let mut delivered = BTreeMap::new();
+        let mut cancel_undone = BTreeSet::new();
         for (src, r, p, s, state, sequence, progress) in q.fetch_all(tx.conn()).await? {
             if src == "d" {
                 delivered.insert((r, p), Delivery::of(sequence != 0, state != 0));
+            } else if src == "c" {
+                if sequence == 0 {
+                    cancel_undone.insert(r);
+                }
             } else {
                 tasks.insert(
                     (r, p, s),
@@ -1106,7 +1118,26 @@ impl FoldView {
             forgotten: locked.forgotten,
             tasks,
             delivered,
+            cancel_undone,
         })
+    }
+
+    /// Withdraws the Cancels not done yet of the requests of `changed` that the fold made
+    /// COMPLETED ([`withdraw_moot_cancels`]); no statement when none has one.
+    async fn withdraw_moot_cancels(
+        &self,
+        tx: &mut Tx,
+        changed: &[(&str, RequestState)],
+        now: i64,
+    ) -> Result<()> {
+        let ids: Vec<&str> = changed
+            .iter()
+            .filter(|(id, state)| {
+                *state == RequestState::Completed && self.cancel_undone.contains(*id)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        withdraw_moot_cancels(tx, &ids, now).await
     }
 
     /// A request's state before the fold, `UNSPECIFIED` if it does not exist.
@@ -1165,6 +1196,42 @@ impl FoldView {
         }
         Ok(events)
     }
+}
+
+/// Withdraws the Cancels not done yet (pending, in flight or dead-lettered) of `ids`,
+/// requests that have just become COMPLETED: every task ended before the cancellation got
+/// through, so there is nothing left to stop, and a Cancel still queued or dead-lettered
+/// would be sent, listed and counted for nothing. A Cancel in flight may still arrive; the
+/// processor answers it, and its answer finds the row done.
+async fn withdraw_moot_cancels(tx: &mut Tx, ids: &[&str], now: i64) -> Result<()> {
+    for chunk in ids.chunks(tx.backend.rows_per_statement(1)) {
+        let sql = format!(
+            "UPDATE deliveries SET done_at = $1, withdrawn_at = $1, last_error = $2 \
+             WHERE op = $3 AND done_at IS NULL AND request_id IN ({})",
+            placeholders(4, chunk.len())
+        );
+        let sql = tx.backend.numbered(&sql);
+        let mut q = sqlx::query(&sql)
+            .bind(now)
+            .bind(
+                "no longer sent: every task of the request had ended (COMPLETED) before the \
+                 cancellation got through, so there was nothing left to stop",
+            )
+            .bind(Operation::Cancel.as_str());
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        let withdrawn = q.execute(tx.conn()).await?.rows_affected();
+        if withdrawn > 0 {
+            tracing::info!(
+                withdrawn,
+                requests = chunk.len(),
+                "Cancels withdrawn: their requests completed before the cancellation got \
+                 through"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Clears the withdrawal of `processor`'s Deliver of `request_id` (see
@@ -1399,6 +1466,7 @@ pub(super) async fn apply_accepted(
         events.push(state_changed_event(id, old, new, now));
     }
     write_request_states(tx, &changed, now, Checked::Unchanged).await?;
+    view.withdraw_moot_cancels(tx, &changed, now).await?;
     // Each request's events together, in the order above (a stable sort keeps it).
     events.sort_by(|a, b| a.request_id.cmp(&b.request_id));
     insert_events(tx, events).await
@@ -1586,6 +1654,9 @@ pub(super) async fn refold(tx: &mut Tx, id: &str, now: i64) -> Result<()> {
         return Ok(());
     }
     write_request_states(tx, &[(id, new)], now, Checked::Unchanged).await?;
+    if new == RequestState::Completed {
+        withdraw_moot_cancels(tx, &[id], now).await?;
+    }
     insert_events(tx, vec![state_changed_event(id, old, new, now)]).await
 }
 
