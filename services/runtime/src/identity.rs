@@ -36,13 +36,26 @@ impl FieldViolation {
     }
 }
 
-/// Checks an instant: outside the years 2000 to 9999 ([`dsrelay_proto::is_real_instant`])
+/// Checks an instant ([`dsrelay_proto::is_real_instant`]): outside the years 2000 to 9999
 /// it is no real request's, task's or contract's time (milliseconds sent as seconds land
-/// tens of millennia out, where a due date never comes and milliseconds saturate).
+/// tens of millennia out, where a due date never comes and milliseconds saturate), and
+/// `nanos` outside 0 to 999,999,999 are no fraction of a second (read as they are, they
+/// would be clamped into one, so another instant would be stored than the one sent); that
+/// violation is `field.nanos`'s, and the years are checked only once the nanos are right.
 pub fn instant_violation(
     field: &str,
     t: &dsrelay_proto::prost_types::Timestamp,
 ) -> Option<FieldViolation> {
+    if !dsrelay_proto::has_valid_nanos(t) {
+        return Some(FieldViolation::new(
+            format!("{field}.nanos"),
+            format!(
+                "must be from 0 to {} (got {})",
+                dsrelay_proto::MAX_TIMESTAMP_NANOS,
+                t.nanos
+            ),
+        ));
+    }
     (!dsrelay_proto::is_real_instant(t)).then(|| {
         FieldViolation::new(
             field,
@@ -54,12 +67,50 @@ pub fn instant_violation(
     })
 }
 
-/// A character that shows nothing: zero width spaces and joiners, the word joiner, the byte
-/// order mark, the soft hyphen and the Mongolian vowel separator.
+/// A character that shows nothing: Unicode's default ignorable code points (a text shows
+/// them only where it has to, and no font draws them), such as the soft hyphen, the zero
+/// width spaces, joiners and the word joiner, the left-to-right and right-to-left marks,
+/// embeddings and isolates, the invisible mathematical operators, the byte order mark, the
+/// Hangul fillers, the variation selectors and the tag characters.
 fn invisible(c: char) -> bool {
     matches!(
         c,
-        '\u{00AD}' | '\u{180E}' | '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}'
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFF8}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
+}
+
+/// A format character (Unicode general category Cf) that [`invisible`] leaves out: the
+/// Arabic, Syriac and Kaithi marks written before a number, the interlinear annotation
+/// characters and the Egyptian hieroglyph format controls. They shape how other characters
+/// show and stand for nothing on their own.
+fn format_character(c: char) -> bool {
+    matches!(
+        c,
+        '\u{0600}'..='\u{0605}'
+            | '\u{06DD}'
+            | '\u{070F}'
+            | '\u{0890}'..='\u{0891}'
+            | '\u{08E2}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{110BD}'
+            | '\u{110CD}'
+            | '\u{13430}'..='\u{1343F}'
     )
 }
 
@@ -72,8 +123,8 @@ pub fn text_violation(
     max: usize,
     required: bool,
 ) -> Option<FieldViolation> {
-    // Blank is what a reader sees: white space and the invisible format characters (a zero
-    // width space, say) that `trim` keeps.
+    // Blank is what a reader sees: white space and the invisible characters (a zero width
+    // space, say) that `trim` keeps.
     if required && value.chars().all(|c| c.is_whitespace() || invisible(c)) {
         return Some(FieldViolation::new(
             field,
@@ -253,6 +304,15 @@ fn raw_rule_violation(ty: IdentityType, value: &str) -> Option<String> {
     if value.chars().any(char::is_control) {
         return Some("must not contain control characters".into());
     }
+    // A byte order mark a CSV export left, or a zero width space pasted along: the value no
+    // longer equals the one a holder's records hold, and every holder answers NOT_FOUND.
+    if let Some(c) = value.chars().find(|&c| invisible(c) || format_character(c)) {
+        return Some(format!(
+            "contains an invisible or format character (U+{:04X}), so it would match no \
+             record written without it: remove it",
+            u32::from(c)
+        ));
+    }
     match ty {
         IdentityType::Email => email_violation(value),
         IdentityType::Phone => {
@@ -269,9 +329,11 @@ fn raw_rule_violation(ty: IdentityType, value: &str) -> Option<String> {
     }
 }
 
-/// A deliberately simple check: one `@`, a non-empty local part, a dotted domain, no spaces.
+/// A deliberately simple check: one `@`, a non-empty local part, a dotted domain, no spaces,
+/// and none of the characters no raw identity may hold (control, invisible and format
+/// characters).
 pub fn is_plausible_email(v: &str) -> bool {
-    email_violation(v).is_none()
+    raw_rule_violation(IdentityType::Email, v).is_none()
 }
 
 /// The rule of [`is_plausible_email`] that `v` breaks, in words that say which: one `@`, a
@@ -366,7 +428,8 @@ pub fn keyed_digest(key: &[u8], domain: &[u8], bytes: &[u8]) -> String {
 /// e-mail address as one of the text's addresses ([`email_candidates`]) in any case, a phone
 /// number as [`holds_phone`] finds it (its digits anywhere in a run of digits and separators
 /// too, even inside a longer number), any other value as a whole word ([`holds_word`]) in any
-/// ASCII case. A hashed value is found pasted as it is, as a whole word in any ASCII case, or
+/// case, beyond ASCII too ([`fold_case`]: "cä1" holds "CÄ1"). A hashed value is found pasted
+/// as it is, as a whole word in any case, or
 /// where something in the text that could be the value hashes to it the way identities are
 /// hashed ([`normalize`], then [`digest`]): for an e-mail address one of the text's
 /// addresses, for a phone number one of [`phone_candidates`], for any other value one of
@@ -395,7 +458,7 @@ enum PhoneMatch {
 }
 
 fn find_identity(identities: &[SubjectIdentity], text: &str, phone: PhoneMatch) -> Option<String> {
-    let ascii_lower = text.to_ascii_lowercase();
+    let folded = Folded::new(text);
     // Read out of the text once, when an identity of their kind needs them.
     let mut words: Option<Vec<&str>> = None;
     let mut emails: Option<Vec<String>> = None;
@@ -416,14 +479,14 @@ fn find_identity(identities: &[SubjectIdentity], text: &str, phone: PhoneMatch) 
                         .contains(&value)
                 }
                 IdentityType::Phone => holds_phone(text, &id.value, phone),
-                _ => holds_word(&ascii_lower, &id.value.to_ascii_lowercase()),
+                _ => holds_word(&folded, &id.value),
             },
             IdentityEncoding::Sha256 | IdentityEncoding::Sha1 | IdentityEncoding::Md5 => {
                 let hashes_to = |candidate: &str| {
                     digest(enc, &normalize(ty, candidate)).is_some_and(|d| d == id.value)
                 };
                 // A hash copied from the request rather than the value it stands for.
-                holds_word(&ascii_lower, &id.value.to_ascii_lowercase())
+                holds_word(&folded, &id.value)
                     || match ty {
                         IdentityType::Email => emails
                             .get_or_insert_with(|| lowercased(email_candidates(text)))
@@ -460,15 +523,78 @@ fn find_identity(identities: &[SubjectIdentity], text: &str, phone: PhoneMatch) 
     None
 }
 
-/// Whether `value` appears in `text` (both lowercased alike) with no letter or digit right
-/// before or after it, so that a customer number is not found inside a longer number.
-fn holds_word(text: &str, value: &str) -> bool {
+/// A text with its case folded ([`fold_case`]), and where each of the text's characters
+/// begins in it.
+struct Folded<'a> {
+    /// The text as written.
+    text: &'a str,
+    /// Its characters' folds, one after the other.
+    folded: String,
+    /// For each character of `text`, where its fold begins in `folded` and where it begins in
+    /// `text`, in order; then both lengths.
+    starts: Vec<(usize, usize)>,
+}
+
+impl<'a> Folded<'a> {
+    fn new(text: &'a str) -> Self {
+        let mut folded = String::with_capacity(text.len());
+        let mut starts = Vec::with_capacity(text.len() + 1);
+        for (at, c) in text.char_indices() {
+            starts.push((folded.len(), at));
+            fold_case(c, &mut folded);
+        }
+        starts.push((folded.len(), text.len()));
+        Self {
+            text,
+            folded,
+            starts,
+        }
+    }
+}
+
+/// Appends `c` with its case folded: lowercased, uppercased and lowercased again, so that
+/// every case of a letter comes out the same, beyond ASCII too ("Ä" and "ä"; "ẞ", "ß" and
+/// "SS"; "Σ", "σ" and a final "ς"; the Kelvin sign and "k"). Each character on its own,
+/// never by its neighbours (as `str::to_lowercase` does for a final sigma), so that a value
+/// and a text fold alike wherever the value stands.
+fn fold_case(c: char, out: &mut String) {
+    for lower in c.to_lowercase() {
+        for upper in lower.to_uppercase() {
+            out.extend(upper.to_lowercase());
+        }
+    }
+}
+
+/// Whether `value` appears in `text` in any case ([`fold_case`]), from the start of one of
+/// its characters to the end of one, with no letter or digit right before or after it, so
+/// that a customer number is not found inside a longer number.
+fn holds_word(text: &Folded<'_>, value: &str) -> bool {
+    let mut folded = String::with_capacity(value.len());
+    value.chars().for_each(|c| fold_case(c, &mut folded));
+    if folded.is_empty() {
+        return false;
+    }
     let edge = |c: Option<char>| !c.is_some_and(char::is_alphanumeric);
     let starts_open = edge(value.chars().next());
     let ends_open = edge(value.chars().next_back());
-    text.match_indices(value).any(|(at, _)| {
-        (starts_open || edge(text[..at].chars().next_back()))
-            && (ends_open || edge(text[at + value.len()..].chars().next()))
+    // Each character's start in turn, not `match_indices`: a match that ends inside a
+    // character's fold ("s" of the "ss" of "ß") is none, and must not hide one that
+    // overlaps it.
+    let original = |at: usize| {
+        text.starts
+            .binary_search_by_key(&at, |&(folded, _)| folded)
+            .ok()
+            .map(|i| text.starts[i].1)
+    };
+    text.starts.iter().any(|&(at, start)| {
+        if !text.folded[at..].starts_with(&folded) {
+            return false;
+        }
+        let Some(end) = original(at + folded.len()) else {
+            return false;
+        };
+        (starts_open || edge(text.text[..start].chars().next_back()))
+            && (ends_open || edge(text.text[end..].chars().next()))
     })
 }
 
@@ -645,7 +771,14 @@ mod tests {
     /// A reason of nothing but a zero width space passed as given; it reads as blank.
     #[test]
     fn a_required_text_of_invisible_characters_is_blank() {
-        for blank in ["   ", "\u{200B}", " \u{FEFF}\u{2060} ", "\u{00AD}\n"] {
+        for blank in [
+            "   ",
+            "\u{200B}",
+            " \u{FEFF}\u{2060} ",
+            "\u{00AD}\n",
+            // A right-to-left mark, a Hangul filler, a variation selector and a tag.
+            "\u{200F}\u{3164}\u{FE0F}\u{E0041}",
+        ] {
             let v = text_violation("reason", blank, 16, true).expect(blank);
             assert_eq!(v.rule, "is required (1 to 16 bytes of text)", "{blank:?}");
         }
@@ -984,5 +1117,161 @@ mod tests {
             assert!(identity_in_text(&national, text).is_some(), "{text:?}");
         }
         assert!(identity_in_text(&national, "rang 040/1234568").is_none());
+    }
+
+    /// A byte order mark a CSV export left before an address: accepted, the request
+    /// "completed" with every holder answering NOT_FOUND, having erased nothing.
+    #[test]
+    fn a_raw_value_with_an_invisible_or_format_character_is_refused_naming_it() {
+        use IdentityEncoding::Raw;
+        use IdentityType::*;
+        for (ty, value, named) in [
+            (Email, "\u{FEFF}teemu.testaaja@example.fi", "U+FEFF"),
+            (Email, "teemu.testaaja@example.fi\u{200B}", "U+200B"),
+            (Email, "teemu.test\u{00AD}aaja@example.fi", "U+00AD"),
+            (Email, "teemu@exa\u{200D}mple.fi", "U+200D"),
+            (CustomerNumber, "C-1001\u{200B}", "U+200B"),
+            (CustomerNumber, "\u{2060}C-1001", "U+2060"),
+            (NationalId, "131052\u{200E}-308T", "U+200E"),
+            (NationalId, "131052-308T\u{202C}", "U+202C"),
+            (Phone, "+358 40 123 4567\u{FEFF}", "U+FEFF"),
+            (Other, "LC77\u{E0041}", "U+E0041"),
+            (Other, "LC\u{FE0F}77", "U+FE0F"),
+            (Other, "\u{3164}LC77", "U+3164"),
+            // A format character a font may draw, yet no part of an identity.
+            (CustomerNumber, "\u{0600}1001", "U+0600"),
+            (CustomerNumber, "1001\u{FFF9}", "U+FFF9"),
+        ] {
+            let v = validate_identities(&[SubjectIdentity {
+                label: if ty == Other {
+                    "card".into()
+                } else {
+                    String::new()
+                },
+                ..ident(ty, Raw, value)
+            }]);
+            assert_eq!(v.len(), 1, "{value:?}: {v:?}");
+            assert_eq!(v[0].field, "identities[0].value", "{value:?}");
+            assert_eq!(
+                v[0].rule,
+                format!(
+                    "contains an invisible or format character ({named}), so it would match \
+                     no record written without it: remove it"
+                ),
+                "{value:?}"
+            );
+        }
+        assert!(!is_plausible_email("\u{FEFF}teemu.testaaja@example.fi"));
+        assert!(is_plausible_email("teemu.testaaja@example.fi"));
+        // Visible letters of other scripts stay, as do a hash's hex digits, whatever value
+        // it was computed from.
+        for (ty, value) in [
+            (CustomerNumber, "CÄ-1001"),
+            (Other, "ΟΔΟΣ-7"),
+            (Email, "teemu@esimerkki.fi"),
+        ] {
+            let v = validate_identities(&[SubjectIdentity {
+                label: if ty == Other {
+                    "card".into()
+                } else {
+                    String::new()
+                },
+                ..ident(ty, Raw, value)
+            }]);
+            assert_eq!(v, [], "{value:?}");
+        }
+        let hashed = [
+            ident(
+                Email,
+                IdentityEncoding::Sha256,
+                &digest(
+                    IdentityEncoding::Sha256,
+                    "\u{FEFF}teemu.testaaja@example.fi",
+                )
+                .unwrap(),
+            ),
+            ident(
+                CustomerNumber,
+                IdentityEncoding::Md5,
+                &digest(IdentityEncoding::Md5, "C-1001\u{200B}").unwrap(),
+            ),
+        ];
+        assert_eq!(validate_identities(&hashed), []);
+    }
+
+    /// `{seconds: 2000000000, nanos: 2000000000}` was taken and stored as 999 ms past the
+    /// second.
+    #[test]
+    fn nanos_outside_a_second_are_refused_naming_the_field() {
+        use dsrelay_proto::prost_types::Timestamp;
+        let at = |nanos| Timestamp {
+            seconds: 2_000_000_000,
+            nanos,
+        };
+        for nanos in [0, 999_999_999] {
+            assert_eq!(
+                instant_violation("effective_at", &at(nanos)),
+                None,
+                "{nanos}"
+            );
+        }
+        for nanos in [1_000_000_000, 2_000_000_000, -1] {
+            let v = instant_violation("effective_at", &at(nanos)).expect("refused");
+            assert_eq!(v.field, "effective_at.nanos");
+            assert_eq!(v.rule, format!("must be from 0 to 999999999 (got {nanos})"));
+        }
+        let v = instant_violation("due_at", &Timestamp::default()).expect("refused");
+        assert_eq!(v.field, "due_at");
+    }
+
+    /// "CÄ1" was found in "customer CÄ1" but not in "customer cä1": only ASCII letters were
+    /// compared in any case.
+    #[test]
+    fn a_value_is_found_in_a_note_in_any_case_beyond_ascii() {
+        use IdentityEncoding::Raw;
+        use IdentityType::*;
+        for (value, text) in [
+            ("CÄ1", "customer cä1"),
+            ("cä1", "customer CÄ1"),
+            ("STRASSE-7", "card straße-7 closed"),
+            ("Straße-7", "card STRASSE-7 closed"),
+            ("Straße-7", "card STRAẞE-7 closed"),
+            ("ΟΔΟΣ-7", "card οδος-7."),
+            ("οδοσ-7", "card ΟΔΟΣ-7."),
+            ("K-7", "card \u{212A}-7"),
+            ("ÉLAN-1", "ref=élan-1"),
+        ] {
+            let ids = [identity(Other, Raw, value)];
+            assert!(
+                identity_in_note(&ids, text).is_some(),
+                "{value:?} in {text:?}"
+            );
+            assert!(
+                identity_in_text(&ids, text).is_some(),
+                "{value:?} in {text:?}"
+            );
+        }
+        // Still whole words only, even where a fold is longer or shorter than its character.
+        for (value, text) in [
+            ("CÄ1", "customer cä12"),
+            ("CÄ1", "customer xcä1"),
+            ("S-7", "card ß-7"),
+            ("SS-7", "card ßß-7"),
+            ("I-7", "card İ-7"),
+            ("K-7", "card \u{212A}\u{212A}-7"),
+        ] {
+            let ids = [identity(Other, Raw, value)];
+            assert_eq!(identity_in_note(&ids, text), None, "{value:?} in {text:?}");
+        }
+        // Characters whose folds differ in length from them, all around: no panic, no match
+        // off by bytes.
+        let ids = [
+            identity(CustomerNumber, Raw, "İ1"),
+            identity(Other, Raw, "\u{1E9E}\u{212A}"),
+        ];
+        let text = "İİ1 ﬁİ \u{212A}ß ẞİ\u{130} ΐ";
+        assert_eq!(identity_in_note(&ids, text), None);
+        assert!(identity_in_note(&ids, "ﬁ İ1 ß").is_some());
+        assert!(identity_in_note(&ids[1..], "x ssk y").is_some());
     }
 }

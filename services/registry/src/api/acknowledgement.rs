@@ -672,6 +672,14 @@ fn violations(i: usize, a: &Acknowledgement) -> Vec<FieldViolation> {
             format!("acknowledgements[{i}].subprocessor"),
             "must be 1 to 128 bytes",
         ));
+    } else {
+        // Its length said once, above; here only the characters.
+        violations.extend(text_violation(
+            &format!("acknowledgements[{i}].subprocessor"),
+            &a.subprocessor,
+            128,
+            false,
+        ));
     }
     if a.sequence == 0 || a.sequence > i64::MAX as u64 {
         violations.push(FieldViolation::new(
@@ -690,12 +698,6 @@ fn violations(i: usize, a: &Acknowledgement) -> Vec<FieldViolation> {
         ));
     }
     violations.extend(text_violation(
-        &format!("acknowledgements[{i}].subprocessor"),
-        &a.subprocessor,
-        128,
-        false,
-    ));
-    violations.extend(text_violation(
         &format!("acknowledgements[{i}].reason"),
         &a.reason,
         4096,
@@ -707,6 +709,25 @@ fn violations(i: usize, a: &Acknowledgement) -> Vec<FieldViolation> {
         1024,
         false,
     ));
+    // RETAINED folds the request into "done, except what the law keeps": with no basis the
+    // answer rests on nothing, with no date nothing says when the rest is erased. Every path
+    // of the processor that reports RETAINED sends both (a connector's retention has a basis
+    // that is not blank and a date, or fails the task), so only a broken report lacks one.
+    if TaskState::try_from(a.state) == Ok(TaskState::Retained) {
+        if a.legal_basis.trim().is_empty() {
+            violations.push(FieldViolation::new(
+                format!("acknowledgements[{i}].legal_basis"),
+                "is required for RETAINED: the law or contract that requires keeping the data",
+            ));
+        }
+        if a.retain_until.is_none() {
+            violations.push(FieldViolation::new(
+                format!("acknowledgements[{i}].retain_until"),
+                "is required for RETAINED: the next date at which retained data is due to be \
+                 erased",
+            ));
+        }
+    }
     if let Some(e) = &a.evidence {
         if e.records_affected < 0 {
             violations.push(FieldViolation::new(
@@ -746,6 +767,21 @@ fn violations(i: usize, a: &Acknowledgement) -> Vec<FieldViolation> {
                 format!("{} is not a contract phase", p.phase),
             ));
         }
+        // Stored as sent and passed on to every reader, whose timestamp type may refuse it.
+        if let Some(t) = p
+            .scheduled_at
+            .as_ref()
+            .filter(|t| !dsrelay_proto::has_valid_nanos(t))
+        {
+            violations.push(FieldViolation::new(
+                format!("acknowledgements[{i}].progress.scheduled_at.nanos"),
+                format!(
+                    "must be from 0 to {} (got {})",
+                    dsrelay_proto::MAX_TIMESTAMP_NANOS,
+                    t.nanos
+                ),
+            ));
+        }
     }
     violations
 }
@@ -753,6 +789,7 @@ fn violations(i: usize, a: &Acknowledgement) -> Vec<FieldViolation> {
 #[cfg(test)]
 mod tests {
     use dsrelay_proto::prost_types::Timestamp;
+    use dsrelay_proto::v1::ContractProgress;
     use dsrelay_proto::{
         EARLIEST_INSTANT_SECONDS as EARLIEST_SECONDS, LATEST_INSTANT_SECONDS as LATEST_SECONDS,
     };
@@ -830,6 +867,7 @@ mod tests {
             subprocessor: "accounting".into(),
             sequence: 1,
             state: TaskState::Retained as i32,
+            legal_basis: "Kirjanpitolaki 2:10 §".into(),
             retain_until: at(seconds),
             ..Default::default()
         };
@@ -840,6 +878,140 @@ mod tests {
         );
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].retain_until, at(1_800_000_000));
+    }
+
+    /// `{seconds: 2000000000, nanos: 2000000000}` was taken, and stored as 999 ms past the
+    /// second.
+    #[test]
+    fn nanos_outside_a_second_are_refused() {
+        let with_nanos = |nanos| {
+            Some(Timestamp {
+                seconds: 2_000_000_000,
+                nanos,
+            })
+        };
+        for ok in [0, 999_999_999] {
+            let a = Acknowledgement {
+                occurred_at: with_nanos(ok),
+                retain_until: with_nanos(ok),
+                progress: Some(ContractProgress {
+                    scheduled_at: with_nanos(ok),
+                    ..Default::default()
+                }),
+                ..ack()
+            };
+            assert!(fields(&a).is_empty(), "{ok}: {:?}", fields(&a));
+        }
+        for bad in [1_000_000_000, 2_000_000_000, -1, i32::MIN] {
+            let a = Acknowledgement {
+                occurred_at: with_nanos(bad),
+                retain_until: with_nanos(bad),
+                progress: Some(ContractProgress {
+                    scheduled_at: with_nanos(bad),
+                    ..Default::default()
+                }),
+                ..ack()
+            };
+            let got: Vec<(String, String)> = violations(3, &a)
+                .into_iter()
+                .map(|v| (v.field, v.rule))
+                .collect();
+            let rule = format!("must be from 0 to 999999999 (got {bad})");
+            assert_eq!(
+                got,
+                [
+                    ("acknowledgements[3].occurred_at.nanos".into(), rule.clone()),
+                    (
+                        "acknowledgements[3].retain_until.nanos".into(),
+                        rule.clone()
+                    ),
+                    (
+                        "acknowledgements[3].progress.scheduled_at.nanos".into(),
+                        rule
+                    ),
+                ],
+                "{bad}"
+            );
+        }
+    }
+
+    /// RETAINED with neither a basis nor a date was applied, and a PARTIALLY_COMPLETED
+    /// answer rested on it.
+    #[test]
+    fn retained_needs_its_legal_basis_and_its_date() {
+        let retained = |legal_basis: &str, retain_until| Acknowledgement {
+            state: TaskState::Retained as i32,
+            legal_basis: legal_basis.into(),
+            retain_until,
+            ..ack()
+        };
+        assert_eq!(
+            violations(3, &retained("", None))
+                .into_iter()
+                .map(|v| (v.field, v.rule))
+                .collect::<Vec<_>>(),
+            [
+                (
+                    "acknowledgements[3].legal_basis".to_string(),
+                    "is required for RETAINED: the law or contract that requires keeping the \
+                     data"
+                        .to_string()
+                ),
+                (
+                    "acknowledgements[3].retain_until".to_string(),
+                    "is required for RETAINED: the next date at which retained data is due to \
+                     be erased"
+                        .to_string()
+                ),
+            ]
+        );
+        assert_eq!(
+            fields(&retained(" \t", at(1_800_000_000))),
+            ["acknowledgements[3].legal_basis"]
+        );
+        assert_eq!(
+            fields(&retained("Kirjanpitolaki 2:10 §", None)),
+            ["acknowledgements[3].retain_until"]
+        );
+        assert!(fields(&retained("Kirjanpitolaki 2:10 §", at(1_800_000_000))).is_empty());
+        // The same report answered to a status check is left out too.
+        let report = TaskStatus {
+            subprocessor: "accounting".into(),
+            sequence: 1,
+            state: TaskState::Retained as i32,
+            ..Default::default()
+        };
+        let kept = well_formed_reports("p", &ack().request_id, vec![report]);
+        assert_eq!(kept, []);
+    }
+
+    /// A 60 KB name was refused twice over, as "1 to 128 bytes" and "at most 128 bytes".
+    #[test]
+    fn a_subprocessor_name_too_long_is_refused_once() {
+        for name in ["x".repeat(60 * 1024), String::new()] {
+            let a = Acknowledgement {
+                subprocessor: name.clone(),
+                ..ack()
+            };
+            let got: Vec<(String, String)> = violations(3, &a)
+                .into_iter()
+                .map(|v| (v.field, v.rule))
+                .collect();
+            assert_eq!(
+                got,
+                [(
+                    "acknowledgements[3].subprocessor".to_string(),
+                    "must be 1 to 128 bytes".to_string()
+                )],
+                "{} bytes",
+                name.len()
+            );
+        }
+        let a = Acknowledgement {
+            subprocessor: "account\u{7}ing".into(),
+            ..ack()
+        };
+        assert_eq!(fields(&a), ["acknowledgements[3].subprocessor"]);
     }
 
     #[test]
@@ -1294,7 +1466,10 @@ mod recipient_tests {
             let id = id.clone();
             async move {
                 let list = RequestServiceClient::new(channel)
-                    .list_events(ListEventsRequest { request_id: id })
+                    .list_events(ListEventsRequest {
+                        request_id: id,
+                        ..Default::default()
+                    })
                     .await
                     .expect("list events")
                     .into_inner();
