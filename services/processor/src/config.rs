@@ -9,8 +9,9 @@ pub use dsrelay_connectors::ConnectorConfig;
 pub use dsrelay_runtime::audit::signer::AuditConfig;
 use dsrelay_runtime::backoff::Backoff;
 use dsrelay_runtime::config::{
-    check_backoff, check_checkpoint_key, check_ms, check_signing_key, ConfigErrors,
-    MAX_CALL_TIMEOUT_MS, MAX_DURATION_MS, MAX_RETENTION_DAYS,
+    check_at_least_one, check_backoff, check_checkpoint_key, check_count, check_endpoint, check_ms,
+    check_signing_key, ConfigErrors, MAX_CALL_TIMEOUT_MS, MAX_CONCURRENCY, MAX_DURATION_MS,
+    MAX_RETENTION_DAYS,
 };
 use dsrelay_runtime::settings::{Defaults, ServiceConfig, ServiceSettings};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -114,7 +115,7 @@ pub struct ControllerConfig {
     /// The identity its registry's certificate carries, both when it calls us and when we
     /// call it.
     pub identity: String,
-    /// The registry's endpoint, `https://host:port`.
+    /// The registry's endpoint, `https://host:port` (the port 443 when left out).
     pub registry_endpoint: String,
 }
 
@@ -190,19 +191,20 @@ pub struct TaskConfig {
     /// crashed replica's tasks are picked up again after this. 1 to [`MAX_DURATION_MS`] (30
     /// days): at 0 a claim has expired when it is taken, so the task could run twice at once.
     pub lease_ms: u64,
-    /// Tasks claimed per round.
+    /// Tasks claimed per round; 1 to [`MAX_CONCURRENCY`] (65536).
     pub batch_size: u32,
     /// Tasks run at once. Most steps wait on a commit or a holder's answer, so more in
     /// flight share more commits: 32 completed 40–55 % more one-hop erasures than 8
     /// (`docs/benchmarks.md`, session 19), and 128, with the registry's 64 deliveries in
     /// flight, about 45 % more than 32 with 16 (session 27). A holder with limits of its own
-    /// keeps them in its connector (Mailchimp's calls per account).
+    /// keeps them in its connector (Mailchimp's calls per account). 1 to
+    /// [`MAX_CONCURRENCY`] (65536).
     pub concurrency: usize,
     /// Of those, how many may be exports (the holder call of a return of data, a transfer,
     /// or a contract end that returns the data) at once; the others wait for a slot, their
     /// leases renewed meanwhile. Each export holds about 25 MiB while it runs (its blocks,
     /// the export reader and the upload beside it), so this bounds the processor's memory
-    /// where `concurrency` would not.
+    /// where `concurrency` would not. 1 to [`MAX_CONCURRENCY`] (65536).
     pub export_concurrency: usize,
     /// How often to ask a holder that accepted work whether it is done (ms); 1 to
     /// [`MAX_DURATION_MS`] (30 days).
@@ -237,13 +239,14 @@ pub struct AckConfig {
     /// days).
     pub lease_ms: u64,
     /// Acknowledgements claimed per round; each controller's share goes in calls of at most
-    /// 500 and 3 MiB.
+    /// 500 and 3 MiB. 1 to [`MAX_CONCURRENCY`] (65536).
     pub batch_size: u32,
     /// Deadline of one Acknowledge call (ms); 1 to [`MAX_CALL_TIMEOUT_MS`] (one hour).
     pub call_timeout_ms: u64,
     /// Rejections by the registry after which an acknowledgement is dead-lettered: parked,
     /// never sent again until an operator requeues it (`dsrctl tasks dead-letters`).
     /// Until then each rejection is retried with `backoff`, in case the registry is fixed.
+    /// At least 1.
     pub max_rejections: u32,
 }
 
@@ -281,7 +284,7 @@ pub struct UploadConfig {
     /// answering after the last) before the attempt ends (ms); the next resumes where the
     /// destination stands. 1 to [`MAX_DURATION_MS`] (30 days).
     pub stall_ms: u64,
-    /// Exports uploaded at once.
+    /// Exports uploaded at once; 1 to [`MAX_CONCURRENCY`] (65536).
     pub concurrency: u32,
     /// Deadline of one state call (GetUploadState, GetTransferState) or closing call
     /// (CompletePart, CompleteTransfer) (ms); 1 to [`MAX_CALL_TIMEOUT_MS`] (one hour).
@@ -414,12 +417,8 @@ impl Config {
             if !names.insert(&c.name) {
                 errors.push(format!("controllers[{i}]: name {} is used twice", c.name));
             }
-            if !c.registry_endpoint.starts_with("https://") {
-                errors.push(format!(
-                    "controllers[{i}].registry_endpoint: {:?} must start with https://",
-                    c.registry_endpoint
-                ));
-            }
+            let key = format!("controllers[{i}].registry_endpoint");
+            check_endpoint(&mut errors, &key, &c.registry_endpoint);
         }
         let mut names = BTreeSet::new();
         for (i, s) in self.subprocessors.iter().enumerate() {
@@ -473,23 +472,23 @@ impl Config {
             );
         }
         errors.extend(self.audit.errors());
-        if self.uploads.concurrency == 0 {
-            errors.push("uploads.concurrency: must be at least 1".into());
+        // Each sizes a semaphore or a claim: 0 would run nothing, and a huge value would
+        // panic in the semaphore or allocate for it once the service runs.
+        let (t, a, u) = (&self.tasks, &self.acks, &self.uploads);
+        for (key, value) in [
+            ("tasks.concurrency", t.concurrency as u64),
+            ("tasks.export_concurrency", t.export_concurrency as u64),
+            ("tasks.batch_size", u64::from(t.batch_size)),
+            ("acks.batch_size", u64::from(a.batch_size)),
+            ("uploads.concurrency", u64::from(u.concurrency)),
+        ] {
+            check_count(&mut errors, key, value, 1..=MAX_CONCURRENCY);
         }
-        if self.tasks.concurrency == 0
-            || self.tasks.export_concurrency == 0
-            || self.tasks.batch_size == 0
-            || self.acks.batch_size == 0
-        {
-            errors.push(
-                "tasks and acks: concurrency, export_concurrency and batch sizes must be at \
-                 least 1"
-                    .into(),
-            );
-        }
-        if self.acks.max_rejections == 0 {
-            errors.push("acks.max_rejections must be at least 1".into());
-        }
+        check_at_least_one(
+            &mut errors,
+            "acks.max_rejections",
+            u64::from(a.max_rejections),
+        );
         self.duration_errors(&mut errors);
         if errors.is_empty() {
             Ok(())
@@ -842,7 +841,7 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.0.len(), 3, "{err}");
-        for key in ["admin_listen", "tasks and acks", "tls.ca"] {
+        for key in ["admin_listen", "acks.batch_size", "tls.ca"] {
             assert!(err.0.iter().any(|e| e.starts_with(key)), "{key}: {err}");
         }
     }
@@ -937,10 +936,66 @@ mod tests {
             env(&[("DSRELAY_PROCESSOR__ACKS__MAX_REJECTIONS", "0")]),
         )
         .unwrap_err();
-        assert!(
-            err.0.iter().any(|e| e.starts_with("acks.max_rejections")),
-            "{err}"
-        );
+        assert_eq!(err.0, ["acks.max_rejections: must be at least 1; it is 0"]);
+    }
+
+    /// Every key that sizes a semaphore or a claim, with the environment variable that
+    /// sets it.
+    const COUNTS: &[&str] = &[
+        "tasks.concurrency",
+        "tasks.export_concurrency",
+        "tasks.batch_size",
+        "acks.batch_size",
+        "uploads.concurrency",
+    ];
+
+    /// Each is refused at 0 and past 65536 (where tokio's semaphore would panic once the
+    /// service runs), one message naming it and its value; 1 and 65536 are accepted.
+    #[test]
+    fn every_concurrency_and_batch_size_is_bounded_naming_its_key() {
+        let (_dir, file) = folder("");
+        for fine in ["1", "65536"] {
+            let all = COUNTS.iter().map(|k| (env_var(k), fine.to_string()));
+            Config::load_from(Some(&file), all.collect::<Vec<_>>()).unwrap();
+        }
+        for bad in ["0", "65537"] {
+            let all = COUNTS.iter().map(|k| (env_var(k), bad.to_string()));
+            let err = Config::load_from(Some(&file), all.collect::<Vec<_>>()).unwrap_err();
+            let want: Vec<String> = (COUNTS.iter())
+                .map(|k| format!("{k}: must be from 1 to 65536; it is {bad}"))
+                .collect();
+            assert_eq!(err.0, want, "{bad}");
+        }
+        // The values that panicked after the start; a u32 key refuses them by its type.
+        for (key, bad) in [
+            ("tasks.export_concurrency", "2305843009213693952"),
+            ("tasks.concurrency", "9223372036854775807"),
+        ] {
+            let err = Config::load_from(Some(&file), env(&[(&env_var(key), bad)])).unwrap_err();
+            assert_eq!(
+                err.0,
+                [format!("{key}: must be from 1 to 65536; it is {bad}")]
+            );
+        }
+    }
+
+    /// A registry endpoint that no call could use is refused with the settings, not when
+    /// the first acknowledgement is sent.
+    #[test]
+    fn a_malformed_registry_endpoint_is_refused_naming_its_key() {
+        for bad in ["https://", "https://bad host:x", "registry.example:1"] {
+            let (_dir, file) = folder(&format!(
+                "[[controllers]]\nname = \"c\"\nidentity = \"spiffe://d/registry/c\"\n\
+                 registry_endpoint = {bad:?}\n"
+            ));
+            let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+            assert_eq!(
+                err.0,
+                [format!(
+                    "controllers[0].registry_endpoint: {bad:?} must be https://host:port"
+                )]
+            );
+        }
     }
 
     /// Every duration key with the largest value it accepts, as environment variable name

@@ -7,13 +7,12 @@ use std::path::{Path, PathBuf};
 pub use dsrelay_runtime::audit::signer::AuditConfig;
 use dsrelay_runtime::backoff::Backoff;
 use dsrelay_runtime::config::{
-    check_backoff, check_checkpoint_key, check_ms, ConfigErrors, MAX_CALL_TIMEOUT_MS,
-    MAX_DURATION_MS, MAX_RETENTION_DAYS,
+    check_at_least_one, check_backoff, check_checkpoint_key, check_count, check_endpoint, check_ms,
+    ConfigErrors, MAX_CALL_TIMEOUT_MS, MAX_CONCURRENCY, MAX_DURATION_MS, MAX_RETENTION_DAYS,
 };
 use dsrelay_runtime::settings::{Defaults, ServiceConfig, ServiceSettings};
 use dsrelay_runtime::signing::{KeyRing, PublicKey, Revocation};
 use serde::{Deserialize, Deserializer, Serialize};
-use tonic::transport::Uri;
 
 /// Prefix of environment variables that override the file (`DSRELAY_REGISTRY__LISTEN=...`).
 pub const ENV_PREFIX: &str = "DSRELAY_REGISTRY";
@@ -297,14 +296,14 @@ pub struct DeliveryConfig {
     /// [`MAX_DURATION_MS`] (30 days): at 0 a claim has expired when it is taken, so another
     /// replica could send the same row at once.
     pub lease_ms: u64,
-    /// Deliveries claimed per round.
+    /// Deliveries claimed per round; 1 to [`MAX_CONCURRENCY`] (65536).
     pub batch_size: u32,
     /// Deliveries in flight at once. Each call waits on the processor's commit, so more in
     /// flight share more commits there and downstream: with the processor's 128 tasks at
     /// once, 64 completed about 45 % more one-hop erasures than 16, at about a quarter less
     /// CPU per erasure, while a burst of Submits is accepted about half as fast, since the
     /// propagation keeps up with it on the same cores instead of falling behind
-    /// (`docs/benchmarks.md`, session 27).
+    /// (`docs/benchmarks.md`, session 27). 1 to [`MAX_CONCURRENCY`] (65536).
     pub concurrency: usize,
     /// Deadline of one call to a processor (ms): Deliver, Cancel, UpdateContractEnd and
     /// ExtendDueDate, and the reconciler's GetStatus and ListSubprocessors. 1 to
@@ -315,6 +314,7 @@ pub struct DeliveryConfig {
     /// the request's events. A refusal is an answer retrying cannot change
     /// (INVALID_ARGUMENT, PERMISSION_DENIED, UNIMPLEMENTED, FAILED_PRECONDITION); each is
     /// still retried with `backoff` until then, in case the processor is fixed meanwhile.
+    /// At least 1.
     pub max_refusals: u32,
     /// While Submits queue for the intake writer (4 or more waiting for their commit), the
     /// dispatcher claims at most once per this many ms, so that accepting requests (each
@@ -778,12 +778,11 @@ impl Config {
                     p.identity
                 ));
             }
-            if !p.endpoint.starts_with("https://") {
-                errors.push(format!(
-                    "processors[{i}].endpoint: {:?} must start with https://",
-                    p.endpoint
-                ));
-            }
+            check_endpoint(
+                &mut errors,
+                &format!("processors[{i}].endpoint"),
+                &p.endpoint,
+            );
             if p.categories.is_empty() {
                 errors.push(format!(
                     "processors[{i}].categories: list the data categories {} holds",
@@ -818,13 +817,11 @@ impl Config {
             } else if !recipients.insert(r.name.as_str()) {
                 errors.push(format!("recipients[{i}]: name {} is used twice", r.name));
             }
-            match r.endpoint.parse::<Uri>() {
-                Ok(uri) if uri.scheme_str() == Some("https") && uri.host().is_some() => {}
-                _ => errors.push(format!(
-                    "recipients[{i}].endpoint: {:?} must be https://host:port",
-                    r.endpoint
-                )),
-            }
+            check_endpoint(
+                &mut errors,
+                &format!("recipients[{i}].endpoint"),
+                &r.endpoint,
+            );
             if r.identity.trim().is_empty() {
                 errors.push(format!(
                     "recipients[{i}].identity: the certificate identity the recipient \
@@ -832,12 +829,20 @@ impl Config {
                 ));
             }
         }
-        if self.delivery.concurrency == 0 || self.delivery.batch_size == 0 {
-            errors.push("delivery: concurrency and batch_size must be at least 1".into());
+        // Each sizes a semaphore or a claim: 0 would send nothing, and a huge value would
+        // panic in the semaphore or allocate for it once the service runs.
+        let d = &self.delivery;
+        for (key, value) in [
+            ("delivery.concurrency", d.concurrency as u64),
+            ("delivery.batch_size", u64::from(d.batch_size)),
+        ] {
+            check_count(&mut errors, key, value, 1..=MAX_CONCURRENCY);
         }
-        if self.delivery.max_refusals == 0 {
-            errors.push("delivery.max_refusals must be at least 1".into());
-        }
+        check_at_least_one(
+            &mut errors,
+            "delivery.max_refusals",
+            u64::from(d.max_refusals),
+        );
         errors.extend(self.audit.errors());
         self.duration_errors(&mut errors);
         if errors.is_empty() {
@@ -1263,11 +1268,56 @@ mod tests {
             env(&[("DSRELAY_REGISTRY__DELIVERY__MAX_REFUSALS", "0")]),
         )
         .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("delivery.max_refusals must be at least 1"),
-            "{err}"
+        assert_eq!(
+            err.0,
+            ["delivery.max_refusals: must be at least 1; it is 0"]
         );
+    }
+
+    /// `delivery.concurrency` and `delivery.batch_size` are refused at 0 and past 65536
+    /// (where tokio's semaphore would panic once the service runs), each by its own message.
+    #[test]
+    fn delivery_concurrency_and_batch_size_are_bounded_naming_their_keys() {
+        let (_dir, file) = folder("identity_hash_key = \"k\"");
+        let vars = |concurrency: &str, batch: &str| {
+            env(&[
+                ("DSRELAY_REGISTRY__DELIVERY__CONCURRENCY", concurrency),
+                ("DSRELAY_REGISTRY__DELIVERY__BATCH_SIZE", batch),
+            ])
+        };
+        for fine in ["1", "65536"] {
+            Config::load_from(Some(&file), vars(fine, fine)).unwrap();
+        }
+        for (concurrency, batch) in [("0", "0"), ("9223372036854775807", "65537")] {
+            let err = Config::load_from(Some(&file), vars(concurrency, batch)).unwrap_err();
+            assert_eq!(
+                err.0,
+                [
+                    format!("delivery.concurrency: must be from 1 to 65536; it is {concurrency}"),
+                    format!("delivery.batch_size: must be from 1 to 65536; it is {batch}"),
+                ]
+            );
+        }
+    }
+
+    /// A processor endpoint that no call could use is refused with the settings, not when
+    /// the first delivery is sent.
+    #[test]
+    fn a_malformed_processor_endpoint_is_refused_naming_its_key() {
+        for bad in ["https://bad host:x", "https://", "p.example:1"] {
+            let text = format!(
+                "[[processors]]\nname = \"p\"\nendpoint = {bad:?}\n\
+                 identity = \"spiffe://dsrelay.dev/processor/p\"\ncategories = [\"contact\"]\n"
+            );
+            let (_dir, file) = folder(&text);
+            let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+            assert_eq!(
+                err.0,
+                [format!(
+                    "processors[0].endpoint: {bad:?} must be https://host:port"
+                )]
+            );
+        }
     }
 
     #[test]

@@ -67,6 +67,54 @@ pub fn check_ms(errors: &mut Vec<String>, key: &str, value: u64, range: RangeInc
     }
 }
 
+/// The most a key that sizes a pool of work accepts (`tasks.concurrency`,
+/// `delivery.batch_size`, ...). Each slot or claimed row costs memory and a task, and far
+/// above it a value is a typo, not a tuning: tokio's semaphore panics past about 2^61
+/// permits, after the service has started.
+pub const MAX_CONCURRENCY: u64 = 65_536;
+
+/// Adds a message naming `key` and the accepted range to `errors` when the count `value`
+/// lies outside `range`; e.g. `tasks.concurrency: must be from 1 to 65536; it is 0`.
+pub fn check_count(errors: &mut Vec<String>, key: &str, value: u64, range: RangeInclusive<u64>) {
+    if !range.contains(&value) {
+        errors.push(format!(
+            "{key}: must be from {} to {}; it is {value}",
+            range.start(),
+            range.end()
+        ));
+    }
+}
+
+/// Adds a message naming `key` to `errors` when the count `value` is 0, where at least one
+/// is needed; e.g. `acks.max_rejections: must be at least 1; it is 0`.
+pub fn check_at_least_one(errors: &mut Vec<String>, key: &str, value: u64) {
+    if value == 0 {
+        errors.push(format!("{key}: must be at least 1; it is 0"));
+    }
+}
+
+/// Adds a message naming `key` to `errors` when `endpoint` is not one [`crate::tls::channel`]
+/// can call (`https://host:port`, the port 443 when left out): not a URI, another scheme, no
+/// host, or a host that is no server name; e.g. `processors[0].endpoint: "https://bad
+/// host:x" must be https://host:port`. Checked with the settings, so that it is reported
+/// with them rather than when the first call is made.
+pub fn check_endpoint(errors: &mut Vec<String>, key: &str, endpoint: &str) {
+    let callable = endpoint.parse::<tonic::transport::Uri>().is_ok_and(|uri| {
+        // The URI parser takes any port text (`h:x`), and the channel would then call 443.
+        let authority = uri.authority().map_or("", |a| a.as_str());
+        let after_host = authority.rsplit(['@', ']']).next().unwrap_or(authority);
+        uri.scheme_str() == Some("https")
+            && (!after_host.contains(':') || uri.port_u16().is_some())
+            && uri.host().is_some_and(|host| {
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                rustls_pki_types::ServerName::try_from(host).is_ok()
+            })
+    });
+    if !callable {
+        errors.push(format!("{key}: {endpoint:?} must be https://host:port"));
+    }
+}
+
 /// Checks the retry spacing of table `table` (e.g. `tasks`): `backoff.initial_ms` and
 /// `backoff.max_ms` from 1 ms to [`MAX_DURATION_MS`]. At 0 every retry of a failing call
 /// follows the last after 1 ms, a busy loop against a peer that is down; far above the
@@ -139,6 +187,33 @@ pub fn load_listing<T: DeserializeOwned>(
     env: impl IntoIterator<Item = (String, String)>,
     top_level: &[&str],
 ) -> Result<T, ConfigErrors> {
+    let (figment, marker) = layers(file, prefix, env)?;
+    extract(&figment, &marker, top_level)
+}
+
+/// [`load_listing`] that first reads `P`, the part `T` flattens in, on its own from the
+/// same layers. serde hands a flattened part its keys as buffered content, which carries no
+/// path: a value of the wrong type there (`shutdown_grace_ms = "10s"`) would be reported
+/// with neither its key nor the file or variable that set it. Read directly, it is reported
+/// like any other key. `P` must not deny unknown fields, as it is handed every key.
+pub fn load_flattened<T: DeserializeOwned, P: DeserializeOwned>(
+    file: Option<&Path>,
+    prefix: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+    top_level: &[&str],
+) -> Result<T, ConfigErrors> {
+    let (figment, marker) = layers(file, prefix, env)?;
+    extract::<P>(&figment, &marker, &[])?;
+    extract(&figment, &marker, top_level)
+}
+
+/// The file (if given) and every `PREFIX__*` variable of `env` merged in that order, with
+/// the marker (`PREFIX__`) the variables were picked by; or every layer's problem.
+fn layers(
+    file: Option<&Path>,
+    prefix: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(Figment, String), ConfigErrors> {
     let mut layers = Layers::default();
     if let Some(path) = file {
         // `file_exact`: a named file that is missing is an error, not an empty layer.
@@ -154,16 +229,24 @@ pub fn load_listing<T: DeserializeOwned>(
     if !layers.problems.is_empty() {
         return Err(ConfigErrors(layers.problems));
     }
-    let figment = layers.figment;
+    Ok((layers.figment, marker))
+}
+
+/// Deserializes `T` from the merged layers, each problem named with its key and source.
+fn extract<T: DeserializeOwned>(
+    figment: &Figment,
+    marker: &str,
+    top_level: &[&str],
+) -> Result<T, ConfigErrors> {
     figment.extract().map_err(|e| {
         ConfigErrors(
             e.into_iter()
                 .map(|e| {
-                    let places = candidates(&e, &figment);
+                    let places = candidates(&e, figment);
                     let key = key_of(&e, &places);
-                    let source = source_of(&places, &key, &figment);
+                    let source = source_of(&places, &key, figment);
                     let what = describe(&e, &key, source, top_level);
-                    match list_override::<T>(&e, &key, source, &marker, &figment) {
+                    match list_override::<T>(&e, &key, source, marker, figment) {
                         Some(hint) => format!("{what}; {hint}"),
                         None => what,
                     }
@@ -892,6 +975,54 @@ mod tests {
                  18446744073709551615",
                 "c.every_ms: must be from 2 ms to 1500 ms; it is 1",
             ]
+        );
+    }
+
+    #[test]
+    fn a_count_out_of_range_is_named_with_the_range() {
+        let mut errors = Vec::new();
+        for value in [0, 1, MAX_CONCURRENCY, MAX_CONCURRENCY + 1, u64::MAX] {
+            check_count(&mut errors, "a.concurrency", value, 1..=MAX_CONCURRENCY);
+        }
+        check_at_least_one(&mut errors, "a.max_refusals", 0);
+        check_at_least_one(&mut errors, "a.max_refusals", 1);
+        assert_eq!(
+            errors,
+            [
+                "a.concurrency: must be from 1 to 65536; it is 0",
+                "a.concurrency: must be from 1 to 65536; it is 65537",
+                "a.concurrency: must be from 1 to 65536; it is 18446744073709551615",
+                "a.max_refusals: must be at least 1; it is 0",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_endpoint_must_be_one_a_channel_can_call() {
+        let mut errors = Vec::new();
+        for fine in [
+            "https://registry.example:50051",
+            "https://registry.example",
+            "https://127.0.0.1:1",
+            "https://[::1]:1",
+        ] {
+            check_endpoint(&mut errors, "e", fine);
+        }
+        assert_eq!(errors, Vec::<String>::new());
+        for bad in [
+            "https://",
+            "https://bad host:x",
+            "https://h:x",
+            "http://h:1",
+            "h:1",
+            "",
+        ] {
+            check_endpoint(&mut errors, "e", bad);
+        }
+        assert_eq!(errors.len(), 6, "{errors:?}");
+        assert_eq!(
+            errors[1],
+            "e: \"https://bad host:x\" must be https://host:port"
         );
     }
 

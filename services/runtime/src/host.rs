@@ -273,9 +273,10 @@ impl Host {
         if let Some(admin) = crate::metrics::spawn(admin, self.scrape, self.admin_token, stop_rx) {
             running.push(("admin port", admin));
         }
-        let addr = listener.local_addr().ok();
+        // The address itself (`127.0.0.1:50051`), not the Option's debug text.
+        let addr = listener.local_addr().ok().map(tracing::field::display);
         let (runtime, worker_threads) = runtime_shape();
-        tracing::info!(service = name, ?addr, runtime, worker_threads, "serving");
+        tracing::info!(service = name, addr, runtime, worker_threads, "serving");
         // The workers stop while the server drains, not after it: the grace counts from the
         // signal, whatever the calls in flight do.
         let stop_tx = Arc::new(stop_tx);
@@ -748,6 +749,62 @@ mod tests {
         assert!(began.elapsed() >= Duration::from_millis(800));
     }
 
+    /// The start-up lines give each address as it is written (`127.0.0.1:5`), not as the
+    /// debug text of an `Option` (`Some(127.0.0.1:5)`).
+    #[tokio::test]
+    async fn the_serving_lines_log_the_addresses_themselves() {
+        #[derive(Clone, Default)]
+        struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || writer.clone())
+            .finish();
+        let _logging = tracing::subscriber::set_default(subscriber);
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(&dir.path().join("pki")).unwrap();
+        let settings =
+            ServiceSettings::new("127.0.0.1:0", "sqlite::memory:", pki.files("registry"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (port, admin_port) = (
+            listener.local_addr().unwrap().port(),
+            admin.local_addr().unwrap().port(),
+        );
+        let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(Host::new("test", &settings).run_with_admin(
+            listener,
+            Some(admin),
+            async move {
+                let _ = shutdown_rx.await;
+            },
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        shutdown_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        for (about, port) in [("\"serving\"", port), ("admin port serving", admin_port)] {
+            let line = text.lines().find(|l| l.contains(about));
+            let line = line.unwrap_or_else(|| panic!("no line about {about}: {text}"));
+            let wanted = format!("\"addr\":\"127.0.0.1:{port}\"");
+            assert!(line.contains(&wanted), "{line}");
+        }
+    }
+
     #[tokio::test]
     async fn a_bad_tls_file_fails_run_before_any_worker_starts() {
         let settings = ServiceSettings::new(
@@ -792,7 +849,11 @@ mod tests {
         let code = main(
             "test",
             None,
-            |_| Err::<Sample, _>(ConfigErrors(vec!["listen: \"x\" is not host:port".into()])),
+            |_| {
+                Err::<Sample, _>(ConfigErrors(vec![
+                    "listen: must be an IP address and port".into()
+                ]))
+            },
             |_, _, _| async { panic!("ran with a bad configuration") },
         );
         assert_eq!(format!("{code:?}"), format!("{:?}", ExitCode::from(64)));

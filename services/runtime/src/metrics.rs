@@ -405,8 +405,9 @@ pub fn spawn(
     mut stop: watch::Receiver<bool>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let listener = listener?;
-    let addr = listener.local_addr().ok();
-    tracing::info!(?addr, "admin port serving /metrics and /healthz");
+    // The address itself (`127.0.0.1:9464`), not the Option's debug text.
+    let addr = listener.local_addr().ok().map(tracing::field::display);
+    tracing::info!(addr, "admin port serving /metrics and /healthz");
     Some(tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;

@@ -78,7 +78,10 @@ pub fn load<C: ServiceConfig>(
             .copied()
             .collect(),
     };
-    let mut config: C = crate::config::load_listing(file, env_prefix, env, &known)?;
+    // The shared keys are read on their own first, so that a wrong type among them is
+    // named with its key and source (see `load_flattened`).
+    let mut config: C =
+        crate::config::load_flattened::<C, FileSettings>(file, env_prefix, env, &known)?;
     if let Some(dir) = file.and_then(Path::parent) {
         config.relative_to(dir);
     }
@@ -231,12 +234,16 @@ impl ServiceSettings {
     /// for another machine (a container's) can be checked too.
     pub fn validate(&self) -> Vec<String> {
         let mut errors = Vec::new();
+        // Parsed, not resolved: a host name (`localhost:50051`) is refused here.
+        let not_an_address = |key: &str, example: &str, value: &str| {
+            format!("{key}: must be an IP address and port, e.g. {example}; it is {value:?}")
+        };
         if self.listen.parse::<SocketAddr>().is_err() {
-            errors.push(format!("listen: {:?} is not host:port", self.listen));
+            errors.push(not_an_address("listen", "0.0.0.0:50051", &self.listen));
         }
         if let Some(a) = &self.admin_listen {
             match a.parse::<SocketAddr>() {
-                Err(_) => errors.push(format!("admin_listen: {a:?} is not host:port")),
+                Err(_) => errors.push(not_an_address("admin_listen", "127.0.0.1:9464", a)),
                 Ok(addr) if !addr.ip().is_loopback() && self.admin_token.is_none() => {
                     errors.push(format!(
                         "admin_listen: {a} is reachable from other hosts: set admin_token, \
@@ -285,16 +292,17 @@ impl ServiceSettings {
         errors
     }
 
-    /// The TLS files that are missing on this machine, as configuration errors; checked when
-    /// a service loads its configuration, so a wrong path is reported with every other problem
-    /// instead of failing the start later.
+    /// The TLS files, and the files a PostgreSQL `database_url` names (its `sslrootcert`,
+    /// `sslcert` and `sslkey`), that are missing on this machine, as configuration errors;
+    /// checked when a service loads its configuration, so a wrong path is reported with every
+    /// other problem instead of failing the start later.
     pub fn check_files(&self) -> Vec<String> {
-        self.tls
-            .paths()
-            .into_iter()
+        let mut errors: Vec<String> = (self.tls.paths().into_iter())
             .filter(|(_, path)| !path.is_file())
             .map(|(key, path)| format!("{key}: {} is not a readable file", path.display()))
-            .collect()
+            .collect();
+        errors.extend(crate::store::database_file_errors(&self.database_url));
+        errors
     }
 }
 
@@ -432,6 +440,107 @@ mod tests {
         );
     }
 
+    impl AsRef<ServiceSettings> for Sample {
+        fn as_ref(&self) -> &ServiceSettings {
+            &self.service
+        }
+    }
+
+    impl ServiceConfig for Sample {
+        fn relative_to(&mut self, _: &Path) {}
+        fn check(&self) -> Result<(), ConfigErrors> {
+            Ok(())
+        }
+    }
+
+    /// A shared key of the wrong type is named with the file or variable that set it, as a
+    /// service's own key is, though serde reads the shared keys through a flattened part.
+    #[test]
+    fn a_wrong_type_in_a_shared_key_names_the_key_and_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("s.toml");
+        let file = f.display();
+        let from_file = [
+            (
+                "listen = 55151\n",
+                "listen",
+                "found signed int `55151`, expected a string",
+            ),
+            (
+                "shutdown_grace_ms = \"10s\"\n",
+                "shutdown_grace_ms",
+                "found string \"10s\", expected u64",
+            ),
+            (
+                "[tls]\nca = 5\n",
+                "tls.ca",
+                "found signed int `5`, expected path string",
+            ),
+            (
+                "[tls]\nreload_interval_ms = \"5s\"\n",
+                "tls.reload_interval_ms",
+                "found string \"5s\", expected u64",
+            ),
+        ];
+        for (text, key, what) in from_file {
+            // The [tls] table's other keys, after the one under test when it is in [tls].
+            let tls = TLS.replace("ca = \"ca.pem\"\n", "").replace("[tls]\n", "");
+            let text = if text.starts_with("[tls]") {
+                format!("{text}{tls}")
+            } else {
+                format!("{text}{TLS}")
+            };
+            std::fs::write(&f, &text).unwrap();
+            let err = load::<Sample>(Some(&f), "APP", []).unwrap_err();
+            assert_eq!(err.0.len(), 1, "{text}: {err}");
+            let wanted = format!("{file}: key {key}: invalid type: {what}");
+            assert_eq!(err.0[0], wanted, "{text}");
+        }
+        std::fs::write(&f, TLS).unwrap();
+        for (variable, value, key, what) in [
+            (
+                "APP__SHUTDOWN_GRACE_MS",
+                "-1",
+                "shutdown_grace_ms",
+                "invalid value signed int `-1`, expected u64",
+            ),
+            (
+                "APP__WORKER_THREADS",
+                "x",
+                "worker_threads",
+                "invalid type: found string \"x\"",
+            ),
+            (
+                "APP__LOG_JSON",
+                "yes",
+                "log_json",
+                "invalid type: found string \"yes\"",
+            ),
+            (
+                "APP__TLS__ALLOW_EXPIRED_CRL",
+                "maybe",
+                "tls.allow_expired_crl",
+                "invalid type: found string \"maybe\"",
+            ),
+            (
+                "APP__TLS__RELOAD_INTERVAL_MS",
+                "-1",
+                "tls.reload_interval_ms",
+                "invalid value signed int `-1`, expected u64",
+            ),
+        ] {
+            let env = [(variable.to_string(), value.to_string())];
+            let err = load::<Sample>(Some(&f), "APP", env).unwrap_err();
+            assert_eq!(err.0.len(), 1, "{variable}: {err}");
+            let wanted = format!("environment variable {variable}: key {key}: {what}");
+            assert!(
+                err.0[0].starts_with(&wanted),
+                "{}\nwanted {wanted}",
+                err.0[0]
+            );
+        }
+    }
+
     #[test]
     fn unknown_keys_are_refused() {
         let err = parse(&format!("batch = 3\nlisten_on = \"x\"\n{TLS}")).unwrap_err();
@@ -478,9 +587,34 @@ mod tests {
             assert!(e.starts_with(key), "{key}: {errors:?}");
         }
         assert!(!errors.iter().any(|e| e.contains("secret")), "{errors:?}");
+        assert_eq!(
+            errors[..2],
+            [
+                "listen: must be an IP address and port, e.g. 0.0.0.0:50051; it is \"nowhere\"",
+                "admin_listen: must be an IP address and port, e.g. 127.0.0.1:9464; it is \"9464\"",
+            ]
+        );
+        // A host name is not an address.
+        s.listen = "localhost:55151".into();
+        s.admin_listen = Some("localhost:9464".into());
+        let errors = s.validate();
+        assert!(
+            errors[0].ends_with("it is \"localhost:55151\""),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].ends_with("it is \"localhost:9464\""),
+            "{errors:?}"
+        );
         let missing = s.check_files();
         assert_eq!(missing.len(), 3, "{missing:?}");
         assert!(missing[0].starts_with("tls.ca: /nonexistent/ca.pem"));
+        // With the files a PostgreSQL URL names.
+        s.database_url = "postgres://u:secret@h/db?sslrootcert=/nonexistent/root.pem".into();
+        assert_eq!(
+            s.check_files()[3..],
+            ["database_url: sslrootcert /nonexistent/root.pem is not a readable file"]
+        );
 
         let dir = tempfile::tempdir().unwrap();
         for f in ["ca.pem", "c.pem", "c.key"] {

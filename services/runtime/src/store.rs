@@ -302,6 +302,9 @@ impl Db {
             Backend::Sqlite => prepare_sqlite_url(url)?,
             Backend::Postgres => {
                 check_postgres_url(url)?;
+                if let Some(e) = database_file_errors(url).into_iter().next() {
+                    bail!("{e}");
+                }
                 url.to_string()
             }
         };
@@ -572,6 +575,50 @@ fn check_postgres_url(url: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The files a PostgreSQL `database_url` names in its query (`sslrootcert`, `sslcert`,
+/// `sslkey` and their other spellings) that cannot be read here, one message each naming
+/// the parameter and the path: sqlx opens them only once it connects, and then says no more
+/// than "No such file or directory". Paths are read as sqlx reads them: percent-decoded, and
+/// relative ones from the working folder; a PEM value written inline is no path. With
+/// `sslmode=disable` no file is opened, so none is checked. Empty for any other URL, and for
+/// one that does not parse ([`Db::connect`] says why).
+pub fn database_file_errors(url: &str) -> Vec<String> {
+    if Backend::of_url(url).ok() != Some(Backend::Postgres) {
+        return Vec::new();
+    }
+    let Ok(options) = AnyConnectOptions::from_str(url) else {
+        return Vec::new();
+    };
+    let pairs: Vec<(String, String)> = (options.database_url.query_pairs())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let disabled = pairs
+        .iter()
+        .any(|(k, v)| matches!(k.as_str(), "sslmode" | "ssl-mode") && v == "disable");
+    if disabled {
+        return Vec::new();
+    }
+    let files = [
+        "sslrootcert",
+        "ssl-root-cert",
+        "ssl-ca",
+        "sslcert",
+        "ssl-cert",
+        "sslkey",
+        "ssl-key",
+    ];
+    pairs
+        .iter()
+        .filter(|(key, _)| files.contains(&key.as_str()))
+        .filter(|(_, value)| !value.trim().starts_with("-----BEGIN"))
+        .filter(|(_, path)| {
+            let readable = std::fs::File::open(path).and_then(|f| f.metadata());
+            !readable.is_ok_and(|m| m.is_file())
+        })
+        .map(|(key, path)| format!("database_url: {key} {path} is not a readable file"))
+        .collect()
 }
 
 /// The wait after the first failed connection; it doubles up to 2 s.
@@ -1261,6 +1308,43 @@ mod tests {
              &password=p&application_name=x&options=-c%20a%3Db&options[search_path]=s",
         )
         .unwrap();
+    }
+
+    /// A file the URL's query names that is not there is reported by parameter and path,
+    /// the path percent-decoded as sqlx reads it; an inline PEM value is no path.
+    #[test]
+    fn the_files_a_database_url_names_must_be_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("root ca.pem"), "x").unwrap();
+        let d = dir.path().display().to_string();
+        let there = format!("{}/root%20ca.pem", d.replace(' ', "%20"));
+        let url = format!(
+            "postgres://u:p@h/db?sslmode=verify-full&sslrootcert={there}\
+             &sslcert={d}/c.pem&ssl-key={d}/nowhere/c.key"
+        );
+        assert_eq!(
+            database_file_errors(&url),
+            [
+                format!("database_url: sslcert {d}/c.pem is not a readable file"),
+                format!("database_url: ssl-key {d}/nowhere/c.key is not a readable file"),
+            ]
+        );
+        // A folder is not a file.
+        let url = format!("postgres://h/db?ssl-ca={d}");
+        assert_eq!(
+            database_file_errors(&url),
+            [format!("database_url: ssl-ca {d} is not a readable file")]
+        );
+        let inline = "-----BEGIN%20CERTIFICATE-----x-----END%20CERTIFICATE-----";
+        for fine in [
+            format!("postgres://u:p@h/db?sslrootcert={there}"),
+            format!("postgres://h/db?sslrootcert={inline}"),
+            format!("postgres://h/db?sslmode=disable&sslrootcert={d}/missing.pem"),
+            format!("sqlite://{d}/x.db?sslrootcert={d}/missing.pem"),
+            "postgres://u:p@h/db".to_string(),
+        ] {
+            assert!(database_file_errors(&fine).is_empty(), "{fine}");
+        }
     }
 
     /// The address named in messages is the one sqlx connects to, query parameters and
