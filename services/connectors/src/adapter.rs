@@ -56,7 +56,10 @@
 //! [`Phase::Start`], under `<job_id>#retention-expired-<retain-until ms>` at
 //! [`Phase::RetentionExpired`], and
 //! `GetBulkStatus` with the handle at [`Phase::Confirm`]. Each answer's `progress` is
-//! reported to the processor; an adapter whose step takes longer than `timeout_ms` answers
+//! reported to the processor, its counts by place (`BulkJobProgress.erased`) with it; the
+//! erased counts of an erasure's start answer, the whole job's, are given as what they list
+//! beyond the counts recorded before the call ([`crate::BulkJob::beyond_recorded`]), which
+//! the processor adds to them. An adapter whose step takes longer than `timeout_ms` answers
 //! ACCEPTED and is asked again later. A completed export is fetched with `GetExportPage`
 //! under the key it was answered for, exactly as a paged RETURN_OF_DATA export, into
 //! `export.json` (an empty array when the answer has no `export_paged`). A retention run's

@@ -245,6 +245,10 @@ pub struct BulkJob {
     /// The progress the processor recorded for this step before this call: the last an
     /// earlier call reported (cut off or not), all zero when none was. A connector answering
     /// for an earlier call's work (`interrupted`) counts it from here, or says it cannot.
+    /// Its [`BulkProgress::erased`] the processor adds to the `erased` of an erasure's
+    /// [`Phase::Start`] answer for the certificate: such an answer lists what this call
+    /// erased, or, when the connector's answer is the whole step's (a repeated job's),
+    /// what it lists beyond these ([`BulkJob::beyond_recorded`]).
     pub recorded_progress: BulkProgress,
     /// For [`BulkOp::Export`]: the task's export folder, emptied before every run.
     pub export: Option<ExportSink>,
@@ -276,6 +280,32 @@ pub struct BulkJob {
     /// again whole on every start. `None` when `returned` is `None` or the start was not
     /// recorded.
     pub returned_since_ms: Option<i64>,
+}
+
+impl BulkJob {
+    /// What `answer` (the step's whole `erased`, an earlier call's work included) lists
+    /// beyond what the processor recorded of the step before this call
+    /// ([`BulkJob::recorded_progress`]), per target and action, for an erasure's
+    /// [`Phase::Start`] call, to which the processor adds what it recorded: the certificate
+    /// then lists the larger of the two, neither twice. `answer` as it is for other calls,
+    /// whose `erased` the processor takes alone.
+    pub fn beyond_recorded(&self, answer: Vec<ErasedCount>) -> Vec<ErasedCount> {
+        let recorded = &self.recorded_progress.erased;
+        if self.op != BulkOp::Erase || self.phase != Phase::Start || recorded.is_empty() {
+            return answer;
+        }
+        answer
+            .into_iter()
+            .filter_map(|mut e| {
+                let before = (recorded.iter())
+                    .filter(|r| r.target == e.target && r.action == e.action)
+                    .map(|r| r.count)
+                    .fold(0i64, i64::saturating_add);
+                e.count = e.count.saturating_sub(before);
+                (e.count > 0).then_some(e)
+            })
+            .collect()
+    }
 }
 
 /// The check of an erasure that follows a return ([`BulkJob::returned`]): `held` is what
@@ -319,7 +349,7 @@ pub enum BulkOp {
 }
 
 /// How far a bulk job has got. Totals of 0 mean the connector cannot count them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BulkProgress {
     /// Data subjects (top-level records: customers, audience members) done.
     pub subjects_done: u64,
@@ -329,6 +359,43 @@ pub struct BulkProgress {
     pub records_done: u64,
     /// Records of the controller at this holder.
     pub records_total: u64,
+    /// An erasure's records erased or anonymized so far, per place and action, as in
+    /// [`Outcome::Completed`]'s `erased`: counted as far as the done counts are, from the
+    /// step's start (a call going on from [`BulkJob::recorded_progress`] goes on from its
+    /// counts too), and only once the work is there to stay (a batch once committed).
+    /// Empty when the connector does not count them by place (or while nothing is done):
+    /// then a certificate cannot list an earlier call's work by table.
+    pub erased: Vec<ErasedCount>,
+}
+
+impl BulkProgress {
+    /// The done and total counts alone, without [`BulkProgress::erased`].
+    pub fn counts(
+        subjects_done: u64,
+        subjects_total: u64,
+        records_done: u64,
+        records_total: u64,
+    ) -> Self {
+        Self {
+            subjects_done,
+            subjects_total,
+            records_done,
+            records_total,
+            erased: Vec::new(),
+        }
+    }
+}
+
+/// `a` and `b` summed per (target, action), in the order first listed.
+pub fn sum_erased(a: &[ErasedCount], b: &[ErasedCount]) -> Vec<ErasedCount> {
+    let mut sum: Vec<ErasedCount> = Vec::with_capacity(a.len() + b.len());
+    for e in a.iter().chain(b) {
+        match (sum.iter_mut()).find(|s| s.target == e.target && s.action == e.action) {
+            Some(s) => s.count = s.count.saturating_add(e.count),
+            None => sum.push(e.clone()),
+        }
+    }
+    sum
 }
 
 /// The sending side of a bulk job's progress: the connector reports, the processor reads the
@@ -389,7 +456,7 @@ impl ProgressReporter {
     /// call be cut off. Returns at once when nobody records. A transient error, before the
     /// connector does anything more, when it could not be recorded.
     pub async fn record_now(&self, progress: BulkProgress) -> Result<(), ConnectorError> {
-        self.report(progress);
+        self.report(progress.clone());
         let Some(recorder) = &self.recorder else {
             return Ok(());
         };
@@ -412,7 +479,7 @@ impl ProgressReporter {
 
     /// The latest progress reported.
     pub fn latest(&self) -> BulkProgress {
-        *self.latest.borrow()
+        self.latest.borrow().clone()
     }
 }
 

@@ -83,7 +83,7 @@ impl Connector for ManualConnector {
                 ),
             };
             // No count to check here: the person who deletes is told what to check.
-            let what = match (job.op, job.returned) {
+            let what = match (job.op, &job.returned) {
                 (BulkOp::Erase, Some(_)) => format!(
                     "{what}. It was returned first: delete only what was returned; if data \
                      came here after the return, delete nothing and refuse the task saying \

@@ -905,26 +905,30 @@ pub(crate) async fn bulk(
     } else {
         to_u64(subscribers + deliveries)
     };
-    let progress = Some(BulkJobProgress {
+    let progress = BulkJobProgress {
         subjects_done: to_u64(subscribers),
         subjects_total: to_u64(subscribers),
         records_done: records,
         records_total: records,
-    });
-    let completed = |note: String| ExecuteBulkResponse {
+        erased: Vec::new(),
+    };
+    let completed = |note: String, progress: BulkJobProgress| ExecuteBulkResponse {
         outcome: ExecuteOutcome::Completed as i32,
         note,
-        progress,
+        progress: Some(progress),
         ..Default::default()
     };
     Ok(
         match BulkOperation::try_from(req.operation).unwrap_or(BulkOperation::Unspecified) {
             BulkOperation::Export => ExecuteBulkResponse {
                 export_paged: true,
-                ..completed(format!(
-                    "exported {} of controller {controller}",
-                    exported(subscribers, deliveries, billing)
-                ))
+                ..completed(
+                    format!(
+                        "exported {} of controller {controller}",
+                        exported(subscribers, deliveries, billing)
+                    ),
+                    progress,
+                )
             },
             BulkOperation::Erase => {
                 let billing = retention::release_controller(tx, controller, cutoff_ms).await?;
@@ -949,10 +953,16 @@ pub(crate) async fn bulk(
                     note.push_str(&format!(" and {billing} billing record(s)"));
                 }
                 note.push_str(&format!(" of controller {controller}"));
+                // All of it in one transaction: the job's progress is done once it answers,
+                // its counts by place the whole job's, as a repeated job_id answers them.
+                let progress = BulkJobProgress {
+                    erased: counts.clone(),
+                    ..progress
+                };
                 let Some(kept) = kept else {
                     return Ok(ExecuteBulkResponse {
                         erased: counts,
-                        ..completed(note)
+                        ..completed(note, progress)
                     });
                 };
                 note.push_str(&format!(
@@ -964,7 +974,7 @@ pub(crate) async fn bulk(
                     legal_basis: kept.legal_basis(),
                     retain_until: Some(timestamp_from_millis(kept.until_ms)),
                     erased: counts,
-                    ..completed(note)
+                    ..completed(note, progress)
                 }
             }
             BulkOperation::Unspecified => ExecuteBulkResponse {

@@ -1148,6 +1148,77 @@ async fn the_adapter_connector_scopes_tasks_and_ends_a_contract() {
     a.stop().await;
 }
 
+/// A contract end's erasure through the adapter connector whose first call was cut off after
+/// the adapter answered (the processor had recorded the progress the answer carried, not the
+/// answer): the progress lists by place what the job erased, and the resumed call, answered
+/// the job's outcome again, adds nothing to it, so that the certificate, which lists the
+/// recorded counts and the answer's summed, lists each record once. Resumed with nothing
+/// recorded, the answer lists the whole job.
+#[tokio::test]
+async fn the_adapter_connector_lists_a_cut_off_erasure_by_place_once() {
+    use dsrelay_connectors::adapter::AdapterConfig;
+    use dsrelay_connectors::{
+        sum_erased, BulkJob, BulkOp, ConnectorConfig, Outcome, Phase, ProgressReporter,
+    };
+    let a = Running::start(0).await;
+    two_controllers(&a).await;
+    let connector = dsrelay_connectors::build(&ConnectorConfig::Adapter(AdapterConfig {
+        endpoint: format!("https://localhost:{}", a.port),
+        identity: dev_identity("adapter", "example"),
+        tls: a.pki.files("processor"),
+        timeout_ms: 5_000,
+        supported_kinds: None,
+        controllers: Some(vec![CONTROLLER.into(), GLOBEX.into()]),
+    }))
+    .await
+    .unwrap();
+    let job = |recorded, interrupted| {
+        let (progress, seen) = ProgressReporter::new();
+        let job = BulkJob {
+            job_id: format!("{CONTROLLER}/ce1/newsletter#erase"),
+            request_id: "ce1".into(),
+            controller: CONTROLLER.into(),
+            op: BulkOp::Erase,
+            phase: Phase::Start,
+            due_at_ms: 2_000_000_000_000,
+            now_ms: 1_700_000_000_000,
+            interrupted,
+            recorded_progress: recorded,
+            export: None,
+            progress,
+            returned: None,
+            returned_since_ms: None,
+        };
+        (job, seen)
+    };
+    let answered = |out: Outcome| match out {
+        Outcome::Completed {
+            records_affected,
+            erased,
+            ..
+        } => (records_affected, erased),
+        other => panic!("{other:?}"),
+    };
+    let (first, seen) = job(Default::default(), false);
+    let (records, whole) = answered(connector.run_bulk(&first).await.unwrap());
+    assert!(records > 0 && !whole.is_empty(), "{whole:?}");
+    let recorded = seen.borrow().clone();
+    assert_eq!(recorded.erased, whole);
+    assert!(a.store.emails_of(CONTROLLER).await.unwrap().is_empty());
+
+    let (resumed, seen) = job(recorded.clone(), true);
+    let (again, erased) = answered(connector.run_bulk(&resumed).await.unwrap());
+    assert_eq!(again, records);
+    assert!(erased.is_empty(), "{erased:?}");
+    assert_eq!(sum_erased(&recorded.erased, &erased), whole);
+    assert_eq!(*seen.borrow(), recorded);
+
+    let (unrecorded, _) = job(Default::default(), true);
+    let (_, erased) = answered(connector.run_bulk(&unrecorded).await.unwrap());
+    assert_eq!(erased, whole);
+    a.stop().await;
+}
+
 /// A database from before subscribers had a controller keeps its subscribers (with their
 /// ids) and their deliveries through migration 0004, and they go to the default controller.
 async fn subscribers_from_before_controllers_keep_their_deliveries(backend: Backend) {
@@ -1935,7 +2006,7 @@ async fn an_erasure_after_a_return_refuses_what_arrived_since(backend: Backend) 
     export.export.as_ref().unwrap().reset().await.unwrap();
     let out = connector.run_bulk(&export).await.unwrap();
     assert!(matches!(out, Outcome::Completed { .. }), "{out:?}");
-    let returned = *seen.borrow();
+    let returned = seen.borrow().clone();
     let seeded = a.store.emails_of(CONTROLLER).await.unwrap();
     assert_eq!(returned.subjects_done, seeded.len() as u64);
 
@@ -2090,7 +2161,7 @@ async fn an_arrival_offset_by_a_deletion_is_refused(backend: Backend) {
     );
     assert_eq!(before.0.len(), 4);
 
-    let err = erase_after_return(&mut c, "ce1/newsletter", returned)
+    let err = erase_after_return(&mut c, "ce1/newsletter", returned.clone())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
@@ -2155,7 +2226,7 @@ async fn a_contract_end_export_returns_what_it_counted(backend: Backend) {
         .count();
     assert_eq!(issue_1, 1, "{json:?}");
 
-    let err = erase_after_return(&mut c, "ce1/newsletter", returned)
+    let err = erase_after_return(&mut c, "ce1/newsletter", returned.clone())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
@@ -2277,7 +2348,7 @@ async fn an_erasure_after_an_older_export_compares_totals() {
         .add_subscriber(CONTROLLER, PEKKA, "Pekka Nieminen")
         .await
         .unwrap();
-    let err = erase_after_return(&mut c, "ce1/newsletter", returned)
+    let err = erase_after_return(&mut c, "ce1/newsletter", returned.clone())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
@@ -2316,7 +2387,7 @@ async fn a_row_given_to_the_controller_after_the_export_is_an_arrival(backend: B
 
     // What the adapter's next start does.
     assert_eq!(a.store.assign_unowned(CONTROLLER).await.unwrap(), (1, 1));
-    let err = erase_after_return(&mut c, "ce1/newsletter", returned)
+    let err = erase_after_return(&mut c, "ce1/newsletter", returned.clone())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
@@ -2401,7 +2472,7 @@ async fn an_insert_under_way_at_the_export_is_an_arrival_on_postgres() {
     let (json, _) = all_pages(&mut c, "ce1/newsletter", 1024).await;
     assert_eq!(json.len() as u64, returned.records_done, "{json:?}");
     assert!(!json.iter().any(|r| r["email"] == PEKKA), "{json:?}");
-    let err = erase_after_return(&mut c, "ce1/newsletter", returned)
+    let err = erase_after_return(&mut c, "ce1/newsletter", returned.clone())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");

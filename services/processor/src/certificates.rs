@@ -40,15 +40,17 @@ pub struct CertificateBody {
     pub task_state: String,
     /// Records the task erased or anonymized so far.
     pub records_affected: i64,
-    /// What this step erased where, as the connector counted it.
+    /// What this step erased where, as the connector counted it: after an earlier call of
+    /// the step whose progress came with counts by place, those and the finishing call's,
+    /// summed per target and action.
     pub erased: Vec<ErasedCount>,
     /// The request's tasks at this processor keeping data under an obligation.
     pub retained: Vec<Retained>,
-    /// Present when the counts are not all of one call's: an earlier call of the step was
-    /// cut off, or failed, after erasing part ([`Uncounted::earlier_records`], which
-    /// `erased` need not tell apart by table, as it is the connector's answer to the call
-    /// that finished), or what it erased is counted only as far as its progress was
-    /// recorded. Absent from the bodies of every other certificate, which are as before.
+    /// Present when the counts may leave out part of what an earlier call of the step (cut
+    /// off, or failed) erased: what it erased after its last recorded progress, or all of
+    /// it when it recorded none, or, when its progress came without counts by place, its
+    /// recorded work by table ([`Uncounted::earlier_records`]). Absent from the bodies of
+    /// every other certificate, which are as before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uncounted: Option<Uncounted>,
     /// The certificate this one follows up, when the task had one before.
@@ -73,9 +75,11 @@ pub struct Uncounted {
     /// The same in data subjects.
     pub subjects: u64,
     /// Records an earlier call of the step (cut off, or failed) erased or anonymized as far
-    /// as its progress was recorded: the connector counts them in `records_affected` when
-    /// it counts on from that progress, while `erased` holds its answer to the call that
-    /// finished, which need not list them by table. 0 (and absent) when none was recorded.
+    /// as its progress was recorded, when that progress came without counts by place (a
+    /// connector or adapter that reports none): the connector counts them in
+    /// `records_affected` when it counts on from that progress, while `erased` holds its
+    /// answer to the call that finished, which need not list them by table. 0 (and absent)
+    /// when none was recorded, or when `erased` lists them.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub earlier_records: u64,
     /// The data subjects of those records.

@@ -24,6 +24,7 @@ const REPORTED: BulkProgress = BulkProgress {
     subjects_total: 40,
     records_done: 25,
     records_total: 100,
+    erased: Vec::new(),
 };
 
 /// A holder of 40 subjects (100 records) whose erasure's first call erases 12 (30 records),
@@ -56,19 +57,21 @@ impl Connector for FailsAtOnce {
                     "relation \"contacts\" does not exist".into(),
                 ));
             }
-            let earlier = job.recorded_progress;
+            let earlier = &job.recorded_progress;
             let (subjects, records) = (earlier.subjects_done + 28, earlier.records_done + 70);
             job.progress.report(BulkProgress {
                 subjects_done: earlier.subjects_done,
                 subjects_total: subjects,
                 records_done: earlier.records_done,
                 records_total: records,
+                erased: Vec::new(),
             });
             job.progress.report(BulkProgress {
                 subjects_done: subjects,
                 subjects_total: subjects,
                 records_done: records,
                 records_total: records,
+                erased: Vec::new(),
             });
             Ok(Outcome::Completed {
                 records_affected: i64::try_from(records).expect("count"),
@@ -203,8 +206,9 @@ impl Connector for CutOffSilent {
                 subjects_total: 20,
                 records_done: 0,
                 records_total: 50,
+                erased: Vec::new(),
             };
-            job.progress.report(left);
+            job.progress.report(left.clone());
             job.progress.report(BulkProgress {
                 subjects_done: 20,
                 records_done: 50,
@@ -264,6 +268,7 @@ impl Connector for Exports16 {
                 subjects_total: 4,
                 records_done: 16,
                 records_total: 16,
+                erased: Vec::new(),
             });
             Ok(Outcome::Completed {
                 records_affected: 16,

@@ -33,6 +33,7 @@ const HALFWAY: BulkProgress = BulkProgress {
     subjects_total: 40,
     records_done: 25,
     records_total: 100,
+    erased: Vec::new(),
 };
 
 /// What each call of the holder was handed.
@@ -71,7 +72,7 @@ impl Connector for FailsFirst {
             self.seen.lock().expect("seen").push(Call {
                 op: job.op,
                 phase: job.phase.clone(),
-                recorded: job.recorded_progress,
+                recorded: job.recorded_progress.clone(),
                 interrupted: job.interrupted,
             });
             if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {

@@ -48,6 +48,7 @@ impl Connector for Stepper {
                     subjects_total: 40,
                     records_done: i * 25,
                     records_total: 100,
+                    erased: Vec::new(),
                 });
                 tokio::time::sleep(Duration::from_millis(80)).await;
             }
@@ -368,13 +369,14 @@ impl Connector for CutOff {
 
     fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
         Box::pin(async move {
-            let recorded = job.recorded_progress;
+            let recorded = &job.recorded_progress;
             if !job.interrupted {
                 job.progress.report(BulkProgress {
                     subjects_done: 10,
                     subjects_total: 40,
                     records_done: 25,
                     records_total: 100,
+                    erased: Vec::new(),
                 });
                 std::future::pending::<()>().await;
             }
@@ -384,6 +386,7 @@ impl Connector for CutOff {
                 subjects_total: subjects,
                 records_done: records,
                 records_total: records,
+                erased: Vec::new(),
             });
             Ok(Outcome::Completed {
                 records_affected: i64::try_from(records).unwrap(),
@@ -507,6 +510,7 @@ impl Connector for DownFor {
                     subjects_total: 40,
                     records_done: 25 + resumed,
                     records_total: 100,
+                    erased: Vec::new(),
                 });
                 // Long enough for the progress to be recorded (every 20 ms).
                 tokio::time::sleep(Duration::from_millis(200)).await;

@@ -447,6 +447,7 @@ impl Connector for BulkBarrier {
                     subjects_total: 10,
                     records_done: 5,
                     records_total: 10,
+                    erased: Vec::new(),
                 });
             }
             finished
@@ -680,6 +681,7 @@ fn members(done: u64, total: u64) -> BulkProgress {
         subjects_total: total,
         records_done: done,
         records_total: total,
+        erased: Vec::new(),
     }
 }
 
@@ -701,7 +703,7 @@ impl Connector for Vanishing {
             self.calls
                 .lock()
                 .expect("calls")
-                .push((job.interrupted, job.recorded_progress));
+                .push((job.interrupted, job.recorded_progress.clone()));
             if !self.deleted.swap(true, Ordering::SeqCst) {
                 job.progress.report(members(0, 3));
                 let _ = self.entered.send(());

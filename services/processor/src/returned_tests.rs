@@ -31,6 +31,7 @@ const RETURNED: BulkProgress = BulkProgress {
     subjects_total: 3,
     records_done: 7,
     records_total: 7,
+    erased: Vec::new(),
 };
 
 /// What a call of [`Holder`] does.
@@ -101,7 +102,7 @@ impl Connector for Holder {
 
     fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
         Box::pin(async move {
-            self.seen.lock().expect("seen").push(job.returned);
+            self.seen.lock().expect("seen").push(job.returned.clone());
             let since = job.returned_since_ms;
             self.since_seen.lock().expect("since").push(since);
             let now = self.clock.get().map(Clock::now_ms);
@@ -121,7 +122,7 @@ impl Connector for Holder {
             match call {
                 Call::FailBeforeCheck | Call::ExportFail => return transient(),
                 Call::ReportThenFail => {
-                    job.progress.report(self.held);
+                    job.progress.report(self.held.clone());
                     return transient();
                 }
                 Call::ExportAccepted => {
@@ -135,7 +136,7 @@ impl Connector for Holder {
             if let Some(returned) = &job.returned {
                 check_returned(returned, &self.held, "holder crm", &job.controller)?;
             }
-            job.progress.record_now(self.held).await?;
+            job.progress.record_now(self.held.clone()).await?;
             match call {
                 Call::PassThenFail => transient(),
                 _ => Ok(Outcome::Completed {
@@ -286,6 +287,7 @@ async fn checked_until_a_call_passed(database_url: &str, dir: &std::path::Path) 
         subjects_total: 3,
         records_done: 0,
         records_total: 6,
+        erased: Vec::new(),
     };
     let script = [Call::FailBeforeCheck, Call::PassThenFail, Call::Finish];
     let holder = Holder::new(held, &script);
@@ -309,6 +311,7 @@ async fn counts_from_before_the_check_are_not_recorded(database_url: &str, dir: 
         subjects_total: 3,
         records_done: 0,
         records_total: 6,
+        erased: Vec::new(),
     };
     let script = [Call::ReportThenFail, Call::Finish];
     let holder = Holder::new(held, &script);
@@ -331,6 +334,7 @@ async fn more_held_than_returned_fails_the_task(database_url: &str, dir: &std::p
         subjects_total: 3,
         records_done: 0,
         records_total: 8,
+        erased: Vec::new(),
     };
     let holder = Holder::new(held, &[Call::Finish]);
     let choice = ContractEndChoice::ReturnThenDelete;
@@ -365,6 +369,7 @@ async fn a_delete_is_not_checked(database_url: &str, dir: &std::path::Path) {
         subjects_total: 30,
         records_done: 0,
         records_total: 80,
+        erased: Vec::new(),
     };
     let holder = Holder::new(held, &[Call::Finish]);
     let choice = ContractEndChoice::Delete;

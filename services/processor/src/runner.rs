@@ -446,7 +446,7 @@ async fn run_contract_task(
     // The confirmation releases the erasure, whose start gives the task's counts (the
     // export's, until now) to the erasure: what was returned is kept for its check first.
     if op == BulkOp::Erase && job.task.phase == ContractPhase::AwaitingConfirmation {
-        let counts = job.task.counts;
+        let counts = job.task.counts.clone();
         if !(shared.store)
             .record_returned(key, seq, &job.lease_owner, counts)
             .await?
@@ -585,7 +585,7 @@ async fn call_bulk(
     let (reporter, _seen, mut asked) = ProgressReporter::recorded();
     // Recorded as the whole step's counts, also while a resumed erasure runs.
     let cut_off = job.task.call_started_at.is_some();
-    let counted = |p| crate::task_machine::step_counts(op, phase, (recorded, cut_off), p);
+    let counted = |p| crate::task_machine::step_counts(op, phase, (&recorded, cut_off), p);
     let check_due = returned.is_some();
     let bulk = BulkJob {
         job_id: bulk_job_id(key, op),
@@ -596,7 +596,7 @@ async fn call_bulk(
         due_at_ms: job.due_at,
         now_ms: shared.clock.now_ms(),
         interrupted: op == BulkOp::Erase && job.task.call_started_at.is_some(),
-        recorded_progress: recorded,
+        recorded_progress: recorded.clone(),
         export,
         progress: reporter.clone(),
         returned,
@@ -645,7 +645,7 @@ async fn call_bulk(
                 let answer = if ask.progress == reported {
                     Ok(())
                 } else {
-                    let counts = counted(ask.progress);
+                    let counts = counted(ask.progress.clone());
                     match record_bulk_progress(shared, job, op, *seq, counts).await {
                         Ok(Some(s)) => {
                             (*seq, reported, reported_at) = (s, ask.progress, Instant::now());
@@ -660,7 +660,7 @@ async fn call_bulk(
         }
         let latest = reporter.latest();
         if latest != reported && reported_at.elapsed() >= every {
-            match record_bulk_progress(shared, job, op, *seq, counted(latest)).await {
+            match record_bulk_progress(shared, job, op, *seq, counted(latest.clone())).await {
                 Ok(Some(s)) => (*seq, reported, reported_at) = (s, latest, Instant::now()),
                 // The task changed meanwhile (cancelled) or another claim took it: the
                 // step's end, or the next renewal, finds out.
@@ -693,7 +693,7 @@ async fn call_bulk(
 /// own.
 fn recorded_of(job: &TaskJob, op: BulkOp) -> BulkProgress {
     if job.task.phase == phase_of(op) {
-        job.task.counts
+        job.task.counts.clone()
     } else {
         BulkProgress::default()
     }

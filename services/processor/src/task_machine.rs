@@ -108,7 +108,8 @@ use std::fmt;
 use std::ops::ControlFlow;
 
 use dsrelay_connectors::{
-    kind_label, BulkOp, BulkProgress, ConnectorError, ErasedCount, ExportedFile, Outcome, Phase,
+    kind_label, sum_erased, BulkOp, BulkProgress, ConnectorError, ErasedCount, ExportedFile,
+    Outcome, Phase,
 };
 use dsrelay_proto::v1::{
     ContractEndChoice, ContractPhase, ContractProgress, RequestKind, TaskState, TransferReceipt,
@@ -189,7 +190,7 @@ impl Terms {
 }
 
 /// A contract end task's progress as a step records it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContractStep {
     /// The new phase.
     pub phase: ContractPhase,
@@ -232,7 +233,7 @@ pub(crate) fn phase_of(op: BulkOp) -> ContractPhase {
 /// before it started keeps the phase and the date in its row, and nothing starts then.
 pub(crate) fn progress_proto(
     phase: ContractPhase,
-    p: BulkProgress,
+    p: &BulkProgress,
     scheduled_at: Option<i64>,
     state: TaskState,
 ) -> ContractProgress {
@@ -246,6 +247,19 @@ pub(crate) fn progress_proto(
             .filter(|_| phase == ContractPhase::Scheduled && !is_final(state))
             .map(dsrelay_proto::timestamp_from_millis),
     }
+}
+
+/// Per target and action, the larger of `recorded` and `last`, as done counts are kept:
+/// a connector's counts by place go on from the recorded ones, and one that reports none
+/// (or fewer) leaves those recorded.
+fn larger_erased(recorded: &[ErasedCount], mut last: Vec<ErasedCount>) -> Vec<ErasedCount> {
+    for r in recorded {
+        match (last.iter_mut()).find(|l| l.target == r.target && l.action == r.action) {
+            Some(l) => l.count = l.count.max(r.count),
+            None => last.push(r.clone()),
+        }
+    }
+    last
 }
 
 /// The counts a bulk step's call records as the step's, from the connector's last report
@@ -270,14 +284,14 @@ pub(crate) fn progress_proto(
 pub(crate) fn step_counts(
     op: BulkOp,
     phase: &Phase,
-    (recorded, cut_off): (BulkProgress, bool),
+    (recorded, cut_off): (&BulkProgress, bool),
     last: BulkProgress,
 ) -> BulkProgress {
     if op != BulkOp::Erase || !matches!(phase, Phase::Start) {
         return last;
     }
     let anything_done = last.records_done > 0 || last.subjects_done > 0;
-    if cut_off && recorded == BulkProgress::default() {
+    if cut_off && *recorded == BulkProgress::default() {
         return match anything_done {
             true => BulkProgress {
                 subjects_total: 0,
@@ -308,6 +322,7 @@ pub(crate) fn step_counts(
             recorded.records_total,
             last.records_total,
         ),
+        erased: larger_erased(&recorded.erased, last.erased),
     }
 }
 
@@ -1079,7 +1094,7 @@ fn outcome_or_retry(
 ) -> ControlFlow<Decision, Outcome> {
     // A retention run that fails leaves what the earlier runs erased erased: the count says
     // so, as it covers every run. A contract end's progress keeps what the call counted.
-    let contract = doing.contract;
+    let contract = doing.contract.clone();
     let counted = |t: Transition| Transition {
         records_affected: if in_retention_run(task, phase) {
             task.records_affected
@@ -1758,8 +1773,13 @@ fn operator_retry(task: &Current<'_>, note: &str, by: &str) -> Decision {
 /// Outside a retention run the count is the connector's alone: one resumed after an earlier
 /// call counts that call's work itself (the SQL connector from its recorded progress, the
 /// Mailchimp one as the audience's members, an adapter as its job's), so adding `earlier`
-/// here would count it twice. What those counts may leave out is told from the totals
-/// ([`uncounted`]).
+/// here would count it twice. Its counts by place are not: an erasure's start call lists
+/// what it erased itself, or what it lists beyond the recorded counts by place
+/// ([`BulkJob::beyond_recorded`]), and those recorded are added to them, so that the
+/// certificate lists the earlier calls' work by table too. What those counts may leave out
+/// is told from the totals ([`uncounted`]).
+///
+/// [`BulkJob::beyond_recorded`]: dsrelay_connectors::BulkJob::beyond_recorded
 fn bulk_ran(
     task: &Current<'_>,
     op: BulkOp,
@@ -1773,13 +1793,20 @@ fn bulk_ran(
     } else {
         0
     };
+    let uncounted = uncounted(task, &phase, &recorded, &progress);
+    // An erasure's start call answers for itself ([`BulkJob::recorded_progress`]): what the
+    // earlier calls recorded by place is added to it, per target and action.
+    let starts = op == BulkOp::Erase && matches!(phase, Phase::Start);
     let erased = |counts: Vec<ErasedCount>| Erased {
-        counts,
-        uncounted: uncounted(task, &phase, recorded, progress),
+        counts: match starts {
+            true => sum_erased(&recorded.erased, &counts),
+            false => counts,
+        },
+        uncounted: uncounted.clone(),
     };
-    let progress = step_counts(op, &phase, (recorded, task.call_started), progress);
-    let step = ContractStep::at(phase_of(op), progress);
-    let doing = Doing::bulk(op, &phase, progress);
+    let progress = step_counts(op, &phase, (&recorded, task.call_started), progress);
+    let step = ContractStep::at(phase_of(op), progress.clone());
+    let doing = Doing::bulk(op, &phase, progress.clone());
     let outcome = match outcome_or_retry(task, &phase, result, doing, ctx) {
         ControlFlow::Continue(outcome) => outcome,
         ControlFlow::Break(decision) => return decision,
@@ -1799,7 +1826,7 @@ fn bulk_ran(
             next_attempt_at: Some(NEVER),
             export_files: Some(files),
             upload: true,
-            contract: Some(step),
+            contract: Some(step.clone()),
             ..Default::default()
         }
     };
@@ -1884,7 +1911,7 @@ fn bulk_ran(
                 retain_until,
                 next_attempt_at: Some(next),
                 handle: Some(handle),
-                contract: Some(step),
+                contract: Some(step.clone()),
                 ..Default::default()
             }
         }
@@ -1892,7 +1919,7 @@ fn bulk_ran(
             state: TaskState::WaitingForOperator,
             note,
             next_attempt_at: Some(NEVER),
-            contract: Some(step),
+            contract: Some(step.clone()),
             ..Default::default()
         },
         // The data is still there: not a refusal the controller can leave at that.
@@ -1914,30 +1941,34 @@ fn bulk_ran(
 /// recorded leaves nothing to compare: what it erased may not be counted at all, nor by a
 /// later call resuming the one that resumed it (whose recorded total is then unknown).
 ///
-/// An earlier call's recorded work (its done counts) is named too, whatever the totals say:
-/// the counts by table are the connector's answer to the call that finished, which has no
-/// counts by table of the earlier call to give (the SQL connector lists its records as one
-/// entry), and the processor keeps none, so the certificate says how much is not counted by
-/// table rather than pass the last call's counts off as the erasure's.
+/// An earlier call's recorded work is listed by table when its progress came with counts by
+/// place ([`BulkProgress::erased`]): [`bulk_ran`] adds them to the finishing call's. When it
+/// came without (a connector or an adapter that does not count by place), its done counts
+/// are named instead, since the counts by table are then the connector's answer to the call
+/// that finished alone, rather than pass those off as the erasure's.
 fn uncounted(
     task: &Current<'_>,
     phase: &Phase,
-    recorded: BulkProgress,
-    last: BulkProgress,
+    recorded: &BulkProgress,
+    last: &BulkProgress,
 ) -> Option<Uncounted> {
     if matches!(phase, Phase::Confirm { .. }) {
         return None;
     }
     let records = recorded.records_total.saturating_sub(last.records_total);
     let subjects = recorded.subjects_total.saturating_sub(last.subjects_total);
-    let (earlier_records, earlier_subjects) = (recorded.records_done, recorded.subjects_done);
+    let (earlier_records, earlier_subjects) = match recorded.erased.is_empty() {
+        true => (recorded.records_done, recorded.subjects_done),
+        false => (0, 0),
+    };
     let mut reasons = Vec::new();
     if earlier_records > 0 || earlier_subjects > 0 {
         reasons.push(format!(
             "an earlier call of this erasure (cut off, or failed) erased or anonymized \
              {earlier_records} record(s) of {earlier_subjects} subject(s) as far as its \
-             progress was recorded; the counts by table are the connector's answer to the \
-             call that finished, which need not list that call's records by table"
+             progress was recorded, which reported no counts by table: the counts by table are \
+             the connector's answer to the call that finished, which need not list that call's \
+             records by table"
         ));
     }
     if records > 0 || subjects > 0 {
@@ -1946,7 +1977,7 @@ fn uncounted(
              record(s) ({subjects} more subject(s)) than these counts account for: erased by it \
              after its last recorded progress, or added or removed by others meanwhile"
         ));
-    } else if task.call_started && recorded == BulkProgress::default() {
+    } else if task.call_started && *recorded == BulkProgress::default() {
         reasons.push(
             "an earlier call of this erasure was cut off before its answer was recorded, with \
              no progress recorded: what it erased may not be counted"
@@ -3040,6 +3071,7 @@ mod tests {
                 subjects_total: 2,
                 records_done: 5,
                 records_total: 5,
+                erased: Vec::new(),
             };
             assert_eq!(t.contract, Some(ContractStep::at(phase, reported)));
             assert_eq!(
@@ -3497,12 +3529,13 @@ mod tests {
             subjects_total: st,
             records_done: rd,
             records_total: rt,
+            erased: Vec::new(),
         };
         let none = BulkProgress::default();
-        let erase = |recorded, cut_off, last| {
-            step_counts(BulkOp::Erase, &Phase::Start, (recorded, cut_off), last)
+        let erase = |recorded: BulkProgress, cut_off, last| {
+            step_counts(BulkOp::Erase, &Phase::Start, (&recorded, cut_off), last)
         };
-        assert_eq!(erase(none, false, p(1, 4, 2, 8)), p(1, 4, 2, 8));
+        assert_eq!(erase(none.clone(), false, p(1, 4, 2, 8)), p(1, 4, 2, 8));
         // Resumed from 25/100, the connector counting 25 + 70 left: the total stays 100.
         assert_eq!(
             erase(p(10, 40, 25, 100), false, p(10, 38, 25, 95)),
@@ -3518,14 +3551,14 @@ mod tests {
             p(10, 40, 25, 100)
         );
         // Cut off with nothing recorded: unknown totals once anything is done.
-        assert_eq!(erase(none, true, p(0, 20, 0, 50)), p(0, 20, 0, 50));
+        assert_eq!(erase(none.clone(), true, p(0, 20, 0, 50)), p(0, 20, 0, 50));
         assert_eq!(erase(none, true, p(5, 20, 9, 50)), p(5, 0, 9, 0));
         // An unknown total recorded stays unknown.
         assert_eq!(erase(p(5, 0, 9, 0), false, p(5, 20, 9, 41)), p(5, 0, 9, 0));
         let export = step_counts(
             BulkOp::Export,
             &Phase::Start,
-            (p(1, 9, 1, 9), true),
+            (&p(1, 9, 1, 9), true),
             p(0, 3, 0, 3),
         );
         assert_eq!(export, p(0, 3, 0, 3));
@@ -3533,7 +3566,7 @@ mod tests {
         let confirmed = step_counts(
             BulkOp::Erase,
             &confirm,
-            (p(1, 9, 1, 9), false),
+            (&p(1, 9, 1, 9), false),
             p(0, 3, 0, 3),
         );
         assert_eq!(confirmed, p(0, 3, 0, 3));
@@ -3550,6 +3583,7 @@ mod tests {
             subjects_total: 2,
             records_done: 5,
             records_total: 5,
+            erased: Vec::new(),
         };
         let event = Event::BulkRan {
             op,
@@ -3867,7 +3901,8 @@ mod tests {
     /// An erasure resumed after an earlier call takes the connector's count (which counts
     /// that call's recorded work itself), and its certificate says what the count may miss:
     /// what the totals lost beyond it, or everything when a cut-off call recorded nothing;
-    /// and what the earlier call erased as recorded, which the counts by table need not list.
+    /// and, its progress having come without counts by place, what the earlier call erased
+    /// as recorded, which the counts by table do not list.
     #[test]
     fn a_resumed_erasure_says_what_its_count_may_miss() {
         let deleting = contract_task(InProgress, ContractPhase::Deleting);
@@ -3890,6 +3925,7 @@ mod tests {
             subjects_total: total,
             records_done: done * 4,
             records_total: total * 4,
+            erased: Vec::new(),
         };
         // Recorded 10,000 of 200,005 subjects; 20,000 went; 180,005 were left.
         let t = resumed(&cut_off, at(10_000, 200_005), at(190_005, 190_005));
@@ -3927,6 +3963,108 @@ mod tests {
         // A first call has nothing earlier to miss.
         let t = resumed(&deleting, BulkProgress::default(), at(5, 5));
         assert_eq!(t.erased.uncounted, None);
+    }
+
+    /// An earlier call's progress recorded with counts by place: the certificate lists them
+    /// with the finishing call's, summed per target and action, names no earlier records as
+    /// left out by table, and still says what the totals lost after the last recorded
+    /// progress. The step's recorded counts by place keep the larger of each. A confirmation
+    /// (the holder's count of accepted work) is listed as the holder answers it.
+    #[test]
+    fn a_resumed_erasure_lists_the_earlier_calls_counts_by_place() {
+        let deleting = contract_task(InProgress, ContractPhase::Deleting);
+        let cut_off = Current {
+            call_started: true,
+            ..deleting
+        };
+        let count = |target: &str, action: &str, count| ErasedCount {
+            target: target.into(),
+            action: action.into(),
+            count,
+        };
+        let at = |done: u64, total: u64, erased: Vec<ErasedCount>| BulkProgress {
+            subjects_done: done,
+            subjects_total: total,
+            records_done: done * 2,
+            records_total: total * 2,
+            erased,
+        };
+        let earlier = vec![
+            count("customers", "deleted", 8),
+            count("contacts", "deleted", 8),
+        ];
+        let last = vec![
+            count("customers", "deleted", 10),
+            count("contacts", "deleted", 10),
+        ];
+        let ran = |t: &Current<'_>, phase: Phase, recorded: BulkProgress, last: BulkProgress| {
+            let event = Event::BulkRan {
+                op: BulkOp::Erase,
+                phase,
+                result: Ok(completed(20)),
+                progress: last,
+                earlier: recorded,
+            };
+            moved(decide(t, event, &ctx()))
+        };
+        let t = ran(
+            &cut_off,
+            Phase::Start,
+            at(8, 10, earlier.clone()),
+            at(10, 10, last.clone()),
+        );
+        assert_eq!(
+            t.erased.counts,
+            vec![
+                count("customers", "deleted", 10),
+                count("contacts", "deleted", 8)
+            ]
+        );
+        assert_eq!(t.erased.uncounted, None);
+        assert_eq!(
+            t.contract.expect("step").progress.expect("counts").erased,
+            last
+        );
+        // 2 subjects (4 records) went after the last recorded progress: said, by number.
+        let t = ran(
+            &cut_off,
+            Phase::Start,
+            at(8, 12, earlier.clone()),
+            at(10, 10, last),
+        );
+        let uncounted = t.erased.uncounted.expect("the totals lost some");
+        assert_eq!((uncounted.records, uncounted.subjects), (4, 2));
+        assert_eq!(
+            (uncounted.earlier_records, uncounted.earlier_subjects),
+            (0, 0)
+        );
+        assert!(
+            !uncounted.reason.contains("by table"),
+            "{}",
+            uncounted.reason
+        );
+        // A connector reporting no counts by place: its done counts are named instead.
+        let t = ran(
+            &cut_off,
+            Phase::Start,
+            at(8, 10, Vec::new()),
+            at(10, 10, Vec::new()),
+        );
+        assert_eq!(t.erased.counts, vec![count("customers", "deleted", 2)]);
+        let uncounted = t.erased.uncounted.expect("not listed by table");
+        assert_eq!(
+            (uncounted.earlier_records, uncounted.earlier_subjects),
+            (16, 8)
+        );
+        // A confirmation's answer is the holder's count of the work it accepted.
+        let confirm = Phase::Confirm { handle: "h".into() };
+        let t = ran(
+            &deleting,
+            confirm,
+            at(8, 10, earlier),
+            at(10, 10, Vec::new()),
+        );
+        assert_eq!(t.erased.counts, vec![count("customers", "deleted", 2)]);
     }
 
     /// A contract end's retention run that the holder accepts keeps the earlier count and
@@ -4151,7 +4289,7 @@ mod tests {
     #[test]
     fn only_a_scheduled_task_that_has_not_ended_reports_when_it_starts() {
         let at = Some(GRACE);
-        let start = |phase, state| progress_proto(phase, BulkProgress::default(), at, state);
+        let start = |phase, state| progress_proto(phase, &BulkProgress::default(), at, state);
         for state in [Pending, InProgress] {
             let p = start(ContractPhase::Scheduled, state);
             assert_eq!(p.scheduled_at, at.map(dsrelay_proto::timestamp_from_millis));

@@ -3,8 +3,8 @@
 
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::{
-    BulkJobProgress, BulkOperation, ExecuteBulkRequest, ExecuteBulkResponse, ExecuteOutcome,
-    GetBulkStatusRequest,
+    BulkErasedCount, BulkJobProgress, BulkOperation, ExecuteBulkRequest, ExecuteBulkResponse,
+    ExecuteOutcome, GetBulkStatusRequest,
 };
 
 use super::{
@@ -40,16 +40,22 @@ impl AdapterConnector {
             }
             Phase::Confirm { handle } => (handle.clone(), self.bulk_status(handle).await?),
         };
-        if let Some(p) = response.progress {
+        if let Some(p) = &response.progress {
             job.progress.report(BulkProgress {
                 subjects_done: p.subjects_done,
                 subjects_total: p.subjects_total,
                 records_done: p.records_done,
                 records_total: p.records_total,
+                erased: p.erased.iter().cloned().map(erased_count).collect(),
             });
         }
         let paged = response.export_paged;
         let mut outcome = bulk_outcome(&key, response)?;
+        // The adapter's answer to a repeated job_id is the whole job's, an earlier call's
+        // work included, to which the processor adds what it recorded of the step.
+        if let Outcome::Completed { erased, .. } | Outcome::Retained { erased, .. } = &mut outcome {
+            *erased = job.beyond_recorded(std::mem::take(erased));
+        }
         match &mut outcome {
             Outcome::Completed { files, .. } if job.op == BulkOp::Export => {
                 let sink = job.export.as_ref().ok_or_else(|| {
@@ -99,12 +105,14 @@ impl AdapterConnector {
             // run follows the erasure, which was checked.
             returned: job
                 .returned
+                .clone()
                 .filter(|_| job.op == BulkOp::Erase && !retention_expired)
                 .map(|p| BulkJobProgress {
                     subjects_done: p.subjects_done,
                     subjects_total: p.subjects_total,
                     records_done: p.records_done,
                     records_total: p.records_total,
+                    erased: Vec::new(),
                 }),
         });
         let mut client = self.client.clone();
@@ -122,20 +130,21 @@ impl AdapterConnector {
     }
 }
 
+/// An adapter's count of what a bulk step erased in one place, clipped as its notes are.
+fn erased_count(e: BulkErasedCount) -> ErasedCount {
+    ErasedCount {
+        target: clip(e.target),
+        action: clip(e.action),
+        count: e.count.max(0),
+    }
+}
+
 /// Turns an adapter's answer to a bulk step into an [`Outcome`] (a COMPLETED export without
 /// its file: [`AdapterConnector::bulk`] writes it); `handle` is the key the answer was given
 /// under.
 fn bulk_outcome(handle: &str, r: ExecuteBulkResponse) -> Result<Outcome, ConnectorError> {
     let note = clip(r.note);
-    let erased: Vec<ErasedCount> = r
-        .erased
-        .into_iter()
-        .map(|e| ErasedCount {
-            target: clip(e.target),
-            action: clip(e.action),
-            count: e.count.max(0),
-        })
-        .collect();
+    let erased: Vec<ErasedCount> = r.erased.into_iter().map(erased_count).collect();
     let records = if erased.is_empty() {
         r.progress
             .map_or(0, |p| i64::try_from(p.records_done).unwrap_or(i64::MAX))
@@ -229,6 +238,7 @@ mod tests {
             subjects_total: 4,
             records_done: done * 2,
             records_total: 8,
+            erased: Vec::new(),
         })
     }
 
@@ -664,6 +674,7 @@ mod tests {
                 subjects_total: 3,
                 records_done: 10,
                 records_total: 10,
+                erased: Vec::new(),
             }),
             ..Default::default()
         };

@@ -361,17 +361,23 @@ async fn confirm_deleted(
 /// COMPLETED for audience `list` deleted with its `count` members, reported as the job's
 /// progress and certified.
 fn audience_deleted(list: &str, count: u64, note: String, job: &BulkJob) -> Outcome {
-    job.progress.report(progress(count, count));
     let records = i64::try_from(count).unwrap_or(i64::MAX);
+    let erased = vec![ErasedCount {
+        target: format!("audience {list}"),
+        action: "deleted".into(),
+        count: records,
+    }];
+    job.progress.report(BulkProgress {
+        erased: erased.clone(),
+        ..progress(count, count)
+    });
     Outcome::Completed {
         records_affected: records,
         note,
         files: Vec::new(),
-        erased: vec![ErasedCount {
-            target: format!("audience {list}"),
-            action: "deleted".into(),
-            count: records,
-        }],
+        // After a cut-off call whose last progress was recorded, that call's deletion is
+        // listed there already.
+        erased: job.beyond_recorded(erased),
     }
 }
 
@@ -430,5 +436,6 @@ fn progress(done: u64, total: u64) -> BulkProgress {
         subjects_total: total,
         records_done: done,
         records_total: total,
+        erased: Vec::new(),
     }
 }

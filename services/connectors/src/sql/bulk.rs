@@ -335,10 +335,10 @@ impl Scoped<'_> {
         // A call after an earlier one of this step (cut off, or failed) goes on from what that
         // call recorded, so that its reports, its count and a later resumption include it.
         let earlier = match job.phase {
-            Phase::Start => job.recorded_progress,
+            Phase::Start => job.recorded_progress.clone(),
             _ => BulkProgress::default(),
         };
-        let mut progress = resumed(earlier, left);
+        let mut progress = resumed(&earlier, &left);
         // As a subject's erasure refuses a subject with an undated row, before erasing
         // anything: without its date a row's retention cannot be known.
         for rule in &erased_tables {
@@ -365,17 +365,21 @@ impl Scoped<'_> {
         match job.returned {
             // Past the check: recorded before a row goes, so that a retry or a resumed call
             // is not checked again against what this one erases.
-            Some(_) => job.progress.record_now(progress).await?,
-            None => job.progress.report(progress),
+            Some(_) => job.progress.record_now(progress.clone()).await?,
+            None => job.progress.report(progress.clone()),
         }
 
+        // What this call erases: the processor adds what the earlier calls recorded by table
+        // (`earlier.erased`, which this call's reports go on from) for the certificate.
         let mut counts: Vec<ErasedCount> = Vec::new();
         let mut notes = Vec::new();
         // The earlier call's records done are what its committed batches erased or
         // anonymized: a batch reports only once committed, and its final report (which counts
         // kept rows as done) is made as it answers, so a call cut off never recorded it.
         let mut affected = i64::try_from(earlier.records_done).unwrap_or(i64::MAX);
-        if earlier.records_done > 0 {
+        // Recorded without its counts by table (by a processor from before they were
+        // recorded): listed as one entry, which the certificate's note explains.
+        if earlier.records_done > 0 && earlier.erased.is_empty() {
             let tables: Vec<&str> = erased_tables.iter().map(|t| t.table.as_str()).collect();
             add_count(&mut counts, &tables.join(", "), EARLIER_CALL, affected);
         }
@@ -429,6 +433,8 @@ impl Scoped<'_> {
                 let mut tx = self.begin().await?;
                 let subjects = self.count_rows(&mut tx, top, scope).await?;
                 let mut records: u64 = 0;
+                // Counted once the batch is committed, as its progress is.
+                let mut batch_counts: Vec<ErasedCount> = Vec::new();
                 for rule in &group {
                     let Some(work) = plan_table_erasure(self.config, rule, scope, job.now_ms)
                     else {
@@ -479,13 +485,13 @@ impl Scoped<'_> {
                                 classify(&doing, &e)
                             })?;
                         }
-                        add_count(&mut counts, &child, Action::Delete.done(), rows);
+                        add_count(&mut batch_counts, &child, Action::Delete.done(), rows);
                         affected = affected.saturating_add(rows);
                         records += u64::try_from(rows).unwrap_or(0);
                     }
-                    add_count(&mut counts, table, rule.action.done(), done);
+                    add_count(&mut batch_counts, table, rule.action.done(), done);
                     if anonymized > 0 {
-                        add_count(&mut counts, table, "anonymized", anonymized);
+                        add_count(&mut batch_counts, table, "anonymized", anonymized);
                     }
                     affected = affected.saturating_add(done).saturating_add(anonymized);
                     records += u64::try_from(done.saturating_add(anonymized)).unwrap_or(0);
@@ -494,8 +500,12 @@ impl Scoped<'_> {
                     .await
                     .map_err(|e| classify("committing a batch of the erasure", &e))?;
                 batches += 1;
+                for c in &batch_counts {
+                    add_count(&mut counts, &c.target, &c.action, c.count);
+                    add_count(&mut progress.erased, &c.target, &c.action, c.count);
+                }
                 progress = advanced(progress, subjects, records);
-                job.progress.report(progress);
+                job.progress.report(progress.clone());
                 tracing::debug!(table = %top.table, batches, subjects, records, "sql bulk batch erased");
                 match through {
                     Some(end) => after = Some(end),
@@ -526,7 +536,7 @@ impl Scoped<'_> {
         // them. What that call committed after its last recorded progress is in no count,
         // which the certificate must not pass off as everything: the processor marks it
         // there, from the totals (see `resumed`), and the note says it in words.
-        notes.extend(earlier_note(job.interrupted, earlier, left));
+        notes.extend(earlier_note(job.interrupted, &earlier, &left));
 
         // What is kept, over all of the controller's rows now that the batches are done.
         let kept_from = notes.len();
@@ -1296,7 +1306,7 @@ impl ExportJob for BulkExport {
 
     async fn run(self, tx: &mut impl ReadTx, sink: &ExportSink) -> Result<Outcome, ConnectorError> {
         let mut progress = self.totals.count(tx).await?;
-        self.progress.report(progress);
+        self.progress.report(progress.clone());
         let mut files = Vec::new();
         let mut notes = Vec::new();
         let mut total: u64 = 0;
@@ -1305,18 +1315,18 @@ impl ExportJob for BulkExport {
             let Some(select) = select else {
                 continue;
             };
-            let (base, top_level) = (progress, rule.parent.is_none());
+            let (base, top_level) = (&progress, rule.parent.is_none());
             let subjects = |n: u64| if top_level { n } else { 0 };
             let reporter = &self.progress;
             let (exported, written) = tx
                 .rows(rule, select, sink, &mut |n| {
                     if n % EXPORT_REPORT_EVERY == 0 {
-                        reporter.report(advanced(base, subjects(n), n));
+                        reporter.report(advanced(base.clone(), subjects(n), n));
                     }
                 })
                 .await?;
-            progress = advanced(base, subjects(exported), exported);
-            self.progress.report(progress);
+            progress = advanced(base.clone(), subjects(exported), exported);
+            self.progress.report(progress.clone());
             files.extend(written);
             notes.push(format!("{}: exported {exported}", rule.table));
             total += exported;
@@ -1330,6 +1340,7 @@ impl ExportJob for BulkExport {
             subjects_total: progress.subjects_total.max(subjects_written),
             records_done: total,
             records_total: progress.records_total.max(total),
+            erased: Vec::new(),
         });
         if self.tables.is_empty() {
             notes.push("no table has export columns".into());
@@ -1363,24 +1374,25 @@ const EARLIER_CALL: &str = "erased or anonymized by an earlier call, as its prog
 /// what is left. Rows it erased after its last recorded progress are in neither, so the
 /// totals come out below the ones it counted by as many (give or take rows others added or
 /// removed meanwhile), which is how the processor tells that the count misses some.
-fn resumed(earlier: BulkProgress, left: BulkProgress) -> BulkProgress {
+fn resumed(earlier: &BulkProgress, left: &BulkProgress) -> BulkProgress {
     BulkProgress {
         subjects_done: earlier.subjects_done,
         subjects_total: earlier.subjects_done.saturating_add(left.subjects_total),
         records_done: earlier.records_done,
         records_total: earlier.records_done.saturating_add(left.records_total),
+        erased: earlier.erased.clone(),
     }
 }
 
 /// The note on what an earlier call of the erasure did (`earlier`, its recorded progress;
 /// `left`, the totals counted now), when there was one: whether it was cut off, what of it
 /// is counted, and what its totals say the count misses.
-fn earlier_note(interrupted: bool, earlier: BulkProgress, left: BulkProgress) -> Option<String> {
+fn earlier_note(interrupted: bool, earlier: &BulkProgress, left: &BulkProgress) -> Option<String> {
     let head = match interrupted {
         true => "an earlier call of this erasure was cut off before its answer was recorded",
         false => "an earlier call of this erasure failed",
     };
-    if earlier == BulkProgress::default() {
+    if *earlier == BulkProgress::default() {
         return interrupted
             .then(|| format!("{head}, and recorded no progress: what it erased is not counted"));
     }
@@ -1459,6 +1471,7 @@ mod tests {
             subjects_total: whole.subjects_total + 1,
             records_done: 5,
             records_total: whole.records_total + 7,
+            erased: Vec::new(),
         };
         let (job, rx) = bulk_job("acme", BulkOp::Erase, Phase::Start, now(), None);
         let job = BulkJob {
@@ -1476,6 +1489,7 @@ mod tests {
                 subjects_total: whole.subjects_total + 2,
                 records_done: whole.records_total + 5,
                 records_total: whole.records_total + 5,
+                erased: whole.erased.clone(),
             }
         );
         assert!(
@@ -1496,6 +1510,49 @@ mod tests {
         );
     }
 
+    /// A call going on from progress recorded with its counts by table answers with what it
+    /// erased itself, which the processor adds to those (no entry for the earlier call), while
+    /// its reports go on from them, so that a call cut off in turn hands on the whole.
+    #[tokio::test]
+    async fn a_resumed_erasure_reports_on_from_the_recorded_counts_by_table() {
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let url = |d: &tempfile::TempDir| format!("sqlite://{}/accounting.db", d.path().display());
+        let (plain, _) = sample(&url(&dir_a)).await;
+        let (job, rx) = bulk_job("acme", BulkOp::Erase, Phase::Start, now(), None);
+        let (first, whole) = run_bulk_watched(&plain, job, rx).await;
+        let (records, _, counts) = affected(&first);
+        let counts = counts.to_vec();
+
+        let (connector, _) = sample(&url(&dir_b)).await;
+        let count = |target: &str, action: &str, count| ErasedCount {
+            target: target.into(),
+            action: action.into(),
+            count,
+        };
+        let earlier = vec![
+            count("contacts", "deleted", 3),
+            count("customers", "deleted", 2),
+        ];
+        let recorded = BulkProgress {
+            subjects_done: 2,
+            subjects_total: whole.subjects_total + 2,
+            records_done: 5,
+            records_total: whole.records_total + 5,
+            erased: earlier.clone(),
+        };
+        let (job, rx) = bulk_job("acme", BulkOp::Erase, Phase::Start, now(), None);
+        let job = BulkJob {
+            recorded_progress: recorded,
+            ..job
+        };
+        let (again, last) = run_bulk_watched(&connector, job, rx).await;
+        let (resumed_records, _, erased) = affected(&again);
+        assert_eq!(resumed_records, records + 5, "{again:?}");
+        assert_eq!(erased, counts.as_slice(), "{again:?}");
+        assert_eq!(last.erased, crate::sum_erased(&earlier, &whole.erased));
+        assert_eq!(last.records_done, whole.records_total + 5);
+    }
+
     #[test]
     fn nothing_recorded_is_nothing_counted() {
         let left = BulkProgress {
@@ -1503,10 +1560,11 @@ mod tests {
             subjects_total: 3,
             records_done: 0,
             records_total: 9,
+            erased: Vec::new(),
         };
-        assert_eq!(resumed(BulkProgress::default(), left), left);
-        assert_eq!(earlier_note(false, BulkProgress::default(), left), None);
-        let note = earlier_note(true, BulkProgress::default(), left).unwrap();
+        assert_eq!(resumed(&BulkProgress::default(), &left), left);
+        assert_eq!(earlier_note(false, &BulkProgress::default(), &left), None);
+        let note = earlier_note(true, &BulkProgress::default(), &left).unwrap();
         assert!(note.ends_with("what it erased is not counted"), "{note}");
     }
 }

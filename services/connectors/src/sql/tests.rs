@@ -2285,16 +2285,16 @@ pub(super) async fn run_bulk_watched(
     let watcher = tokio::spawn(async move {
         let mut seen = Vec::new();
         while rx.changed().await.is_ok() {
-            seen.push(*rx.borrow_and_update());
+            seen.push(rx.borrow_and_update().clone());
         }
         seen
     });
     let outcome = crate::Connector::run_bulk(connector, &job).await.unwrap();
     drop(job);
     let seen = watcher.await.unwrap();
-    let last = *seen.last().expect("progress was reported");
+    let last = seen.last().expect("progress was reported").clone();
     for pair in seen.windows(2) {
-        let (a, b) = (pair[0], pair[1]);
+        let (a, b) = (&pair[0], &pair[1]);
         assert!(
             b.subjects_done >= a.subjects_done && b.records_done >= a.records_done,
             "progress went back: {seen:?}"
@@ -2501,6 +2501,7 @@ async fn scopes_controllers_by_condition(url: String) {
             subjects_total: 3,
             records_done: 11,
             records_total: 11,
+            erased: Vec::new(),
         }
     );
     let Outcome::Completed {
@@ -2795,6 +2796,14 @@ async fn bulk_erasure_runs_in_few_batches(url: String) {
     .await;
     let (job, rx) = bulk_job("acme", crate::BulkOp::Erase, Phase::Start, now(), None);
     let (out, progress) = run_bulk_watched(&connector, job, rx).await;
+    let Outcome::Retained { note, erased, .. } = out else {
+        panic!("expected RETAINED, got {out:?}");
+    };
+    // The progress counts by table what the batches erased: the answer's but the kept rows.
+    let batched: Vec<_> = (erased.iter())
+        .filter(|e| e.action != "kept")
+        .cloned()
+        .collect();
     assert_eq!(
         progress,
         crate::BulkProgress {
@@ -2802,11 +2811,9 @@ async fn bulk_erasure_runs_in_few_batches(url: String) {
             subjects_total: 20_006,
             records_done: 40_026,
             records_total: 40_026,
+            erased: batched,
         }
     );
-    let Outcome::Retained { note, erased, .. } = out else {
-        panic!("expected RETAINED, got {out:?}");
-    };
     // 20,006 customers: 10,000 + 10,000 + 6.
     assert!(
         note.starts_with(
@@ -4207,7 +4214,7 @@ async fn bulk_erasure_after_a_return_refuses_rows_added_since(url: String) {
     );
     let (_, returned) = run_bulk_watched(&connector, job, rx).await;
     let erase = |reporter: crate::ProgressReporter| crate::BulkJob {
-        returned: Some(returned),
+        returned: Some(returned.clone()),
         progress: reporter,
         ..bulk_job("acme", crate::BulkOp::Erase, Phase::Start, now(), None).0
     };
@@ -4316,7 +4323,7 @@ async fn bulk_erasure_after_a_return_counts_only_the_returned_tables(url: String
     );
     let (_, returned) = run_bulk_watched(&connector, job, rx).await;
     let erase = || crate::BulkJob {
-        returned: Some(returned),
+        returned: Some(returned.clone()),
         ..bulk_job("acme", crate::BulkOp::Erase, Phase::Start, now(), None).0
     };
 
@@ -4425,7 +4432,7 @@ async fn bulk_erasure_after_a_return_moves_the_keys_of_rows_it_anonymizes(url: S
         }
     };
     connector.batch_subjects = 1;
-    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
     let err = crate::Connector::run_bulk(&connector, &job)
         .await
         .unwrap_err();
@@ -4522,7 +4529,7 @@ async fn bulk_erasure_after_a_return_forgets_the_keys_of_rows_a_cascade_deletes(
     let (connector, db) = cascade_sample(&url).await;
     let dir = tempfile::tempdir().unwrap();
     let returned = export_for_return(&connector, dir.path()).await;
-    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
     let out = crate::Connector::run_bulk(&connector, &job).await;
     let Ok(Outcome::Retained { erased, .. }) = out else {
         panic!("{out:?}");
@@ -4637,7 +4644,7 @@ async fn bulk_erasure_after_a_return_holds_back_a_row_whose_cascade_takes_an_arr
     let dir = tempfile::tempdir().unwrap();
     let returned = export_for_return(&connector, dir.path()).await;
     let (reporter, _seen, mut asked) = crate::ProgressReporter::recorded();
-    let job = erase_after_return(Some(returned), reporter);
+    let job = erase_after_return(Some(returned.clone()), reporter);
     let arrive = async {
         let r = asked.recv().await.expect("asked to record");
         exec(&db, "INSERT INTO order_lines VALUES (9001, 1, 1, 'late')").await;
@@ -4686,7 +4693,7 @@ async fn bulk_erasure_after_a_return_holds_back_a_row_whose_cascade_takes_an_arr
         );
     }
 
-    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
     let err = crate::Connector::run_bulk(&connector, &job)
         .await
         .unwrap_err();
@@ -4717,7 +4724,7 @@ async fn bulk_erasure_after_a_return_names_rows_only_a_cascade_reaches_apart(url
     .await;
     let dir = tempfile::tempdir().unwrap();
     let returned = export_for_return(&connector, dir.path()).await;
-    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
     let err = crate::Connector::run_bulk(&connector, &job)
         .await
         .unwrap_err();
@@ -4754,7 +4761,7 @@ async fn bulk_erasure_after_a_return_names_rows_only_a_cascade_reaches_apart(url
     }
 
     exec(&db, "DELETE FROM line_notes WHERE id = 9002").await;
-    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
     let out = crate::Connector::run_bulk(&connector, &job).await;
     assert!(matches!(out, Ok(Outcome::Retained { .. })), "{out:?}");
     for table in ["orders", "order_lines", "line_notes"] {
@@ -5491,7 +5498,7 @@ async fn bulk_erasure_after_a_return_keeps_a_line_a_late_retained_ctid_note_hold
     let dir = tempfile::tempdir().unwrap();
     let returned = export_for_return(&connector, dir.path()).await;
     let (reporter, _seen, mut asked) = crate::ProgressReporter::recorded();
-    let job = erase_after_return(Some(returned), reporter);
+    let job = erase_after_return(Some(returned.clone()), reporter);
     let arrive = async {
         let r = asked.recv().await.expect("asked to record");
         exec(
@@ -5583,7 +5590,7 @@ async fn bulk_erasure_after_a_return_holds_back_a_row_a_later_cascade_takes_a_ke
     let dir = tempfile::tempdir().unwrap();
     let returned = export_for_return(&connector, dir.path()).await;
     let (reporter, _seen, mut asked) = crate::ProgressReporter::recorded();
-    let job = erase_after_return(Some(returned), reporter);
+    let job = erase_after_return(Some(returned.clone()), reporter);
     let arrive = async {
         let r = asked.recv().await.expect("asked to record");
         exec(
@@ -5641,7 +5648,7 @@ async fn bulk_erasure_after_a_return_locks_the_rows_its_cascades_reach() {
         .execute(&mut *adding)
         .await
         .unwrap();
-    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
     let commit_once_waited_for = async {
         let waiting = "SELECT CAST(COUNT(*) AS BIGINT) FROM pg_stat_activity \
                        WHERE datname = current_database() AND wait_event_type = 'Lock'";
@@ -5773,7 +5780,7 @@ async fn bulk_erasure_after_a_return_refuses_arrivals_by_their_keys(url: String)
     )
     .await;
     let before = dump(&db, "1 = 1").await;
-    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
     let err = crate::Connector::run_bulk(&connector, &job)
         .await
         .unwrap_err();
@@ -5811,7 +5818,7 @@ async fn bulk_erasure_after_a_return_refuses_arrivals_by_their_keys(url: String)
     )
     .await;
     let before = dump(&db, "1 = 1").await;
-    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
     let err = crate::Connector::run_bulk(&connector, &job)
         .await
         .unwrap_err();
@@ -5841,7 +5848,7 @@ async fn bulk_erasure_after_a_return_leaves_rows_that_arrive_while_it_runs(url: 
     let dir = tempfile::tempdir().unwrap();
     let returned = export_for_return(&connector, dir.path()).await;
     let (reporter, _seen, mut asked) = crate::ProgressReporter::recorded();
-    let job = erase_after_return(Some(returned), reporter);
+    let job = erase_after_return(Some(returned.clone()), reporter);
     let arrive = async {
         let r = asked.recv().await.expect("asked to record");
         exec(
@@ -5903,7 +5910,7 @@ async fn bulk_erasure_after_a_return_without_arrivals_erases_as_before(url: Stri
     let dir = tempfile::tempdir().unwrap();
     let returned = export_for_return(&connector, dir.path()).await;
     assert!(recorded_keys(&connector, &db).await > 0);
-    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
     let out = crate::Connector::run_bulk(&connector, &job).await.unwrap();
     assert_eq!(recorded_keys(&connector, &db).await, held_rows(&db).await);
     assert_eq!(recorded_marks(&connector, &db).await, 1);
@@ -5960,7 +5967,7 @@ async fn bulk_erasure_after_a_return_tells_rows_apart_without_a_single_column_ke
     let returned = export_for_return(&connector, dir.path()).await;
     exec(&db, "INSERT INTO notes VALUES (1, 'a')").await;
     exec(&db, "INSERT INTO tags VALUES (1, '1:x')").await;
-    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
     let err = crate::Connector::run_bulk(&connector, &job)
         .await
         .unwrap_err();
@@ -5974,7 +5981,7 @@ async fn bulk_erasure_after_a_return_tells_rows_apart_without_a_single_column_ke
     );
 
     let returned = export_for_return(&connector, dir.path()).await;
-    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
     let out = crate::Connector::run_bulk(&connector, &job).await;
     assert!(matches!(out, Ok(Outcome::Retained { .. })), "{out:?}");
     assert_eq!(count(&db, &format!("{C} FROM notes")).await, 0);
@@ -5995,7 +6002,7 @@ async fn bulk_erasure_after_an_export_that_recorded_nothing_checks_totals(url: S
         "INSERT INTO contacts (id, customer_id, name) VALUES (9001, 1, 'Uusi Yhteys')",
     )
     .await;
-    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
     let err = crate::Connector::run_bulk(&connector, &job)
         .await
         .unwrap_err();
@@ -6022,7 +6029,7 @@ async fn bulk_erasure_after_a_return_called_again_after_its_end_stays_bounded(ur
     let (connector, db) = sample(&url).await;
     let dir = tempfile::tempdir().unwrap();
     let returned = export_for_return(&connector, dir.path()).await;
-    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
     let out = crate::Connector::run_bulk(&connector, &job).await;
     assert!(matches!(out, Ok(Outcome::Retained { .. })), "{out:?}");
     exec(
@@ -6112,7 +6119,7 @@ async fn bulk_erasure_after_a_return_takes_the_parents_of_children_it_anonymized
     let connector = SqlConnector::connect(config).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let returned = export_for_return(&connector, dir.path()).await;
-    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
     let out = crate::Connector::run_bulk(&connector, &job).await;
     assert!(matches!(out, Ok(Outcome::Retained { .. })), "{out:?}");
     assert_eq!(
@@ -6168,7 +6175,7 @@ async fn bulk_erasure_after_a_return_holds_a_parent_back_for_an_arrival_already_
     let returned = export_for_return(&connector, dir.path()).await;
 
     exec(&db, "INSERT INTO notes VALUES (9001, 6, NULL, 'b')").await;
-    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
     let err = crate::Connector::run_bulk(&connector, &job)
         .await
         .unwrap_err();
@@ -6191,7 +6198,7 @@ async fn bulk_erasure_after_a_return_holds_a_parent_back_for_an_arrival_already_
     exec(&db, "DELETE FROM notes WHERE id = 9001").await;
 
     let (reporter, _seen, mut asked) = crate::ProgressReporter::recorded();
-    let job = erase_after_return(Some(returned), reporter);
+    let job = erase_after_return(Some(returned.clone()), reporter);
     let arrive = async {
         let r = asked.recv().await.expect("asked to record");
         exec(&db, "INSERT INTO notes VALUES (9002, 6, NULL, 'c')").await;
@@ -6251,7 +6258,7 @@ async fn bulk_erasure_after_a_return_forgets_keys_with_each_batch(url: String) {
         .await;
     }
     connector.batch_subjects = 1;
-    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
     let err = crate::Connector::run_bulk(&connector, &job)
         .await
         .unwrap_err();
@@ -6302,7 +6309,7 @@ async fn bulk_erasure_after_a_return_leaves_keep_tables_and_views_alone(url: Str
     assert!(returned.records_done > 0, "{returned:?}");
     assert!(recorded_keys(&connector, &db).await > 0);
     exec(&db, "INSERT INTO ledger_lines VALUES (1, 'b')").await;
-    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
     let out = crate::Connector::run_bulk(&connector, &job).await;
     assert!(
         matches!(
@@ -6339,7 +6346,7 @@ async fn bulk_erasure_after_a_return_tells_sqlite_key_types_apart() {
     let connector = SqlConnector::connect(config).await.unwrap();
     let returned = export_for_return(&connector, dir.path()).await;
     exec(&db, "INSERT INTO tokens VALUES ('1', 6), (X'31', 6)").await;
-    let job = erase_after_return(Some(returned), crate::ProgressReporter::new().0);
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
     let err = crate::Connector::run_bulk(&connector, &job)
         .await
         .unwrap_err();

@@ -329,7 +329,8 @@ impl Store {
         let row: Option<TaskRecord> = sqlx::query_as(&format!(
             "UPDATE tasks SET sequence = $1, contract_phase = $2, subjects_done = $3, \
              subjects_total = $4, records_done = $5, records_total = $6, updated_at = $7, \
-             note = CASE WHEN reason = '' THEN note ELSE $14 END, reason = '' \
+             note = CASE WHEN reason = '' THEN note ELSE $14 END, reason = '', \
+             erased_done = $15 \
              WHERE controller = $8 AND request_id = $9 AND subprocessor = $10 \
              AND sequence = $11 AND state = $12 AND lease_owner = $13 RETURNING {TASK_COLUMNS}"
         ))
@@ -347,6 +348,7 @@ impl Store {
         .bind(i64::from(TaskState::InProgress as i32))
         .bind(lease_owner)
         .bind(step)
+        .bind(super::rows::stored_erased(&p.erased)?)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row.map(TaskRow::from) else {
@@ -460,12 +462,12 @@ impl Store {
         .await?;
         Ok(match row {
             Some((Some(subjects), Some(records), started)) => Some((
-                BulkProgress {
-                    subjects_done: count(subjects),
-                    subjects_total: count(subjects),
-                    records_done: count(records),
-                    records_total: count(records),
-                },
+                BulkProgress::counts(
+                    count(subjects),
+                    count(subjects),
+                    count(records),
+                    count(records),
+                ),
                 started,
             )),
             _ => None,

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use dsrelay_connectors::BulkProgress;
+use dsrelay_connectors::{BulkProgress, ErasedCount};
 use dsrelay_proto::prost::Message;
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::{
@@ -90,7 +90,7 @@ impl TaskRow {
     /// A contract end task's progress; `None` for every other kind.
     pub fn progress(&self) -> Option<ContractProgress> {
         (self.phase != ContractPhase::Unspecified)
-            .then(|| progress_proto(self.phase, self.counts, self.scheduled_at, self.state))
+            .then(|| progress_proto(self.phase, &self.counts, self.scheduled_at, self.state))
     }
 
     /// The wire view (processor left for the registry to fill in).
@@ -203,7 +203,7 @@ pub(super) fn state_value(state: TaskState) -> i64 {
 pub(super) const TASK_COLUMNS: &str = "controller, request_id, subprocessor, state, sequence, \
     attempts, records_affected, confirmed, note, reason, legal_basis, retain_until, updated_at, \
     handle, transfer_receipt, contract_phase, subjects_done, subjects_total, records_done, \
-    records_total, scheduled_at, cancel_requested_at, call_started_at";
+    records_total, scheduled_at, cancel_requested_at, call_started_at, erased_done";
 
 /// A `tasks` row as stored.
 #[derive(Debug, sqlx::FromRow)]
@@ -231,6 +231,7 @@ pub(super) struct TaskRecord {
     scheduled_at: Option<i64>,
     cancel_requested_at: Option<i64>,
     call_started_at: Option<i64>,
+    erased_done: Option<String>,
 }
 
 impl From<TaskRecord> for TaskRow {
@@ -268,6 +269,7 @@ impl From<TaskRecord> for TaskRow {
                 subjects_total: count(r.subjects_total),
                 records_done: count(r.records_done),
                 records_total: count(r.records_total),
+                erased: erased_done(r.erased_done.as_deref()),
             },
             scheduled_at: r.scheduled_at,
             cancel_requested_at: r.cancel_requested_at,
@@ -300,6 +302,19 @@ impl KindedRecord {
     }
 }
 
+/// A task's stored counts by place (`erased_done`, a JSON array): none when NULL, and when
+/// it does not read (the certificate then names the records those counts leave out).
+pub(super) fn erased_done(stored: Option<&str>) -> Vec<ErasedCount> {
+    stored
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_default()
+}
+
+/// Counts by place as `erased_done` stores them.
+pub(super) fn stored_erased(erased: &[ErasedCount]) -> Result<String, serde_json::Error> {
+    serde_json::to_string(erased)
+}
+
 /// A stored count (BIGINT) as the wire's unsigned count.
 pub(super) fn count(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
@@ -316,7 +331,8 @@ pub(super) const JOINED_SELECT: &str = "SELECT t.controller, t.request_id, t.sub
     t.state, t.sequence, t.attempts, t.records_affected, t.confirmed, t.note, t.reason, \
     t.legal_basis, t.retain_until, t.updated_at, t.handle, t.transfer_receipt, t.contract_phase, \
     t.subjects_done, t.subjects_total, t.records_done, t.records_total, t.scheduled_at, \
-    t.cancel_requested_at, t.call_started_at, r.body, r.due_at, r.traceparent, t.last_error \
+    t.cancel_requested_at, t.call_started_at, t.erased_done, r.body, r.due_at, r.traceparent, \
+    t.last_error \
     FROM tasks t JOIN requests r ON r.controller = t.controller AND r.request_id = t.request_id";
 
 /// A task row with the columns of its request that the runner and operators need.

@@ -738,6 +738,7 @@ impl Store {
         // keeps its delivered return's upload: it exports nothing again.
         let exports_again = t
             .contract
+            .as_ref()
             .is_none_or(|c| c.phase == ContractPhase::Returning);
         sqlx::query(
             "UPDATE tasks SET last_error = NULL, \
@@ -1265,6 +1266,8 @@ pub(super) struct StepWrite {
     transfer_receipt: Option<Vec<u8>>,
     phase: Option<i64>,
     counts: [Option<i64>; 4],
+    /// The counts by place, when `counts` are written (bound last).
+    erased_done: Option<String>,
     scheduled_at: Option<i64>,
     call_started_at: Option<i64>,
     lease_owner: Option<String>,
@@ -1284,8 +1287,8 @@ impl StepWrite {
         // so this is where they are fitted: the registry rejects an acknowledgement over its
         // limits.
         let t = t.fitted();
-        let contract = t.contract;
-        let counts = contract.and_then(|c| c.progress);
+        let contract = t.contract.clone();
+        let counts = contract.as_ref().and_then(|c| c.progress.as_ref());
         // A parameter only when it is matched: `$27 IS NULL` leaves PostgreSQL guessing its
         // type.
         let held = if step.lease_owner.is_some() {
@@ -1309,6 +1312,9 @@ impl StepWrite {
         } else {
             String::new()
         };
+        // Last, after the optional ones: written with the other counts, kept without them.
+        params += 1;
+        let erased = params;
         let db_now = super::db_now_in(conn);
         let sql = format!(
             "UPDATE tasks SET state = $1, sequence = $2, records_affected = $3, confirmed = $4, \
@@ -1322,7 +1328,8 @@ impl StepWrite {
              subjects_total = COALESCE($22, subjects_total), \
              records_done = COALESCE($23, records_done), \
              records_total = COALESCE($24, records_total), \
-             scheduled_at = COALESCE($25, scheduled_at), call_started_at = $26 \
+             scheduled_at = COALESCE($25, scheduled_at), call_started_at = $26, \
+             erased_done = COALESCE(${erased}, erased_done) \
              WHERE controller = $11 AND request_id = $12 AND subprocessor = $13 AND sequence = $14\
              {held}{unmarked}{due} RETURNING contract_phase, subjects_done, subjects_total, records_done, \
              records_total, scheduled_at",
@@ -1343,14 +1350,17 @@ impl StepWrite {
                 .map(serde_json::to_string)
                 .transpose()?,
             transfer_receipt: t.transfer_receipt.as_ref().map(Message::encode_to_vec),
-            phase: contract.map(|c| i64::from(c.phase as i32)),
+            phase: contract.as_ref().map(|c| i64::from(c.phase as i32)),
             counts: [
                 counts.map(|p| stored_count(p.subjects_done)),
                 counts.map(|p| stored_count(p.subjects_total)),
                 counts.map(|p| stored_count(p.records_done)),
                 counts.map(|p| stored_count(p.records_total)),
             ],
-            scheduled_at: contract.and_then(|c| c.scheduled_at),
+            erased_done: counts
+                .map(|p| super::rows::stored_erased(&p.erased))
+                .transpose()?,
+            scheduled_at: contract.as_ref().and_then(|c| c.scheduled_at),
             call_started_at: step.call_started_at,
             lease_owner: step.lease_owner.map(str::to_string),
             t,
@@ -1409,10 +1419,11 @@ impl StepWrite {
             Some(owner) => query.bind(owner.as_str()),
             None => query,
         };
-        match t.due_by {
+        let query = match t.due_by {
             Some(by) => query.bind(by),
             None => query,
-        }
+        };
+        query.bind(w.erased_done.as_deref())
     }
 }
 
@@ -1445,12 +1456,12 @@ pub(super) async fn finish_step(
         .map(|p| {
             crate::task_machine::progress_proto(
                 p,
-                dsrelay_connectors::BulkProgress {
-                    subjects_done: count(subjects_done),
-                    subjects_total: count(subjects_total),
-                    records_done: count(records_done),
-                    records_total: count(records_total),
-                },
+                &dsrelay_connectors::BulkProgress::counts(
+                    count(subjects_done),
+                    count(subjects_total),
+                    count(records_done),
+                    count(records_total),
+                ),
                 scheduled_at,
                 t.state,
             )
