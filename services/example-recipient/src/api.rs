@@ -23,6 +23,7 @@ use dsrelay_runtime::signing::SigningKey;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::folder::{FileState, Folder, FolderError, Receipt};
+use crate::refusals::{Reason, Refusals};
 
 /// Bytes of a file in one message at most.
 pub(crate) const MAX_CHUNK: usize = 1024 * 1024;
@@ -66,6 +67,8 @@ pub(crate) struct Api {
     allowed: Arc<Authorizer<()>>,
     /// The calls writing to the folder right now ([`InProgress`]).
     in_progress: Arc<Mutex<InProgress>>,
+    /// The refusals' log state, shared with the worker that logs those left out.
+    refusals: Arc<Refusals>,
     chunk_delay: Duration,
     /// How long a transfer stream may send nothing before it is ended (`call_limit_ms`).
     idle: Duration,
@@ -140,14 +143,40 @@ impl Api {
             signing_key,
             allowed: Arc::new(allowed),
             in_progress: Arc::default(),
+            refusals: Arc::default(),
             chunk_delay: Duration::from_millis(chunk_delay_ms),
             idle,
         }
     }
 
-    /// The caller's certificate identity, or PERMISSION_DENIED.
+    /// The refusals' log state, for the worker that logs those left out of its lines.
+    pub(crate) fn refusals(&self) -> Arc<Refusals> {
+        self.refusals.clone()
+    }
+
+    /// The caller's certificate identity, or PERMISSION_DENIED, logged: the refused
+    /// processor cannot add itself, and the recipient's operator, who can, learns of it only
+    /// from this log.
     fn caller<T>(&self, req: &Request<T>) -> Result<String, ApiError> {
-        Ok(self.allowed.caller(req)?.name)
+        match self.allowed.caller(req) {
+            Ok(caller) => Ok(caller.name),
+            Err(refused) => {
+                let sender = dsrelay_runtime::tls::peer_identity(req)
+                    .unwrap_or_else(|_| "(no certificate identity)".into());
+                let why = refused.to_string();
+                self.refusals.refused(&sender, Reason::NotAllowed, &why);
+                Err(refused.into())
+            }
+        }
+    }
+
+    /// `e` as answered to `sender`; a file dropped for its digest is logged, as the sender
+    /// sends it again from its first byte and a recurring mismatch is for an operator to see.
+    fn folder_error(&self, sender: &str, e: FolderError) -> ApiError {
+        if let FolderError::DigestMismatch(why) = &e {
+            self.refusals.refused(sender, Reason::DigestMismatch, why);
+        }
+        e.into()
     }
 
     /// Claims the file `h` announces, to receive it (`receive`) or to answer its state;
@@ -281,7 +310,7 @@ impl Api {
         }
         let offset = state.offset + len;
         if offset == h.size {
-            return Ok(self.folder.finish(sender, h).await?);
+            return (self.folder.finish(sender, h).await).map_err(|e| self.folder_error(sender, e));
         }
         Ok(FileState {
             offset,
@@ -337,7 +366,7 @@ impl TransferReceiver for Api {
             .folder
             .begin(&sender, &header)
             .await
-            .map_err(ApiError::from)?;
+            .map_err(|e| self.folder_error(&sender, e))?;
         Ok(Response::new(state(s)))
     }
 
@@ -367,7 +396,7 @@ impl TransferReceiver for Api {
             .folder
             .begin(&sender, &header)
             .await
-            .map_err(ApiError::from)?;
+            .map_err(|e| self.folder_error(&sender, e))?;
         // An operator (and the tests) see from this line whether a sender resumed a file.
         tracing::info!(
             from_offset = first.offset,
@@ -438,7 +467,16 @@ impl TransferReceiver for Api {
             manifest_sha256 = %r.manifest_sha256,
             "transfer received"
         );
-        Ok(Response::new(receipt(r, self.signing_key.as_deref())?))
+        let answered = receipt(r, self.signing_key.as_deref())?;
+        // Written before the answer, so the file is never behind what the sender holds: a
+        // write that failed is answered as an error, and the sender's retried close writes it.
+        if !answered.signature.is_empty() {
+            self.folder
+                .keep_signed_receipt(&sender, &answered)
+                .await
+                .map_err(ApiError::from)?;
+        }
+        Ok(Response::new(answered))
     }
 }
 

@@ -65,7 +65,11 @@ impl App {
             config.chunk_delay_ms,
             Duration::from_millis(config.service.call_limit_ms),
         );
+        let refusals = api.refusals();
         Host::new("recipient", &config.service)
+            .worker("refusals log", move |stop| {
+                crate::refusals::log_late(refusals, stop)
+            })
             .service(
                 TransferReceiverServer::new(api)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)

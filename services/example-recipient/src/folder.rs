@@ -2,11 +2,12 @@
 //! file as `<name>.partial` until its SHA-256 matched and `<name>` after, the header it was
 //! announced with in `.header.<name>.json` (file names never start with '.', so these never
 //! collide), the checkpoint of a partial file's digest in `.hashed.<name>.json`, and a closed
-//! part's `.manifest.json` and `.receipt.json`. Files are hashed in chunks, never read whole,
-//! and a file's check reads only what follows its checkpoint. `<sender>` is the sending
-//! processor's certificate identity as one path component ([`sender_component`]):
-//! subprocessor names are unique only within a processor, so two processors transferring
-//! for the same request must not share a part.
+//! part's `.manifest.json`, `.receipt.json` and, when receipts are signed,
+//! `.receipt.signed.json` ([`Folder::keep_signed_receipt`]). Files are hashed in chunks,
+//! never read whole, and a file's check reads only what follows its checkpoint. `<sender>` is
+//! the sending processor's certificate identity as one path component
+//! ([`sender_component`]): subprocessor names are unique only within a processor, so two
+//! processors transferring for the same request must not share a part.
 //!
 //! The sender deletes its copy once it holds the receipt and resumes a file from the offset
 //! it is told, so nothing is answered before what it confirms is on disk: a partial file's
@@ -18,7 +19,9 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use dsrelay_proto::v1::ExportFileHeader;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use dsrelay_proto::v1::{ExportFileHeader, TransferReceipt};
 use dsrelay_runtime::resumable_hash::ResumableSha256;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -516,6 +519,66 @@ impl Folder {
 
 /// A closed part's receipt, written last: its presence means the part is closed.
 const RECEIPT: &str = ".receipt.json";
+
+/// The signed receipt last answered for a closed part ([`Folder::keep_signed_receipt`]).
+const SIGNED_RECEIPT: &str = ".receipt.signed.json";
+
+/// A signed receipt in the form `dsrctl receipt get` writes and `dsrctl receipt verify`
+/// reads: the fields of the `TransferReceipt` the signature covers under their proto names,
+/// in that order, `received_at` as RFC 3339 (null when unset) and the signature as base64.
+/// That form takes no other field, so the sender, which `.receipt.json` names, is not here.
+#[derive(Serialize)]
+struct SignedReceiptFile<'a> {
+    request_id: &'a str,
+    subprocessor: &'a str,
+    recipient: &'a str,
+    bytes: u64,
+    files: u32,
+    manifest_sha256: &'a str,
+    received_at: Option<String>,
+    key_id: &'a str,
+    signature: String,
+}
+
+impl<'a> SignedReceiptFile<'a> {
+    fn of(r: &'a TransferReceipt) -> Self {
+        let received_at = r.received_at.as_ref().and_then(|t| {
+            let nanos = u32::try_from(t.nanos).ok()?;
+            let at = chrono::DateTime::from_timestamp(t.seconds, nanos)?;
+            Some(at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        });
+        Self {
+            request_id: &r.request_id,
+            subprocessor: &r.subprocessor,
+            recipient: &r.recipient,
+            bytes: r.bytes,
+            files: r.files,
+            manifest_sha256: &r.manifest_sha256,
+            received_at,
+            key_id: &r.key_id,
+            signature: BASE64.encode(&r.signature),
+        }
+    }
+}
+
+impl Folder {
+    /// Writes `receipt`, as signed and answered to `sender` for its closed part, durably to
+    /// the part's `.receipt.signed.json`, replacing the one answered before: the signature
+    /// is made anew for every answer (under the key held then), so the file holds what the
+    /// sender was last given, which `dsrctl receipt verify` checks against the recipient's
+    /// public key. Written after `.receipt.json`, so the part is closed already.
+    pub async fn keep_signed_receipt(
+        &self,
+        sender: &str,
+        receipt: &TransferReceipt,
+    ) -> Result<(), FolderError> {
+        let dir = self.part_dir(sender, &receipt.request_id, &receipt.subprocessor);
+        let text = serde_json::to_string_pretty(&SignedReceiptFile::of(receipt))
+            .unwrap_or_default()
+            + "\n";
+        write_durably(&dir.join(SIGNED_RECEIPT), text.as_bytes()).await
+    }
+}
 
 /// A closed part's canonical manifest.
 const MANIFEST: &str = ".manifest.json";

@@ -267,6 +267,28 @@ async fn receipts_are_signed_with_the_configured_key() {
         .unwrap()
         .into_inner();
     assert_eq!(again, first);
+    // The part's folder keeps the signed receipt in the form `dsrctl receipt get` writes
+    // (tests/tests/e2e/recipient_receipt.rs has `dsrctl receipt verify` check it).
+    let kept = r.part_dir(&processor()).join(".receipt.signed.json");
+    let kept: serde_json::Value = serde_json::from_slice(&std::fs::read(kept).unwrap()).unwrap();
+    use base64::Engine as _;
+    let signature = base64::engine::general_purpose::STANDARD.encode(&first.signature);
+    let at = first.received_at.unwrap();
+    let at = chrono::DateTime::from_timestamp(at.seconds, at.nanos as u32).unwrap();
+    assert_eq!(
+        kept,
+        serde_json::json!({
+            "request_id": REQUEST,
+            "subprocessor": "accounting",
+            "recipient": "new-bookkeeper",
+            "bytes": 1000,
+            "files": 1,
+            "manifest_sha256": first.manifest_sha256,
+            "received_at": at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            "key_id": public.key_id(),
+            "signature": signature,
+        })
+    );
 }
 
 /// A signing key that cannot be read stops the start, naming the setting and the file.
@@ -647,6 +669,97 @@ mod errors {
             self.0.lock().expect("log").clone()
         }
     }
+}
+
+/// The lines logged for `reason` naming `sender`.
+fn refusal_lines(recorder: &errors::Recorder, sender: &str, reason: &str) -> Vec<String> {
+    let (sender, reason) = (format!("sender={sender} "), format!("reason={reason} "));
+    (recorder.lines().into_iter())
+        .filter(|l| l.contains(&sender) && l.contains(&reason))
+        .collect()
+}
+
+/// The refusals the lines count, added up.
+fn refusals_counted(lines: &[String]) -> u64 {
+    lines
+        .iter()
+        .map(|l| {
+            let n = l.split("refused=").nth(1).expect("a refused= field");
+            n.split(' ').next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum()
+}
+
+/// A caller not in `allowed_identities` and a file whose bytes do not hash to its header's
+/// digest are logged, naming the sender's certificate identity and the reason, one line at
+/// once and then at most one a second per sender and reason however many come: the ones
+/// left out are counted into a line of their own within about two seconds. Before, neither
+/// left a line at INFO or above.
+#[tokio::test]
+async fn refusals_are_logged_once_a_second_per_sender_and_reason() {
+    let recorder = errors::Recorder::default();
+    let _recording = tracing::subscriber::set_default(recorder.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let r = Running::start(dir.path(), 0).await;
+    let data = content(1000);
+    let h = header("export.json", &data);
+    let mut partner = r.client_expecting("partner-crm", &dev_identity("recipient", "example"));
+    let crm = dev_identity("partner", "crm");
+    let not_allowed = "not in allowed_identities";
+    let started = std::time::Instant::now();
+    for _ in 0..5 {
+        let refused = partner
+            .get_transfer_state(GetUploadStateRequest {
+                header: Some(h.clone()),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    }
+    let mut lying = h.clone();
+    lying.sha256 = "0".repeat(64);
+    let mut c = r.client();
+    for _ in 0..2 {
+        let dropped = send(&mut c, chunks(&lying, &data, 0, data.len()))
+            .await
+            .unwrap_err();
+        assert_eq!(dropped.code(), Code::DataLoss, "{dropped:?}");
+    }
+    let first = refusal_lines(&recorder, &crm, not_allowed);
+    let digest = refusal_lines(&recorder, &processor(), "file digest mismatch");
+    if started.elapsed() < Duration::from_millis(900) {
+        assert_eq!(first.len(), 1, "{first:#?}");
+        assert_eq!(digest.len(), 1, "{digest:#?}");
+    }
+    assert!(first[0].contains("refused=1 left_out=0 "), "{first:#?}");
+    assert!(
+        first[0].contains(&format!("certificate identity {crm} may not send")),
+        "{first:#?}"
+    );
+    assert!(
+        digest[0].contains("file export.json: the 1000 bytes received have SHA-256"),
+        "{digest:#?}"
+    );
+    // The rest follow without another refusal to carry them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let lines = refusal_lines(&recorder, &crm, not_allowed);
+        let digest = refusal_lines(&recorder, &processor(), "file digest mismatch");
+        if refusals_counted(&lines) == 5 && refusals_counted(&digest) == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every refusal counted: {:#?}",
+            recorder.lines()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        (recorder.lines().iter()).all(|l| !l.contains("refused=0")),
+        "{:#?}",
+        recorder.lines()
+    );
 }
 
 /// A file-system failure is logged with the step that failed and the path it failed on, so

@@ -36,6 +36,7 @@ mod packages;
 mod poison;
 mod procaudit;
 mod receipt_cli;
+mod recipient_receipt;
 mod replicas;
 mod reports;
 mod retention;

@@ -439,6 +439,68 @@ fn named_or_path(exe: &Path, name: &str, path: Option<&OsStr>) -> String {
     }
 }
 
+/// What the configuration the services run with names, as the text `up` prints says it:
+/// registry.toml and processor.toml may have been edited since `dev up` wrote them.
+#[derive(Debug)]
+struct Configured {
+    /// The registry's partners, by name.
+    partners: Vec<String>,
+    /// The registry's operators, by name.
+    operators: Vec<String>,
+    /// The processor's subprocessors, by name, the one on the sample database saying so.
+    subprocessors: Vec<String>,
+    /// Where the registry sends transfers to [`RECIPIENT`]; `None` when registry.toml lists
+    /// no recipient of that name, and a transfer to it is refused.
+    recipient: Option<String>,
+}
+
+impl Configured {
+    /// What `registry` and `processor`, run from the folder `dir`, name.
+    fn of(
+        dir: &Path,
+        registry: &dsrelay_registry::Config,
+        processor: &dsrelay_processor::Config,
+    ) -> Self {
+        let named = |role: Role| {
+            (registry.identities.iter())
+                .filter(|i| i.role == role)
+                .map(|i| i.name.clone())
+                .collect()
+        };
+        let sample = format!("sqlite://{}/accounting.db", dir.display());
+        let subprocessors = (processor.subprocessors.iter())
+            .map(|s| match &s.connector {
+                ConnectorConfig::Sql(sql) if sql.url == sample => {
+                    format!(
+                        "{} (sample database {}/accounting.db)",
+                        s.name,
+                        dir.display()
+                    )
+                }
+                _ => s.name.clone(),
+            })
+            .collect();
+        Self {
+            partners: named(Role::Partner),
+            operators: named(Role::Operator),
+            subprocessors,
+            recipient: (registry.recipients.iter())
+                .find(|r| r.name == RECIPIENT)
+                .map(|r| r.endpoint.clone()),
+        }
+    }
+}
+
+/// `names` after `one` or `many` by their count, listed as in a sentence ("a", "a and b",
+/// "a, b and c"); `none` when there are none.
+fn listed(one: &str, many: &str, none: &str, names: &[String]) -> String {
+    match names {
+        [] => none.to_string(),
+        [name] => format!("{one} {name}"),
+        [init @ .., last] => format!("{many} {} and {last}", init.join(", ")),
+    }
+}
+
 /// What `up` prints once both services listen: commands that work as printed from `cwd`.
 /// dsrctl finds the development PKI only in `./.dsrelay/pki` and calls
 /// `https://127.0.0.1:50051` unless told otherwise, so each command carries `--config` (the
@@ -446,15 +508,17 @@ fn named_or_path(exe: &Path, name: &str, path: Option<&OsStr>) -> String {
 /// is another; the processor's operator commands (`tasks`, `contracts scheduled`) call
 /// `https://127.0.0.1:50061` unless given `--processor`, so they carry it when the
 /// processor's port is another. The example recipient's command sets its listen address
-/// (`recipient_listen`) when the folder's recipient.toml has another port than `recipient`.
-/// Each command starts as `programs` say.
+/// (`recipient_listen`) when the folder's recipient.toml has another port than the registry
+/// sends to. Each command starts as `programs` say. What the services serve (partners,
+/// subprocessors, the example recipient) is what `configured` names; with no example
+/// recipient in registry.toml no transfer is offered to try.
 fn try_text(
     programs: &Programs,
     dir: &Path,
     cwd: &Path,
     registry: &str,
     processor: &str,
-    recipient: &str,
+    configured: &Configured,
     recipient_listen: Option<&str>,
 ) -> String {
     let d = dir.display();
@@ -483,12 +547,23 @@ fn try_text(
         format!("--config names the operator's certificate in {d}/pki")
     };
     let dsrctl = &programs.dsrctl;
-    let recipient_program = &programs.recipient;
+    let transfers = match &configured.recipient {
+        Some(endpoint) => format!(
+            "Transfers to {RECIPIENT} ({endpoint}) wait until it runs:\n\
+             \x20 {recipient_env}{} --config {}\n\
+             \x20 {dsrctl} submit --kind transfer --recipient {RECIPIENT} \
+             --email maija.meikalainen@example.fi{flags}\n",
+            programs.recipient,
+            path("recipient.toml"),
+        ),
+        None => format!(
+            "No transfer to try: registry.toml has no [[recipients]] entry named {RECIPIENT}.\n"
+        ),
+    };
     format!(
         "dsrelay is running on the embedded default (SQLite, development certificates) in {d}\n\
-         \x20 registry   {registry}   partners: crm, webform; operator: ops\n\
-         \x20 processor  {processor}   {PROCESSOR}: subprocessors accounting (sample database \
-         {d}/accounting.db) and mail-marketing\n\
+         \x20 registry   {registry}   {}; {}\n\
+         \x20 processor  {processor}   {PROCESSOR}: {}\n\
          \n\
          Try, in another terminal from this folder ({whose}):\n\
          \x20 {dsrctl} submit --kind erasure --email maija.meikalainen@example.fi{flags}\n\
@@ -499,14 +574,23 @@ fn try_text(
          At the processor, as its operator:\n\
          \x20 {dsrctl} tasks list{processor_flags}\n\
          \x20 {dsrctl} contracts scheduled{processor_flags}\n\
-         Transfers to {RECIPIENT} ({recipient}) wait until it runs:\n\
-         \x20 {recipient_env}{recipient_program} --config {}\n\
-         \x20 {dsrctl} submit --kind transfer --recipient {RECIPIENT} \
-         --email maija.meikalainen@example.fi{flags}\n\
+         {transfers}\
          Stop with Ctrl-C.",
+        listed("partner:", "partners:", "no partners", &configured.partners),
+        listed(
+            "operator:",
+            "operators:",
+            "no operators",
+            &configured.operators
+        ),
+        listed(
+            "subprocessor",
+            "subprocessors",
+            "no subprocessors",
+            &configured.subprocessors
+        ),
         path("pki/partner-crm.pem"),
         path("pki/partner-crm.key"),
-        path("recipient.toml"),
     )
 }
 
@@ -638,12 +722,9 @@ pub(crate) async fn up(
     let recipient_text = std::fs::read_to_string(&recipient_path)
         .with_context(|| format!("reading {}", recipient_path.display()))
         .map_err(Failure::Setup)?;
-    let recipient_endpoint = registry
-        .recipients
-        .iter()
-        .find(|r| r.name == RECIPIENT)
-        .map_or_else(|| "not in registry.toml".into(), |r| r.endpoint.clone());
-    let recipient_listen = recipient_listen_override(&recipient_text, &recipient_endpoint);
+    let configured = Configured::of(&dir, &registry, &processor);
+    let recipient_listen = (configured.recipient.as_deref())
+        .and_then(|endpoint| recipient_listen_override(&recipient_text, endpoint));
     let registry_app = dsrelay_registry::App::build(registry)
         .await
         .map_err(Failure::Setup)?;
@@ -675,7 +756,7 @@ pub(crate) async fn up(
         env.cwd(),
         &registry_endpoint,
         &processor_endpoint,
-        &recipient_endpoint,
+        &configured,
         recipient_listen.as_deref(),
     );
     writeln!(io.err, "{text}")?;
@@ -738,7 +819,7 @@ mod tests {
             Path::new("/"),
             "https://localhost:1",
             "p",
-            "r",
+            &configured(dir, "r"),
             None,
         );
         for path in ["dsrctl.toml", "pki/partner-crm.pem", "recipient.toml"] {
@@ -829,6 +910,76 @@ mod tests {
         assert_eq!(settings.tls.crls, [pki.join("crl.pem")]);
     }
 
+    /// What the files `dev up` writes into `dir` name, the registry sending transfers to the
+    /// example recipient at `recipient`.
+    fn configured(dir: &Path, recipient: &str) -> Configured {
+        let mut registry = registry_config(dir, 50051, 50061);
+        registry.recipients[0].endpoint = recipient.into();
+        Configured::of(dir, &registry, &processor_config(dir, 50061, 50051))
+    }
+
+    /// The text says what the files loaded configure, edited as they may be: a third
+    /// subprocessor, a partner fewer; with the example recipient taken out of registry.toml it
+    /// offers no transfer, which the registry would refuse. Before, it named the subprocessors
+    /// and partners `dev up` writes whatever the files said, and printed the transfer command.
+    #[test]
+    fn the_text_says_what_the_files_configure() {
+        let dir = Path::new("/tmp/dsrelay-dev");
+        let text = |registry: &dsrelay_registry::Config, processor: &dsrelay_processor::Config| {
+            try_text(
+                &cargo(),
+                dir,
+                Path::new("/"),
+                "https://localhost:50051",
+                "https://localhost:50061",
+                &Configured::of(dir, registry, processor),
+                None,
+            )
+        };
+        let mut registry = registry_config(dir, 50051, 50061);
+        let mut processor = processor_config(dir, 50061, 50051);
+        let written = text(&registry, &processor);
+        let sample = "accounting (sample database /tmp/dsrelay-dev/accounting.db)";
+        assert!(
+            written.contains("   partners: crm and webform; operator: ops\n"),
+            "{written}"
+        );
+        assert!(
+            written.contains(&format!(
+                "   {PROCESSOR}: subprocessors {sample} and mail-marketing\n"
+            )),
+            "{written}"
+        );
+        let transfer = "submit --kind transfer --recipient example-recipient";
+        assert!(written.contains(transfer), "{written}");
+
+        let mut archive = processor.subprocessors[1].clone();
+        archive.name = "crm-archive".into();
+        processor.subprocessors.push(archive);
+        registry.identities.retain(|i| i.name != "webform");
+        registry.recipients.clear();
+        let edited = text(&registry, &processor);
+        assert!(
+            edited.contains("   partner: crm; operator: ops\n"),
+            "{edited}"
+        );
+        assert!(
+            edited.contains(&format!(
+                "   {PROCESSOR}: subprocessors {sample}, mail-marketing and crm-archive\n"
+            )),
+            "{edited}"
+        );
+        assert!(!edited.contains("--kind transfer"), "{edited}");
+        assert!(!edited.contains("recipient.toml"), "{edited}");
+        assert!(
+            edited.contains(
+                "\nNo transfer to try: registry.toml has no [[recipients]] entry named \
+                 example-recipient.\nStop with Ctrl-C."
+            ),
+            "{edited}"
+        );
+    }
+
     /// The dsrctl commands it prints, as the words dsrctl gets (the placeholder filled in).
     fn printed_commands(text: &str) -> Vec<Vec<String>> {
         let prefix = "cargo run -q -p dsrctl -- ";
@@ -855,7 +1006,7 @@ mod tests {
             Path::new("/"),
             "https://localhost:6000",
             "https://localhost:6001",
-            "https://localhost:50081",
+            &configured(Path::new("/tmp/dsrelay-dev"), "https://localhost:50081"),
             None,
         );
         let commands = printed_commands(&text);
@@ -904,7 +1055,7 @@ mod tests {
             Path::new("/"),
             "https://localhost:50051",
             "https://localhost:50061",
-            "https://localhost:50081",
+            &configured(Path::new("/tmp/dsrelay-dev"), "https://localhost:50081"),
             None,
         );
         assert!(text.contains("tasks list --config"), "{text}");
@@ -1112,7 +1263,7 @@ mod tests {
             Path::new("/"),
             "https://localhost:7000",
             "https://localhost:7001",
-            "https://localhost:7021",
+            &configured(Path::new("/tmp/dsrelay-dev"), "https://localhost:7021"),
             Some("127.0.0.1:7021"),
         );
         let line = "  DSRELAY_RECIPIENT__LISTEN=127.0.0.1:7021 cargo run -q -p \
