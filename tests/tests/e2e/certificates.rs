@@ -42,6 +42,7 @@ async fn event_types(pair: &crate::harness::TestPair, request_id: &str) -> Vec<i
     pair.crm()
         .list_events(ListEventsRequest {
             request_id: request_id.into(),
+            ..Default::default()
         })
         .await
         .expect("events")

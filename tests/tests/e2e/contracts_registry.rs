@@ -492,6 +492,7 @@ async fn events(pair: &TestPair, id: &str, t: EventType) -> Vec<String> {
     pair.operator()
         .list_events(ListEventsRequest {
             request_id: id.into(),
+            ..Default::default()
         })
         .await
         .expect("events")
@@ -873,6 +874,7 @@ async fn delivery_update_and_progress(backend: Backend) {
         .operator()
         .list_events(ListEventsRequest {
             request_id: id.clone(),
+            ..Default::default()
         })
         .await
         .expect("events")

@@ -1281,3 +1281,84 @@ async fn trace_draws_the_propagation_from_stored_events() {
     assert!(denied.stderr.contains("NOT_FOUND"), "{}", denied.stderr);
     pair.stop().await;
 }
+
+/// A request whose events pass what one ListEvents answer carries (4 MiB: 1,500 progress
+/// events of 4 KB, as a long contract end's acknowledgements come to) is traced whole:
+/// dsrctl follows every page. Before, ListEvents answered OUT_OF_RANGE and the request
+/// could not be traced at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_follows_every_page_of_a_long_requests_events() {
+    const MANY: i64 = 1_500;
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let setup = &pair;
+    let submitted = dsrctl(
+        setup,
+        "partner-crm",
+        &[
+            "--output", "json", "submit", "--kind", "erasure", "--email", MAIJA,
+        ],
+    )
+    .await
+    .json();
+    let id = submitted["request_id"].as_str().expect("id").to_string();
+    let mut crm = setup.client("partner-crm");
+    wait_until(&mut crm, &id, Duration::from_secs(20), |v| {
+        v.state == RequestState::Completed as i32
+    })
+    .await;
+    let url = setup.registry.database_url();
+    let db = dsrelay_runtime::store::Db::connect(url)
+        .await
+        .expect("connect");
+    // Straight into the store: as many acknowledgements would record them.
+    let sql = format!(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {MANY}) \
+         INSERT INTO events (request_id, type, occurred_at, request_state, processor, \
+         subprocessor, task_state, sequence, message) \
+         SELECT $1, {}, $2 + i, {}, '{PROCESSOR}', 'accounting', {}, 1, $3 || CAST(i AS TEXT) \
+         FROM n",
+        dsrelay_proto::v1::EventType::TaskUpdated as i32,
+        RequestState::InProgress as i32,
+        TaskState::InProgress as i32,
+    );
+    sqlx::query(&sql)
+        .bind(&id)
+        .bind(now_ms())
+        .bind("x".repeat(4200))
+        .execute(&db.pool)
+        .await
+        .expect("insert events");
+    db.pool.close().await;
+    let stored = count(
+        url,
+        &format!("SELECT COUNT(*) FROM events WHERE request_id = '{id}'"),
+    )
+    .await;
+
+    let doc = dsrctl(setup, "operator", &["--output", "json", "trace", &id])
+        .await
+        .json();
+    let hops = doc["processors"].as_array().expect("processors");
+    let bureau = hops
+        .iter()
+        .find(|h| h["processor"] == PROCESSOR)
+        .expect("bureau");
+    let steps = |subprocessor: &str| {
+        bureau["tasks"]
+            .as_array()
+            .expect("tasks")
+            .iter()
+            .find(|t| t["subprocessor"] == subprocessor)
+            .and_then(|t| t["steps"].as_array())
+            .map_or(0, Vec::len)
+    };
+    // Every event drawn, the last ones too: they are on the last page.
+    assert_eq!(
+        steps("accounting") as i64,
+        3 + MANY,
+        "{stored} events stored"
+    );
+    let text = dsrctl(setup, "operator", &["trace", &id]).await;
+    assert!(text.ok().contains("accounting"), "{}", text.stdout);
+    pair.stop().await;
+}

@@ -115,9 +115,10 @@ async fn submit_all(pair: &TestPair, addresses: &[String]) -> Vec<String> {
 }
 
 /// Submits an erasure of `address` routed only to the processor that is never up, and
-/// cancels it with a reason naming the subject: CANCELLED with its Deliver still pending,
-/// and free text that must not outlive the window (nor ever reach the audit trail raw).
-async fn submit_cancelled(pair: &TestPair, address: &str) -> String {
+/// cancels it with a reason naming someone by the address `named` (a reason holding the
+/// subject's own identities is refused): CANCELLED with its Deliver still pending, and free
+/// text that must not outlive the window (nor ever reach the audit trail raw).
+async fn submit_cancelled(pair: &TestPair, address: &str, named: &str) -> String {
     let mut crm = pair.crm();
     let id = crm
         .submit(SubmitRequest {
@@ -132,7 +133,7 @@ async fn submit_cancelled(pair: &TestPair, address: &str) -> String {
         .request_id;
     crm.cancel(CancelRequest {
         request_id: id.clone(),
-        reason: format!("{address} withdrew the request"),
+        reason: format!("{named} withdrew the request"),
     })
     .await
     .expect("cancel");
@@ -204,6 +205,7 @@ async fn check_views(pair: &TestPair, views: &[Request]) {
             .operator()
             .list_events(ListEventsRequest {
                 request_id: v.request_id.clone(),
+                ..Default::default()
             })
             .await
             .expect("events")
@@ -246,7 +248,7 @@ async fn forgotten_addresses_leave_no_byte_in_the_files_on_sqlite() {
     let addresses = addresses("sqlite");
     let mut ids = submit_all(&pair, &addresses).await;
     wait_completed(&pair, &ids).await;
-    let cancelled = submit_cancelled(&pair, &addresses[1]).await;
+    let cancelled = submit_cancelled(&pair, &addresses[1], &addresses[0]).await;
     let mut all = addresses.clone();
     all.push(MAIJA.into());
     // The cancel reason is in the event until forgotten; the audit entry holds its hash.
@@ -254,6 +256,7 @@ async fn forgotten_addresses_leave_no_byte_in_the_files_on_sqlite() {
         .operator()
         .list_events(ListEventsRequest {
             request_id: cancelled.clone(),
+            ..Default::default()
         })
         .await
         .expect("events")
@@ -262,7 +265,7 @@ async fn forgotten_addresses_leave_no_byte_in_the_files_on_sqlite() {
     assert!(
         events
             .iter()
-            .any(|e| e.message == format!("cancelled: {} withdrew the request", addresses[1])),
+            .any(|e| e.message == format!("cancelled: {} withdrew the request", addresses[0])),
         "{events:#?}"
     );
 
@@ -465,7 +468,7 @@ async fn forgotten_addresses_leave_no_row_on_postgres() {
     let addresses = addresses("postgres");
     let mut ids = submit_all(&pair, &addresses).await;
     wait_completed(&pair, &ids).await;
-    ids.push(submit_cancelled(&pair, &addresses[2]).await);
+    ids.push(submit_cancelled(&pair, &addresses[2], &addresses[0]).await);
     let urls = [
         pair.registry.database_url().to_string(),
         pair.processor.database_url().to_string(),

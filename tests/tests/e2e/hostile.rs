@@ -284,6 +284,7 @@ fn rows(open: &str, other: &str) -> Vec<Row> {
             "operator",
             ListEventsRequest {
                 request_id: open.into(),
+                ..Default::default()
             },
         ),
         row(

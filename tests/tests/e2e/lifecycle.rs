@@ -569,6 +569,7 @@ async fn an_extended_due_date_reaches_the_processor(backend: Backend) {
         let events = operator
             .list_events(ListEventsRequest {
                 request_id: r.request_id.clone(),
+                ..Default::default()
             })
             .await
             .expect("events")

@@ -132,6 +132,7 @@ async fn event_types(pair: &TestPair, id: &str) -> Vec<(i32, String, String)> {
     pair.operator()
         .list_events(ListEventsRequest {
             request_id: id.into(),
+            ..Default::default()
         })
         .await
         .expect("events")

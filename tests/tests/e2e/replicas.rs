@@ -81,6 +81,7 @@ async fn replicas_watch_at_one_registry_sees_an_event_written_through_another() 
     let last = at_a
         .list_events(ListEventsRequest {
             request_id: id.clone(),
+            ..Default::default()
         })
         .await
         .expect("list events")

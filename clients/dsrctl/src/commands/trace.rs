@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use dsrelay_sdk::proto::{DeliveryState, EventType, ListEventsRequest, RequestEvent, TaskState};
+use dsrelay_sdk::proto::{
+    DeliveryState, EventList, EventType, ListEventsRequest, RequestEvent, TaskState,
+};
 use serde::{Serialize, Serializer};
 
 use crate::cli::TraceArgs;
@@ -462,25 +464,54 @@ pub(crate) async fn run(
     args: &TraceArgs,
     io: &mut Io<'_>,
 ) -> Result<u8, Failure> {
-    let list = registry
-        .client
-        .raw()
-        .list_events(ListEventsRequest {
-            request_id: args.id.clone(),
-        })
-        .await
-        .map_err(|s| registry.failed(s))?
-        .into_inner();
+    let list = all_events(registry, &args.id).await?;
     let mut view = TraceView::build(&list);
     view.hint = registry.hint.clone();
     emit(io.out, io.format, &view, false)?;
     Ok(0)
 }
 
+/// Every event of request `id`, one page after the other (a request's events may pass what
+/// one answer carries), with the request as the last page shows it.
+async fn all_events(registry: &Registry, id: &str) -> Result<EventList, Failure> {
+    let mut all = EventList::default();
+    let mut page_token = String::new();
+    loop {
+        let page = registry
+            .client
+            .raw()
+            .list_events(ListEventsRequest {
+                request_id: id.to_string(),
+                page_token: page_token.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| registry.failed(s))?
+            .into_inner();
+        let last = all.events.last().map_or(0, |e| e.event_id);
+        if page.events.first().is_some_and(|e| e.event_id <= last)
+            || (page.events.is_empty() && !page.next_page_token.is_empty())
+        {
+            return Err(Failure::BadAnswer(format!(
+                "the registry at {} answered a page of request {id}'s events that does not \
+                 start past event {last}, the last of the page before; stopping, as asking \
+                 again would never end",
+                registry.endpoint
+            )));
+        }
+        all.request = page.request;
+        all.events.extend(page.events);
+        if page.next_page_token.is_empty() {
+            return Ok(all);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use dsrelay_proto::prost_types::Timestamp;
-    use dsrelay_sdk::proto::{Delivery, DeliveryState, EventList, Request, TaskStatus};
+    use dsrelay_sdk::proto::{Delivery, DeliveryState, Request, TaskStatus};
 
     use super::*;
 
@@ -526,6 +557,7 @@ mod tests {
                 event(EventType::Delivered, i64::MAX, false),
                 event(EventType::TaskUpdated, i64::MAX, true),
             ],
+            ..Default::default()
         };
         let view = TraceView::build(&list);
         assert_eq!(view.elapsed_ms, i64::MAX);
@@ -569,6 +601,7 @@ mod tests {
                 ..Default::default()
             }),
             events: Vec::new(),
+            ..Default::default()
         };
         let text = TraceView::build(&list).to_table();
         assert!(
@@ -604,6 +637,7 @@ mod tests {
                 ..Default::default()
             }),
             events: Vec::new(),
+            ..Default::default()
         };
         let view = TraceView::build(&list);
         let text = view.to_table();
@@ -641,6 +675,7 @@ mod tests {
                 ..Default::default()
             }),
             events,
+            ..Default::default()
         }
     }
 

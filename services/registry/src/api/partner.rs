@@ -10,17 +10,20 @@ use dsrelay_proto::v1::{
     DeadLetteredDelivery, EventList, ExtendDeadlineRequest, GetChainRequest, GetRequest,
     ListAuditCheckpointsRequest, ListAuditEntriesRequest, ListDeadLetteredDeliveriesRequest,
     ListEventsRequest, ListRequestsRequest, ListRequestsResponse, Request, RequestKind,
-    RequestState, RequeueDeliveryRequest, SubmitRequest, SubmitResponse, SubprocessorList,
-    WatchRequest,
+    RequestState, RequeueDeliveryRequest, SubjectIdentity, SubmitRequest, SubmitResponse,
+    SubprocessorList, WatchRequest,
 };
 use dsrelay_runtime::grpc::CallerTrace;
-use dsrelay_runtime::identity::{keyed_digest, keyed_hash, request_id_violation, FieldViolation};
+use dsrelay_runtime::identity::{
+    identity_in_note, identity_in_text, keyed_digest, keyed_hash, request_id_violation,
+    submit_identity_violations, validate_identities, FieldViolation,
+};
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use dsrelay_runtime::trace_context;
 use tonic::{Code, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::auth::Party;
+use crate::auth::{Caller, Party};
 use crate::deadline::{due_at, MAX_EXTENSION_MONTHS};
 use crate::error::ApiError;
 use crate::store::{
@@ -286,6 +289,12 @@ impl RequestService for Api {
         let r = req.into_inner();
         let row = self.visible(&caller, &r.request_id).await?;
         check_text("reason", &r.reason)?;
+        check_reason(
+            &caller,
+            &row,
+            &r.reason,
+            "is stored with the request and its events and sent to its processors",
+        )?;
         match self
             .shared
             .store
@@ -321,21 +330,66 @@ impl RequestService for Api {
         req: tonic::Request<ListEventsRequest>,
     ) -> Result<Response<EventList>, Status> {
         let caller = self.partner_api_caller(&req)?;
-        let row = self.visible(&caller, &req.get_ref().request_id).await?;
+        let r = req.into_inner();
+        let page_size = match r.page_size {
+            0 => EVENTS_PAGE_DEFAULT,
+            n @ 1..=EVENTS_PAGE_DEFAULT => n,
+            _ => {
+                return Err(ApiError::invalid([FieldViolation::new(
+                    "page_size",
+                    format!("must be 0 (default {EVENTS_PAGE_DEFAULT}) to {EVENTS_PAGE_DEFAULT}"),
+                )])
+                .into())
+            }
+        };
+        let row = self.visible(&caller, &r.request_id).await?;
         let id = row.id.clone();
-        let events = self
+        let key = &self.shared.identity_hash_key;
+        let after = match r.page_token.as_str() {
+            "" => 0,
+            token => events_position(key, &id, token).ok_or_else(|| {
+                ApiError::invalid([FieldViolation::new(
+                    "page_token",
+                    format!(
+                        "is not a next_page_token ListEvents gave for request {id}: send the \
+                         token of this request's previous page, or start again without one"
+                    ),
+                )])
+            })?,
+        };
+        let mut rows = self
             .shared
             .store
-            .events(&id)
+            .events_page(&id, after, i64::from(page_size) + 1)
             .await
             .map_err(ApiError::from)?;
+        let more = rows.len() > page_size as usize;
+        rows.truncate(page_size as usize);
         let reader = views::Reader::of(&caller);
+        let request = self.view(reader, row).await?;
+        // A page ends early rather than outgrow what one answer may carry (the request is on
+        // every page); it holds one event at least, so that paging always advances.
+        let budget =
+            (MAX_MESSAGE_BYTES - LIST_HEADROOM_BYTES).saturating_sub(request.encoded_len());
+        let mut used = 0;
+        let mut events = Vec::with_capacity(rows.len());
+        for e in &rows {
+            let event = views::event_for(reader, &id, e);
+            let size = event.encoded_len() + 16;
+            if used + size > budget && !events.is_empty() {
+                break;
+            }
+            used += size;
+            events.push(event);
+        }
+        let next_page_token = match events.len().checked_sub(1).map(|last| &rows[last]) {
+            Some(last) if more || events.len() < rows.len() => events_token(key, &id, last.id),
+            _ => String::new(),
+        };
         Ok(Response::new(EventList {
-            request: Some(self.view(reader, row).await?),
-            events: events
-                .iter()
-                .map(|e| views::event_for(reader, &id, e))
-                .collect(),
+            request: Some(request),
+            events,
+            next_page_token,
         }))
     }
 
@@ -406,6 +460,12 @@ impl RequestService for Api {
         let r = req.into_inner();
         let row = self.visible(&caller, &r.request_id).await?;
         check_text("reason", &r.reason)?;
+        check_reason(
+            &caller,
+            &row,
+            &r.reason,
+            "is stored with the request and its events",
+        )?;
         let used = (row.extension_months.max(0) as u32).min(MAX_EXTENSION_MONTHS);
         if let Some(v) = months_violation(r.months, used) {
             return Err(ApiError::invalid([v]).into());
@@ -723,6 +783,78 @@ impl Api {
     }
 }
 
+/// Refuses a Cancel's or ExtendDeadline's `reason` that holds one of the subject's
+/// identities as request `row` stores them (a forgotten request has none left to hold), as
+/// Submit refuses such a note: the reason is kept apart from the identities, where `kept`
+/// says (the refusal quotes it). A partner's reason is read as a note is
+/// ([`identity_in_note`]), an operator's as an operator's reason is ([`identity_in_text`]).
+fn check_reason(
+    caller: &Caller,
+    row: &RequestRow,
+    reason: &str,
+    kept: &str,
+) -> Result<(), ApiError> {
+    let Some(body) = row
+        .body
+        .as_deref()
+        .and_then(|b| SubmitRequest::decode(b).ok())
+    else {
+        return Ok(());
+    };
+    // Only identities that pass validation stand for the subject (see `identity_in_note`).
+    let identities: Vec<SubjectIdentity> = body
+        .identities
+        .into_iter()
+        .filter(|i| {
+            let one = std::slice::from_ref(i);
+            validate_identities(one).is_empty() && submit_identity_violations(one).is_empty()
+        })
+        .collect();
+    let found = match caller.role {
+        Party::Partner => identity_in_note(&identities, reason),
+        _ => identity_in_text(&identities, reason),
+    };
+    // Named by kind only: echoing the identity would put it in logs and in the status.
+    ApiError::ensure_valid(found.map(|kind| {
+        FieldViolation::new(
+            "reason",
+            format!(
+                "contains the subject's {kind}, one of the request's identities: the reason \
+                 {kept}, apart from its identities, so leave the subject's identities out \
+                 (the request already carries them)"
+            ),
+        )
+    }))
+}
+
+/// ListEvents' page size when none is asked for, and the largest: an ordinary request's
+/// events fit in one page.
+const EVENTS_PAGE_DEFAULT: u32 = 1000;
+
+/// The context of the MAC in ListEvents page tokens.
+const EVENTS_TOKEN_DOMAIN: &[u8] = b"dsrelay.events-page.v1";
+
+/// The ListEvents page token continuing after event `after` of request `request_id`:
+/// `<after>.<mac>`, the MAC (keyed with `key`, the identity hash key) binding the position to
+/// the request, so that a token of another request or one made up is refused rather than
+/// taken as a position.
+fn events_token(key: &[u8], request_id: &str, after: i64) -> String {
+    let mac = keyed_digest(
+        key,
+        EVENTS_TOKEN_DOMAIN,
+        format!("{request_id}:{after}").as_bytes(),
+    );
+    format!("{after}.{}", &mac[..32])
+}
+
+/// The position [`events_token`] put in `token` for request `request_id`; `None` for any
+/// other token.
+fn events_position(key: &[u8], request_id: &str, token: &str) -> Option<i64> {
+    let (after, _) = token.split_once('.')?;
+    let after: i64 = after.parse().ok().filter(|a| *a >= 0)?;
+    (events_token(key, request_id, after) == token).then_some(after)
+}
+
 /// The page token continuing after `c`: `<dead_lettered_at>:<op>:<request_id>:<processor>`
 /// (request ids, ours, hold no `:`; the processor's name comes last, whatever it holds).
 fn dead_letter_token(c: &DeadLetterCursor) -> String {
@@ -931,6 +1063,297 @@ mod submit_quota_tests {
             assert!(metrics.contains(line), "{line} in {metrics}");
         }
         assert!(!metrics.contains("partner=\"ops\""), "{metrics}");
+        registry.stop().await;
+    }
+}
+
+#[cfg(test)]
+mod list_events_tests {
+    use dsrelay_proto::v1::request_service_client::RequestServiceClient;
+    use dsrelay_proto::v1::{EventType, IdentityEncoding, IdentityType, TaskState};
+    use dsrelay_runtime::store::Db;
+    use tonic::transport::Channel;
+
+    use super::*;
+    use crate::test_postgres::on_postgres;
+    use crate::test_registry::{Registry, Setup, PROCESSOR};
+
+    /// Progress events recorded on a request: together past one answer's 4 MiB, as 1,500
+    /// acknowledgements with 4 KB reasons were.
+    const MANY: usize = 1_500;
+
+    /// Records `n` TASK_UPDATED events of over 4 KB on request `id`, straight in the store.
+    async fn record_many(url: &str, id: &str, n: usize) {
+        let db = Db::connect(url).await.expect("connect");
+        let sql = format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n}) \
+             INSERT INTO events (request_id, type, occurred_at, request_state, processor, \
+             subprocessor, task_state, sequence, message) \
+             SELECT $1, {}, 1000 + i, {}, '{PROCESSOR}', 'crm', {}, i, $2 || CAST(i AS TEXT) \
+             FROM n",
+            EventType::TaskUpdated as i32,
+            RequestState::InProgress as i32,
+            TaskState::InProgress as i32,
+        );
+        sqlx::query(&sql)
+            .bind(id)
+            .bind("x".repeat(4200))
+            .execute(&db.pool)
+            .await
+            .expect("insert events");
+    }
+
+    /// The ids of request `id`'s events in the store, in order.
+    async fn stored_ids(db: &Db, id: &str) -> Vec<u64> {
+        let ids: Vec<i64> =
+            sqlx::query_scalar("SELECT id FROM events WHERE request_id = $1 ORDER BY id")
+                .bind(id)
+                .fetch_all(&db.pool)
+                .await
+                .expect("ids");
+        ids.into_iter().map(|i| i as u64).collect()
+    }
+
+    async fn page(
+        client: &mut RequestServiceClient<Channel>,
+        id: &str,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<EventList, Status> {
+        client
+            .list_events(ListEventsRequest {
+                request_id: id.into(),
+                page_size,
+                page_token: page_token.into(),
+            })
+            .await
+            .map(Response::into_inner)
+    }
+
+    /// Every event of request `id`, following the tokens; the pages' sizes.
+    async fn all_pages(
+        client: &mut RequestServiceClient<Channel>,
+        id: &str,
+        page_size: u32,
+    ) -> (Vec<u64>, Vec<usize>) {
+        let (mut ids, mut sizes, mut token) = (Vec::new(), Vec::new(), String::new());
+        loop {
+            let list = page(client, id, page_size, &token).await.expect("page");
+            assert!(
+                list.encoded_len() <= MAX_MESSAGE_BYTES,
+                "{}",
+                list.encoded_len()
+            );
+            assert_eq!(
+                list.request.as_ref().map(|r| r.request_id.as_str()),
+                Some(id)
+            );
+            sizes.push(list.events.len());
+            ids.extend(list.events.iter().map(|e| e.event_id));
+            if list.next_page_token.is_empty() {
+                return (ids, sizes);
+            }
+            assert!(sizes.len() < 100, "pages do not end");
+            token = list.next_page_token;
+        }
+    }
+
+    /// A request whose events pass one answer's 4 MiB is listed whole by following
+    /// `next_page_token`, each page within the limit and oldest first, by its partner and
+    /// by an operator, with the default page size and a small one; an ordinary request's
+    /// events come in one answer. Before, ListEvents answered OUT_OF_RANGE (encoded message
+    /// too large), and nothing listed the request's events again.
+    async fn events_past_one_answer_are_listed_by_pages(url: &str, dir: &std::path::Path) {
+        let registry = Registry::start(dir, url, Setup::default()).await;
+        let id = registry.submit(RequestKind::Erasure, "paged").await;
+        let ordinary = registry.submit(RequestKind::Erasure, "ordinary").await;
+        let mut ops = RequestServiceClient::new(registry.channel("operator"));
+        let one = page(&mut ops, &ordinary, 0, "").await.expect("ordinary");
+        assert!(!one.events.is_empty(), "{one:?}");
+        assert_eq!(one.next_page_token, "");
+
+        let before = page(&mut ops, &id, 0, "").await.expect("before").events;
+        record_many(url, &id, MANY).await;
+        let db = Db::connect(url).await.expect("connect");
+        // The undelivered request's failed deliveries may add events meanwhile: every page
+        // holds those stored before it was read, and nothing else.
+        let crm = RequestServiceClient::new(registry.channel("partner-crm"));
+        for (mut client, page_size) in [(ops.clone(), 0), (crm, 0), (ops.clone(), 400)] {
+            let stored_before = stored_ids(&db, &id).await;
+            assert!(stored_before.len() >= before.len() + MANY);
+            let (ids, sizes) = all_pages(&mut client, &id, page_size).await;
+            let stored_after = stored_ids(&db, &id).await;
+            assert!(
+                ids.windows(2).all(|w| w[0] < w[1]),
+                "oldest first, each once"
+            );
+            assert!(
+                stored_before.iter().all(|i| ids.contains(i)),
+                "every event listed"
+            );
+            assert!(ids.iter().all(|i| stored_after.contains(i)));
+            if page_size == 0 {
+                // 4 KB events: the limit ends the default page of 1000 early.
+                assert!(sizes.len() >= 2 && sizes[0] < 1000, "{sizes:?}");
+            } else {
+                assert_eq!(sizes.len(), ids.len().div_ceil(400), "{sizes:?}");
+                assert!(sizes.iter().all(|n| *n <= 400), "{sizes:?}");
+            }
+        }
+        registry.stop().await;
+    }
+
+    /// A token is refused (INVALID_ARGUMENT naming `page_token`, saying what to send) when
+    /// it is another request's, made up, or altered; so is a page size past 1000.
+    async fn a_bad_page_token_is_refused(url: &str, dir: &std::path::Path) {
+        let registry = Registry::start(dir, url, Setup::default()).await;
+        let id = registry.submit(RequestKind::Erasure, "one").await;
+        let other = registry.submit(RequestKind::Erasure, "other").await;
+        record_many(url, &other, 2).await;
+        let mut ops = RequestServiceClient::new(registry.channel("operator"));
+        let first = page(&mut ops, &other, 1, "").await.expect("first page");
+        assert!(!first.next_page_token.is_empty(), "{first:?}");
+        let token = first.next_page_token;
+        page(&mut ops, &other, 1, &token)
+            .await
+            .expect("its own token");
+        let (position, mac) = token.split_once('.').expect("token");
+        let altered = format!("{}.{mac}", position.parse::<i64>().unwrap() + 1);
+        for bad in [
+            token.clone(),
+            "12".to_string(),
+            "0.00".to_string(),
+            format!("{position}."),
+            altered,
+            format!("{position}.{}", "0".repeat(32)),
+        ] {
+            let refused = page(&mut ops, &id, 0, &bad).await.unwrap_err();
+            assert_eq!(refused.code(), Code::InvalidArgument, "{bad}: {refused:?}");
+            let m = refused.message();
+            assert!(
+                m.contains("page_token")
+                    && m.contains(&format!("ListEvents gave for request {id}"))
+                    && m.contains("start again without one"),
+                "{m}"
+            );
+        }
+        let refused = page(&mut ops, &id, 1001, "").await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().contains("page_size"), "{refused:?}");
+        registry.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_past_one_answer_are_listed_by_pages_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        events_past_one_answer_are_listed_by_pages(&url, dir.path()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_past_one_answer_are_listed_by_pages_on_postgres() {
+        on_postgres(|url, dir| async move {
+            events_past_one_answer_are_listed_by_pages(&url, &dir).await;
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bad_page_token_is_refused_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        a_bad_page_token_is_refused(&url, dir.path()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bad_page_token_is_refused_on_postgres() {
+        on_postgres(|url, dir| async move {
+            a_bad_page_token_is_refused(&url, &dir).await;
+        })
+        .await;
+    }
+
+    /// A customer number, as the review's example.
+    const CUSTOMER: &str = "C-1001";
+
+    async fn submit_customer(registry: &Registry) -> String {
+        RequestServiceClient::new(registry.channel("partner-crm"))
+            .submit(SubmitRequest {
+                kind: RequestKind::Erasure as i32,
+                identities: vec![SubjectIdentity {
+                    r#type: IdentityType::CustomerNumber as i32,
+                    encoding: IdentityEncoding::Raw as i32,
+                    value: CUSTOMER.into(),
+                    label: String::new(),
+                }],
+                idempotency_key: "customer".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("submit")
+            .into_inner()
+            .request_id
+    }
+
+    fn names_the_reason(refused: &Status) {
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        let m = refused.message();
+        assert!(
+            m.contains("reason: contains the subject's") && !m.contains(CUSTOMER),
+            "{m}"
+        );
+    }
+
+    /// A Cancel's or ExtendDeadline's reason naming one of the request's identities is
+    /// refused as Submit's note is, and nothing is stored; a reason without one is taken;
+    /// once the request's identities are forgotten there is nothing to compare. Before, the
+    /// reason went into the request, its events and the processors' cancel_reason.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reason_naming_the_subject_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        let registry = Registry::start(dir.path(), &url, Setup::default()).await;
+        let id = submit_customer(&registry).await;
+        let mut crm = RequestServiceClient::new(registry.channel("partner-crm"));
+        let mut ops = RequestServiceClient::new(registry.channel("operator"));
+        let cancel = |reason: &str| CancelRequest {
+            request_id: id.clone(),
+            reason: reason.into(),
+        };
+        let extend = |reason: &str| ExtendDeadlineRequest {
+            request_id: id.clone(),
+            months: 1,
+            reason: reason.into(),
+        };
+        for reason in ["customer C-1001 asked", "asked by c-1001."] {
+            names_the_reason(&crm.cancel(cancel(reason)).await.unwrap_err());
+            names_the_reason(&ops.cancel(cancel(reason)).await.unwrap_err());
+            names_the_reason(&ops.extend_deadline(extend(reason)).await.unwrap_err());
+        }
+        let db = Db::connect(&url).await.expect("connect");
+        let quoted: i64 = sqlx::query_scalar(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM events WHERE message LIKE '%1001%'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(quoted, 0);
+        let row = registry.get(&id).await;
+        assert_eq!(row.state, RequestState::Received as i32, "{row:?}");
+        assert!(row.extension_reasons.is_empty(), "{row:?}");
+
+        ops.extend_deadline(extend("the holder's books are archived"))
+            .await
+            .expect("a reason without the subject");
+        // Forgotten: the body is gone, with the identities to compare.
+        sqlx::query("UPDATE requests SET body = NULL WHERE id = $1")
+            .bind(&id)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        crm.cancel(cancel("customer C-1001 asked"))
+            .await
+            .expect("nothing to compare once forgotten");
         registry.stop().await;
     }
 }

@@ -263,6 +263,22 @@ impl Store {
         .await?)
     }
 
+    /// At most `limit` events of a request with an id above `after`, oldest first: one page
+    /// of ListEvents, read without loading the others.
+    pub async fn events_page(&self, id: &str, after: i64, limit: i64) -> Result<Vec<EventRow>> {
+        Ok(sqlx::query_as(
+            "SELECT id, type, occurred_at, request_state, processor, subprocessor, task_state, \
+             sequence, attempt, message, trace_id, span_id, progress FROM events \
+             WHERE request_id = $1 AND id > $2 \
+             ORDER BY id LIMIT $3",
+        )
+        .bind(id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.db.reader)
+        .await?)
+    }
+
     /// Whether a cancelled request's state can no longer change by itself: no task
     /// is unsettled (a holder already called may still finish, and a cancellation that
     /// stopped nothing gives way to what the tasks report, see
