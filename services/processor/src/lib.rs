@@ -81,6 +81,8 @@ mod runner;
 pub mod store;
 mod task_machine;
 pub mod text;
+#[cfg(test)]
+mod transfer_cancel_tests;
 mod uploader;
 
 pub use app::{App, MAX_API_MESSAGE_BYTES};

@@ -33,9 +33,18 @@
 //! renewals failed until the lease may have run out. A file the destination takes no chunk
 //! of for `uploads.stall_ms` ends the attempt too, and the next resumes where the destination
 //! stands.
+//!
+//! A Cancel that comes while an export is on its way to a recipient (a TRANSFER, or a
+//! contract end's return to one) marks the task (a contract end's it cancels outright),
+//! whichever replica takes it; the sender reads the task in the store before each file and
+//! before closing the part. Once it finds either, the files already being sent go to their
+//! end, no other file starts, the part is not closed (which is all a recipient learns of an
+//! abandoned transfer: it discards the parts no CompleteTransfer closed), and the task is
+//! CANCELLED. A return to the registry is sent on: the data goes back to the controller.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,7 +81,7 @@ pub(crate) const CHUNK: usize = 1024 * 1024;
 /// Files of one export sent at the same time (each its own stream): two keep both ends of a
 /// 2-core machine busy with a large export's files, where one at a time left each end waiting
 /// for the other half of the time.
-const FILES_AT_ONCE: usize = 2;
+pub(crate) const FILES_AT_ONCE: usize = 2;
 
 /// Runs until `stop` turns true. Deliveries in flight then get the shutdown grace to
 /// finish; those still sending after it are dropped and their leases released, so another
@@ -153,6 +162,9 @@ enum Failure {
     Retry(Said),
     /// The export cannot be delivered as written; the task fails with this reason.
     Undeliverable(Said),
+    /// The task was cancelled (or ended) while its export went to a recipient: no further
+    /// file starts and the part is not closed.
+    Cancelled,
 }
 
 /// Channels to transfer recipients, made on first use with the processor's client TLS and
@@ -315,17 +327,7 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
     if task.cancel_requested_at.is_some() {
         // Cancelled while an earlier attempt was on its way (which made the cancellation wait
         // for it): nothing more is sent.
-        let event = Event::DeliveryFailed {
-            to,
-            files: job.files.len(),
-            bytes,
-            attempt: job.attempts,
-            error: "the request was cancelled",
-        };
-        let decision = decide(&task.current(), event, &Context::at(shared.clock.now_ms()));
-        return record(shared, job, decision, None, task.sequence, task.attempts)
-            .await
-            .map(drop);
+        return cancelled(shared, job, &task, to).await;
     }
     match send_export(shared, job, &sink).await {
         Ok(receipt) => {
@@ -358,6 +360,10 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
             Ok(())
         }
         Err(Failure::Undeliverable(reason)) => undeliverable(shared, job, &task, to, &reason).await,
+        Err(Failure::Cancelled) => {
+            tracing::info!(%to, "the request was cancelled: no further file sent, part not closed");
+            cancelled_meanwhile(shared, job, to).await
+        }
         Err(Failure::Retry(said)) => {
             let error = said.full();
             let logged = said.logged(shared.log_key());
@@ -432,6 +438,48 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// Ends an attempt that found its task cancelled (or ended) while its export went to a
+/// recipient, as the task stands now.
+async fn cancelled_meanwhile(
+    shared: &Shared,
+    job: &UploadJob,
+    to: Destination<'_>,
+) -> anyhow::Result<()> {
+    match shared.store.task(&job.key).await? {
+        Some(now) if now.state != TaskState::InProgress => {
+            // Ended meanwhile (a contract end's return is cancelled outright): nothing is
+            // waiting for the part.
+            retire(shared, job, None, None, now.sequence, now.attempts)
+                .await
+                .map(drop)
+        }
+        Some(now) => cancelled(shared, job, &now, to).await,
+        None => retire(shared, job, None, None, 0, 0).await.map(drop),
+    }
+}
+
+/// Ends the attempt of a task whose cancellation came while its export was on its way, as
+/// the task machine says for a delivery that did not arrive: CANCELLED, with what was not
+/// delivered; the upload is retired and the export's files swept.
+async fn cancelled(
+    shared: &Shared,
+    job: &UploadJob,
+    task: &TaskRow,
+    to: Destination<'_>,
+) -> anyhow::Result<()> {
+    let event = Event::DeliveryFailed {
+        to,
+        files: job.files.len(),
+        bytes: job.files.iter().map(|f| f.size).sum(),
+        attempt: job.attempts,
+        error: "the request was cancelled",
+    };
+    let decision = decide(&task.current(), event, &Context::at(shared.clock.now_ms()));
+    record(shared, job, decision, None, task.sequence, task.attempts)
+        .await
+        .map(drop)
 }
 
 /// Where `job`'s export goes: the controller's registry, or the recipient its request names.
@@ -574,16 +622,35 @@ async fn send_export(
     // still sending are dropped, and the destination keeps what it stored of them).
     // The futures are made first: a stream's own map over borrowed closures trips the
     // compiler's Send check of the runner's future.
+    let stopped = AtomicBool::new(false);
     let files: Vec<_> = job
         .files
         .iter()
         .zip(&headers)
-        .map(|(f, header)| deliver_file(shared, job, sink, &dir, f, header, timeout))
+        .map(|(f, header)| {
+            let file = Outgoing {
+                dir: &dir,
+                f,
+                header,
+            };
+            deliver_file(shared, job, sink, file, timeout, &stopped)
+        })
         .collect();
     let sending = async {
         let mut sending = futures::stream::iter(files).buffer_unordered(FILES_AT_ONCE);
         while let Some(sent) = sending.next().await {
-            sent?;
+            match sent {
+                // A file already on its way when the cancellation was found goes to its end:
+                // the store is read between files, not mid-file, and cutting the one still
+                // sending whenever another ended would cut by which file ended first. The
+                // later ones find `stopped` and never start.
+                Err(Failure::Cancelled) => {}
+                Err(_) if stopped.load(Ordering::Relaxed) => return Err(Failure::Cancelled),
+                sent => sent?,
+            }
+        }
+        if stopped.load(Ordering::Relaxed) {
+            return Err(Failure::Cancelled);
         }
         Ok(())
     };
@@ -595,10 +662,13 @@ async fn send_export(
         lost = lease.keep() => return Err(lost),
     }
     // The part is closed only under a lease held now: a cancellation reads a leased upload
-    // as busy and lets the delivery be recorded, but it cancels the task of one whose lease
-    // ran out (renewals that failed while the files were sent leave the lease running down,
-    // and it may end before this point), and this sender must then not deliver.
+    // as busy and only marks its task, but it cancels the task of one whose lease ran out
+    // (renewals that failed while the files were sent leave the lease running down, and it
+    // may end before this point), and this sender must then not deliver.
     hold_lease(shared, job).await?;
+    // A recipient's part is not closed once the task was marked cancelled, wherever the
+    // Cancel was taken: the data would reach a third party after the subject withdrew.
+    still_wanted(shared, job, sink).await?;
     let receipt = sink
         .complete(key, headers.clone(), timeout)
         .await
@@ -680,17 +750,56 @@ fn signature_problem(keys: &KeyRing, r: &TransferReceipt) -> Option<String> {
     dsrelay_runtime::transfer_receipt::verify(r, keys).err()
 }
 
+/// Fails with [`Failure::Cancelled`] when `job`'s export goes to a recipient and its task no
+/// longer waits for it: marked cancelled (the Cancel came while the export was on its way),
+/// or ended. One keyed read of the task in the store, so a Cancel any replica took counts.
+/// A return to the registry goes on: the data goes back to the controller that cancelled,
+/// and most of it is usually there already (`crate::head_start`).
+async fn still_wanted(shared: &Shared, job: &UploadJob, sink: &Sink<'_>) -> Result<(), Failure> {
+    if matches!(sink, Sink::Registry(_)) {
+        return Ok(());
+    }
+    match shared.store.task(&job.key).await {
+        Ok(Some(t)) if t.state == TaskState::InProgress && t.cancel_requested_at.is_none() => {
+            Ok(())
+        }
+        Ok(_) => Err(Failure::Cancelled),
+        Err(e) => Err(Failure::Retry(Said::ours(format!(
+            "reading whether the task was cancelled before sending more to {}: {e:#}",
+            sink.destination()
+        )))),
+    }
+}
+
+/// One file of an export on its way: where it is read from, and its header.
+struct Outgoing<'a> {
+    dir: &'a Path,
+    f: &'a ExportedFile,
+    header: &'a ExportFileHeader,
+}
+
 /// Sends one file of `job`'s export unless the destination holds it whole already (asking
-/// with `timeout`); the caller keeps the upload's lease meanwhile.
+/// with `timeout`); the caller keeps the upload's lease meanwhile. At a recipient the file
+/// does not start once the task was found cancelled, by this file's look at the store or an
+/// earlier one's (`stopped`).
 async fn deliver_file(
     shared: &Shared,
     job: &UploadJob,
     sink: &Sink<'_>,
-    dir: &Path,
-    f: &ExportedFile,
-    header: &ExportFileHeader,
+    file: Outgoing<'_>,
     timeout: Duration,
+    stopped: &AtomicBool,
 ) -> Result<(), Failure> {
+    let Outgoing { dir, f, header } = file;
+    if stopped.load(Ordering::Relaxed) {
+        return Err(Failure::Cancelled);
+    }
+    if let Err(e) = still_wanted(shared, job, sink).await {
+        if matches!(e, Failure::Cancelled) {
+            stopped.store(true, Ordering::Relaxed);
+        }
+        return Err(e);
+    }
     let cfg = &shared.config.uploads;
     let state = sink
         .state(header, timeout)
@@ -699,7 +808,8 @@ async fn deliver_file(
     // A file the destination holds whole was checked there against its SHA-256; the others
     // are checked here as they are read for sending.
     if !state.complete {
-        send_file(sink, &dir.join(&f.name), header, state.offset, cfg.stall_ms).await?;
+        let path = dir.join(&f.name);
+        send_file(sink, &path, header, state.offset, cfg.stall_ms, timeout).await?;
         shared.metrics.export_sent(
             &job.key.subprocessor,
             false,
@@ -900,13 +1010,15 @@ async fn open(path: &Path, f: &ExportedFile) -> Result<tokio::fs::File, Failure>
 /// fails the task instead of being retried: it is read once per attempt, not twice. The send
 /// fails when the destination takes no chunk, or does not answer after the last, for
 /// `idle_ms`: a slow link's file goes on for as long as it moves, a stuck one holds the
-/// upload no longer.
+/// upload no longer. A send the destination ends with an error is followed by one state
+/// call (`timeout`), so the failure says how much of the file it holds.
 async fn send_file(
     sink: &Sink<'_>,
     path: &Path,
     header: &ExportFileHeader,
     offset: u64,
     idle_ms: u64,
+    timeout: Duration,
 ) -> Result<(), Failure> {
     let meta = ExportedFile {
         name: header.name.clone(),
@@ -1033,13 +1145,23 @@ async fn send_file(
             header.name
         ))));
     };
-    let state = sent.map_err(|s| {
-        refused(
-            to,
-            &format!("sending {} from byte {offset}", header.name),
-            &s,
-        )
-    })?;
+    let state = match sent {
+        Ok(state) => state,
+        Err(s) => {
+            // Where the stream began is not where it broke: the destination's own count says
+            // what this attempt left there, and the next resumes from it.
+            let stored = match sink.state(header, timeout).await {
+                Ok(now) if now.complete => "stored whole".to_string(),
+                Ok(now) => format!("{} bytes stored", now.offset),
+                Err(_) => {
+                    let read = reading.lock().unwrap_or_else(|p| p.into_inner()).bytes;
+                    format!("sent up to byte {read}, how much was stored unknown")
+                }
+            };
+            let doing = format!("sending {} (from byte {offset}; {stored})", header.name);
+            return Err(refused(to, &doing, &s));
+        }
+    };
     if !state.complete {
         return Err(Failure::Retry(Said::ours(format!(
             "{to} holds {} of {} bytes of {} after sending it",

@@ -780,3 +780,67 @@ async fn transfer_delivered_without_a_recipient_fails_its_tasks() {
     }
     pair.stop().await;
 }
+
+/// A transfer cancelled while the recipient is storing its export's big file (slowly)
+/// stops there: the part is never closed (the recipient logs no "transfer received"), no
+/// receipt comes back, and the task and the request are CANCELLED. The cancellation used to
+/// let every file go and the part be closed, the request ending COMPLETED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_cancelled_mid_stream_is_not_closed_at_the_recipient() {
+    let mut pair = spawn_pair(PairOptions {
+        holders: vec![Holder::Accounting],
+        recipient: Some(RecipientOptions {
+            process: true,
+            chunk_delay_ms: 400,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    make_the_export_big(&pair.accounting_url).await;
+    let id = submit(&pair).await;
+    let folder = pair.received_from_processor().join(&id);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while largest_partial(&folder) < 1024 * 1024 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no chunk reached the recipient"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut crm = pair.crm();
+    crm.cancel(dsrelay_proto::v1::CancelRequest {
+        request_id: id.clone(),
+        reason: "the subject withdrew".into(),
+    })
+    .await
+    .expect("cancel");
+    let finished = |view: &Request| {
+        !view.tasks.is_empty()
+            && view.tasks.iter().all(|t| {
+                t.state != TaskState::InProgress as i32 && t.state != TaskState::Pending as i32
+            })
+    };
+    let view = wait_until(&mut crm, &id, Duration::from_secs(60), finished).await;
+    let log = without_colours(&pair.recipient().log());
+    assert!(
+        !log.contains("transfer received"),
+        "the part was closed:\n{log}"
+    );
+    let task = &view.tasks[0];
+    assert_eq!(task.state, TaskState::Cancelled as i32, "{view:#?}");
+    assert!(
+        task.reason
+            .contains(&format!("is not delivered to recipient {RECIPIENT}")),
+        "{view:#?}"
+    );
+    assert!(
+        task.evidence
+            .as_ref()
+            .is_none_or(|e| e.transfer_receipt.is_none()),
+        "{view:#?}"
+    );
+    assert_eq!(view.state, RequestState::Cancelled as i32, "{view:#?}");
+    pair.stop().await;
+}
