@@ -83,6 +83,8 @@ mod task_machine;
 pub mod text;
 #[cfg(test)]
 mod transfer_cancel_tests;
+#[cfg(test)]
+mod upload_cause_tests;
 mod uploader;
 
 pub use app::{App, MAX_API_MESSAGE_BYTES};

@@ -3,7 +3,8 @@
 //! names a server) and runner: the counts go with the task when the confirmation releases
 //! the erasure, with when the export's last start call began (confirmation polls do not
 //! move it), every call gets them until one records that it passed the check, a holder
-//! holding more fails the task with its reason, and a DELETE is never checked.
+//! holding more fails the task with its reason, and a DELETE is never checked, nor is the
+//! erasure of a return that was not confirmed by the end of the grace period.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -174,11 +175,15 @@ fn config(dir: &std::path::Path, database_url: &str) -> Config {
     Config::load_from(Some(&file), Vec::new()).expect("config")
 }
 
+/// The grace period of these tests' contract ends: long enough for a test's steps to run
+/// inside it on a slow database.
+const GRACE_MS: i64 = 60_000;
+
 fn terms(choice: ContractEndChoice, now: i64, return_confirmed: bool) -> ContractEnd {
     ContractEnd {
         choice: choice as i32,
         effective_at: Some(timestamp_from_millis(now)),
-        grace_ends_at: Some(timestamp_from_millis(now + 1_000)),
+        grace_ends_at: Some(timestamp_from_millis(now + GRACE_MS)),
         return_confirmed,
         transfer_recipient: String::new(),
     }
@@ -235,27 +240,33 @@ async fn accepted(
 }
 
 /// Moves contract end `r-1`'s RETURN_THEN_DELETE task to AWAITING_CONFIRMATION with
+/// [`RETURNED`] as the export's counts, at `now`.
+async fn returned(shared: &Arc<Shared>, now: i64) {
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    let returned = Transition {
+        state: TaskState::InProgress,
+        contract: Some(ContractStep {
+            phase: ContractPhase::AwaitingConfirmation,
+            progress: Some(RETURNED),
+            scheduled_at: None,
+        }),
+        ..Default::default()
+    };
+    shared
+        .store
+        .transition(&task.key, task.sequence, &returned, now, 0)
+        .await
+        .expect("move")
+        .expect("moved");
+}
+
+/// Moves contract end `r-1`'s RETURN_THEN_DELETE task to AWAITING_CONFIRMATION with
 /// [`RETURNED`] as the export's counts, and confirms the return of the terms it was
 /// accepted with at `now`.
 async fn return_confirmed(shared: &Arc<Shared>, now: i64) {
     let choice = ContractEndChoice::ReturnThenDelete;
     {
-        let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
-        let returned = Transition {
-            state: TaskState::InProgress,
-            contract: Some(ContractStep {
-                phase: ContractPhase::AwaitingConfirmation,
-                progress: Some(RETURNED),
-                scheduled_at: None,
-            }),
-            ..Default::default()
-        };
-        shared
-            .store
-            .transition(&task.key, task.sequence, &returned, now, 0)
-            .await
-            .expect("move")
-            .expect("moved");
+        returned(shared, now).await;
         shared
             .store
             .update_contract_end("acme", "r-1", &terms(choice, now, true), None, now + 1)
@@ -469,7 +480,79 @@ async fn the_erasure_gets_the_last_export_start(database_url: &str, dir: &std::p
     assert_eq!(task.state, TaskState::Completed, "{task:?}");
 }
 
+/// A return the controller never confirmed: the task waits in AWAITING_CONFIRMATION until
+/// the grace period ends (no holder called), then deletes all of the data, as a contract end
+/// without a choice does then: unchecked (the holder holds more than was returned, which a
+/// check would refuse, keeping the data past the grace period), with a certificate, the
+/// registry told no confirmation came. Before, the task slept for ever and nothing was
+/// deleted.
+async fn an_unconfirmed_return_is_deleted_at_the_grace_end(
+    database_url: &str,
+    dir: &std::path::Path,
+) {
+    let held = BulkProgress {
+        subjects_done: 0,
+        subjects_total: 4,
+        records_done: 0,
+        records_total: 9,
+        erased: Vec::new(),
+    };
+    let holder = Holder::new(held, &[Call::Finish]);
+    let choice = ContractEndChoice::ReturnThenDelete;
+    let (_app, shared, accepted_at) = accepted(database_url, dir, holder.clone(), choice).await;
+    returned(&shared, accepted_at).await;
+    let grace_ends_at = accepted_at + GRACE_MS;
+    // Woken once, it sleeps until the grace period ends.
+    assert_eq!(step(&shared, shared.clock.now_ms() + 10).await, 1);
+    assert_eq!(step(&shared, grace_ends_at - 1).await, 0);
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(
+        (task.state, task.phase),
+        (TaskState::InProgress, ContractPhase::AwaitingConfirmation),
+        "{task:?}"
+    );
+    assert!(holder.seen().is_empty(), "the holder was called");
+
+    shared.clock.advance(grace_ends_at - shared.clock.now_ms());
+    assert_eq!(step(&shared, grace_ends_at).await, 1);
+    assert_eq!(holder.seen(), [None], "the erasure is not checked");
+    let task = &shared.store.tasks("acme", "r-1").await.expect("tasks")[0];
+    assert_eq!(
+        (task.state, task.phase, task.records_affected),
+        (TaskState::Completed, ContractPhase::Done, 7),
+        "{task:?}"
+    );
+    let certificates: i64 = sqlx::query_scalar(
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM certificates WHERE request_id = 'r-1'",
+    )
+    .fetch_one(&shared.store.db().pool)
+    .await
+    .expect("certificates");
+    assert_eq!(certificates, 1);
+    let reasons: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT payload FROM ack_outbox WHERE request_id = 'r-1'")
+            .fetch_all(&shared.store.db().pool)
+            .await
+            .expect("acks");
+    let why = reasons.iter().find_map(|p| {
+        let ack = <dsrelay_proto::v1::Acknowledgement as dsrelay_proto::prost::Message>::decode(
+            p.as_slice(),
+        )
+        .expect("ack");
+        (ack.progress.map(|p| p.phase()) == Some(ContractPhase::Deleting)).then_some(ack.reason)
+    });
+    let why = why.expect("the start of the deletion is acknowledged");
+    assert!(
+        why.starts_with(
+            "no confirmation of receipt of the returned data came from the controller by the \
+             end of the grace period ("
+        ),
+        "{why}"
+    );
+}
+
 on_both!(
+    an_unconfirmed_return_is_deleted_at_the_grace_end,
     checked_until_a_call_passed,
     counts_from_before_the_check_are_not_recorded,
     more_held_than_returned_fails_the_task,

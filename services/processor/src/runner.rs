@@ -46,6 +46,9 @@
 //! the last start's; adapters are not sent it), until a call of it has recorded progress of
 //! its own: the connector checks the holder against them and records that it passed
 //! ([`ProgressReporter::record_now`], answered here at once) before it erases anything.
+//! An erasure the end of the grace period released, no confirmation having come, is handed
+//! neither: it deletes all of the controller's data there, as a contract end without a
+//! choice does then.
 //!
 //! [`Store::record_returned`]: crate::store::Store::record_returned
 //! [`Store::record_export_started`]: crate::store::Store::record_export_started
@@ -435,6 +438,7 @@ async fn run_contract_task(
         .unzip();
     // The data goes back to the registry unless the terms name a transfer recipient.
     let to_registry = recipient.is_some_and(|r| r.is_empty());
+    let confirmed = terms.is_some_and(|t| t.return_confirmed);
     let event = Event::ContractClaimed { holder, terms };
     let (start, op, phase) = match decide(&current, event, &context(shared, &job, 0)) {
         Decision::RunBulk { start, op, phase } => (start, op, phase),
@@ -445,7 +449,9 @@ async fn run_contract_task(
     };
     // The confirmation releases the erasure, whose start gives the task's counts (the
     // export's, until now) to the erasure: what was returned is kept for its check first.
-    if op == BulkOp::Erase && job.task.phase == ContractPhase::AwaitingConfirmation {
+    // The end of the grace period without a confirmation releases it too, unchecked: all of
+    // the data goes then, as without a choice, and a check refusing it would keep it there.
+    if op == BulkOp::Erase && job.task.phase == ContractPhase::AwaitingConfirmation && confirmed {
         let counts = job.task.counts.clone();
         if !(shared.store)
             .record_returned(key, seq, &job.lease_owner, counts)

@@ -26,10 +26,12 @@
 //!   ([`Event::Delivered`], the receipt recorded and acknowledged); an export that cannot be
 //!   sent as written (a file vanished or changed, a refusal for good) → FAILED with why
 //! - a delivery attempt failed ([`Event::DeliveryFailed`]: destination down, wrong identity,
-//!   a refused chunk or receipt) → stays IN_PROGRESS with a note saying what is missing and
-//!   until when it is retried ([`delivery_retry_at`]: after the backoff, no later than the
-//!   due date), acknowledged on attempts 1, 2, 4, 8... ([`worth_acknowledging`]) and only
-//!   retried in between; past the due date → FAILED with the last reason
+//!   a refused chunk or receipt) → stays IN_PROGRESS with a note saying what is missing,
+//!   when it failed, when the next attempt comes ([`delivery_retry_at`]: after the backoff,
+//!   no later than the due date) and until when, acknowledged on attempts 1, 2, 4, 8...
+//!   ([`worth_acknowledging`]) and on any attempt whose cause differs from the last one
+//!   acknowledged ([`same_cause`]), only retried in between; past the due date → FAILED
+//!   with the last reason
 //! - COMPLETED, NOT_FOUND → final and confirmed; RETAINED → sleeps until its date (the
 //!   holder's next release, not the end of all retention), then runs again to erase what was
 //!   released, RETAINED again with the next date while anything is kept; after a retention
@@ -78,7 +80,9 @@
 //!   registry as the task's part of the package, or to the transfer recipient the terms name;
 //!   the registry holds the part, or the recipient's receipt matched → IN_PROGRESS
 //!   AWAITING_CONFIRMATION (with the receipt), never COMPLETED: the data is still there
-//! - AWAITING_CONFIRMATION sleeps until the controller confirms receipt; then → DELETING
+//! - AWAITING_CONFIRMATION sleeps until the controller confirms receipt; then → DELETING.
+//!   No confirmation by the end of the grace period → DELETING then, as without a choice,
+//!   the note saying no confirmation came
 //! - the erasure done → COMPLETED (DONE); kept under an obligation → RETAINED (DONE), erased
 //!   by the processor itself at its date like a single erasure
 //! - refused by the holder, or a permanent error → FAILED with why: the data is not gone;
@@ -149,6 +153,10 @@ pub struct Current<'a> {
     /// The legal basis a RETAINED task's data is kept under, kept with it like
     /// `retain_until` while its retention run awaits the holder's confirmation.
     pub legal_basis: &'a str,
+    /// The reason recorded last (`TaskRow::reason`): while an export's delivery is retried,
+    /// the note of the last failure acknowledged, which tells whether the next failure's
+    /// cause is news ([`same_cause`]).
+    pub reason: &'a str,
     /// The runner called the holder and recorded no answer yet (`TaskRow::call_started_at`):
     /// the call is under way, or was cut off (a shutdown, a crash, a lost lease) after the
     /// holder may have done the work.
@@ -968,18 +976,21 @@ fn decide_event(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision
                     ctx,
                 ));
             }
-            if !worth_acknowledging(attempt) {
+            let at = delivery_retry_at(ctx);
+            let note = format!(
+                "sending {files} file(s) ({}) to {to}: attempt {attempt} failed at {}: \
+                 {error}; next attempt at {}, retrying until {}",
+                size_label(bytes),
+                date_label(ctx.now),
+                date_label(at),
+                date_label(ctx.due_at)
+            );
+            if !worth_acknowledging(attempt) && same_cause(task.reason, &note) {
                 return Decision::Later {
-                    at: delivery_retry_at(ctx),
+                    at,
                     error: Some(error),
                 };
             }
-            let note = format!(
-                "sending {files} file(s) ({}) to {to}: attempt {attempt} failed: {error}; \
-                 retrying until {}",
-                size_label(bytes),
-                date_label(ctx.due_at)
-            );
             Decision::Move(Transition {
                 state: InProgress,
                 records_affected: task.records_affected,
@@ -1030,6 +1041,27 @@ fn delivered(
 /// retried and why. Attempts in between are kept for operators (the upload's last error).
 pub(crate) fn worth_acknowledging(attempt: i64) -> bool {
     attempt <= 1 || (attempt as u64).is_power_of_two()
+}
+
+/// Whether a failed delivery's `note` says what the task's recorded `reason` says (the note
+/// of the last failure acknowledged), counts, sizes and times aside: each attempt's number
+/// and times differ, and so do the byte counts of an error about a stream that broke
+/// elsewhere each time, none of which is news for the controller. A reason that is no such
+/// note (the task's before its first failure) never matches. The note is compared as the
+/// store records it ([`crate::text::fit`]).
+fn same_cause(reason: &str, note: &str) -> bool {
+    let shape = |text: &str| {
+        let mut out = String::with_capacity(text.len());
+        for c in text.chars() {
+            match c.is_ascii_digit() {
+                true if out.ends_with('#') => {}
+                true => out.push('#'),
+                false => out.push(c),
+            }
+        }
+        out
+    };
+    shape(reason) == shape(&crate::text::fit(note, crate::text::MAX_REASON))
 }
 
 /// When a failed delivery is tried again: after the backoff drawn, and no later than the due
@@ -1685,10 +1717,43 @@ fn contract_claimed(
                 phase: Phase::Start,
             }
         }
-        (TaskState::InProgress, ContractPhase::AwaitingConfirmation) => Decision::Later {
-            at: NEVER,
-            error: None,
-        },
+        (TaskState::InProgress, ContractPhase::AwaitingConfirmation)
+            if ctx.now < terms.grace_ends_at =>
+        {
+            Decision::Later {
+                at: terms.grace_ends_at,
+                error: None,
+            }
+        }
+        // The grace period bounds the wait as it bounds a contract end without a choice: the
+        // data may not outlive it because no confirmation came.
+        (TaskState::InProgress, ContractPhase::AwaitingConfirmation) => {
+            let note = format!(
+                "no confirmation of receipt of the returned data came from the controller by \
+                 the end of the grace period ({}); deleting the controller's data, as without \
+                 a choice",
+                date_label(terms.grace_ends_at)
+            );
+            Decision::RunBulk {
+                start: Some(Transition {
+                    state: TaskState::InProgress,
+                    records_affected: task.records_affected,
+                    confirmed: true,
+                    // Also the reason: the registry's event of the change (and so `dsrctl
+                    // trace`) shows reasons, and this one says why the data went unconfirmed.
+                    reason: note.clone(),
+                    note,
+                    hold_ms: Some(ctx.lease_ms),
+                    contract: Some(ContractStep::at(
+                        ContractPhase::Deleting,
+                        BulkProgress::default(),
+                    )),
+                    ..Default::default()
+                }),
+                op: BulkOp::Erase,
+                phase: Phase::Start,
+            }
+        }
         (TaskState::Retained, _) => Decision::RunBulk {
             start: None,
             op: BulkOp::Erase,
@@ -1712,7 +1777,7 @@ fn contract_claimed(
 ///   ([`BulkJob::recorded_progress`]), from which a connector resuming it counts, so that
 ///   what was erased before is counted once;
 /// - AWAITING_CONFIRMATION: waits again for the controller's confirmation (deleting at once
-///   when it came);
+///   when it came, or when the grace period has ended without it);
 /// - DONE: it failed in a retention run, which is not retried (as `RetryRefusal::WasRetained`).
 ///
 /// [`BulkJob::recorded_progress`]: dsrelay_connectors::BulkJob::recorded_progress
@@ -2112,6 +2177,7 @@ mod tests {
             cancel_requested: false,
             retain_until: None,
             legal_basis: "",
+            reason: "",
             call_started: false,
         }
     }
@@ -2722,8 +2788,9 @@ mod tests {
         assert!(!t.upload, "the delivery is queued already");
         assert_eq!(
             t.note,
-            "sending 3 file(s) (12.4 MB) to recipient new-bookkeeper: attempt 4 failed: \
-             connection refused; retrying until 1970-01-01T00:33:20Z"
+            "sending 3 file(s) (12.4 MB) to recipient new-bookkeeper: attempt 4 failed at \
+             1970-01-01T00:16:40Z: connection refused; next attempt at 1970-01-01T00:16:40Z, \
+             retrying until 1970-01-01T00:33:20Z"
         );
         assert_eq!(t.reason, t.note, "the registry's events show reasons");
         // The next attempt comes after the backoff, never after the due date.
@@ -2747,9 +2814,25 @@ mod tests {
 
     #[test]
     fn failed_deliveries_are_acknowledged_at_doubling_gaps() {
+        // The task's reason is the note of the last failure acknowledged, of the same cause.
+        let last = moved(decide(
+            &task(InProgress),
+            Event::DeliveryFailed {
+                to: Destination::Registry,
+                files: 1,
+                bytes: 10,
+                attempt: 2,
+                error: "connection refused",
+            },
+            &Context { now: 7, ..ctx() },
+        ));
+        let acknowledged = Current {
+            reason: &last.reason,
+            ..task(InProgress)
+        };
         let failed = |attempt, ctx: &Context| {
             decide(
-                &task(InProgress),
+                &acknowledged,
                 Event::DeliveryFailed {
                     to: Destination::Registry,
                     files: 1,
@@ -2778,6 +2861,88 @@ mod tests {
         }
         // At the due date every attempt ends the task, acknowledged.
         assert!(matches!(failed(3, &past_due()), Decision::Move(t) if t.state == Failed));
+    }
+
+    /// A failure whose cause differs from the one acknowledged last is acknowledged whatever
+    /// its attempt, so the registry never shows a cause that has passed; the same cause
+    /// again (its counts and times aside) waits for the next of attempts 1, 2, 4, 8....
+    /// Before, attempts 9 to 15 were never acknowledged, whatever they failed with.
+    #[test]
+    fn a_failed_delivery_is_acknowledged_when_its_cause_changes() {
+        let to = Destination::Recipient("new-bookkeeper");
+        let fail = |reason: &str, attempt, error: &str, now| {
+            let t = Current {
+                reason,
+                ..task(InProgress)
+            };
+            let event = Event::DeliveryFailed {
+                to,
+                files: 8,
+                bytes: 6_600_000,
+                attempt,
+                error,
+            };
+            decide(&t, event, &Context { now, ..ctx() })
+        };
+        let wrong = "recipient new-bookkeeper presented identity spiffe://x/other";
+        let refused = "transport error: Connection refused (os error 111)";
+        let eighth = moved(fail("", 8, wrong, NOW));
+        assert!(eighth.reason.contains(wrong), "{}", eighth.reason);
+        // Attempt 9 fails otherwise: acknowledged, saying when it failed and when the next
+        // attempt comes.
+        let ninth = match fail(&eighth.reason, 9, refused, NOW + 60_000) {
+            Decision::Move(t) => t,
+            other => panic!("a changed cause is acknowledged: {other:?}"),
+        };
+        assert_eq!(
+            ninth.reason,
+            format!(
+                "sending 8 file(s) (6.6 MB) to recipient new-bookkeeper: attempt 9 failed at \
+                 1970-01-01T00:17:40Z: {refused}; next attempt at 1970-01-01T00:17:40Z, \
+                 retrying until 1970-01-01T00:33:20Z"
+            )
+        );
+        assert_eq!(
+            (ninth.state, ninth.next_attempt_at),
+            (InProgress, Some(NEVER))
+        );
+        // The same cause at attempts 10 to 15, at other times: only retried.
+        for attempt in 10..=15 {
+            let now = NOW + attempt * 60_000;
+            assert_eq!(
+                fail(&ninth.reason, attempt, refused, now),
+                Decision::Later {
+                    at: now + 500,
+                    error: Some(refused.into())
+                },
+                "attempt {attempt}"
+            );
+        }
+        assert!(matches!(
+            fail(&ninth.reason, 16, refused, NOW),
+            Decision::Move(_)
+        ));
+        // A stream that breaks at another byte each time is the same cause, not news.
+        let broke = |from: u64, stored: u64| {
+            format!(
+                "sending customers.json (from byte {from}; {stored} bytes stored) at recipient \
+                 new-bookkeeper: Unavailable: the stream broke"
+            )
+        };
+        let first = moved(fail("", 4, &broke(0, 1_000), NOW));
+        assert!(matches!(
+            fail(&first.reason, 5, &broke(1_000, 250_000), NOW + 9_000),
+            Decision::Later { .. }
+        ));
+        // A reason in the words of an earlier version, or of another step, is no such note.
+        let old = "sending 8 file(s) (6.6 MB) to recipient new-bookkeeper: attempt 8 failed: \
+                   transport error: Connection refused (os error 111); retrying until \
+                   1970-01-01T00:33:20Z";
+        assert!(matches!(fail(old, 9, refused, NOW), Decision::Move(_)));
+        assert!(matches!(
+            fail("exported, delivering", 3, refused, NOW),
+            Decision::Move(_)
+        ));
     }
 
     #[test]
@@ -3787,13 +3952,14 @@ mod tests {
         );
         // Looked at once more, in case the confirmation came while the part was on its way.
         assert_eq!(t.next_attempt_at, Some(NOW));
-        // Until the controller confirms it sleeps; then it deletes.
+        // Until the controller confirms it sleeps, no later than the grace period's end; once
+        // confirmed it deletes.
         let waiting = contract_task(InProgress, ContractPhase::AwaitingConfirmation);
         let mut rtd = terms(ContractEndChoice::ReturnThenDelete);
         assert_eq!(
             contract_claimed(&waiting, rtd, EFFECTIVE),
             Decision::Later {
-                at: NEVER,
+                at: GRACE,
                 error: None
             }
         );
@@ -3850,6 +4016,79 @@ mod tests {
             moved(bulk(&returning, BulkOp::Export, Phase::Start, Ok(kept))).state,
             Failed
         );
+    }
+
+    /// A return never confirmed is deleted at the end of the grace period, as a contract
+    /// end without a choice is, saying no confirmation came. Before, the task slept for
+    /// ever in AWAITING_CONFIRMATION and the data stayed.
+    #[test]
+    fn an_unconfirmed_return_is_deleted_when_the_grace_period_ends() {
+        let waiting = Current {
+            records_affected: 5,
+            ..contract_task(InProgress, ContractPhase::AwaitingConfirmation)
+        };
+        let rtd = terms(ContractEndChoice::ReturnThenDelete);
+        assert_eq!(
+            contract_claimed(&waiting, rtd, GRACE - 1),
+            Decision::Later {
+                at: GRACE,
+                error: None
+            }
+        );
+        let none = contract_claimed(
+            &contract_task(Pending, ContractPhase::Scheduled),
+            terms(ContractEndChoice::None),
+            GRACE,
+        );
+        for now in [GRACE, GRACE + 86_400_000] {
+            let Decision::RunBulk {
+                start: Some(start),
+                op,
+                phase,
+            } = contract_claimed(&waiting, rtd, now)
+            else {
+                panic!("the grace period ended: the data goes");
+            };
+            // The step a contract end without a choice takes then.
+            let Decision::RunBulk {
+                op: none_op,
+                phase: none_phase,
+                start: Some(none_start),
+            } = &none
+            else {
+                panic!("{none:?}");
+            };
+            assert_eq!((op, &phase), (*none_op, none_phase));
+            assert_eq!(start.contract, none_start.contract);
+            assert_eq!(
+                (start.state, start.records_affected, start.hold_ms),
+                (InProgress, 5, Some(30_000))
+            );
+            assert_eq!(
+                start.note,
+                "no confirmation of receipt of the returned data came from the controller by \
+                 the end of the grace period (1970-01-01T00:25:00Z); deleting the controller's \
+                 data, as without a choice"
+            );
+            assert_eq!(
+                start.reason, start.note,
+                "the registry's events show reasons"
+            );
+        }
+        // A confirmation that came in time deletes as before, saying so.
+        let confirmed = Terms {
+            return_confirmed: true,
+            ..rtd
+        };
+        match contract_claimed(&waiting, confirmed, GRACE + 1) {
+            Decision::RunBulk {
+                start: Some(start), ..
+            } => assert!(
+                start.note.starts_with("the controller confirmed"),
+                "{start:?}"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

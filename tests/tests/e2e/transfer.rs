@@ -426,7 +426,7 @@ async fn transfer_to_a_recipient_that_is_down_fails_at_the_due_date() {
     .await;
     let reason = &view.tasks[0].reason;
     assert!(reason.starts_with("sending 8 file(s) ("), "{reason}");
-    assert!(reason.contains("; retrying until "), "{reason}");
+    assert!(reason.contains(", retrying until "), "{reason}");
     assert_eq!(view.state, RequestState::InProgress as i32);
     // `dsrctl get` shows the operator why.
     let out = crate::harness::dsrctl::dsrctl(&pair, "operator", &["get", &id]).await;

@@ -83,6 +83,7 @@ impl TaskRow {
             cancel_requested: self.cancel_requested_at.is_some(),
             retain_until: self.retain_until,
             legal_basis: &self.legal_basis,
+            reason: &self.reason,
             call_started: self.call_started_at.is_some(),
         }
     }
