@@ -308,10 +308,11 @@ fn usage_errors_exit_2() {
     );
 }
 
-/// A download into a folder that holds it finished asks nothing of the registry, so it
-/// needs no connection setting (none here).
+/// A download into a folder that holds it finished asks the registry whether its package is
+/// still that one, so it needs the connection settings (none here): it is not reported
+/// finished without.
 #[test]
-fn a_finished_download_needs_no_connection_settings() {
+fn a_finished_download_is_compared_with_the_registrys_package() {
     use sha2::Digest;
     let tmp = tempfile::tempdir().unwrap();
     let pkg = tmp.path().join("pkg");
@@ -328,12 +329,8 @@ fn a_finished_download_needs_no_connection_settings() {
     });
     std::fs::write(pkg.join("manifest.json"), manifest.to_string()).unwrap();
     let out = dsrctl(tmp.path(), &[], &["download", "r-1", "--out", "pkg"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).starts_with("download finished already"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
 }
 
 /// `contracts choose` replaces the choice `none` (choose later): its help does not offer

@@ -1170,6 +1170,62 @@ async fn a_finished_download_run_again_says_so_and_succeeds() {
     );
 }
 
+/// A folder holding a finished download of the package as it was before a holder's part
+/// came (a task retried after it failed) is not reported finished: its manifest still lists
+/// that holder as not returned, and its digest is not the package's, so a confirmation
+/// with it is refused. The run exits 1 naming a new folder, and writes nothing; the new
+/// folder gets the package as it is now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_holding_an_older_version_of_the_package_is_refused() {
+    let (mut info, chunks) = package("c-1", None);
+    let mut manifest: serde_json::Value = serde_json::from_slice(&info.manifest_json).unwrap();
+    let current = info.manifest_json.clone();
+    manifest["not_returned"] = serde_json::json!([
+        {"processor": "payroll-bureau", "subprocessor": "accounting", "state": "FAILED"}
+    ]);
+    info.manifest_json = serde_json::to_vec_pretty(&manifest).unwrap();
+    let older = info.manifest_json.clone();
+    let registry = Registry::start(Answers {
+        package: Some((info, chunks)),
+        ..Default::default()
+    })
+    .await;
+    let run = registry.dsrctl(&["download", "c-1", "--out", "pkg"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stdout.contains("not returned"), "{run:?}");
+    let pkg = registry.dir.path().join("pkg");
+
+    registry.answers().package = Some(package("c-1", None));
+    let run = registry.dsrctl(&["download", "c-1", "--out", "pkg"]).await;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(!run.stdout.contains("finished already"), "{run:?}");
+    for words in [
+        "--out pkg holds an older version of the package of c-1",
+        &format!("its manifest.json has SHA-256 {}", sha256_hex(&older)),
+        &format!("the registry's package now {}", sha256_hex(&current)),
+        "download into a new folder (dsrctl download c-1 --out NEW_DIR",
+    ] {
+        assert!(run.stderr.contains(words), "{words:?} in {run:?}");
+    }
+    assert_eq!(std::fs::read(pkg.join("manifest.json")).unwrap(), older);
+
+    let run = registry.dsrctl(&["download", "c-1", "--out", "new"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(!run.stdout.contains("not returned"), "{run:?}");
+    let new = std::fs::read(registry.dir.path().join("new/manifest.json")).unwrap();
+    assert_eq!(new, current);
+
+    // The registry cannot say which package it has: not reported finished either.
+    registry.answers().package = None;
+    let run = registry.dsrctl(&["download", "c-1", "--out", "new"]).await;
+    assert_ne!(run.code, Some(0), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("holds a finished download of c-1, but the registry could not"),
+        "{run:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incomplete_package_shows_no_package_digest() {
     let (mut info, chunks) = package("c-1", None);

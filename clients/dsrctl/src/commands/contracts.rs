@@ -492,21 +492,40 @@ impl Render for ContractListView {
             "STATE",
             "SUBPROCESSORS",
         ]);
+        let mut refused = false;
         for c in &self.contracts {
             let parts: Vec<String> = c.tasks.iter().map(PartView::summary).collect();
+            // The choice the table shows is the one asked for, which a processor that
+            // refused it does not carry out: the state alone reads as if it did.
+            let choice = if c.terms_refused.is_empty() {
+                c.terms.choice.clone()
+            } else {
+                refused = true;
+                format!("{} {REFUSED_MARK}", c.terms.choice)
+            };
             t.row([
                 clean(&c.contract_id),
                 clean(&c.processor),
-                c.terms.choice.clone(),
+                choice,
                 cell(c.terms.effective_at),
                 cell(c.terms.grace_ends_at),
                 c.state.clone(),
                 clean(&parts.join("; ")),
             ]);
         }
-        t.render()
+        let mut out = t.render();
+        if refused {
+            out.push_str(&format!(
+                "\n{REFUSED_MARK}: the choice was refused by the processor; `dsrctl contracts \
+                 show ID` says why\n"
+            ));
+        }
+        out
     }
 }
+
+/// What `contracts list` adds to a choice the processor refused (`terms_refused`).
+const REFUSED_MARK: &str = "(refused)";
 
 /// A contract end as the processor holds it.
 #[derive(Debug, Serialize)]
@@ -1314,6 +1333,69 @@ mod tests {
             "{json}"
         );
         assert_eq!(part["records_done"], 7, "{json}");
+    }
+
+    /// A contract end whose choice the processor refused is marked in the list, as `show`
+    /// says it: the choice alone reads as carried out. JSON has `terms_refused`, as `show`.
+    #[test]
+    fn a_refused_choice_is_marked_in_the_list() {
+        let refused = Contract {
+            contract_id: "c1".into(),
+            state: RequestState::PartiallyCompleted as i32,
+            contract_end: Some(ContractEnd {
+                choice: ContractEndChoice::ReturnThenDelete as i32,
+                ..Default::default()
+            }),
+            terms_refused: "too late: the data was deleted".into(),
+            ..Default::default()
+        };
+        let kept = Contract {
+            contract_id: "c2".into(),
+            terms_refused: String::new(),
+            ..refused.clone()
+        };
+        let list = ContractListView {
+            contracts: vec![ContractView::from(&refused), ContractView::from(&kept)],
+        };
+        let table = list.to_table();
+        let row = |id: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(id))
+                .unwrap_or_else(|| panic!("{id} in {table}"))
+                .to_string()
+        };
+        assert!(
+            row("c1").contains("RETURN_THEN_DELETE (refused)"),
+            "{table}"
+        );
+        assert!(!row("c2").contains("(refused)"), "{table}");
+        assert!(
+            table.contains("(refused): the choice was refused by the processor")
+                && table.contains("dsrctl contracts show ID"),
+            "{table}"
+        );
+        let json = serde_json::to_value(&list).expect("json");
+        assert_eq!(
+            json["contracts"][0]["terms_refused"], "too late: the data was deleted",
+            "{json}"
+        );
+        assert_eq!(
+            json["contracts"][0]["choice"], "RETURN_THEN_DELETE",
+            "{json}"
+        );
+        assert!(
+            json["contracts"][1].get("terms_refused").is_none(),
+            "{json}"
+        );
+        let alone = ContractListView {
+            contracts: vec![ContractView::from(&kept)],
+        };
+        assert!(
+            !alone.to_table().contains("refused"),
+            "{}",
+            alone.to_table()
+        );
     }
 
     /// A part cancelled while SCHEDULED, as a processor that still sent the date reports it.

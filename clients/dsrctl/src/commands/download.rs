@@ -35,13 +35,6 @@ pub(crate) enum Target {
     Zip(PathBuf),
 }
 
-/// What [`Target::check`] found: where to write, or a folder that holds the download
-/// finished and checked, with nothing left to do (nor anything to ask the registry).
-pub(crate) enum Destination {
-    Write(Target),
-    Finished(Finished),
-}
-
 /// A folder that holds this download, finished: its `manifest.json` names the request, and
 /// every file it lists is there with its size and SHA-256.
 pub(crate) struct Finished {
@@ -57,35 +50,19 @@ pub(crate) struct Finished {
 impl Target {
     /// Takes the destination from the arguments and refuses one that would mix with or
     /// replace existing files, before anything is asked of the registry. A folder that holds
-    /// this download finished is checked file by file (SHA-256) here.
-    pub(crate) fn check(args: &DownloadArgs) -> Result<Destination, Failure> {
+    /// this download finished is taken as it is: [`run`] compares it with the registry's
+    /// package before it checks its files, and writes nothing when it is still that one.
+    pub(crate) fn check(args: &DownloadArgs) -> Result<Target, Failure> {
         match (&args.out, &args.zip) {
             (Some(dir), None) => {
-                let Some(done) = finished_download(dir, &args.id) else {
+                if finished_download(dir, &args.id).is_none() {
                     DirSink::check_target(dir, &args.id).map_err(Failure::Usage)?;
-                    return Ok(Destination::Write(Self::Dir(dir.clone())));
-                };
-                // A package that does not match its manifest, as in a download.
-                let outcomes = check_folder_files(dir, &done.manifest)
-                    .map_err(|e| Failure::Package(anyhow!("--out {}: {e}", dir.display())))?;
-                if let Some(problems) = mismatches(&outcomes) {
-                    return Err(Failure::Package(anyhow!(
-                        "--out {} holds a download of request {} that no longer matches its \
-                         {MANIFEST_NAME} ({problems}): download into a new folder",
-                        dir.display(),
-                        args.id,
-                    )));
                 }
-                Ok(Destination::Finished(Finished {
-                    dir: dir.clone(),
-                    manifest: done.manifest,
-                    outcomes,
-                    staging_left: done.staging_left,
-                }))
+                Ok(Self::Dir(dir.clone()))
             }
             (None, Some(zip)) => {
                 ZipSink::check_target(zip, &args.id).map_err(Failure::Usage)?;
-                Ok(Destination::Write(Self::Zip(zip.clone())))
+                Ok(Self::Zip(zip.clone()))
             }
             // clap's group makes them exclusive and one required.
             _ => Err(Failure::Usage(
@@ -125,13 +102,9 @@ impl Target {
     }
 }
 
-/// `download` into a folder that holds that download finished already: says so, with the
-/// check [`Target::check`] made, without asking the registry; exit 0.
-pub(crate) fn finished_already(
-    done: Finished,
-    hint: &Hint,
-    io: &mut Io<'_>,
-) -> Result<u8, Failure> {
+/// `download` into a folder that holds that download finished already, of the package as
+/// the registry has it ([`finished_folder`]): says so, with the check of its files; exit 0.
+fn finished_already(done: Finished, hint: &Hint, io: &mut Io<'_>) -> Result<u8, Failure> {
     let mut view = DownloadView::of(
         crate::unpack::manifest_request_id(&done.manifest).unwrap_or_default(),
         Some(&done.dir),
@@ -176,16 +149,27 @@ fn not_returned(manifest_json: &[u8]) -> Vec<String> {
 }
 
 /// The line a package lacking the data of `not_returned` holders gets, in `package` and
-/// `download`; `get` is the command that shows the request.
+/// `download`; `get` is the command that shows the request. A FAILED or REFUSED task may be
+/// retried by the processor's operator; a CANCELLED one never is.
 fn lacking(not_returned: &[String], get: &str) -> String {
+    let (cancelled, stopped): (Vec<&String>, Vec<&String>) =
+        (not_returned.iter()).partition(|holder| holder.ends_with(" (CANCELLED)"));
     let (its, it) = if not_returned.len() == 1 {
         ("its data", "it")
     } else {
         ("their data", "they")
     };
+    let when = match (cancelled.is_empty(), stopped.is_empty()) {
+        (true, _) => {
+            format!("{it} will not send it unless the processor's operator retries the task")
+        }
+        (false, true) => format!("{it} will not send it: the task was cancelled"),
+        (false, false) => "the cancelled tasks' will not be sent, the others' only if the \
+                           processor's operator retries the task"
+            .to_string(),
+    };
     format!(
-        "{}: {its} is not in the package, and {it} will not send it unless the processor's \
-         operator retries the task (`{get}` says why)",
+        "{}: {its} is not in the package, and {when} (`{get}` says why)",
         not_returned.join(", ")
     )
 }
@@ -226,8 +210,8 @@ pub(crate) struct PackageView {
     complete: bool,
     /// `<processor>/<subprocessor>` parts not arrived yet.
     missing: Vec<String>,
-    /// `<processor>/<subprocessor> (STATE)` whose task ended FAILED or REFUSED without its
-    /// part, from the manifest, as `download` shows them.
+    /// `<processor>/<subprocessor> (STATE)` whose task ended FAILED, REFUSED or CANCELLED
+    /// without its part, from the manifest, as `download` shows them.
     not_returned: Vec<String>,
     expires_at: Option<Time>,
     /// SHA-256 of manifest.json once the package is complete: before, the manifest lists
@@ -780,16 +764,87 @@ async fn start<S: Source, F: Future<Output = std::io::Result<()>>>(
     Ok((info, unpacker, events))
 }
 
+/// `download` into `dir`, which holds the finished download `done` of `id`: the package
+/// the registry has now is asked for (GetPackage), and the folder must hold that one, its
+/// `manifest.json` the same bytes (so the same digest). The package changes when a part
+/// comes after the folder was written (a task retried after it failed): the folder then
+/// holds an older version, which is refused, naming a new folder, rather than reported
+/// finished; its files are not checked then, nor is anything written. The same package is
+/// checked file by file (SHA-256) where it is ([`finished_already`]).
+async fn finished_folder<S: Source>(
+    source: &S,
+    id: &str,
+    dir: &Path,
+    done: crate::unpack::FinishedFolder,
+    hint: &Hint,
+    io: &mut Io<'_>,
+) -> Result<u8, Failure> {
+    let info = match source.package(id).await {
+        Ok(info) => info,
+        Err(failure) => {
+            // The failure follows on the next line; this note must not replace it.
+            let note = format!(
+                "note: {} holds a finished download of {id}, but the registry could not be \
+                 asked whether its package is still that one",
+                dir.display()
+            );
+            let _ = writeln!(io.err, "{}", clean(&note));
+            return Err(failure);
+        }
+    };
+    let here = package_digest(&done.manifest).unwrap_or_default();
+    let now = package_digest(&info.manifest_json).unwrap_or_default();
+    if info.request_id != id || here != now {
+        let when = if info.complete {
+            String::new()
+        } else {
+            let package = hint.command(&["package", id]);
+            format!(" once it is complete (`{package}` says what it waits for)")
+        };
+        return Err(Failure::Package(anyhow!(
+            "--out {} holds an older version of the package of {id}: its {MANIFEST_NAME} has \
+             SHA-256 {here}, the registry's package now {now}, and what it lists (or lists as \
+             not returned) may have changed since; download into a new folder{when} ({}) and \
+             use that one",
+            dir.display(),
+            hint.command(&["download", id, "--out", "NEW_DIR"]),
+        )));
+    }
+    // A package that does not match its manifest, as in a download.
+    let outcomes = check_folder_files(dir, &done.manifest)
+        .map_err(|e| Failure::Package(anyhow!("--out {}: {e}", dir.display())))?;
+    if let Some(problems) = mismatches(&outcomes) {
+        return Err(Failure::Package(anyhow!(
+            "--out {} holds a download of request {id} that no longer matches its \
+             {MANIFEST_NAME} ({problems}): download into a new folder",
+            dir.display(),
+        )));
+    }
+    let done = Finished {
+        dir: dir.to_path_buf(),
+        manifest: done.manifest,
+        outcomes,
+        staging_left: done.staging_left,
+    };
+    finished_already(done, hint, io)
+}
+
 /// `dsrctl download ID (--out DIR | --zip FILE)`: 0 when every file matched the manifest,
 /// 1 naming each file that did not. Cut short (an error, the connection lost, Ctrl-C), it
 /// removes what it had not verified and says on stderr which file it was receiving and what
-/// is left; the same command run again then finishes the download.
+/// is left; the same command run again then finishes the download. Into a folder that holds
+/// the download finished, it writes nothing ([`finished_folder`]).
 pub(crate) async fn run(
     registry: &Registry,
     args: &DownloadArgs,
     target: Target,
     io: &mut Io<'_>,
 ) -> Result<u8, Failure> {
+    if let Target::Dir(dir) = &target {
+        if let Some(done) = finished_download(dir, &args.id) {
+            return finished_folder(registry, &args.id, dir, done, &registry.hint, io).await;
+        }
+    }
     let mut ctrl_c = CtrlC::new(tokio::signal::ctrl_c());
     let stop = Stop::default();
     let (info, mut unpacker, mut events) =
@@ -1282,6 +1337,102 @@ mod tests {
         let two = not_returned(two);
         assert_eq!(two, ["p/a (FAILED)", "p/b (REFUSED)"]);
         assert!(lacking(&two, "").contains("their data is not in the package, and they"));
+    }
+
+    /// A part cancelled is not said to come on a retry: a cancelled task is never retried.
+    #[test]
+    fn a_cancelled_holder_is_not_said_to_send_on_a_retry() {
+        let one = ["p/a (CANCELLED)".to_string()];
+        let line = lacking(&one, "dsrctl get r-1");
+        assert!(
+            line.contains("it will not send it: the task was cancelled") && !line.contains("retr"),
+            "{line}"
+        );
+        let two = ["p/a (CANCELLED)".to_string(), "p/b (FAILED)".to_string()];
+        let line = lacking(&two, "dsrctl get r-1");
+        assert!(
+            line.contains("the cancelled tasks' will not be sent, the others' only if"),
+            "{line}"
+        );
+    }
+
+    /// `dir` holding the finished download of `r-1` whose `manifest.json` is `manifest`,
+    /// with [`package_info`]'s file.
+    fn finished(dir: &Path, manifest: &[u8]) -> crate::unpack::FinishedFolder {
+        std::fs::create_dir_all(dir.join("p")).unwrap();
+        std::fs::write(dir.join("p/a.json"), CONTENT).unwrap();
+        std::fs::write(dir.join(MANIFEST_NAME), manifest).unwrap();
+        finished_download(dir, "r-1").expect("a finished download")
+    }
+
+    /// A manifest of `r-1` listing [`package_info`]'s file, and `holder` as not returned.
+    fn manifest_of(not_returned: &str) -> Vec<u8> {
+        format!(
+            r#"{{"request_id": "r-1", "files": [{{"path": "p/a.json", "size": {}, "sha256": "{}"}}],
+            "not_returned": [{not_returned}]}}"#,
+            CONTENT.len(),
+            hex::encode(Sha256::digest(CONTENT))
+        )
+        .into_bytes()
+    }
+
+    /// [`finished_folder`] into `dir` against `stand`: its exit code or failure's message,
+    /// and stdout.
+    async fn run_finished(
+        stand: &Stand,
+        dir: &Path,
+        manifest: &[u8],
+    ) -> (Result<u8, String>, String) {
+        let done = finished(dir, manifest);
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut io = Io {
+            out: &mut out,
+            err: &mut err,
+            format: OutputFormat::Table,
+        };
+        let result = finished_folder(stand, "r-1", dir, done, &Hint::default(), &mut io)
+            .await
+            .map_err(|f| message(&f));
+        (result, String::from_utf8(out).unwrap())
+    }
+
+    /// A folder holding a finished download of an older version of the package (a part
+    /// came after it was written, its holder listed there as not returned) is refused,
+    /// naming a new folder: it was reported finished, exit 0, its stale manifest kept.
+    #[tokio::test]
+    async fn a_folder_holding_an_older_version_of_the_package_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("pkg");
+        let old = manifest_of(r#"{"processor": "p", "subprocessor": "b", "state": "FAILED"}"#);
+        let mut stand = Stand::new(&dir, package_info());
+        stand.checked.manifest_json = manifest_of("");
+        let (result, out) = run_finished(&stand, &dir, &old).await;
+        let message = result.expect_err("an older version taken as finished");
+        for words in [
+            "holds an older version of the package of r-1",
+            "download into a new folder (dsrctl download r-1 --out NEW_DIR)",
+        ] {
+            assert!(message.contains(words), "{words:?} in {message}");
+        }
+        assert!(out.is_empty(), "{out}");
+        assert_eq!(std::fs::read(dir.join(MANIFEST_NAME)).unwrap(), old);
+        assert_eq!(stand.staged_at_open.get(), None, "nothing downloaded");
+
+        // Not complete yet: downloaded once it is.
+        stand.checked.complete = false;
+        let (result, _) = run_finished(&stand, &dir, &old).await;
+        let message = result.expect_err("an older version taken as finished");
+        assert!(
+            message.contains("into a new folder once it is complete (`dsrctl package r-1`"),
+            "{message}"
+        );
+
+        // The same package: finished already, exit 0.
+        stand.checked.complete = true;
+        stand.checked.manifest_json = old.clone();
+        let (result, out) = run_finished(&stand, &dir, &old).await;
+        assert_eq!(result, Ok(0));
+        assert!(out.starts_with("download finished already"), "{out}");
     }
 
     #[test]

@@ -140,15 +140,12 @@ pub(crate) async fn dispatch(cli: &Cli, env: &Environment, io: &mut Io<'_>) -> R
             submit::run(&Registry::connect(cli, env)?, prepared, io).await
         }
         Command::Package(args) => download::package(&Registry::connect(cli, env)?, args, io).await,
-        Command::Download(args) => match download::Target::check(args)? {
-            // Nothing to ask the registry, so no connection setting is needed.
-            download::Destination::Finished(done) => {
-                download::finished_already(done, &Hint::new(&cli.connection), io)
-            }
-            download::Destination::Write(target) => {
-                download::run(&Registry::connect(cli, env)?, args, target, io).await
-            }
-        },
+        Command::Download(args) => {
+            // Checked before connecting: a destination that would mix with other files is
+            // refused without asking anything of the registry.
+            let target = download::Target::check(args)?;
+            download::run(&Registry::connect(cli, env)?, args, target, io).await
+        }
         Command::Get(args) => request::get(&Registry::connect(cli, env)?, args, io).await,
         Command::List(args) => list::run(&Registry::connect(cli, env)?, args, io).await,
         Command::Watch(args) => watch::run(&Registry::connect(cli, env)?, args, io).await,

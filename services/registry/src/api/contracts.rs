@@ -716,8 +716,10 @@ impl ContractService for Api {
         if actual != digest {
             return Err(ApiError::failed_precondition(format!(
                 "manifest_sha256 {digest} differs from the SHA-256 of the package's \
-                 manifest.json; download the package again (dsrctl download {id} --out DIR) \
-                 and verify it"
+                 manifest.json: the package changed since it was downloaded, or another was \
+                 given; download it again into a new folder (dsrctl download {id} --out \
+                 NEW_DIR: a folder holding the older version is refused), then confirm with \
+                 that folder"
             ))
             .into());
         }

@@ -862,7 +862,7 @@ pub(super) struct PackageStanding {
     pub(super) info: PackageInfo,
     /// The files `info` lists, as stored: what DownloadPackage streams.
     pub(super) files: Vec<PackageFile>,
-    /// The tasks that ended FAILED or REFUSED without a part
+    /// The tasks that ended FAILED, REFUSED or CANCELLED without a part
     /// ([`PackageRecord::unreturned`](crate::store::PackageRecord::unreturned)).
     pub(super) unreturned: Vec<(String, String, TaskState)>,
     /// The processors that have not accepted the request's delivery

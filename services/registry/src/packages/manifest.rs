@@ -41,8 +41,9 @@ struct Entry {
 
 /// The manifest of `files` (in any order) as protocol entries in manifest order, and as
 /// `manifest.json`. `not_returned` (processor, subprocessor, the task's state) are the
-/// holders whose task ended FAILED or REFUSED without a part: the manifest names them, so
-/// that whoever opens the package sees whose data it lacks rather than taking it for all.
+/// holders whose task ended FAILED, REFUSED or CANCELLED without a part: the manifest names
+/// them, so that whoever opens the package sees whose data it lacks rather than taking it
+/// for all.
 pub(crate) fn build(
     request_id: &str,
     kind: RequestKind,

@@ -22,7 +22,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use crate::app::Shared;
-use crate::store::PackageFile;
+use crate::store::{PackageFile, Store};
 
 mod direct;
 pub(crate) mod manifest;
@@ -163,7 +163,7 @@ pub(crate) fn file_key(f: &PackageFile) -> String {
 }
 
 /// Deletes packages `package_ttl_days` after their request finished, recording an event for
-/// each, until `stop` turns true.
+/// each, and the files streamed for parts whose task was cancelled, until `stop` turns true.
 pub(crate) async fn expire(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let interval = Duration::from_millis(shared.config.package_sweep_interval_ms);
     loop {
@@ -172,6 +172,9 @@ pub(crate) async fn expire(shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
         }
         if let Err(e) = expire_due(&shared).await {
             tracing::error!(error = format!("{e:#}"), "expiring packages failed");
+        }
+        if let Err(e) = drop_cancelled_parts(&shared.store, &shared.packages).await {
+            tracing::error!(error = format!("{e:#}"), "deleting cancelled parts failed");
         }
         tokio::select! {
             _ = stop.changed() => {}
@@ -204,6 +207,54 @@ async fn expire_due(shared: &Shared) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Deletes the files streamed for parts whose task ended CANCELLED before the part was
+/// declared ([`Store::cancelled_parts`]): such a part never comes, so they are in no
+/// manifest, and would otherwise take space until the package expires. Answers how many
+/// files were deleted. Each part's rows go only once its bytes are removed
+/// ([`Store::drop_cancelled_part`]), so a crash or a failed removal leaves them for the next
+/// sweep. Bytes that a stream registered before the drop appends after it are not listed by
+/// any row; the package's expiry deletes them with the rest of its folder.
+pub(crate) async fn drop_cancelled_parts(store: &Store, packages: &Packages) -> Result<usize> {
+    let mut dropped = 0;
+    for (request_id, processor, subprocessor) in store.cancelled_parts(100).await? {
+        let names = store
+            .drop_cancelled_part(&request_id, &processor, &subprocessor, |name| {
+                let key = file_key(&PackageFile {
+                    request_id: request_id.clone(),
+                    processor: processor.clone(),
+                    subprocessor: subprocessor.clone(),
+                    name,
+                    media_type: String::new(),
+                    categories: String::new(),
+                    size: 0,
+                    sha256: String::new(),
+                });
+                async move {
+                    packages
+                        .store
+                        .remove(&key)
+                        .await
+                        .with_context(|| format!("deleting {key}"))
+                }
+            })
+            .await
+            .with_context(|| {
+                format!("deleting the cancelled part of {processor}/{subprocessor} of {request_id}")
+            })?;
+        if !names.is_empty() {
+            tracing::info!(
+                %request_id,
+                %processor,
+                %subprocessor,
+                files = names.len(),
+                "the files of a part whose task was cancelled deleted"
+            );
+        }
+        dropped += names.len();
+    }
+    Ok(dropped)
 }
 
 /// Deletes one package's files, then records it expired: a crash in between deletes them

@@ -141,8 +141,10 @@ pub struct PackageRecord {
     pub files: Vec<PackageFile>,
     /// Tasks still open with no part stored, as `(processor, subprocessor)`.
     pub missing: Vec<(String, String)>,
-    /// Tasks that ended FAILED or REFUSED with no part stored, as `(processor,
-    /// subprocessor, state)`: their holders' data was not returned, and is still there.
+    /// Tasks that ended FAILED, REFUSED or CANCELLED with no part stored, as `(processor,
+    /// subprocessor, state)`: their holders' data was not returned. (A CANCELLED task's
+    /// part never comes: the files streamed for it are deleted by
+    /// [`Store::drop_cancelled_part`].)
     pub unreturned: Vec<(String, String, TaskState)>,
     /// Parts stored.
     pub parts: i64,
@@ -815,7 +817,9 @@ impl Store {
                 TaskState::Pending | TaskState::InProgress | TaskState::WaitingForOperator => {
                     missing.push((p, s))
                 }
-                state @ (TaskState::Failed | TaskState::Refused) => unreturned.push((p, s, state)),
+                state @ (TaskState::Failed | TaskState::Refused | TaskState::Cancelled) => {
+                    unreturned.push((p, s, state))
+                }
                 _ => {}
             }
         }
@@ -830,6 +834,89 @@ impl Store {
             parts,
             undelivered,
         })
+    }
+
+    /// Up to `limit` parts, as (request id, processor, subprocessor), that have files
+    /// registered while their task ended CANCELLED without the part stored, in packages not
+    /// expired: a cancelled task is never retried, so the part will never be declared and
+    /// its files are in no manifest. What the package sweep deletes
+    /// ([`Store::drop_cancelled_part`]); a deletion a crash cut short is found here again.
+    pub async fn cancelled_parts(&self, limit: i64) -> Result<Vec<(String, String, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT DISTINCT f.request_id, f.processor, f.subprocessor FROM package_files f \
+             JOIN tasks t ON t.request_id = f.request_id AND t.processor = f.processor \
+             AND t.subprocessor = f.subprocessor \
+             JOIN packages p ON p.request_id = f.request_id \
+             WHERE t.state = $1 AND p.expired_at IS NULL \
+             AND NOT EXISTS (SELECT 1 FROM package_parts pp WHERE pp.request_id = f.request_id \
+             AND pp.processor = f.processor AND pp.subprocessor = f.subprocessor) \
+             ORDER BY f.request_id, f.processor, f.subprocessor LIMIT $2",
+        )
+        .bind(TaskState::Cancelled as i32)
+        .bind(limit)
+        .fetch_all(&self.db.reader)
+        .await?)
+    }
+
+    /// Drops the files registered for a part whose task ended CANCELLED without the part
+    /// stored ([`Store::cancelled_parts`]), and answers their names: none when the package
+    /// expired (its expiry deletes them), the part was stored or the task is not CANCELLED.
+    /// As [`Store::complete_part`] drops a file, `remove_bytes` deletes each one's bytes
+    /// before the transaction that deletes its row commits, so a crash in between leaves the
+    /// row for the next sweep rather than bytes no row lists. The package row is locked, as
+    /// registrations and completions lock it.
+    pub async fn drop_cancelled_part<F, Fut>(
+        &self,
+        request_id: &str,
+        processor: &str,
+        subprocessor: &str,
+        remove_bytes: F,
+    ) -> Result<Vec<String>>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let mut tx = self.begin().await?;
+        let expired: Option<Option<i64>> = sqlx::query_scalar(&format!(
+            "SELECT expired_at FROM packages WHERE request_id = $1{}",
+            tx.backend.lock_rows()
+        ))
+        .bind(request_id)
+        .fetch_optional(tx.conn())
+        .await?;
+        if !matches!(expired, Some(None)) {
+            tx.rollback().await?;
+            return Ok(Vec::new());
+        }
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT f.name FROM package_files f JOIN tasks t ON t.request_id = f.request_id \
+             AND t.processor = f.processor AND t.subprocessor = f.subprocessor \
+             WHERE f.request_id = $1 AND f.processor = $2 AND f.subprocessor = $3 \
+             AND t.state = $4 AND NOT EXISTS (SELECT 1 FROM package_parts pp \
+             WHERE pp.request_id = f.request_id AND pp.processor = f.processor \
+             AND pp.subprocessor = f.subprocessor) ORDER BY f.name",
+        )
+        .bind(request_id)
+        .bind(processor)
+        .bind(subprocessor)
+        .bind(TaskState::Cancelled as i32)
+        .fetch_all(tx.conn())
+        .await?;
+        for name in &names {
+            remove_bytes(name.clone()).await?;
+            sqlx::query(
+                "DELETE FROM package_files WHERE request_id = $1 AND processor = $2 \
+                 AND subprocessor = $3 AND name = $4",
+            )
+            .bind(request_id)
+            .bind(processor)
+            .bind(subprocessor)
+            .bind(name)
+            .execute(tx.conn())
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(names)
     }
 
     /// Packages whose request finished at or before `cutoff` (ms), or whose contract end's
@@ -1048,6 +1135,96 @@ mod tests {
         store_file(store, id, "a").await;
         complete(store, id, "a").await;
         store_file(store, id, "b").await;
+    }
+
+    /// `b`'s task of [`half_returned`] acknowledged CANCELLED, its part not declared.
+    async fn cancel_b(store: &Store, id: &str) {
+        let cancelled = TaskUpdate {
+            request_id: id.into(),
+            subprocessor: "b".into(),
+            sequence: 2,
+            state: TaskState::Cancelled as i32,
+            ..Default::default()
+        };
+        let routed = BTreeSet::from([id.to_string()]);
+        let outcome = store
+            .apply_routed_acks("p1", &[cancelled], routed, 20)
+            .await
+            .expect("cancelled");
+        assert_eq!(outcome.applied, 1);
+    }
+
+    /// A part whose task was cancelled is not returned, and the files streamed for it are
+    /// deleted by the sweep, bytes before rows: a removal that fails leaves the rows for the
+    /// next sweep. The stored part and its files stay.
+    async fn a_cancelled_part_is_not_returned_and_its_files_go(url: &str) {
+        let store = store(url).await;
+        half_returned(&store, "r1").await;
+        cancel_b(&store, "r1").await;
+        let record = store.package("r1").await.expect("package");
+        assert_eq!(
+            record.unreturned,
+            [("p1".to_string(), "b".to_string(), TaskState::Cancelled)]
+        );
+        assert!(record.missing.is_empty(), "{:?}", record.missing);
+        let part = ("r1".to_string(), "p1".to_string(), "b".to_string());
+        assert_eq!(
+            store.cancelled_parts(100).await.expect("parts"),
+            std::slice::from_ref(&part)
+        );
+
+        let failed = store
+            .drop_cancelled_part("r1", "p1", "b", |_| async {
+                anyhow::bail!("the disk is gone")
+            })
+            .await;
+        assert!(failed.is_err());
+        assert_eq!(store.cancelled_parts(100).await.expect("parts"), [part]);
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let packages = crate::packages::Packages::new(
+            std::sync::Arc::new(crate::packages::FolderStore::new(dir.path())),
+            30,
+        );
+        let on_disk = |subprocessor: &str| {
+            dir.path()
+                .join(crate::packages::file_key(&file("r1", subprocessor)))
+        };
+        for subprocessor in ["a", "b"] {
+            let path = on_disk(subprocessor);
+            std::fs::create_dir_all(path.parent().expect("a folder")).expect("folder");
+            std::fs::write(&path, b"abc").expect("bytes");
+        }
+        let dropped = crate::packages::drop_cancelled_parts(&store, &packages)
+            .await
+            .expect("sweep");
+        assert_eq!(dropped, 1);
+        assert!(!on_disk("b").exists());
+        assert!(on_disk("a").exists());
+        assert!(store.cancelled_parts(100).await.expect("parts").is_empty());
+        let again = crate::packages::drop_cancelled_parts(&store, &packages)
+            .await
+            .expect("sweep");
+        assert_eq!(again, 0);
+        let record = store.package("r1").await.expect("package");
+        let names: Vec<&str> = record.files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["a.json"]);
+        assert_eq!(record.unreturned.len(), 1, "{:?}", record.unreturned);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_part_is_not_returned_and_its_files_go_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        a_cancelled_part_is_not_returned_and_its_files_go(&url).await;
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_part_is_not_returned_and_its_files_go_on_postgres() {
+        crate::test_postgres::on_postgres(|url, _| async move {
+            a_cancelled_part_is_not_returned_and_its_files_go(&url).await;
+        })
+        .await;
     }
 
     /// `b`'s part completed between any two statements of the package's read: the package
