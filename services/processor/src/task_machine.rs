@@ -1699,23 +1699,8 @@ fn contract_claimed(
         (TaskState::InProgress, ContractPhase::Returning) => again(BulkOp::Export),
         (TaskState::InProgress, ContractPhase::Deleting) => again(BulkOp::Erase),
         (TaskState::InProgress, ContractPhase::AwaitingConfirmation) if terms.return_confirmed => {
-            Decision::RunBulk {
-                start: Some(Transition {
-                    state: TaskState::InProgress,
-                    records_affected: task.records_affected,
-                    confirmed: true,
-                    note: "the controller confirmed receipt of the returned data; deleting it"
-                        .into(),
-                    hold_ms: Some(ctx.lease_ms),
-                    contract: Some(ContractStep::at(
-                        ContractPhase::Deleting,
-                        BulkProgress::default(),
-                    )),
-                    ..Default::default()
-                }),
-                op: BulkOp::Erase,
-                phase: Phase::Start,
-            }
+            let note = "the controller confirmed receipt of the returned data; deleting it";
+            start_deleting_returned(task, ctx, note.into(), String::new())
         }
         (TaskState::InProgress, ContractPhase::AwaitingConfirmation)
             if ctx.now < terms.grace_ends_at =>
@@ -1734,25 +1719,9 @@ fn contract_claimed(
                  a choice",
                 date_label(terms.grace_ends_at)
             );
-            Decision::RunBulk {
-                start: Some(Transition {
-                    state: TaskState::InProgress,
-                    records_affected: task.records_affected,
-                    confirmed: true,
-                    // Also the reason: the registry's event of the change (and so `dsrctl
-                    // trace`) shows reasons, and this one says why the data went unconfirmed.
-                    reason: note.clone(),
-                    note,
-                    hold_ms: Some(ctx.lease_ms),
-                    contract: Some(ContractStep::at(
-                        ContractPhase::Deleting,
-                        BulkProgress::default(),
-                    )),
-                    ..Default::default()
-                }),
-                op: BulkOp::Erase,
-                phase: Phase::Start,
-            }
+            // Also the reason: the registry's event of the change (and so `dsrctl trace`)
+            // shows reasons, and this one says why the data went unconfirmed.
+            start_deleting_returned(task, ctx, note.clone(), note)
         }
         (TaskState::Retained, _) => Decision::RunBulk {
             start: None,
@@ -1760,6 +1729,33 @@ fn contract_claimed(
             phase: retention_run(task),
         },
         _ => Decision::Ignore,
+    }
+}
+
+/// The erasure of a returned contract end's data, started from AWAITING_CONFIRMATION (on the
+/// controller's confirmation, or at the grace end without one), with `note` and `reason`.
+fn start_deleting_returned(
+    task: &Current<'_>,
+    ctx: &Context,
+    note: String,
+    reason: String,
+) -> Decision {
+    Decision::RunBulk {
+        start: Some(Transition {
+            state: TaskState::InProgress,
+            records_affected: task.records_affected,
+            confirmed: true,
+            note,
+            reason,
+            hold_ms: Some(ctx.lease_ms),
+            contract: Some(ContractStep::at(
+                ContractPhase::Deleting,
+                BulkProgress::default(),
+            )),
+            ..Default::default()
+        }),
+        op: BulkOp::Erase,
+        phase: Phase::Start,
     }
 }
 
