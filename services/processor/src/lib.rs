@@ -85,6 +85,8 @@ pub mod text;
 mod transfer_cancel_tests;
 #[cfg(test)]
 mod upload_cause_tests;
+#[cfg(test)]
+mod upload_test_support;
 mod uploader;
 
 pub use app::{App, MAX_API_MESSAGE_BYTES};

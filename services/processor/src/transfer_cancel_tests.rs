@@ -10,23 +10,22 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dsrelay_connectors::ExportedFile;
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::transfer_receiver_server::{TransferReceiver, TransferReceiverServer};
 use dsrelay_proto::v1::{
     CompleteTransferRequest, DeliverRequest, ExportFileHeader, GetUploadStateRequest, RequestKind,
     TaskState, TransferReceipt, TransferRecipient, UploadFileChunk, UploadState,
 };
-use dsrelay_runtime::pki::{dev_identity, DevPki};
-use sha2::{Digest, Sha256};
-use tokio::net::TcpListener;
+use dsrelay_runtime::pki::dev_identity;
 use tokio::sync::{oneshot, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::Shared;
 use crate::store::{TaskKey, Transition};
+use crate::upload_test_support as support;
 use crate::uploader::CHUNK;
 use crate::{App, Config};
+use tonic::service::Routes;
 
 /// The registry's name for the recipient.
 const RECIPIENT: &str = "new-bookkeeper";
@@ -170,67 +169,16 @@ impl TransferReceiver for Recipient {
     }
 }
 
+/// The processor's configuration: a registry nobody answers (the tests send to a recipient).
+fn config(dir: &std::path::Path, database_url: &str) -> Config {
+    let uploads = "poll_interval_ms = 50\nbackoff = { initial_ms = 20, max_ms = 100 }";
+    support::config(dir, database_url, "https://127.0.0.1:9", uploads)
+}
+
 /// Serves `recipient` with the development PKI's recipient certificate; answers its port.
 async fn serve(dir: &std::path::Path, recipient: Recipient) -> (u16, oneshot::Sender<()>) {
-    let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let tls = pki
-        .files("recipient")
-        .server_config()
-        .expect("recipient tls");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = dsrelay_runtime::server::builder(tls)
-        .expect("server")
-        .add_service(TransferReceiverServer::new(recipient))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            async {
-                let _ = stopped.await;
-            },
-        );
-    tokio::spawn(server);
-    (port, stop)
-}
-
-fn config(dir: &std::path::Path, database_url: &str) -> Config {
-    let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
-    let checkpoint_key = pki.signing_key("processor");
-    let checkpoint_file = dir.join("audit/checkpoints.jsonl");
-    let tls = pki.files("processor");
-    let text = format!(
-        "database_url = {database_url:?}\ndata_dir = {:?}\nidentity_hash_key = \"k\"\n\
-         [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
-         [audit]\ncheckpoint_key = {checkpoint_key:?}\ncheckpoint_file = {checkpoint_file:?}\n\
-         [uploads]\npoll_interval_ms = 50\nbackoff = {{ initial_ms = 20, max_ms = 100 }}\n\
-         [[subprocessors]]\nname = \"crm\"\ncategories = [\"contact\"]\n\
-         connector = {{ type = \"noop\" }}\n\
-         [[controllers]]\nname = \"acme\"\n\
-         identity = \"spiffe://dsrelay.dev/registry/controller\"\n\
-         registry_endpoint = \"https://127.0.0.1:9\"\n",
-        dir.join("data"),
-        tls.ca,
-        tls.cert,
-        tls.key,
-    );
-    let file = dir.join("processor.toml");
-    std::fs::write(&file, text).expect("config file");
-    Config::load_from(Some(&file), Vec::new()).expect("config")
-}
-
-/// Writes the file `name` of `size` bytes into `key`'s export folder; answers its record.
-fn write_file(shared: &Shared, key: &TaskKey, name: &str, size: u64) -> ExportedFile {
-    let dir = crate::exports::task_dir(&shared.config.data_dir, key);
-    std::fs::create_dir_all(&dir).expect("export folder");
-    let content = vec![b'x'; usize::try_from(size).expect("a test file's size")];
-    std::fs::write(dir.join(name), &content).expect("export file");
-    ExportedFile {
-        name: name.into(),
-        media_type: "application/json".into(),
-        categories: vec!["contact".into()],
-        size,
-        sha256: hex::encode(Sha256::digest(&content)),
-    }
+    let routes = Routes::new(TransferReceiverServer::new(recipient));
+    support::serve(dir, "recipient", routes).await
 }
 
 /// A TRANSFER (`r-1`, due in 10 minutes) to the recipient on `port`, whose task exported
@@ -263,7 +211,7 @@ async fn exported(shared: &Shared, port: u16, files: &[(&str, u64)]) -> TaskKey 
         .expect("the task");
     let files = files
         .iter()
-        .map(|(name, size)| write_file(shared, &task.key, name, *size))
+        .map(|(name, size)| support::write_file(shared, &task.key, name, *size))
         .collect();
     let export = Transition {
         state: TaskState::InProgress,

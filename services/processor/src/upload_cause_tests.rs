@@ -18,15 +18,15 @@ use dsrelay_proto::v1::{
     Acknowledgement, CompletePartRequest, CompletePartResponse, DeliverRequest,
     GetUploadStateRequest, RequestKind, TaskState, UploadFileChunk, UploadState,
 };
-use dsrelay_runtime::pki::DevPki;
 use sha2::{Digest, Sha256};
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::Shared;
 use crate::store::Transition;
+use crate::upload_test_support as support;
 use crate::{App, Config};
+use tonic::service::Routes;
 
 const HOUR: i64 = 3_600_000;
 
@@ -72,47 +72,19 @@ impl ExportUploadService for Refusing {
 
 /// Serves [`Refusing`] with the development PKI's registry certificate.
 async fn serve_registry(dir: &std::path::Path) -> (Refusing, u16, oneshot::Sender<()>) {
-    let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = listener.local_addr().expect("addr").port();
     let registry = Refusing::default();
-    let tls = pki.files("registry").server_config().expect("registry tls");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = dsrelay_runtime::server::builder(tls)
-        .expect("server")
-        .add_service(ExportUploadServiceServer::new(registry.clone()))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            async {
-                let _ = stopped.await;
-            },
-        );
-    tokio::spawn(server);
+    let routes = Routes::new(ExportUploadServiceServer::new(registry.clone()));
+    let (port, stop) = support::serve(dir, "registry", routes).await;
     (registry, port, stop)
 }
 
 fn config(dir: &std::path::Path, database_url: &str, registry: u16) -> Config {
-    let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
-    let checkpoint_key = pki.signing_key("processor");
-    let checkpoint_file = dir.join("audit/checkpoints.jsonl");
-    let tls = pki.files("processor");
-    let text = format!(
-        "database_url = {database_url:?}\ndata_dir = {:?}\nidentity_hash_key = \"k\"\n\
-         [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
-         [audit]\ncheckpoint_key = {checkpoint_key:?}\ncheckpoint_file = {checkpoint_file:?}\n\
-         [[subprocessors]]\nname = \"crm\"\ncategories = [\"contact\"]\n\
-         connector = {{ type = \"noop\" }}\n\
-         [[controllers]]\nname = \"acme\"\n\
-         identity = \"spiffe://dsrelay.dev/registry/controller\"\n\
-         registry_endpoint = \"https://127.0.0.1:{registry}\"\n",
-        dir.join("data"),
-        tls.ca,
-        tls.cert,
-        tls.key,
-    );
-    let file = dir.join("processor.toml");
-    std::fs::write(&file, text).expect("config file");
-    Config::load_from(Some(&file), Vec::new()).expect("config")
+    support::config(
+        dir,
+        database_url,
+        &format!("https://127.0.0.1:{registry}"),
+        "",
+    )
 }
 
 /// A RETURN_OF_DATA (`r-1`, due in a month) whose task exported one small file, recorded

@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dsrelay_connectors::ExportedFile;
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::export_upload_service_server::{
     ExportUploadService, ExportUploadServiceServer,
@@ -20,15 +19,15 @@ use dsrelay_proto::v1::{
     CompletePartRequest, CompletePartResponse, DeliverRequest, ExportFileHeader,
     GetUploadStateRequest, RequestKind, TaskState, UploadFileChunk, UploadState,
 };
-use dsrelay_runtime::pki::DevPki;
 use sha2::{Digest, Sha256};
-use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::Shared;
 use crate::store::{TaskKey, Transition};
+use crate::upload_test_support as support;
 use crate::{App, Config};
+use tonic::service::Routes;
 
 /// `uploads.lease_ms`: short, so the slow file outlasts it several times over, yet long
 /// enough that a loaded 2-core machine renews it in time (every 333 ms, so a renewal may
@@ -272,64 +271,23 @@ impl ExportUploadService for Registry {
 
 /// Serves the registry with the development PKI's registry certificate.
 async fn serve_registry(dir: &std::path::Path) -> (Registry, u16, oneshot::Sender<()>) {
-    let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = listener.local_addr().expect("addr").port();
     let registry = Registry::new();
-    let tls = pki.files("registry").server_config().expect("registry tls");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = dsrelay_runtime::server::builder(tls)
-        .expect("server")
-        .add_service(ExportUploadServiceServer::new(registry.clone()))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            async {
-                let _ = stopped.await;
-            },
-        );
-    tokio::spawn(server);
+    let routes = Routes::new(ExportUploadServiceServer::new(registry.clone()));
+    let (port, stop) = support::serve(dir, "registry", routes).await;
     (registry, port, stop)
 }
 
 fn config(dir: &std::path::Path, database_url: &str, registry: u16) -> Config {
-    let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
-    let checkpoint_key = pki.signing_key("processor");
-    let checkpoint_file = dir.join("audit/checkpoints.jsonl");
-    let tls = pki.files("processor");
-    let text = format!(
-        "database_url = {database_url:?}\ndata_dir = {:?}\nidentity_hash_key = \"k\"\n\
-         [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
-         [audit]\ncheckpoint_key = {checkpoint_key:?}\ncheckpoint_file = {checkpoint_file:?}\n\
-         [uploads]\nlease_ms = {LEASE_MS}\nstall_ms = {LEASE_MS}\npoll_interval_ms = 50\n\
-         backoff = {{ initial_ms = 20, max_ms = 100 }}\n\
-         [[subprocessors]]\nname = \"crm\"\ncategories = [\"contact\"]\n\
-         connector = {{ type = \"noop\" }}\n\
-         [[controllers]]\nname = \"acme\"\n\
-         identity = \"spiffe://dsrelay.dev/registry/controller\"\n\
-         registry_endpoint = \"https://127.0.0.1:{registry}\"\n",
-        dir.join("data"),
-        tls.ca,
-        tls.cert,
-        tls.key,
+    let uploads = format!(
+        "lease_ms = {LEASE_MS}\nstall_ms = {LEASE_MS}\npoll_interval_ms = 50\n\
+         backoff = {{ initial_ms = 20, max_ms = 100 }}"
     );
-    let file = dir.join("processor.toml");
-    std::fs::write(&file, text).expect("config file");
-    Config::load_from(Some(&file), Vec::new()).expect("config")
-}
-
-/// Writes the file `name` of `size` bytes into `key`'s export folder; answers its record.
-fn write_file(shared: &Shared, key: &TaskKey, name: &str, size: u64) -> ExportedFile {
-    let dir = crate::exports::task_dir(&shared.config.data_dir, key);
-    std::fs::create_dir_all(&dir).expect("export folder");
-    let content = vec![b'x'; usize::try_from(size).expect("a test file's size")];
-    std::fs::write(dir.join(name), &content).expect("export file");
-    ExportedFile {
-        name: name.into(),
-        media_type: "application/json".into(),
-        categories: vec!["contact".into()],
-        size,
-        sha256: hex::encode(Sha256::digest(&content)),
-    }
+    support::config(
+        dir,
+        database_url,
+        &format!("https://127.0.0.1:{registry}"),
+        &uploads,
+    )
 }
 
 /// A RETURN_OF_DATA (`r-1`, due in 10 minutes) whose task exported a small file and
@@ -355,8 +313,8 @@ async fn exported(shared: &Shared) -> TaskKey {
         .pop()
         .expect("the task");
     let files = vec![
-        write_file(shared, &task.key, "small.json", 1_000),
-        write_file(shared, &task.key, SLOW, SLOW_SIZE),
+        support::write_file(shared, &task.key, "small.json", 1_000),
+        support::write_file(shared, &task.key, SLOW, SLOW_SIZE),
     ];
     let export = Transition {
         state: TaskState::InProgress,
