@@ -898,13 +898,10 @@ pub(crate) async fn bulk(
     } = held;
     let to_u64 = |n: i64| u64::try_from(n).unwrap_or(0);
     // An export's are the records its pages hold, which the connector reports as the
-    // export's count; an erasure's stay the rows it deletes outright (its `erased` counts
-    // say what became of the billing records).
-    let records = if req.operation == BulkOperation::Export as i32 {
-        to_u64(subscribers + deliveries + billing)
-    } else {
-        to_u64(subscribers + deliveries)
-    };
+    // export's count; an erasure's the records it handled, whatever it did with each, as
+    // the SQL connector counts them: the billing records it keeps too (its `erased` counts
+    // say what became of them).
+    let records = to_u64(subscribers + deliveries + billing);
     let progress = BulkJobProgress {
         subjects_done: to_u64(subscribers),
         subjects_total: to_u64(subscribers),

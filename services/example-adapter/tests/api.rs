@@ -1560,6 +1560,18 @@ async fn a_contract_end_retains_billing_records_in_stages(backend: Backend) {
             ("billing records".into(), 0)
         ]
     );
+    // Handled, as the SQL holder counts: the two subscribers and the two billing records it
+    // keeps.
+    let counts = |r: &ExecuteBulkResponse| {
+        let p = r.progress.clone().expect("progress");
+        (
+            p.subjects_done,
+            p.subjects_total,
+            p.records_done,
+            p.records_total,
+        )
+    };
+    assert_eq!(counts(&r), (2, 2, 4, 4), "{r:?}");
     assert!(a.store.emails_of(GLOBEX).await.unwrap().is_empty());
     assert_eq!(
         billing_left(&a.store).await,
@@ -1579,6 +1591,8 @@ async fn a_contract_end_retains_billing_records_in_stages(backend: Backend) {
     assert_eq!(until(&r), date2);
     assert!(!r.legal_basis.contains("Kirjanpitolaki"), "{r:?}");
     assert_eq!(erased(&r)[2], ("billing records".to_string(), 1));
+    // The one released and the one still kept.
+    assert_eq!(counts(&r), (0, 0, 2, 2), "{r:?}");
     assert_eq!(billing_left(&a.store).await, [(oss, false), (erik, true)]);
     let r = c.execute_bulk(run(date2)).await.unwrap().into_inner();
     assert_eq!(outcome_of(r.outcome), ExecuteOutcome::Completed, "{r:?}");

@@ -231,6 +231,75 @@ async fn a_resumed_cut_off_sql_erasure_certifies_every_table(url: &str, dir: &st
 
 on_both!(a_resumed_cut_off_sql_erasure_certifies_every_table);
 
+/// The walkthrough's case with retention: the even customers' invoices are open (kept while
+/// so, their e-mail anonymized), so those customers stay, anonymized, through the cut-off
+/// call's batch and after. The resumed call counts on to the customers and rows that
+/// existed, never those the cut-off call anonymized again, and the certificate lists by
+/// table what was erased or anonymized, with nothing left out.
+async fn a_resumed_cut_off_sql_erasure_with_kept_rows_counts_what_existed(
+    url: &str,
+    dir: &std::path::Path,
+) {
+    let holder_url = format!("sqlite://{}/accounting.db", dir.display());
+    let holder_db = accounting(&holder_url).await;
+    for s in [
+        "DROP TRIGGER on_hold",
+        "UPDATE invoices SET status = 'open', customer_email = 'c' || customer_id || \
+         '@example.com' WHERE customer_id % 2 = 0",
+    ] {
+        sqlx::query(s).execute(&holder_db.pool).await.expect(s);
+    }
+    let config = ConnectorConfig::Sql(sample_config(&holder_url));
+    let holder = Arc::new(CutOffAfterABatch {
+        sql: dsrelay_connectors::build(&config).await.expect("connector"),
+        calls: AtomicUsize::new(0),
+        recorded: Notify::new(),
+    });
+    let id = "ce-sql-kept";
+    let app = with_contract_end(dir, url, holder.clone(), id, ContractEndChoice::Delete).await;
+    let shared = app.shared();
+    cut_off_then_resumed(&shared, &holder.recorded).await;
+    assert_eq!(holder.calls.load(Ordering::SeqCst), 2);
+    let done = acks(&shared, id).await;
+    let last = done.last().expect("acks");
+    assert_eq!(last.state(), TaskState::Retained, "{done:#?}");
+    let p = last.progress.expect("progress");
+    assert_eq!(
+        (
+            p.subjects_done,
+            p.subjects_total,
+            p.records_done,
+            p.records_total
+        ),
+        (CUSTOMERS, CUSTOMERS, 4 * CUSTOMERS, 4 * CUSTOMERS),
+        "{p:?}"
+    );
+    let kept: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM customers WHERE name = '[erased]'")
+        .fetch_one(&holder_db.pool)
+        .await
+        .expect("count");
+    let half = i64::try_from(CUSTOMERS / 2).expect("count");
+    assert_eq!(kept, half);
+
+    let body = last_certificate(&shared, id).await;
+    let all = i64::try_from(CUSTOMERS).expect("count");
+    assert_eq!(body["records_affected"], 4 * all, "{body}");
+    assert_eq!(erased(&body, "customers", "deleted"), half, "{body}");
+    assert_eq!(erased(&body, "customers", "anonymized"), half, "{body}");
+    assert_eq!(erased(&body, "contacts", "deleted"), all, "{body}");
+    assert_eq!(erased(&body, "invoices", "deleted"), half, "{body}");
+    assert_eq!(erased(&body, "invoices", "anonymized"), half, "{body}");
+    assert_eq!(erased(&body, "ledger_entries", "anonymized"), all, "{body}");
+    let listed: i64 = (body["erased"].as_array().expect("erased").iter())
+        .map(|e| e["count"].as_i64().expect("count"))
+        .sum();
+    assert_eq!(listed, 4 * all, "{body}");
+    assert!(body.get("uncounted").is_none(), "{body}");
+    holder_db.close().await;
+}
+
+on_both!(a_resumed_cut_off_sql_erasure_with_kept_rows_counts_what_existed);
+
 /// An erasure whose first call records 25 records of 10 subjects as erased and is then cut
 /// off; the resumed call counts on from there (95 of the 100 records: 5 went after the
 /// recorded progress) and answers with its own counts by table.

@@ -19,8 +19,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::execute::{classify, ExportJob, ReadTx};
 use super::plan::{
     anonymize_pending, cascade_held_rows, cascade_paths, holds_parent_back, plan_cascaded_keys,
-    plan_export, plan_record_marker, plan_record_returned, plan_table_erasure, quote,
-    subject_filter, Batch, Binds, Cascade, ReturnedKeys, Scope, Statement,
+    plan_count_unhandled, plan_export, plan_record_marker, plan_record_returned,
+    plan_table_erasure, quote, subject_filter, Batch, Binds, Cascade, ReturnedKeys, Scope,
+    Statement,
 };
 use super::retention::{day_of, parse_iso_date, DAY_MS};
 use super::rules::{Action, Retention, TableRule};
@@ -130,6 +131,26 @@ impl Scoped<'_> {
                 .map(count)
                 .collect(),
             records: records.iter().map(|rule| count(rule)).collect(),
+        }
+    }
+
+    /// The statements counting what an erasure at `now_ms` has not handled yet
+    /// ([`plan_count_unhandled`], with the rows it keeps as they are), as [`Self::totals`]
+    /// counts every row: what a call resuming a cut-off one has left.
+    fn unhandled_totals(&self, erased: &[&TableRule], now_ms: i64) -> Totals {
+        let count = |rule: &TableRule| {
+            let count = plan_count_unhandled(self.config, rule, self.everything(), now_ms, true);
+            (
+                format!("counting the rows of {} left to erase", rule.table),
+                count,
+            )
+        };
+        Totals {
+            subjects: (self.config.tables.iter())
+                .filter(|t| t.parent.is_none())
+                .map(count)
+                .collect(),
+            records: erased.iter().map(|rule| count(rule)).collect(),
         }
     }
 
@@ -329,15 +350,19 @@ impl Scoped<'_> {
             Some(_) => {}
             None => self.check_returned(&mut tx, job).await?,
         }
-        let left = (self.totals(&self.config.tables, &erased_tables))
-            .count(&mut tx)
-            .await?;
         // A call after an earlier one of this step (cut off, or failed) goes on from what that
         // call recorded, so that its reports, its count and a later resumption include it.
         let earlier = match job.phase {
             Phase::Start => job.recorded_progress.clone(),
             _ => BulkProgress::default(),
         };
+        // Such a call counts only what is left to handle: the rows that call anonymized (or
+        // kept and stripped) are still there, and its recorded done counts them already.
+        let left = match earlier == BulkProgress::default() {
+            true => self.totals(&self.config.tables, &erased_tables),
+            false => self.unhandled_totals(&erased_tables, job.now_ms),
+        };
+        let left = left.count(&mut tx).await?;
         let mut progress = resumed(&earlier, &left);
         // As a subject's erasure refuses a subject with an undated row, before erasing
         // anything: without its date a row's retention cannot be known.
@@ -362,12 +387,11 @@ impl Scoped<'_> {
         tx.commit()
             .await
             .map_err(|e| classify("finishing the count", &e))?;
-        match job.returned {
-            // Past the check: recorded before a row goes, so that a retry or a resumed call
-            // is not checked again against what this one erases.
-            Some(_) => job.progress.record_now(progress.clone()).await?,
-            None => job.progress.report(progress.clone()),
-        }
+        // Recorded before a row goes: a call cut off before its first report was recorded
+        // still leaves the totals the deletion began with, which a resumed call's count is
+        // compared with; and, past the check of an erasure after a return, a retry or a
+        // resumed call is not checked again against what this one erases.
+        job.progress.record_now(progress.clone()).await?;
 
         // What this call erases: the processor adds what the earlier calls recorded by table
         // (`earlier.erased`, which this call's reports go on from) for the certificate.
@@ -431,7 +455,12 @@ impl Scoped<'_> {
                     ..self.everything()
                 };
                 let mut tx = self.begin().await?;
-                let subjects = self.count_rows(&mut tx, top, scope).await?;
+                // The rows the batch takes, as the records are: those a cut-off call already
+                // anonymized are in its recorded count, and those kept as they are in no
+                // batch's but in the final report's.
+                let taken = plan_count_unhandled(self.config, top, scope, job.now_ms, false);
+                let doing = format!("counting the rows of {} the batch erases", top.table);
+                let subjects = u64::try_from(tx.count(&taken, &doing).await?).unwrap_or(0);
                 let mut records: u64 = 0;
                 // Counted once the batch is committed, as its progress is.
                 let mut batch_counts: Vec<ErasedCount> = Vec::new();
@@ -532,10 +561,11 @@ impl Scoped<'_> {
         };
         notes.push(done.clone());
         // A resumed erasure needs no other care: it erases what a cut-off call left, and the
-        // rows that call erased no longer match, so it cannot fail or conclude wrongly on
-        // them. What that call committed after its last recorded progress is in no count,
-        // which the certificate must not pass off as everything: the processor marks it
-        // there, from the totals (see `resumed`), and the note says it in words.
+        // rows that call erased no longer match (those it anonymized or stripped, no
+        // statement takes again), so it cannot fail or conclude wrongly on them. What that
+        // call committed after its last recorded progress is in no count, which the
+        // certificate must not pass off as everything: the processor marks it there, from
+        // the totals (see `resumed`), and the note says it in words.
         notes.extend(earlier_note(job.interrupted, &earlier, &left));
 
         // What is kept, over all of the controller's rows now that the batches are done.
@@ -1370,16 +1400,33 @@ const EARLIER_CALL: &str = "erased or anonymized by an earlier call, as its prog
 
 /// The progress of an erasure's call that goes on from `earlier`, the progress the processor
 /// recorded of an earlier call of the step (all zero when there was none), with `left` the
-/// totals counted now: what that call recorded as done is done, and the totals are that plus
-/// what is left. Rows it erased after its last recorded progress are in neither, so the
-/// totals come out below the ones it counted by as many (give or take rows others added or
-/// removed meanwhile), which is how the processor tells that the count misses some.
+/// totals counted now of what is left to handle ([`Scoped::unhandled_totals`]): what that
+/// call recorded as done is done, and the totals are that plus what is left, never above
+/// the ones it recorded (unless it recorded them unknown, 0), the ones the deletion began
+/// with. Rows it erased after its last recorded progress are in neither, so the totals come
+/// out below the ones it counted by as many (give or take rows others added or removed
+/// meanwhile), which is how the processor tells that the count misses some.
 fn resumed(earlier: &BulkProgress, left: &BulkProgress) -> BulkProgress {
+    let total = |done: u64, recorded: u64, left: u64| {
+        let total = done.saturating_add(left);
+        match recorded {
+            0 => total,
+            recorded => total.min(recorded.max(done)),
+        }
+    };
     BulkProgress {
         subjects_done: earlier.subjects_done,
-        subjects_total: earlier.subjects_done.saturating_add(left.subjects_total),
+        subjects_total: total(
+            earlier.subjects_done,
+            earlier.subjects_total,
+            left.subjects_total,
+        ),
         records_done: earlier.records_done,
-        records_total: earlier.records_done.saturating_add(left.records_total),
+        records_total: total(
+            earlier.records_done,
+            earlier.records_total,
+            left.records_total,
+        ),
         erased: earlier.erased.clone(),
     }
 }
@@ -1463,12 +1510,12 @@ mod tests {
         let (records, _, _) = affected(&first);
 
         // The same data, after a call that recorded 5 records of 2 subjects done, counted by
-        // totals 7 records (1 subject) above what the sample holds: that many are gone
-        // since, 2 records beyond what it recorded as done.
+        // totals 7 records (3 subjects) above what the sample holds: that many are gone
+        // since, 2 records (1 subject) beyond what it recorded as done.
         let (connector, _) = sample(&url(&dir_b)).await;
         let cut_off = BulkProgress {
             subjects_done: 2,
-            subjects_total: whole.subjects_total + 1,
+            subjects_total: whole.subjects_total + 3,
             records_done: 5,
             records_total: whole.records_total + 7,
             erased: Vec::new(),
@@ -1551,6 +1598,26 @@ mod tests {
         assert_eq!(erased, counts.as_slice(), "{again:?}");
         assert_eq!(last.erased, crate::sum_erased(&earlier, &whole.erased));
         assert_eq!(last.records_done, whole.records_total + 5);
+    }
+
+    /// A resumed call's totals are what was done plus what is left, never above those
+    /// recorded when the deletion began; a total recorded as unknown (0) has nothing to
+    /// bound them (the processor keeps it unknown).
+    #[test]
+    fn resumed_totals_stay_within_the_recorded_ones() {
+        let earlier = BulkProgress::counts(2, 6, 11, 26);
+        let left = |subjects, records| BulkProgress::counts(0, subjects, 0, records);
+        assert_eq!(resumed(&earlier, &left(4, 15)), earlier);
+        assert_eq!(resumed(&earlier, &left(6, 21)), earlier);
+        assert_eq!(
+            resumed(&earlier, &left(3, 12)),
+            BulkProgress::counts(2, 5, 11, 23)
+        );
+        let unknown = BulkProgress::counts(2, 0, 11, 0);
+        assert_eq!(
+            resumed(&unknown, &left(4, 15)),
+            BulkProgress::counts(2, 6, 11, 26)
+        );
     }
 
     #[test]

@@ -190,7 +190,12 @@
 //!   was; in a table keyed by `ctid`, an anonymizing UPDATE moves its rows, so the batch
 //!   replaces their keys with the new ones (read before it, returned by it). The keys of
 //!   rows deleted outside the connector (by hand, or by a cascade through a table the rules
-//!   do not list) cannot be seen this way and stay. Under a top-level row, an unrecorded
+//!   do not list) cannot be seen this way and stay. So do all the keys of a contract end
+//!   cancelled after its export, before any deletion: the processor calls no holder when it
+//!   cancels, so the connector cannot tell that job from one whose erasure is still to come
+//!   (an export run again under the job's id replaces them; an administrator may delete the
+//!   rows whose `job` is the cancelled one's `<controller>/<request>/<subprocessor>`).
+//!   Under a top-level row, an unrecorded
 //!   child row is an arrival that holds the parent back whatever its columns hold (one
 //!   already anonymized too), except in a child keyed by `ctid` (PostgreSQL, no primary
 //!   key), where the erasure's anonymizing update gives rows new keys: there only an

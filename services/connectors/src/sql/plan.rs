@@ -816,6 +816,44 @@ fn taken(
     format!("(({}))", takes.join(") OR ("))
 }
 
+/// Counts the rows of `rule`'s table in `scope` that an erasure at `now_ms` has not handled
+/// yet: those its statements would take ([`taken`]) and, with `kept_as_they_are`, those it
+/// keeps without writing them (kept rows that get nothing, every row of a `keep` table),
+/// which a contract end counts as handled only as it finishes. Rows it already anonymized,
+/// or kept and stripped, are not among them: a contract end's call resuming one that was
+/// cut off must not count them again. Like [`taken`], it leaves out the confinement to
+/// recorded rows.
+pub(super) fn plan_count_unhandled(
+    config: &SqlConnectorConfig,
+    rule: &TableRule,
+    scope: Scope<'_>,
+    now_ms: i64,
+    kept_as_they_are: bool,
+) -> Statement {
+    let mut b = Binds::default();
+    let filter = subject_filter(config, rule, scope, &mut b).unwrap_or_default();
+    let unhandled = match rule.action {
+        Action::Keep if kept_as_they_are => "1 = 1".to_string(),
+        Action::Keep => "1 = 0".to_string(),
+        _ => {
+            let mut terms = vec![taken(config, rule, scope, now_ms, &mut b)];
+            let strips = !kept_anonymization(config, rule, scope, &mut Binds::default())
+                .0
+                .is_empty();
+            if kept_as_they_are && !strips {
+                terms.extend(
+                    keep_condition(config, rule, now_ms, &mut b).map(|k| format!("{k} = 1")),
+                );
+            }
+            terms.join(" OR ")
+        }
+    };
+    b.finish(format!(
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM {} WHERE {filter} AND ({unhandled})",
+        quote(&rule.table)
+    ))
+}
+
 /// The columns an erasure never writes in the rows of `rule` it keeps, whatever the request:
 /// the link to the parent, through which they are found again, and those the obligation
 /// needs (`retain.keep_columns`).

@@ -2243,6 +2243,7 @@ on_both_backends!(
     bulk_erasure_runs_in_few_batches,
     bulk_batches_of_a_text_key_cover_every_row,
     bulk_erasure_resumed_after_a_cut_off_call,
+    bulk_erasure_cut_off_after_a_batch_resumes_to_what_existed,
 );
 
 /// A contract-end job for `controller`, and the receiver of its progress.
@@ -2770,6 +2771,151 @@ async fn bulk_erasure_resumed_after_a_cut_off_call(url: String) {
     assert!(!first_note.contains("cut off"), "{first_note}");
     assert!(again_note.contains("cut off"), "{again_note}");
     assert_eq!(again_records, 0, "{again:?}");
+}
+
+/// An erasure cut off after its first batch (customers 1 and 2), whose rows it anonymized or
+/// kept and stripped (the sample's retention rules) stay, then resumed from the progress it
+/// reported: the resumed call counts on from there to the rows and customers that existed,
+/// never those rows again, and the counts by table are what the two calls erased or
+/// anonymized. The cut-off call had its totals recorded before its first batch.
+async fn bulk_erasure_cut_off_after_a_batch_resumes_to_what_existed(url: String) {
+    let (mut connector, db) = sample(&url).await;
+    connector.batch_subjects = 2;
+    let tables = ["customers", "invoices", "contacts", "ledger_entries"];
+    let mut before = std::collections::BTreeMap::new();
+    for t in tables {
+        before.insert(t, count(&db, &format!("{C} FROM {t}")).await);
+    }
+    let (subjects, records) = (before["customers"], before.values().sum::<i64>());
+    let (subjects, records) = (subjects as u64, records as u64);
+
+    let (reporter, mut seen, mut asked) = crate::ProgressReporter::recorded();
+    let (job, _) = bulk_job("acme", crate::BulkOp::Erase, Phase::Start, now(), None);
+    let job = crate::BulkJob {
+        progress: reporter,
+        ..job
+    };
+    let mut run = crate::Connector::run_bulk(&connector, &job);
+    let mut recorded = Vec::new();
+    // The call's future is dropped once its first batch reported, as a processor killed
+    // then: the next batch's transaction is rolled back, never committed.
+    let cut_off = loop {
+        tokio::select! {
+            out = &mut run => panic!("the erasure ended before it was cut off: {out:?}"),
+            Some(ask) = asked.recv() => {
+                recorded.push(ask.progress.clone());
+                ask.done.send(Ok(())).unwrap();
+            }
+            Ok(()) = seen.changed() => {
+                let p = seen.borrow_and_update().clone();
+                if p.records_done > 0 {
+                    break p;
+                }
+            }
+        }
+    };
+    drop(run);
+    drop(job);
+    assert_eq!(
+        recorded,
+        vec![crate::BulkProgress::counts(0, subjects, 0, records)],
+        "the totals are recorded before the first batch"
+    );
+    // Customers 1 and 2 are kept (their invoices are), anonymized; their contacts are gone.
+    assert_eq!(count(&db, &format!("{C} FROM contacts")).await, 3);
+    assert_eq!(
+        count(&db, &format!("{C} FROM customers WHERE email IS NULL")).await,
+        2
+    );
+    assert_eq!(cut_off.subjects_done, 2, "{cut_off:?}");
+
+    let (job, rx) = bulk_job("acme", crate::BulkOp::Erase, Phase::Start, now(), None);
+    let job = crate::BulkJob {
+        interrupted: true,
+        recorded_progress: cut_off.clone(),
+        ..job
+    };
+    let (again, last) = run_bulk_watched(&connector, job, rx).await;
+    let (Outcome::Retained {
+        records_affected,
+        note,
+        erased,
+        ..
+    }
+    | Outcome::Completed {
+        records_affected,
+        note,
+        erased,
+        ..
+    }) = &again
+    else {
+        panic!("expected an erasure, got {again:?}");
+    };
+    assert_eq!(
+        counts_of(&last),
+        (subjects, subjects, records, records),
+        "{last:?}"
+    );
+    assert!(!note.contains("gone since"), "{note}");
+
+    // What was erased or anonymized, read from the database.
+    let mut after = std::collections::BTreeMap::new();
+    for t in tables {
+        after.insert(t, count(&db, &format!("{C} FROM {t}")).await);
+    }
+    let anonymized_ledger = count(
+        &db,
+        &format!("{C} FROM ledger_entries WHERE customer_id IS NULL"),
+    )
+    .await;
+    let mut expected = [
+        ("contacts", "deleted", before["contacts"]),
+        (
+            "customers",
+            "deleted",
+            before["customers"] - after["customers"],
+        ),
+        ("customers", "anonymized", after["customers"]),
+        (
+            "invoices",
+            "deleted",
+            before["invoices"] - after["invoices"],
+        ),
+        ("invoices", "anonymized", after["invoices"]),
+        ("ledger_entries", "anonymized", anonymized_ledger),
+    ];
+    expected.sort();
+    let sorted = |counts: &[crate::ErasedCount]| {
+        let mut v: Vec<(String, String, i64)> = (counts.iter())
+            .filter(|c| c.count > 0)
+            .map(|c| (c.target.clone(), c.action.clone(), c.count))
+            .collect();
+        v.sort();
+        v
+    };
+    let expected: Vec<(String, String, i64)> = (expected.iter())
+        .map(|(t, a, n)| (t.to_string(), a.to_string(), *n))
+        .collect();
+    assert_eq!(sorted(&last.erased), expected, "{last:?}");
+    // The answer lists this call's work (and what is kept): with the cut-off call's
+    // recorded counts, the same.
+    let batched: Vec<crate::ErasedCount> = (erased.iter())
+        .filter(|e| e.action != "kept")
+        .cloned()
+        .collect();
+    let both = crate::sum_erased(&cut_off.erased, &batched);
+    assert_eq!(sorted(&both), expected, "{again:?}");
+    let all: i64 = expected.iter().map(|(_, _, n)| n).sum();
+    assert_eq!(*records_affected, all, "{again:?}");
+}
+
+fn counts_of(p: &crate::BulkProgress) -> (u64, u64, u64, u64) {
+    (
+        p.subjects_done,
+        p.subjects_total,
+        p.records_done,
+        p.records_total,
+    )
 }
 
 /// Twenty thousand customers are erased in three batches, each a few statements per table.
