@@ -32,7 +32,8 @@ impl ConnectorConfig {
     pub fn validate(&self) -> Vec<String> {
         match self {
             Self::Sql(c) => c.validate(),
-            Self::Noop(_) | Self::Manual(_) => Vec::new(),
+            Self::Noop(c) => c.validate(),
+            Self::Manual(_) => Vec::new(),
             Self::Adapter(c) => c.validate(),
             Self::Mailchimp(c) => c.validate(),
         }

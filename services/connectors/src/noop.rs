@@ -54,6 +54,21 @@ pub struct NoopConfig {
     pub answer: NoopAnswer,
 }
 
+impl NoopConfig {
+    /// Every problem with the configuration; empty when usable. `delay_ms` stands in for a
+    /// holder's latency, so it is held to what a call may take.
+    pub fn validate(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        dsrelay_runtime::config::check_ms(
+            &mut out,
+            "delay_ms",
+            self.delay_ms,
+            0..=dsrelay_runtime::config::MAX_CALL_TIMEOUT_MS,
+        );
+        out
+    }
+}
+
 /// See the module documentation.
 #[derive(Debug, Clone)]
 pub(crate) struct NoopConnector {
@@ -268,5 +283,24 @@ mod tests {
         })
         .unwrap();
         assert!(written.contains("answer = \"not_found\""), "{written}");
+    }
+
+    /// A delay of u64::MAX ms was taken, and a task would have waited for ever.
+    #[test]
+    fn a_delay_longer_than_a_call_may_take_is_refused_naming_the_key() {
+        let config = |delay_ms| NoopConfig {
+            delay_ms,
+            ..NoopConfig::default()
+        };
+        assert!(config(0).validate().is_empty());
+        assert!(config(3_600_000).validate().is_empty());
+        let errors = config(3_600_001).validate();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("delay_ms: must be from "),
+            "{errors:?}"
+        );
+        assert!(errors[0].ends_with("; it is 3600001"), "{errors:?}");
+        assert_eq!(config(u64::MAX).validate().len(), 1);
     }
 }
