@@ -269,6 +269,27 @@ async fn a_cancellation_too_late_for_every_task_gives_way(store: Store) {
     store.cancel("r4", "withdrawn", 3_000).await.unwrap();
     ack(&store, "r4", "b", 3, Retained, 4_000).await;
     assert_eq!(state(&store, "r4").await, R::PartiallyCompleted);
+
+    // A Cancel in flight when the last task completes is left to its answer, which records
+    // it delivered: withdrawn, it would read "no longer sent" though it was sent.
+    with_tasks(&store, "r5", Completed, InProgress).await;
+    store.cancel("r5", "withdrawn", 3_000).await.unwrap();
+    let jobs = store.claim_deliveries(LATER, 100, 60_000).await.unwrap();
+    let job = (jobs.iter())
+        .find(|j| j.request_id == "r5" && j.op == Operation::Cancel)
+        .expect("the Cancel claimed");
+    ack(&store, "r5", "b", 3, Completed, 4_000).await;
+    assert_eq!(state(&store, "r5").await, R::Completed);
+    let answer = [status("a", 2, Completed), status("b", 3, Completed)];
+    assert!(store.delivery_succeeded(job, &answer, 5_000).await.unwrap());
+    let calls = store.deliveries_with_follow_ups("r5").await.unwrap();
+    let cancel = (calls.iter())
+        .find(|d| d.op == Operation::Cancel)
+        .expect("the Cancel's row");
+    assert!(
+        cancel.withdrawn_at.is_none() && cancel.done_at.is_some(),
+        "{cancel:?}"
+    );
 }
 
 #[tokio::test]

@@ -1047,7 +1047,8 @@ struct FoldView {
     tasks: BTreeMap<(String, String, String), TaskNow>,
     /// Where each delivery stands, by (request, processor).
     delivered: BTreeMap<(String, String), Delivery>,
-    /// The requests with a Cancel not done yet (pending, in flight or dead-lettered).
+    /// The requests with a Cancel not done yet (pending, in flight or dead-lettered): those
+    /// [`withdraw_moot_cancels`] may have to withdraw.
     cancel_undone: BTreeSet<String>,
 }
 
@@ -1198,16 +1199,18 @@ impl FoldView {
     }
 }
 
-/// Withdraws the Cancels not done yet (pending, in flight or dead-lettered) of `ids`,
-/// requests that have just become COMPLETED: every task ended before the cancellation got
-/// through, so there is nothing left to stop, and a Cancel still queued or dead-lettered
-/// would be sent, listed and counted for nothing. A Cancel in flight may still arrive; the
-/// processor answers it, and its answer finds the row done.
+/// Withdraws the Cancels not done yet and not in flight (pending, or dead-lettered) of
+/// `ids`, requests that have just become COMPLETED: every task ended before the
+/// cancellation got through, so there is nothing left to stop, and a Cancel still queued or
+/// dead-lettered would be sent, listed and counted for nothing. One in flight (claimed: its
+/// `lease_owner` set) is left to its answer, which records it delivered, or not, as it was;
+/// withdrawn, it would read "no longer sent" though it was.
 async fn withdraw_moot_cancels(tx: &mut Tx, ids: &[&str], now: i64) -> Result<()> {
     for chunk in ids.chunks(tx.backend.rows_per_statement(1)) {
         let sql = format!(
             "UPDATE deliveries SET done_at = $1, withdrawn_at = $1, last_error = $2 \
-             WHERE op = $3 AND done_at IS NULL AND request_id IN ({})",
+             WHERE op = $3 AND done_at IS NULL AND lease_owner IS NULL \
+             AND request_id IN ({})",
             placeholders(4, chunk.len())
         );
         let sql = tx.backend.numbered(&sql);
