@@ -551,7 +551,44 @@ async fn an_unconfirmed_return_is_deleted_at_the_grace_end(
     );
 }
 
+/// A task that began waiting for the confirmation before the grace end bounded the wait
+/// was put to sleep for ever (`next_attempt_at` = i64::MAX): migration 0024 wakes it at its
+/// grace end, as the task machine now schedules it. Without it, an upgrade left every such
+/// return undeleted for good.
+async fn a_return_waiting_from_before_the_upgrade_wakes_at_the_grace_end(
+    database_url: &str,
+    dir: &std::path::Path,
+) {
+    let held = BulkProgress::default();
+    let holder = Holder::new(held, &[Call::Finish]);
+    let choice = ContractEndChoice::ReturnThenDelete;
+    let (_app, shared, accepted_at) = accepted(database_url, dir, holder, choice).await;
+    returned(&shared, accepted_at).await;
+    let pool = &shared.store.db().pool;
+    // As the earlier release left it.
+    sqlx::query("UPDATE tasks SET next_attempt_at = $1 WHERE request_id = 'r-1'")
+        .bind(i64::MAX)
+        .execute(pool)
+        .await
+        .expect("asleep");
+    let migrations = match shared.store.db().backend {
+        dsrelay_runtime::store::Backend::Sqlite => &crate::store::SQLITE_MIGRATIONS,
+        dsrelay_runtime::store::Backend::Postgres => &crate::store::POSTGRES_MIGRATIONS,
+    };
+    let wake = (migrations.iter())
+        .find(|m| m.version == 24)
+        .expect("migration 0024");
+    sqlx::raw_sql(&wake.sql).execute(pool).await.expect("0024");
+    let next: i64 =
+        sqlx::query_scalar("SELECT next_attempt_at FROM tasks WHERE request_id = 'r-1'")
+            .fetch_one(pool)
+            .await
+            .expect("task");
+    assert_eq!(next, accepted_at + GRACE_MS);
+}
+
 on_both!(
+    a_return_waiting_from_before_the_upgrade_wakes_at_the_grace_end,
     an_unconfirmed_return_is_deleted_at_the_grace_end,
     checked_until_a_call_passed,
     counts_from_before_the_check_are_not_recorded,
