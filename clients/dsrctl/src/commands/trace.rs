@@ -489,13 +489,20 @@ async fn all_events(registry: &Registry, id: &str) -> Result<EventList, Failure>
             .map_err(|s| registry.failed(s))?
             .into_inner();
         let last = all.events.last().map_or(0, |e| e.event_id);
-        if page.events.first().is_some_and(|e| e.event_id <= last)
-            || (page.events.is_empty() && !page.next_page_token.is_empty())
-        {
+        // Either would have the next request ask for the same page again, for ever.
+        let wrong = if page.events.is_empty() && !page.next_page_token.is_empty() {
+            Some("holds no event yet names a next page".to_string())
+        } else if page.events.first().is_some_and(|e| e.event_id <= last) {
+            Some(format!(
+                "does not start past event {last}, the last of the page before"
+            ))
+        } else {
+            None
+        };
+        if let Some(wrong) = wrong {
             return Err(Failure::BadAnswer(format!(
-                "the registry at {} answered a page of request {id}'s events that does not \
-                 start past event {last}, the last of the page before; stopping, as asking \
-                 again would never end",
+                "the registry at {} answered a page of request {id}'s events that {wrong}; \
+                 stopping, as asking again would never end",
                 registry.endpoint
             )));
         }
