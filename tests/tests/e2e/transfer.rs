@@ -262,11 +262,11 @@ fn largest_partial(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// The recipient is SIGKILLed while a file is half stored and started again on the same
-/// address and folder: the processor asks where the file stands and sends only the rest.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transfer_resumes_after_the_recipient_is_killed_mid_stream() {
-    let mut pair = spawn_pair(PairOptions {
+/// A pair on SQLite with the accounting holder and a recipient process that stores a chunk
+/// every 400 ms, and a TRANSFER of a big export under way: its first MiB is at the
+/// recipient. The pair and the request id.
+async fn transfer_half_stored() -> (TestPair, String) {
+    let pair = spawn_pair(PairOptions {
         holders: vec![Holder::Accounting],
         recipient: Some(RecipientOptions {
             process: true,
@@ -288,6 +288,14 @@ async fn transfer_resumes_after_the_recipient_is_killed_mid_stream() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    (pair, id)
+}
+
+/// The recipient is SIGKILLed while a file is half stored and started again on the same
+/// address and folder: the processor asks where the file stands and sends only the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_resumes_after_the_recipient_is_killed_mid_stream() {
+    let (mut pair, id) = transfer_half_stored().await;
     pair.recipient().kill().await;
     let before = pair.recipient().log();
     assert!(
@@ -319,28 +327,7 @@ async fn transfer_resumes_after_the_recipient_is_killed_mid_stream() {
 /// that file, and no receipt is taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_of_a_file_changed_while_others_are_sent_fails_naming_it() {
-    let mut pair = spawn_pair(PairOptions {
-        holders: vec![Holder::Accounting],
-        recipient: Some(RecipientOptions {
-            process: true,
-            chunk_delay_ms: 400,
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .await
-    .expect("sqlite pair");
-    make_the_export_big(&pair.accounting_url).await;
-    let id = submit(&pair).await;
-    let folder = pair.received_from_processor().join(&id);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while largest_partial(&folder) < 1024 * 1024 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no chunk reached the recipient"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (mut pair, id) = transfer_half_stored().await;
     pair.recipient().kill().await;
     let written = recorded_files(pair.processor.database_url(), &id, "accounting").await;
     assert_eq!(written.len(), 8, "{written:?}");
@@ -787,28 +774,7 @@ async fn transfer_delivered_without_a_recipient_fails_its_tasks() {
 /// let every file go and the part be closed, the request ending COMPLETED.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_cancelled_mid_stream_is_not_closed_at_the_recipient() {
-    let mut pair = spawn_pair(PairOptions {
-        holders: vec![Holder::Accounting],
-        recipient: Some(RecipientOptions {
-            process: true,
-            chunk_delay_ms: 400,
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .await
-    .expect("sqlite pair");
-    make_the_export_big(&pair.accounting_url).await;
-    let id = submit(&pair).await;
-    let folder = pair.received_from_processor().join(&id);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while largest_partial(&folder) < 1024 * 1024 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no chunk reached the recipient"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (mut pair, id) = transfer_half_stored().await;
     let mut crm = pair.crm();
     crm.cancel(dsrelay_proto::v1::CancelRequest {
         request_id: id.clone(),
