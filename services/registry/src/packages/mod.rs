@@ -153,12 +153,18 @@ pub(crate) fn package_key(request_id: &str) -> String {
 
 /// The store key of one file of a package.
 pub(crate) fn file_key(f: &PackageFile) -> String {
+    part_file_key(&f.request_id, &f.processor, &f.subprocessor, &f.name)
+}
+
+/// [`file_key`] of the file `name` of `processor`'s part of `subprocessor` in request
+/// `request_id`'s package.
+fn part_file_key(request_id: &str, processor: &str, subprocessor: &str, name: &str) -> String {
     format!(
         "{}/{}/{}/{}",
-        package_key(&f.request_id),
-        path_component(&f.processor),
-        path_component(&f.subprocessor),
-        path_component(&f.name)
+        package_key(request_id),
+        path_component(processor),
+        path_component(subprocessor),
+        path_component(name)
     )
 }
 
@@ -221,16 +227,7 @@ pub(crate) async fn drop_cancelled_parts(store: &Store, packages: &Packages) -> 
     for (request_id, processor, subprocessor) in store.cancelled_parts(100).await? {
         let names = store
             .drop_cancelled_part(&request_id, &processor, &subprocessor, |name| {
-                let key = file_key(&PackageFile {
-                    request_id: request_id.clone(),
-                    processor: processor.clone(),
-                    subprocessor: subprocessor.clone(),
-                    name,
-                    media_type: String::new(),
-                    categories: String::new(),
-                    size: 0,
-                    sha256: String::new(),
-                });
+                let key = part_file_key(&request_id, &processor, &subprocessor, &name);
                 async move {
                     packages
                         .store
