@@ -56,20 +56,32 @@ fn months_violation(months: u32, used: u32) -> Option<FieldViolation> {
         n => format!("the due date was already extended by {n} months"),
     };
     let rule = if left == 0 {
-        format!("no extension is left: {so_far}, the most GDPR art. 12(3) allows")
+        format!(
+            "{} asked, no extension is left: {so_far}, the most GDPR art. 12(3) allows",
+            month_count(months)
+        )
     } else if months == 0 || months > left {
         let may = match left {
             1 => "only 1 month may be added".to_string(),
             n => format!("1 to {n} months may be added"),
         };
         format!(
-            "{months} months asked, {may}: GDPR art. 12(3) allows {MAX_EXTENSION_MONTHS} \
-             months in all and {so_far}"
+            "{} asked, {may}: GDPR art. 12(3) allows {MAX_EXTENSION_MONTHS} months in all \
+             and {so_far}",
+            month_count(months)
         )
     } else {
         return None;
     };
     Some(FieldViolation::new("months", rule))
+}
+
+/// `n` months, in words ("1 month", "0 months").
+fn month_count(n: u32) -> String {
+    match n {
+        1 => "1 month".into(),
+        n => format!("{n} months"),
+    }
 }
 
 #[tonic::async_trait]
@@ -946,8 +958,15 @@ mod extension_tests {
         assert_eq!(
             rule(1, 2).as_deref(),
             Some(
-                "no extension is left: the due date was already extended by 2 months, the \
-                 most GDPR art. 12(3) allows"
+                "1 month asked, no extension is left: the due date was already extended by 2 \
+                 months, the most GDPR art. 12(3) allows"
+            )
+        );
+        assert_eq!(
+            rule(3, 1).as_deref(),
+            Some(
+                "3 months asked, only 1 month may be added: GDPR art. 12(3) allows 2 months in \
+                 all and the due date was already extended by 1 month"
             )
         );
         for (months, used) in [(1, 0), (2, 0), (1, 1)] {
