@@ -23,7 +23,7 @@ use super::plan::{
     plan_table_erasure, quote, subject_filter, Batch, Binds, Cascade, ReturnedKeys, Scope,
     Statement,
 };
-use super::retention::{day_of, parse_iso_date, DAY_MS};
+use super::retention::{day_of, kept_until, parse_iso_date, DAY_MS};
 use super::rules::{Action, Retention, TableRule};
 use super::schema::KeyOrder;
 use super::Scoped;
@@ -606,7 +606,7 @@ impl Scoped<'_> {
                 notes.push(format!(
                     "{table}: kept {}{}",
                     kept.by_date,
-                    last.map(|d| format!(" until the end of {}", retain.last_day(d)))
+                    last.map(|d| kept_until(Some(retain.last_day(first)), retain.last_day(d)))
                         .unwrap_or_default()
                 ));
             }

@@ -15,7 +15,7 @@ use super::plan::{
     Statement,
 };
 use super::receipt;
-use super::retention::{assess, day_of, DatedRow};
+use super::retention::{assess, day_of, kept_until, DatedRow};
 use super::rules::{Action, Retention, TableRule, MATCH_KEYS};
 use super::schema::Compare;
 use super::Scoped;
@@ -294,7 +294,7 @@ impl<'a> Scoped<'a> {
                 note.push_str(&format!(", kept {kept}"));
                 if let Some(k) = &retained {
                     if let Some(day) = k.last_day {
-                        note.push_str(&format!(" until the end of {day}"));
+                        note.push_str(&kept_until(k.first_day, day));
                     }
                     if k.by_condition > 0 {
                         note.push_str(&format!(

@@ -99,6 +99,17 @@ pub(super) fn parse_iso_date(text: &str) -> Option<NaiveDate> {
     NaiveDate::parse_from_str(&text[..10], "%Y-%m-%d").ok()
 }
 
+/// How long kept rows stay, for a note: " until the end of `last`", or, when the first is
+/// released sooner, both days, so that a next run dated by the first release is explained.
+pub(super) fn kept_until(first: Option<NaiveDate>, last: NaiveDate) -> String {
+    match first {
+        Some(first) if first < last => {
+            format!(", the first until the end of {first} and the last until the end of {last}")
+        }
+        _ => format!(" until the end of {last}"),
+    }
+}
+
 /// `MM-DD` as (month, day), valid in every year (so not `02-29`).
 pub(super) fn parse_month_day(text: &str) -> Option<(u32, u32)> {
     if text.len() != 5 {
@@ -116,6 +127,8 @@ pub(super) struct Kept<'a> {
     pub(super) rows: i64,
     /// When the first kept row is released (or checked again).
     pub(super) next_release_ms: Option<i64>,
+    /// The last day of the period of the row released first by its date.
+    pub(super) first_day: Option<NaiveDate>,
     /// The last day of the period of the row kept longest by its date.
     pub(super) last_day: Option<NaiveDate>,
     /// Rows past their period kept only by `while`.
@@ -158,7 +171,9 @@ pub(super) fn assess<'a>(
         };
         let expires_at = retain.expires_at_ms(date);
         let (until, basis) = if expires_at > now_ms {
-            kept.last_day = kept.last_day.max(Some(retain.last_day(date)));
+            let day = retain.last_day(date);
+            kept.first_day = Some(kept.first_day.map_or(day, |d| d.min(day)));
+            kept.last_day = kept.last_day.max(Some(day));
             (expires_at, retain.basis.as_str())
         } else if row.held != 0 {
             kept.by_condition += 1;

@@ -957,7 +957,8 @@ async fn erases_subject_by_email(url: String) {
         ErasureReport {
             records_affected: 7,
             note: "contacts: deleted 2; \
-                   invoices: deleted 1, kept 2 until the end of 2031-12-31 (anonymized 2); \
+                   invoices: deleted 1, kept 2, the first until the end of 2030-12-31 and \
+                   the last until the end of 2031-12-31 (anonymized 2); \
                    ledger_entries: anonymized 1, kept 1 until the end of 2034-12-31; \
                    customers: deleted 0, kept 1 for the kept rows of invoices, \
                    ledger_entries (anonymized 1)"
@@ -1077,7 +1078,8 @@ async fn erases_subject_by_email(url: String) {
     assert_eq!(
         again.note,
         "contacts: deleted 0; \
-         invoices: deleted 0, kept 2 until the end of 2031-12-31 (anonymized 0); \
+         invoices: deleted 0, kept 2, the first until the end of 2030-12-31 and the last \
+         until the end of 2031-12-31 (anonymized 0); \
          ledger_entries: anonymized 0, kept 1 until the end of 2034-12-31; \
          customers: deleted 0, kept 1 for the kept rows of invoices, ledger_entries \
          (anonymized 0)"
@@ -1187,7 +1189,8 @@ async fn several_identities_of_one_subject_count_once(url: String) {
     assert_eq!(
         out.note,
         "contacts: deleted 2; \
-         invoices: deleted 1, kept 2 until the end of 2031-12-31 (anonymized 2); \
+         invoices: deleted 1, kept 2, the first until the end of 2030-12-31 and the last \
+         until the end of 2031-12-31 (anonymized 2); \
          ledger_entries: anonymized 1, kept 1 until the end of 2034-12-31; \
          customers: deleted 0, kept 1 for the kept rows of invoices, ledger_entries \
          (anonymized 1)"
@@ -2641,7 +2644,8 @@ async fn scopes_controllers_by_condition(url: String) {
             note: "customers and the tables found through it: 1 batch(es) of about 10000 \
                    rows; contacts: deleted 1, invoices: deleted 0, invoices: anonymized 3, \
                    ledger_entries: anonymized 0, customers: deleted 0, customers: anonymized 3; \
-                   invoices: kept 5 until the end of 2031-12-31; \
+                   invoices: kept 5, the first until the end of 2030-12-31 and the last \
+                   until the end of 2031-12-31; \
                    ledger_entries: kept 2 until the end of 2034-12-31"
                 .into(),
             erased: erased_counts(&[
@@ -6026,7 +6030,7 @@ async fn bulk_erasure_after_a_return_leaves_rows_that_arrive_while_it_runs(url: 
         "{m}"
     );
     assert!(
-        m.contains("; and kept: invoices: kept 7 until the end of"),
+        m.contains("; and kept: invoices: kept 7, the first until the end of"),
         "{m}"
     );
     assert!(m.contains("the controller ends the contract again"), "{m}");

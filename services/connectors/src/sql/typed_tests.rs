@@ -322,8 +322,9 @@ async fn a_kept_child_row_only_its_own_match_finds_keeps_the_column(url: String)
     assert_eq!((until_ms, records_affected), (ms(2031, 1, 1), 2));
     assert_eq!(
         note,
-        "contacts: deleted 1; invoices: deleted 1, kept 2 until the end of 2031-12-31 \
-         (anonymized 0); ledger_entries: anonymized 0; customers: deleted 0"
+        "contacts: deleted 1; invoices: deleted 1, kept 2, the first until the end of \
+         2030-12-31 and the last until the end of 2031-12-31 (anonymized 0); ledger_entries: \
+         anonymized 0; customers: deleted 0"
     );
     assert_eq!(
         rows(&db, invoices).await,
@@ -397,7 +398,10 @@ async fn kept_child_rows_found_through_the_parent_lose_their_match_column() {
         panic!("expected RETAINED, got {out:?}");
     };
     assert!(
-        note.contains("invoices: deleted 1, kept 2 until the end of 2031-12-31 (anonymized 2)"),
+        note.contains(
+            "invoices: deleted 1, kept 2, the first until the end of 2030-12-31 and the last \
+             until the end of 2031-12-31 (anonymized 2)"
+        ),
         "{note}"
     );
     assert_eq!(
