@@ -97,7 +97,12 @@
 //!   (at once when it has passed); a confirmed return releases AWAITING_CONFIRMATION
 //! - cancelled: tasks not yet deleting are CANCELLED, keeping their counts (an export
 //!   written, not delivered, still counts what it exported); once deleting, the erasure
-//!   reports what it did (never "cancelled" over work that was done)
+//!   reports what it did (never "cancelled" over work that was done). A return a sender holds
+//!   on its way to a transfer recipient is marked instead ([`Decision::Mark`]): the
+//!   recipient may close the part before the sender sees the mark. Not delivered (the sender
+//!   stopped, or failed) → CANCELLED as an undelivered export; the recipient's receipt came
+//!   back → CANCELLED with the receipt, saying the recipient received the data, too late to
+//!   stop; never AWAITING_CONFIRMATION nor DELETING, since the contract end was cancelled
 //! - an operator completing a manual RETURNING step queues the delivery of its return record
 //!   (the task stays RETURNING); once that is delivered it moves to AWAITING_CONFIRMATION
 //! - an operator retries a FAILED task (RetryTask) in the phase it failed in, the operator's
@@ -449,6 +454,10 @@ pub(crate) enum Event<'a> {
         /// The request asks for the data itself (RETURN_OF_DATA, TRANSFER): the task's
         /// folder may hold what an attempt wrote.
         exports: bool,
+        /// A sender holds the task's export on its way to a transfer recipient, a third
+        /// party: the recipient may hold the data before the sender records it. Only a
+        /// contract end's return reads it; `leased` says as much of a TRANSFER's.
+        transferring: bool,
     },
     /// An operator did the work of a manual task.
     OperatorComplete {
@@ -776,6 +785,22 @@ fn decide_event(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision
                 ),
             }
         }
+        // A contract end's data on its way to its transfer recipient: the part may be closed
+        // (CompleteTransfer under way) before the sender sees the mark, and a receipt that
+        // comes back is then reported rather than dropped.
+        Event::Cancel {
+            reason,
+            transferring: true,
+            ..
+        } if task.state == InProgress && task.phase == ContractPhase::Returning => Decision::Mark {
+            reason: format!(
+                "cancellation requested ({}) while the controller's data was being \
+                     returned to its transfer recipient: nothing more is sent and the part is \
+                     not closed; if the recipient already received it, that is reported, too \
+                     late to stop",
+                clip(reason)
+            ),
+        },
         // What was done stands in the count (a contract end's export written, not delivered).
         Event::Cancel { reason, .. } => match task.state {
             Pending | InProgress | WaitingForOperator => Decision::Move(Transition {
@@ -881,7 +906,11 @@ fn decide_event(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision
         // A cancellation that came while the export was on its way: what did not arrive is
         // not sent again, and what arrived is reported, too late to stop.
         Event::Undeliverable { to, .. } | Event::DeliveryFailed { to, .. }
-            if task.cancel_requested && task.phase == ContractPhase::Unspecified =>
+            if task.cancel_requested
+                && matches!(
+                    task.phase,
+                    ContractPhase::Unspecified | ContractPhase::Returning
+                ) =>
         {
             Decision::Move(Transition {
                 state: Cancelled,
@@ -910,6 +939,44 @@ fn decide_event(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision
                 }),
                 other => other,
             }
+        }
+        // The recipient closed the part before the sender saw the cancellation: the contract
+        // end stops here (cancelled, nothing is deleted), but the receipt says who holds the
+        // data now, so it is kept and acknowledged.
+        Event::Delivered {
+            to,
+            files,
+            bytes,
+            receipt,
+        } if task.cancel_requested && task.phase == ContractPhase::Returning => {
+            let received = match (&to, &receipt) {
+                (Destination::Recipient(_), Some(r)) => format!(
+                    "the controller's data was received by {to} ({files} file(s), {}), \
+                     receipt over manifest SHA-256 {}",
+                    size_label(bytes),
+                    r.manifest_sha256
+                ),
+                _ => format!(
+                    "the controller's data was stored at {to} as this subprocessor's part of \
+                     the package ({files} file(s), {})",
+                    size_label(bytes)
+                ),
+            };
+            Decision::Move(Transition {
+                state: Cancelled,
+                records_affected: task.records_affected,
+                confirmed: true,
+                note: format!(
+                    "{received} (the cancellation came while it was being delivered: too late \
+                     to stop it)"
+                ),
+                reason: format!(
+                    "cancelled while the controller's data was being returned: {received}, \
+                     too late to stop; the contract end goes no further and nothing is deleted"
+                ),
+                transfer_receipt: receipt,
+                ..Default::default()
+            })
         }
         // A contract end's returned data is still at the holder: it waits for the controller.
         // Returned to a transfer recipient, the recipient's receipt is the proof the
@@ -3329,6 +3396,7 @@ mod tests {
                     reason: "withdrawn",
                     leased: false,
                     exports: false,
+                    transferring: false,
                 },
                 &Context::at(NOW),
             )
@@ -3354,6 +3422,7 @@ mod tests {
                     reason: "withdrawn",
                     leased,
                     exports: false,
+                    transferring: false,
                 },
                 &Context::at(NOW),
             )
@@ -3394,6 +3463,7 @@ mod tests {
             reason: "withdrawn",
             leased: false,
             exports: false,
+            transferring: false,
         };
         match decide(&cut_off, event, &Context::at(NOW)) {
             Decision::Mark { reason } => assert!(reason.contains("withdrawn"), "{reason}"),
@@ -3902,6 +3972,108 @@ mod tests {
         assert!(!t.upload && t.erased.counts.is_empty());
     }
 
+    /// A contract end's return on its way to its transfer recipient is only marked: the part
+    /// may be closed before the sender sees the mark. Cancelled outright, a receipt that came
+    /// back was dropped and nothing said the recipient held the data.
+    #[test]
+    fn a_cancel_while_a_return_goes_to_its_recipient_marks_the_task() {
+        let returning = contract_task(InProgress, ContractPhase::Returning);
+        let cancel = |transferring| Event::Cancel {
+            reason: "withdrawn",
+            leased: transferring,
+            exports: false,
+            transferring,
+        };
+        match decide(&returning, cancel(true), &ctx()) {
+            Decision::Mark { reason } => {
+                assert!(reason.contains("withdrawn"), "{reason}");
+                assert!(reason.contains("transfer recipient"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Waiting for its next attempt, nothing is on its way: cancelled at once.
+        let t = moved(decide(&returning, cancel(false), &ctx()));
+        assert_eq!(t.state, Cancelled);
+        // Marked once, a Cancel sent again changes nothing.
+        let marked = Current {
+            cancel_requested: true,
+            ..returning
+        };
+        assert_eq!(decide(&marked, cancel(true), &ctx()), Decision::Ignore);
+    }
+
+    /// The sender found the mark (or the recipient failed) before the part was closed: the
+    /// return is CANCELLED as a transfer's is, not retried, never deleting.
+    #[test]
+    fn a_marked_return_that_did_not_arrive_is_cancelled() {
+        let marked = Current {
+            cancel_requested: true,
+            ..contract_task(InProgress, ContractPhase::Returning)
+        };
+        let to = Destination::Recipient("successor");
+        for event in [
+            Event::DeliveryFailed {
+                to,
+                files: 2,
+                bytes: 300,
+                attempt: 1,
+                error: "the request was cancelled",
+            },
+            Event::Undeliverable {
+                to,
+                reason: "refused",
+            },
+        ] {
+            let t = moved(decide(&marked, event, &ctx()));
+            assert_eq!(t.state, Cancelled);
+            assert!(
+                t.reason.contains("not delivered to recipient successor"),
+                "{}",
+                t.reason
+            );
+            assert_eq!(t.records_affected, 3);
+            assert_eq!((t.contract, t.upload), (None, false));
+        }
+    }
+
+    /// The recipient closed the part before the sender saw the mark: CANCELLED (the contract
+    /// end goes no further: no confirmation awaited, nothing deleted), keeping the receipt and
+    /// saying the recipient holds the data.
+    #[test]
+    fn a_marked_return_the_recipient_received_is_cancelled_with_its_receipt() {
+        let marked = Current {
+            cancel_requested: true,
+            ..contract_task(InProgress, ContractPhase::Returning)
+        };
+        let receipt = TransferReceipt {
+            request_id: "r".into(),
+            subprocessor: "s".into(),
+            manifest_sha256: "cd".repeat(32),
+            recipient: "successor".into(),
+            ..Default::default()
+        };
+        let t = moved(decide(
+            &marked,
+            Event::Delivered {
+                to: Destination::Recipient("successor"),
+                files: 2,
+                bytes: 300,
+                receipt: Some(receipt.clone()),
+            },
+            &ctx(),
+        ));
+        assert_eq!((t.state, t.confirmed), (Cancelled, true));
+        assert_eq!(t.transfer_receipt, Some(receipt));
+        assert_eq!(t.contract, None, "no AWAITING_CONFIRMATION nor DELETING");
+        assert!(!t.upload && t.erased.counts.is_empty());
+        for text in [&t.note, &t.reason] {
+            assert!(text.contains("received by recipient successor"), "{text}");
+            assert!(text.contains(&"cd".repeat(32)), "{text}");
+            assert!(text.contains("too late to stop"), "{text}");
+        }
+        assert!(t.reason.contains("nothing is deleted"), "{}", t.reason);
+    }
+
     #[test]
     fn a_returned_export_waits_for_the_controllers_confirmation_then_deletes() {
         let returning = contract_task(InProgress, ContractPhase::Returning);
@@ -4390,6 +4562,7 @@ mod tests {
                 reason: "withdrawn",
                 leased: false,
                 exports,
+                transferring: false,
             };
             let t = moved(decide(&task(InProgress), event, &ctx()));
             assert_eq!((t.state, t.discard_export), (Cancelled, exports));
@@ -4547,6 +4720,7 @@ mod tests {
             reason: "oops",
             leased: true,
             exports: false,
+            transferring: false,
         };
         for phase in [
             ContractPhase::Scheduled,

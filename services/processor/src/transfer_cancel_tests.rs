@@ -4,7 +4,9 @@
 //! certificate), taking every chunk slowly. A Cancel taken while the first files are being
 //! sent (written to the store as any replica's would be) stops the transfer: the files
 //! already on their way go to their end, no later one starts, the part is never closed and
-//! the task is CANCELLED. A send the recipient breaks off is noted with what it stored.
+//! the task is CANCELLED. A send the recipient breaks off is noted with what it stored. A
+//! contract end's return cancelled while the recipient closes its part (CompleteTransfer
+//! under way) is CANCELLED with the recipient's receipt kept and acknowledged.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,15 +15,18 @@ use std::time::{Duration, Instant};
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::transfer_receiver_server::{TransferReceiver, TransferReceiverServer};
 use dsrelay_proto::v1::{
-    CompleteTransferRequest, DeliverRequest, ExportFileHeader, GetUploadStateRequest, RequestKind,
+    Acknowledgement, CompleteTransferRequest, ContractEnd, ContractEndChoice, ContractPhase,
+    DeliverRequest, ExportFileHeader, GetUploadStateRequest, RequestKind, RequestParameters,
     TaskState, TransferReceipt, TransferRecipient, UploadFileChunk, UploadState,
 };
 use dsrelay_runtime::pki::dev_identity;
+use prost::Message;
 use tokio::sync::{oneshot, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::app::Shared;
 use crate::store::{TaskKey, Transition};
+use crate::task_machine::ContractStep;
 use crate::upload_test_support as support;
 use crate::uploader::CHUNK;
 use crate::{App, Config};
@@ -62,6 +67,9 @@ struct Recipient {
     /// Files whose first chunk is stored.
     begun: watch::Sender<usize>,
     break_off: Option<(&'static str, u64)>,
+    /// CompleteTransfer calls received, each held while `closing` is false.
+    completing: watch::Sender<usize>,
+    closing: watch::Sender<bool>,
 }
 
 impl Recipient {
@@ -71,6 +79,8 @@ impl Recipient {
             open: watch::channel(open).0,
             begun: watch::channel(0).0,
             break_off,
+            completing: watch::channel(0).0,
+            closing: watch::channel(true).0,
         }
     }
 
@@ -154,6 +164,8 @@ impl TransferReceiver for Recipient {
         req: Request<CompleteTransferRequest>,
     ) -> Result<Response<TransferReceipt>, Status> {
         self.called(Call::Complete);
+        self.completing.send_modify(|n| *n += 1);
+        let _ = self.closing.subscribe().wait_for(|c| *c).await;
         let r = req.into_inner();
         let manifest =
             dsrelay_runtime::transfer_manifest::sha256(&r.request_id, &r.subprocessor, &r.files);
@@ -375,7 +387,160 @@ async fn a_broken_off_send_says_what_the_recipient_stored(
     let _ = stop_recipient.send(());
 }
 
+/// Contract end `r-1` (RETURN_THEN_DELETE to the recipient on `port`), whose return exported
+/// `files` (name, size), recorded as the runner's export step records it, its upload queued.
+async fn returning(shared: &Shared, port: u16, files: &[(&str, u64)]) -> TaskKey {
+    let now = shared.clock.now_ms();
+    let req = DeliverRequest {
+        request_id: "r-1".into(),
+        kind: RequestKind::ContractEnd as i32,
+        parameters: Some(RequestParameters {
+            contract_end: Some(ContractEnd {
+                choice: ContractEndChoice::ReturnThenDelete as i32,
+                effective_at: Some(timestamp_from_millis(now)),
+                grace_ends_at: Some(timestamp_from_millis(now + 600_000)),
+                return_confirmed: false,
+                transfer_recipient: RECIPIENT.into(),
+            }),
+            ..Default::default()
+        }),
+        due_at: Some(timestamp_from_millis(now + 600_000)),
+        recipient: Some(TransferRecipient {
+            name: RECIPIENT.into(),
+            endpoint: format!("https://127.0.0.1:{port}"),
+            identity: dev_identity("recipient", "example"),
+            public_keys: Vec::new(),
+        }),
+        ..Default::default()
+    };
+    shared
+        .store
+        .accept("acme", &req, &["crm".to_string()], None, now)
+        .await
+        .expect("accept");
+    let task = task(shared).await;
+    let files = files
+        .iter()
+        .map(|(name, size)| support::write_file(shared, &task.key, name, *size))
+        .collect();
+    let export = Transition {
+        state: TaskState::InProgress,
+        records_affected: 7,
+        confirmed: true,
+        note: "exported; returning".into(),
+        next_attempt_at: Some(crate::task_machine::NEVER),
+        export_files: Some(files),
+        upload: true,
+        contract: Some(ContractStep {
+            phase: ContractPhase::Returning,
+            progress: None,
+            scheduled_at: None,
+        }),
+        ..Default::default()
+    };
+    shared
+        .store
+        .transition(&task.key, task.sequence, &export, now, 1)
+        .await
+        .expect("record the export")
+        .expect("recorded");
+    task.key
+}
+
+/// A contract end's return cancelled while the recipient closes its part (CompleteTransfer
+/// under way, the recipient slow to answer) is marked, not moved; the recipient's receipt,
+/// when it comes, ends the task CANCELLED with the receipt kept and in its acknowledgement,
+/// saying the recipient received the data too late to stop, and neither waiting for a
+/// confirmation nor deleting. Cancelled outright, the task dropped the receipt and never
+/// said the recipient held the data.
+async fn a_return_cancelled_while_its_part_is_closed_keeps_the_receipt(
+    database_url: &str,
+    dir: &std::path::Path,
+) {
+    let recipient = Recipient::new(true, None);
+    recipient.closing.send_replace(false);
+    let (port, stop_recipient) = serve(dir, recipient.clone()).await;
+    let app = App::build(config(dir, database_url)).await.expect("app");
+    let shared = app.shared();
+    let key = returning(&shared, port, &[("customers.json", CHUNK as u64 + 10)]).await;
+
+    let (stop, stopping) = watch::channel(false);
+    let worker = tokio::spawn(crate::uploader::run(shared.clone(), stopping));
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        recipient.completing.subscribe().wait_for(|n| *n >= 1),
+    )
+    .await
+    .expect("CompleteTransfer reaches the recipient")
+    .expect("completing");
+    let now = shared.clock.now_ms();
+    let tasks = shared
+        .store
+        .cancel("acme", "r-1", "the subject withdrew", now)
+        .await
+        .expect("cancel");
+    // The part is being closed: the cancellation only marks the task.
+    assert_eq!(tasks[0].state, TaskState::InProgress, "{tasks:?}");
+    assert!(tasks[0].cancel_requested_at.is_some(), "{tasks:?}");
+    recipient.closing.send_replace(true);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while task(&shared).await.state == TaskState::InProgress {
+        assert!(
+            Instant::now() < deadline,
+            "the task stays IN_PROGRESS: {:?}, {:?}",
+            task(&shared).await,
+            upload_row(&shared).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send(true).expect("worker watch");
+    worker.await.expect("worker");
+
+    let t = task(&shared).await;
+    assert_eq!(t.state, TaskState::Cancelled, "{t:?}");
+    assert_eq!(t.phase, ContractPhase::Returning, "{t:?}");
+    let receipt = t.transfer_receipt.clone().expect("the receipt is kept");
+    assert_eq!(receipt.recipient, RECIPIENT);
+    assert!(
+        t.note.contains("received by recipient new-bookkeeper")
+            && t.note.contains("too late to stop"),
+        "{t:?}"
+    );
+    let (done_at, _) = upload_row(&shared).await;
+    assert!(done_at.is_some(), "the upload is retired");
+    let calls = recipient.held().calls.clone();
+    let closes = calls.iter().filter(|(_, c)| *c == Call::Complete).count();
+    assert_eq!(closes, 1, "{calls:?}");
+
+    let payload: Vec<u8> = sqlx::query_scalar(
+        "SELECT payload FROM ack_outbox WHERE controller = $1 AND request_id = $2 \
+         AND subprocessor = $3 ORDER BY sequence DESC LIMIT 1",
+    )
+    .bind(&key.controller)
+    .bind(&key.request_id)
+    .bind(&key.subprocessor)
+    .fetch_one(&shared.store.db().pool)
+    .await
+    .expect("the last acknowledgement");
+    let ack = Acknowledgement::decode(payload.as_slice()).expect("ack");
+    assert_eq!(ack.state, TaskState::Cancelled as i32, "{ack:?}");
+    let evidence = ack.evidence.expect("evidence");
+    assert_eq!(
+        evidence.transfer_receipt,
+        Some(receipt),
+        "{:?}",
+        evidence.note
+    );
+    assert_eq!(
+        ack.progress.map(|p| p.phase),
+        Some(ContractPhase::Returning as i32)
+    );
+    let _ = stop_recipient.send(());
+}
+
 on_both!(
+    a_return_cancelled_while_its_part_is_closed_keeps_the_receipt,
     a_transfer_cancelled_mid_file_starts_no_other_file,
     a_transfer_cancelled_during_its_last_files_is_not_closed,
     a_broken_off_send_says_what_the_recipient_stored,

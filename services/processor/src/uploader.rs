@@ -35,12 +35,15 @@
 //! stands.
 //!
 //! A Cancel that comes while an export is on its way to a recipient (a TRANSFER, or a
-//! contract end's return to one) marks the task (a contract end's it cancels outright),
-//! whichever replica takes it; the sender reads the task in the store before each file and
-//! before closing the part. Once it finds either, the files already being sent go to their
-//! end, no other file starts, the part is not closed (which is all a recipient learns of an
-//! abandoned transfer: it discards the parts no CompleteTransfer closed), and the task is
-//! CANCELLED. A return to the registry is sent on: the data goes back to the controller.
+//! contract end's return to one) marks the task, whichever replica takes it; the sender reads
+//! the task in the store before each file and before closing the part. Once it finds the
+//! mark (or the task ended), the files already being sent go to their end, no other file
+//! starts, the part is not closed (which is all a recipient learns of an abandoned transfer:
+//! it discards the parts no CompleteTransfer closed), and the task is CANCELLED. A mark that
+//! comes while the part is being closed is read again once the recipient answers: its receipt
+//! is recorded as a delivery too late to stop (a TRANSFER COMPLETED, a contract end's return
+//! CANCELLED with the receipt). A return to the registry is sent on: the data goes back to
+//! the controller.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -332,13 +335,6 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
     match send_export(shared, job, &sink).await {
         Ok(receipt) => {
             tracing::info!(files = job.files.len(), %to, "export delivered");
-            let event = Event::Delivered {
-                to,
-                files: job.files.len(),
-                bytes,
-                receipt,
-            };
-            let decision = decide(&task.current(), event, &Context::at(shared.clock.now_ms()));
             let delivered = Delivered {
                 recipient: match to {
                     Destination::Registry => None,
@@ -347,8 +343,7 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
                 files: job.files.len(),
                 bytes,
             };
-            let (sequence, attempts) = (task.sequence, task.attempts);
-            if !record(shared, job, decision, Some(&delivered), sequence, attempts).await? {
+            if !record_delivery(shared, job, to, &delivered, receipt).await? {
                 // Decided again on the task as it stands; the files stay until then.
                 return Ok(());
             }
@@ -440,6 +435,61 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
     }
 }
 
+/// Records a delivery the destination answered (with the recipient's `receipt`), decided on
+/// the task as it stands once the destination answered, not as the attempt found it: a
+/// Cancel recorded while the part was being closed has marked it meanwhile, and the delivery
+/// is then reported as too late to stop (a contract end's return CANCELLED with the receipt,
+/// not left waiting for a confirmation). A decision made on an unmarked task is recorded only
+/// while no mark came since; one that came is decided again. Answers whether the upload is
+/// retired.
+async fn record_delivery(
+    shared: &Shared,
+    job: &UploadJob,
+    to: Destination<'_>,
+    delivered: &Delivered<'_>,
+    receipt: Option<TransferReceipt>,
+) -> anyhow::Result<bool> {
+    // A mark comes once, so the second look decides on a marked task; a third covers a
+    // move by another uploader in between, after which the upload is decided again later.
+    for _ in 0..3 {
+        let Some(task) = shared.store.task(&job.key).await? else {
+            return retire(shared, job, None, Some(delivered), 0, 0).await;
+        };
+        let event = Event::Delivered {
+            to,
+            files: delivered.files,
+            bytes: delivered.bytes,
+            receipt: receipt.clone(),
+        };
+        let now = shared.clock.now_ms();
+        let t = match decide(&task.current(), event, &Context::at(now)) {
+            Decision::Move(t) => Some(t),
+            _ => None,
+        };
+        let (t, sequence, attempts) = (t.as_ref(), task.sequence, task.attempts);
+        let (store, claim) = (&shared.store, job.claim());
+        let finish = if task.cancel_requested_at.is_none() {
+            store
+                .upload_finished_unless_marked(claim, sequence, t, Some(delivered), now, attempts)
+                .await?
+        } else {
+            (store.upload_finished(claim, sequence, t, Some(delivered), now, attempts)).await?
+        };
+        match finish {
+            UploadFinish::Retired { sequence } => {
+                if sequence.is_some() {
+                    shared.ack_wakeup.notify_one();
+                }
+                return Ok(true);
+            }
+            UploadFinish::RetiredAlready => return Ok(true),
+            UploadFinish::TaskChanged => {}
+        }
+    }
+    decide_again_later(shared, job, shared.clock.now_ms()).await?;
+    Ok(false)
+}
+
 /// Ends an attempt that found its task cancelled (or ended) while its export went to a
 /// recipient, as the task stands now.
 async fn cancelled_meanwhile(
@@ -449,8 +499,8 @@ async fn cancelled_meanwhile(
 ) -> anyhow::Result<()> {
     match shared.store.task(&job.key).await? {
         Some(now) if now.state != TaskState::InProgress => {
-            // Ended meanwhile (a contract end's return is cancelled outright): nothing is
-            // waiting for the part.
+            // Ended meanwhile (cancelled between attempts, say): nothing is waiting for the
+            // part.
             retire(shared, job, None, None, now.sequence, now.attempts)
                 .await
                 .map(drop)
@@ -581,27 +631,29 @@ async fn retire(
         }
         UploadFinish::RetiredAlready => Ok(true),
         UploadFinish::TaskChanged => {
-            // Another uploader's attempt moved the task while this one sent, or an extension
-            // moved the due date past this give-up: the upload is taken again at once, and
-            // what it finds (the destination holding every file, say) decided on the task
-            // and the due date as they stand.
-            tracing::info!(
-                "the task or its due date changed while its export was sent; deciding again"
-            );
-            shared
-                .store
-                .upload_retry_later(
-                    job.claim(),
-                    NextAttempt {
-                        at: now,
-                        error: "the task or its due date changed while its export was sent; \
-                                decided again",
-                    },
-                )
-                .await?;
+            decide_again_later(shared, job, now).await?;
             Ok(false)
         }
     }
+}
+
+/// After an outcome found the task changed: another uploader's attempt moved the task while
+/// this one sent, or an extension moved the due date past this give-up. The upload is taken
+/// again at once, and what it finds (the destination holding every file, say) decided on the
+/// task and the due date as they stand.
+async fn decide_again_later(shared: &Shared, job: &UploadJob, now: i64) -> anyhow::Result<()> {
+    tracing::info!("the task or its due date changed while its export was sent; deciding again");
+    shared
+        .store
+        .upload_retry_later(
+            job.claim(),
+            NextAttempt {
+                at: now,
+                error: "the task or its due date changed while its export was sent; decided \
+                        again",
+            },
+        )
+        .await
 }
 
 /// Sends every file of the export the destination does not hold whole yet, then closes the

@@ -437,9 +437,10 @@ impl Store {
     /// attempts, become CANCELLED (an export task's folder recorded for removal,
     /// [`Transition::discard_export`]); those whose holder is working (under a runner's
     /// lease, with accepted work awaiting confirmation, or called with no answer recorded:
-    /// a call cut off by a shutdown or a crash, which the next claim makes again) keep their
-    /// state and are marked (`cancel_requested_at` and a reason saying so), so that what
-    /// the holder did is what they report. Writes a tombstone when the request is unknown,
+    /// a call cut off by a shutdown or a crash, which the next claim makes again), and those
+    /// whose export a sender holds on its way (a contract end's only when it goes to a
+    /// transfer recipient), keep their state and are marked (`cancel_requested_at` and a
+    /// reason saying so), so that what the holder did, or what arrived, is what they report. Writes a tombstone when the request is unknown,
     /// so a delivery that arrives later creates no tasks. Answers the tasks as they now
     /// stand.
     pub async fn cancel(
@@ -524,10 +525,14 @@ impl Store {
         // claim committing meanwhile is then waited for and its lease read, where a plain
         // read would miss it and cancel a task whose sender goes on to deliver. A claim
         // coming after this lock skips the rows, and once it gets them it finds the task
-        // cancelled and sends nothing.
-        let sending: Vec<(String, i64)> = sqlx::query_as(&format!(
+        // cancelled and sends nothing. A contract end's return going to a transfer recipient
+        // is told apart: that one is marked rather than cancelled ([`Event::Cancel`]).
+        let sending: Vec<(String, i64, i64)> = sqlx::query_as(&format!(
             "SELECT subprocessor, CAST(CASE WHEN lease_until > {db_now} THEN 1 ELSE 0 END \
-             AS BIGINT) AS leased FROM uploads WHERE controller = $1 AND request_id = $2 \
+             AS BIGINT) AS leased, CAST(CASE WHEN EXISTS (SELECT 1 FROM contract_ends c \
+             WHERE c.controller = uploads.controller AND c.request_id = uploads.request_id \
+             AND c.transfer_recipient <> '') THEN 1 ELSE 0 END AS BIGINT) AS to_recipient \
+             FROM uploads WHERE controller = $1 AND request_id = $2 \
              AND done_at IS NULL ORDER BY subprocessor{}{}",
             self.db.backend.bytewise(),
             self.db.backend.lock_rows()
@@ -552,14 +557,16 @@ impl Store {
             // An export task's folder may hold what an attempt wrote: cancelled, it goes.
             let exports = crate::exports::exports(row.kind());
             let task = TaskRow::from(row.task);
-            let leased = leases
-                .iter()
-                .chain(&sending)
-                .any(|(s, l)| *s == task.key.subprocessor && *l != 0);
+            let ours = |s: &str| s == task.key.subprocessor;
+            let sent: Vec<_> = (sending.iter())
+                .filter(|(s, l, _)| ours(s) && *l != 0)
+                .collect();
+            let leased = !sent.is_empty() || leases.iter().any(|(s, l)| ours(s) && *l != 0);
             let event = Event::Cancel {
                 reason,
                 leased,
                 exports,
+                transferring: sent.iter().any(|(_, _, r)| *r != 0),
             };
             match decide(&task.current(), event, &Context::at(now)) {
                 Decision::Move(t) => {
@@ -1126,6 +1133,26 @@ pub(super) async fn transition(
     attempts: i64,
 ) -> Result<Option<i64>> {
     certified_transition(tx, None, key, expected_sequence, t, now, attempts).await
+}
+
+/// [`transition`] of an outcome decided on a task no cancellation had marked: nothing moves
+/// either once one did, so that the outcome is decided again as the cancellation's.
+pub(super) async fn transition_unless_marked(
+    tx: &mut AuditTx,
+    key: &TaskKey,
+    expected_sequence: i64,
+    t: &Transition,
+    now: i64,
+    attempts: i64,
+) -> Result<Option<i64>> {
+    let step = Step {
+        expected_sequence,
+        lease_owner: None,
+        by: "",
+        call_started_at: None,
+        unless_cancelled: true,
+    };
+    step_transition(tx, None, key, step, t, now, attempts).await
 }
 
 /// [`transition`], issuing with `issuer` the deletion certificate of an erasure step and

@@ -301,6 +301,35 @@ impl Store {
         now: i64,
         attempts: i64,
     ) -> Result<UploadFinish> {
+        let at = (expected_sequence, now, attempts);
+        self.finish_upload(claim, at, t, delivered, false).await
+    }
+
+    /// [`Store::upload_finished`] of an outcome decided on a task no cancellation had
+    /// marked: once one did, nothing is written either ([`UploadFinish::TaskChanged`]), so
+    /// that the outcome is decided again as the cancellation's (a delivery too late to stop).
+    pub async fn upload_finished_unless_marked(
+        &self,
+        claim: UploadClaim<'_>,
+        expected_sequence: i64,
+        t: Option<&Transition>,
+        delivered: Option<&Delivered<'_>>,
+        now: i64,
+        attempts: i64,
+    ) -> Result<UploadFinish> {
+        let at = (expected_sequence, now, attempts);
+        self.finish_upload(claim, at, t, delivered, true).await
+    }
+
+    /// [`Store::upload_finished`]; `at` is the expected sequence, the time and the attempts.
+    async fn finish_upload(
+        &self,
+        claim: UploadClaim<'_>,
+        (expected_sequence, now, attempts): (i64, i64, i64),
+        t: Option<&Transition>,
+        delivered: Option<&Delivered<'_>>,
+        unless_marked: bool,
+    ) -> Result<UploadFinish> {
         let UploadClaim { key, lease_owner } = claim;
         let mut tx = self.begin_audited().await?;
         if let Some(d) = delivered {
@@ -326,9 +355,20 @@ impl Store {
         // back below if another uploader retired the upload first.
         let moved = match t {
             Some(t) => {
-                let moved =
+                let moved = if unless_marked {
+                    super::tasks::transition_unless_marked(
+                        &mut tx,
+                        key,
+                        expected_sequence,
+                        t,
+                        now,
+                        attempts,
+                    )
+                    .await?
+                } else {
                     super::tasks::transition(&mut tx, key, expected_sequence, t, now, attempts)
-                        .await?;
+                        .await?
+                };
                 if moved.is_none() {
                     tx.rollback().await?;
                     return Ok(UploadFinish::TaskChanged);
@@ -648,6 +688,97 @@ pub(crate) mod tests {
     async fn a_delivery_decided_on_a_stale_task_is_decided_again_on_postgres() {
         crate::test_postgres::on_postgres(|u, _| async move {
             a_delivery_decided_on_a_stale_task_is_decided_again(&u).await
+        })
+        .await;
+    }
+
+    /// A delivery decided on a task no cancellation had marked is not recorded once one did
+    /// (a Cancel taken while the part was being closed): it is decided again, as too late to
+    /// stop, rather than recorded as if no cancellation came.
+    async fn a_delivery_decided_before_a_mark_is_decided_again(url: &str) {
+        let db = Db::connect(url).await.expect("connect");
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+            .await
+            .expect("migrate");
+        let store = Store::new(db, b"test key");
+        let req = DeliverRequest {
+            request_id: "r-1".into(),
+            kind: RequestKind::Transfer as i32,
+            ..Default::default()
+        };
+        (store.accept("acme", &req, &["crm".into()], None, 1))
+            .await
+            .expect("accept");
+        let key = TaskKey {
+            controller: "acme".into(),
+            request_id: "r-1".into(),
+            subprocessor: "crm".into(),
+        };
+        let exported = Transition {
+            state: TaskState::InProgress,
+            note: "exported; transferring".into(),
+            ..Default::default()
+        };
+        let s = (store.transition(&key, 1, &exported, 2, 1))
+            .await
+            .expect("step")
+            .expect("moved");
+        let mut conn = store.db.pool.acquire().await.expect("connection");
+        queue(&mut conn, &key, 2).await.expect("queue the upload");
+        drop(conn);
+        // The cancellation marks the task, its sequence unchanged.
+        sqlx::query("UPDATE tasks SET cancel_requested_at = 3")
+            .execute(&store.db.pool)
+            .await
+            .expect("mark");
+        let delivered = Transition {
+            state: TaskState::Completed,
+            confirmed: true,
+            ..Default::default()
+        };
+        let to = Delivered {
+            recipient: Some("new-bookkeeper"),
+            files: 1,
+            bytes: 10,
+        };
+        let claim = sender(&key, "a sender");
+        let unmarked = store
+            .upload_finished_unless_marked(claim, s, Some(&delivered), Some(&to), 4, 1)
+            .await
+            .expect("finish");
+        assert_eq!(unmarked, UploadFinish::TaskChanged);
+        let task = store.task(&key).await.expect("task").expect("row");
+        assert_eq!(task.state, TaskState::InProgress);
+        let too_late = Transition {
+            note: "delivered: the cancellation came too late".into(),
+            ..delivered
+        };
+        let marked = store
+            .upload_finished(claim, s, Some(&too_late), Some(&to), 5, 1)
+            .await
+            .expect("finish");
+        assert_eq!(
+            marked,
+            UploadFinish::Retired {
+                sequence: Some(s + 1)
+            }
+        );
+        let task = store.task(&key).await.expect("task").expect("row");
+        assert_eq!(task.note, "delivered: the cancellation came too late");
+        store.db.pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_delivery_decided_before_a_mark_is_decided_again_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/p.db", dir.path().display());
+        a_delivery_decided_before_a_mark_is_decided_again(&url).await;
+    }
+
+    #[tokio::test]
+    async fn a_delivery_decided_before_a_mark_is_decided_again_on_postgres() {
+        crate::test_postgres::on_postgres(|u, _| async move {
+            a_delivery_decided_before_a_mark_is_decided_again(&u).await
         })
         .await;
     }
