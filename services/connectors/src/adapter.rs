@@ -185,8 +185,10 @@ fn parse_kind(name: &str) -> Option<RequestKind> {
 }
 
 impl AdapterConfig {
-    /// Every problem with the configuration; empty when usable. TLS files are read by
-    /// [`build`](crate::build).
+    /// Every problem with the configuration; empty when usable. The TLS files are looked at
+    /// too (there, readable, PEM of their kind), so that a wrong one is reported with the
+    /// processor's other settings rather than failing [`build`](crate::build) after the
+    /// start; whether the key matches the certificate is left to `build`.
     pub fn validate(&self) -> Vec<String> {
         let mut out = Vec::new();
         match self.endpoint.parse::<Uri>() {
@@ -237,6 +239,7 @@ impl AdapterConfig {
                 }
             }
         }
+        dsrelay_runtime::config::check_tls_files(&mut out, &self.tls);
         out
     }
 }
@@ -923,8 +926,10 @@ mod tests {
 
     #[test]
     fn validation_names_each_key() {
-        let mut c = config(TlsFiles::new("ca.pem", "p.pem", "p.key"));
-        assert!(c.validate().is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dsrelay_runtime::pki::DevPki::ensure(dir.path()).unwrap();
+        let mut c = config(pki.files("processor"));
+        assert!(c.validate().is_empty(), "{:?}", c.validate());
         c.endpoint = "http://localhost:1".into();
         c.identity = " ".into();
         c.timeout_ms = 0;
@@ -961,6 +966,63 @@ mod tests {
         );
     }
 
+    /// The TLS files are checked with the settings (the processor's exit 64), each problem
+    /// naming its key and file, not only read when the connector is built after the start.
+    #[test]
+    fn tls_files_are_checked_with_the_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dsrelay_runtime::pki::DevPki::ensure(dir.path()).unwrap();
+        let good = pki.files("processor");
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "just text\n").unwrap();
+        let broken = dir.path().join("broken.pem");
+        std::fs::write(
+            &broken,
+            "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let missing = dir.path().join("missing.pem");
+        let mut files = good.clone();
+        files.ca = missing.clone();
+        files.cert = not_pem.clone();
+        // A certificate where the key belongs: PEM, but not of its kind.
+        files.key = good.cert.clone();
+        files.crls = vec![good.ca.clone(), dir.path().to_path_buf()];
+        let c = crate::ConnectorConfig::Adapter(config(files));
+        let problems = c.validate();
+        let shown = |p: &std::path::Path| p.display().to_string();
+        assert_eq!(
+            problems[..4],
+            [
+                format!("tls.ca: {} is not a readable file", shown(&missing)),
+                format!("tls.cert: {} holds no PEM certificate", shown(&not_pem)),
+                format!("tls.key: {} holds no PEM private key", shown(&good.cert)),
+                format!(
+                    "tls.crls[0]: {} holds no PEM revocation list",
+                    shown(&good.ca)
+                ),
+            ],
+            "{problems:?}"
+        );
+        assert_eq!(
+            problems[4],
+            format!("tls.crls[1]: {} is not a readable file", shown(dir.path()))
+        );
+        assert_eq!(problems.len(), 5, "{problems:?}");
+        let mut bad_base64 = good.clone();
+        bad_base64.ca = broken.clone();
+        let problems = config(bad_base64).validate();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with(&format!(
+                "tls.ca: {} is not a PEM certificate: ",
+                shown(&broken)
+            )),
+            "{problems:?}"
+        );
+        assert!(config(good).validate().is_empty());
+    }
+
     #[test]
     fn config_is_tagged_adapter() {
         let text = r#"
@@ -978,7 +1040,15 @@ mod tests {
             panic!("not an adapter config: {c:?}");
         };
         assert_eq!(a.timeout_ms, DEFAULT_TIMEOUT_MS);
-        assert!(c.validate().is_empty());
+        // Nothing but the TLS files, which are not there.
+        let problems = c.validate();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .all(|p| p.ends_with("is not a readable file")),
+            "{problems:?}"
+        );
         let back: crate::ConnectorConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
         assert_eq!(back, c);
     }

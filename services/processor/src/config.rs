@@ -399,8 +399,9 @@ impl Config {
         dsrelay_runtime::settings::load(file, ENV_PREFIX, env)
     }
 
-    /// Every problem with the configuration that shows without looking at the file system,
-    /// reported together.
+    /// Every problem with the configuration's values, reported together; of the file system
+    /// it reads only an adapter connector's TLS files (there, readable, PEM of their kind,
+    /// through the connector's `validate`): the key files are read by `check`.
     pub fn validate(&self) -> Result<(), ConfigErrors> {
         let mut errors = self.service.validate();
         let mut ids = BTreeSet::new();

@@ -2218,6 +2218,15 @@ pub(crate) fn amend(stored: &Terms, wanted: &Terms, deleting: bool) -> Result<Te
             "deleting the controller's data has started".into(),
         ));
     }
+    // Deleting with no confirmation means the grace period ended unconfirmed: a confirmation
+    // now would have the return read as confirmed before a deletion that did not wait for it.
+    if deleting && wanted.return_confirmed && !stored.return_confirmed {
+        return Err(Refusal::TooLate(
+            "deleting the controller's data started at the end of the grace period without a \
+             confirmation of the return"
+                .into(),
+        ));
+    }
     Ok(*wanted)
 }
 
@@ -4672,6 +4681,11 @@ mod tests {
             ..rtd
         };
         assert_eq!(amend(&rtd, &confirmed, false), Ok(confirmed));
+        assert_eq!(amend(&confirmed, &confirmed, true), Ok(confirmed));
+        assert!(matches!(
+            amend(&rtd, &confirmed, true),
+            Err(Refusal::TooLate(why)) if why.contains("without a confirmation")
+        ));
         assert!(matches!(
             amend(&confirmed, &rtd, false),
             Err(Refusal::TooLate(_))

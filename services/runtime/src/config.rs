@@ -12,7 +12,9 @@
 //! file that cannot be read or parsed and every malformed variable name, each naming its
 //! source. Only when the layers are sound is the result deserialized, and serde stops at the
 //! first value it cannot use (a wrong type, an unknown key: the service configs deny unknown
-//! fields), which is reported with its key and source. `main` exits with 64 (EX_USAGE) on a
+//! fields), which is reported with its key and source; a service's configuration is read in
+//! two parts, the shared keys and the service's own ([`load_flattened`]), each reporting its
+//! first such problem, both in one report. `main` exits with 64 (EX_USAGE) on a
 //! bad configuration.
 
 #[cfg(feature = "arbitrary-config")]
@@ -21,10 +23,11 @@ pub mod arbitrary;
 use std::ops::RangeInclusive;
 use std::path::Path;
 
-use figment::providers::{Format, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider, Source};
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use crate::backoff::Backoff;
 
@@ -155,6 +158,55 @@ pub fn check_checkpoint_key(errors: &mut Vec<String>, audit: &crate::audit::sign
     }
 }
 
+/// Adds a message naming the key (`tls.ca`, `tls.cert`, `tls.key`, `tls.crls[i]`) and the
+/// file for each of `tls`'s files that is missing, cannot be read, or holds no PEM item of
+/// its kind (a certificate, a private key, a revocation list), so that a party whose files
+/// are read only once it is built has them reported with the other settings. What the items
+/// say (a key matching its certificate, a list's dates) is left to whoever loads them.
+pub fn check_tls_files(errors: &mut Vec<String>, tls: &crate::tls::TlsFiles) {
+    use rustls_pki_types::pem::{self, PemObject};
+    use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+
+    /// Every item of `items` read, and at least one.
+    fn some<T>(items: impl Iterator<Item = Result<T, pem::Error>>) -> Result<(), pem::Error> {
+        let mut found = false;
+        for item in items {
+            item?;
+            found = true;
+        }
+        found.then_some(()).ok_or(pem::Error::NoItemsFound)
+    }
+    let certificates = |pem: &[u8]| some(CertificateDer::pem_slice_iter(pem));
+    let key = |pem: &[u8]| PrivateKeyDer::from_pem_slice(pem).map(drop);
+    let crl = |pem: &[u8]| some(CertificateRevocationListDer::pem_slice_iter(pem));
+    type Parse<'a> = &'a dyn Fn(&[u8]) -> Result<(), pem::Error>;
+    let mut files: Vec<(String, &Path, &str, Parse)> = vec![
+        ("tls.ca".into(), &tls.ca, "certificate", &certificates),
+        ("tls.cert".into(), &tls.cert, "certificate", &certificates),
+        ("tls.key".into(), &tls.key, "private key", &key),
+    ];
+    for (i, path) in tls.crls.iter().enumerate() {
+        files.push((format!("tls.crls[{i}]"), path, "revocation list", &crl));
+    }
+    for (name, path, what, parse) in files {
+        let shown = path.display();
+        if !path.is_file() {
+            errors.push(format!("{name}: {shown} is not a readable file"));
+            continue;
+        }
+        match std::fs::read(path) {
+            Err(e) => errors.push(format!("{name}: {shown} cannot be read: {e}")),
+            Ok(pem) => match parse(&pem) {
+                Ok(()) => {}
+                Err(pem::Error::NoItemsFound) => {
+                    errors.push(format!("{name}: {shown} holds no PEM {what}"))
+                }
+                Err(e) => errors.push(format!("{name}: {shown} is not a PEM {what}: {e}")),
+            },
+        }
+    }
+}
+
 /// `ms` as `N ms`, followed by whole days or hours in parentheses when it is a multiple.
 fn describe_ms(ms: u64) -> String {
     const HOUR_MS: u64 = 3_600_000;
@@ -188,7 +240,7 @@ pub fn load_listing<T: DeserializeOwned>(
     top_level: &[&str],
 ) -> Result<T, ConfigErrors> {
     let (figment, marker) = layers(file, prefix, env)?;
-    extract(&figment, &marker, top_level)
+    extract(&figment, &figment, &marker, top_level)
 }
 
 /// [`load_listing`] that first reads `P`, the part `T` flattens in, on its own from the
@@ -196,15 +248,49 @@ pub fn load_listing<T: DeserializeOwned>(
 /// path: a value of the wrong type there (`shutdown_grace_ms = "10s"`) would be reported
 /// with neither its key nor the file or variable that set it. Read directly, it is reported
 /// like any other key. `P` must not deny unknown fields, as it is handed every key.
-pub fn load_flattened<T: DeserializeOwned, P: DeserializeOwned>(
+///
+/// When `P` cannot be read, `T` is still read, with `P`'s top-level keys replaced by
+/// `stand_in` (a `P` that reads), and its problems are reported after `P`'s: so a problem of
+/// the service's own keys (a wrong type, an unknown or missing key) comes in the same report
+/// as one of the shared keys, not only once those are fixed.
+pub fn load_flattened<T: DeserializeOwned, P: DeserializeOwned + Serialize>(
     file: Option<&Path>,
     prefix: &str,
     env: impl IntoIterator<Item = (String, String)>,
     top_level: &[&str],
+    stand_in: &P,
 ) -> Result<T, ConfigErrors> {
     let (figment, marker) = layers(file, prefix, env)?;
-    extract::<P>(&figment, &marker, &[])?;
-    extract(&figment, &marker, top_level)
+    let Err(ConfigErrors(mut errors)) = extract::<P>(&figment, &figment, &marker, &[]) else {
+        return extract(&figment, &figment, &marker, top_level);
+    };
+    // serde stops at the flattened part's first problem, before the keys it would check after
+    // it (the unknown ones): with the shared keys standing in, it gets past that part.
+    if let Some(patched) = with_stand_in(&figment, stand_in) {
+        if let Err(ConfigErrors(own)) = extract::<T>(&patched, &figment, &marker, top_level) {
+            errors.extend(own);
+        }
+    }
+    Err(ConfigErrors(errors))
+}
+
+/// The merged layers with every top-level key `P` knows replaced by `stand_in`'s, as one
+/// layer; `None` when either is not a table.
+fn with_stand_in<P: DeserializeOwned + Serialize>(
+    figment: &Figment,
+    stand_in: &P,
+) -> Option<Figment> {
+    let Ok(Value::Dict(_, mut dict)) = figment.find_value("") else {
+        return None;
+    };
+    for key in struct_fields::<P>() {
+        dict.remove(*key);
+    }
+    let Ok(Value::Dict(_, shared)) = Value::serialize(stand_in) else {
+        return None;
+    };
+    dict.extend(shared);
+    Some(Figment::from(Serialized::defaults(dict)))
 }
 
 /// The file (if given) and every `PREFIX__*` variable of `env` merged in that order, with
@@ -232,21 +318,27 @@ fn layers(
     Ok((layers.figment, marker))
 }
 
-/// Deserializes `T` from the merged layers, each problem named with its key and source.
+/// Deserializes `T` from `data`, each problem named with its key and its source in `read`
+/// (the layers as read, of which `data` may be a patched copy, see [`load_flattened`]).
 fn extract<T: DeserializeOwned>(
-    figment: &Figment,
+    data: &Figment,
+    read: &Figment,
     marker: &str,
     top_level: &[&str],
 ) -> Result<T, ConfigErrors> {
-    figment.extract().map_err(|e| {
+    data.extract().map_err(|e| {
         ConfigErrors(
             e.into_iter()
-                .map(|e| {
-                    let places = candidates(&e, figment);
+                .map(|mut e| {
+                    if !std::ptr::eq(data, read) {
+                        // A patched copy's metadata names the copy, not a file or variable.
+                        e.metadata = None;
+                    }
+                    let places = candidates(&e, read);
                     let key = key_of(&e, &places);
-                    let source = source_of(&places, &key, figment);
+                    let source = source_of(&places, &key, read);
                     let what = describe(&e, &key, source, top_level);
-                    match list_override::<T>(&e, &key, source, marker, figment) {
+                    match list_override::<T>(&e, &key, source, marker, data) {
                         Some(hint) => format!("{what}; {hint}"),
                         None => what,
                     }

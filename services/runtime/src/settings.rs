@@ -80,8 +80,13 @@ pub fn load<C: ServiceConfig>(
     };
     // The shared keys are read on their own first, so that a wrong type among them is
     // named with its key and source (see `load_flattened`).
-    let mut config: C =
-        crate::config::load_flattened::<C, FileSettings>(file, env_prefix, env, &known)?;
+    let mut config: C = crate::config::load_flattened::<C, FileSettings>(
+        file,
+        env_prefix,
+        env,
+        &known,
+        &FileSettings::stand_in(),
+    )?;
     if let Some(dir) = file.and_then(Path::parent) {
         config.relative_to(dir);
     }
@@ -168,7 +173,7 @@ pub struct Defaults {
 }
 
 /// The shared keys as they appear in a file, before the service's defaults fill the gaps.
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(rename = "ServiceSettings")]
 struct FileSettings {
     listen: Option<String>,
@@ -182,6 +187,25 @@ struct FileSettings {
     shutdown_grace_ms: Option<u64>,
     call_limit_ms: Option<u64>,
     worker_threads: Option<usize>,
+}
+
+impl FileSettings {
+    /// Shared keys that read, standing in for those of a file whose shared keys do not, so
+    /// that its service keys are checked too (see [`crate::config::load_flattened`]).
+    fn stand_in() -> Self {
+        Self {
+            listen: None,
+            admin_listen: None,
+            admin_token: None,
+            database_url: None,
+            tls: TlsFiles::new("", "", ""),
+            trust_domain: None,
+            log_json: false,
+            shutdown_grace_ms: None,
+            call_limit_ms: None,
+            worker_threads: None,
+        }
+    }
 }
 
 impl ServiceSettings {
@@ -539,6 +563,52 @@ mod tests {
                 err.0[0]
             );
         }
+    }
+
+    /// A problem of the shared keys and one of the service's own come in one report, so an
+    /// operator does not meet the second only after fixing the first and starting again.
+    #[test]
+    fn shared_and_service_key_problems_are_reported_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("s.toml");
+        let file = f.display();
+        let cases = [
+            // A wrong type in a shared key and in a service key.
+            (
+                format!("shutdown_grace_ms = \"10s\"\nbatch = \"x\"\n{TLS}"),
+                format!("{file}: key batch: invalid type: found string \"x\", expected u32"),
+            ),
+            // An unknown top-level key, which serde checks after the flattened part.
+            (
+                format!("worker_threads = \"x\"\nlisten_on = \"y\"\n{TLS}"),
+                format!("{file}: unknown field `listen_on`"),
+            ),
+            // The shared table missing its required key.
+            (
+                "batch_size = 2\n[tls]\nca = \"a\"\ncert = \"b\"\n".to_string(),
+                format!("{file}: unknown field `batch_size`"),
+            ),
+        ];
+        for (text, service) in cases {
+            std::fs::write(&f, &text).unwrap();
+            let err = load::<Sample>(Some(&f), "APP", []).unwrap_err();
+            assert_eq!(err.0.len(), 2, "{text}: {err}");
+            assert!(err.0[1].starts_with(&service), "{text}: {err}");
+        }
+        // Set by variables, each is named with its variable.
+        std::fs::write(&f, TLS).unwrap();
+        let env = [("APP__CALL_LIMIT_MS", "soon"), ("APP__BATCH", "many")]
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+        let err = load::<Sample>(Some(&f), "APP", env).unwrap_err();
+        assert_eq!(err.0.len(), 2, "{err}");
+        assert!(
+            err.0[0].starts_with("environment variable APP__CALL_LIMIT_MS: key call_limit_ms"),
+            "{err}"
+        );
+        assert!(
+            err.0[1].starts_with("environment variable APP__BATCH: key batch: invalid type"),
+            "{err}"
+        );
     }
 
     #[test]

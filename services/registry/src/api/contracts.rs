@@ -301,6 +301,20 @@ impl Api {
         Ok(())
     }
 
+    /// Refuses a change once the grace period of `row` has ended by the registry's clock,
+    /// saying when and `then`, what became of the data: at that point the processor deletes
+    /// it whatever the controller says, so a change accepted here would not be acted on.
+    fn ensure_in_grace(&self, row: &ContractRow, then: &str) -> Result<(), ApiError> {
+        if self.shared.clock.now_ms() >= row.grace_ends_at {
+            return Err(ApiError::failed_precondition(format!(
+                "the grace period of contract end {} ended at {}: {then}",
+                row.request_id,
+                date_label(row.grace_ends_at)
+            )));
+        }
+        Ok(())
+    }
+
     /// Confirms a return to a transfer recipient once the processor accepted the contract
     /// end (until then the registry does not know all its tasks: receipts of some of them
     /// could come first) and every task carries the recipient's receipt: the receipts, not a
@@ -578,26 +592,13 @@ impl ContractService for Api {
             ))
             .into());
         }
-        if self.shared.clock.now_ms() >= row.grace_ends_at {
-            return Err(ApiError::failed_precondition(format!(
-                "the grace period of contract end {} ended at {}: the processor deletes the \
-                 data, and no choice can be made any more",
-                row.request_id,
-                date_label(row.grace_ends_at)
-            ))
-            .into());
-        }
+        self.ensure_in_grace(
+            &row,
+            "the processor deletes the data, and no choice can be made any more",
+        )?;
         // The processor's clock decides when its grace period ends; once it reported deleting,
         // a choice would be accepted here and refused there.
-        let deleting: Vec<&str> = (tasks.iter())
-            .filter(|t| {
-                t.progress.as_ref().is_some_and(|p| {
-                    p.phase == ContractPhase::Deleting as i32
-                        || p.phase == ContractPhase::Done as i32
-                })
-            })
-            .map(|t| t.subprocessor.as_str())
-            .collect();
+        let deleting = deleting_subprocessors(&tasks);
         if !deleting.is_empty() {
             return Err(ApiError::failed_precondition(format!(
                 "the processor of contract end {} has started deleting ({}): the grace period \
@@ -624,7 +625,7 @@ impl ContractService for Api {
         let caller = self.contract_caller(&req)?;
         let r = req.into_inner();
         let digest = r.manifest_sha256.to_ascii_lowercase();
-        let row = self.contract_row(&r.contract_id).await?;
+        let (row, tasks) = self.contract_and_tasks(&r.contract_id).await?;
         let id = row.request_id.clone();
         // The choice first: a digest's form matters only where there is something to confirm.
         if row.choice() != ContractEndChoice::ReturnThenDelete {
@@ -676,6 +677,23 @@ impl ContractService for Api {
             .into());
         }
         Self::ensure_open(&row)?;
+        // After the checks of a repeated confirmation: one recorded in time stays answered.
+        self.ensure_in_grace(
+            &row,
+            "the processor deletes the returned data then without a confirmation, and the \
+             return can no longer be confirmed",
+        )?;
+        // The processor's clock decides when its grace period ends: deleting with no
+        // confirmation recorded means it ended there unconfirmed.
+        let deleting = deleting_subprocessors(&tasks);
+        if !deleting.is_empty() {
+            return Err(ApiError::failed_precondition(format!(
+                "the processor of contract end {id} has started deleting ({}) at the end of its \
+                 grace period without a confirmation: the return can no longer be confirmed",
+                deleting.join(", ")
+            ))
+            .into());
+        }
         if transfer {
             return Ok(Response::new(self.confirm_transfer(&caller, &row).await?));
         }
@@ -729,6 +747,21 @@ impl ContractService for Api {
         ))
     }
 }
+
+/// The subprocessors whose tasks the processor reported deleting (or done deleting).
+fn deleting_subprocessors(tasks: &[TaskStatus]) -> Vec<&str> {
+    (tasks.iter())
+        .filter(|t| {
+            t.progress.as_ref().is_some_and(|p| {
+                p.phase == ContractPhase::Deleting as i32 || p.phase == ContractPhase::Done as i32
+            })
+        })
+        .map(|t| t.subprocessor.as_str())
+        .collect()
+}
+
+#[cfg(test)]
+mod grace_tests;
 
 #[cfg(test)]
 mod tests {
