@@ -188,7 +188,8 @@ pub enum Command {
     #[command(subcommand)]
     Certificate(CertificateCommand),
     /// Transfer receipts: a recipient's signed statement of the part of a transfer it
-    /// received (request, subprocessor, bytes, files, manifest SHA-256, when).
+    /// received (request, subprocessor, bytes, files, manifest SHA-256, when, and the
+    /// processor that sent it when the recipient names it).
     #[command(subcommand)]
     Receipt(ReceiptCommand),
     /// Contract ends (operators only): end the contract with a processor, so that it deletes,
@@ -531,9 +532,11 @@ pub enum ReceiptCommand {
     /// Check a receipt file offline against the recipient's public key, given with
     /// --public-key PUBKEY (or --key PUBKEY: verify connects to nothing, so it names no TLS
     /// key here), and print what it attests; exits 1 when the receipt is unsigned, any of
-    /// its fields was changed or another key signed it. Reads only the file `receipt get`
-    /// writes. A revoked key (`revoked_public_keys`) is not checked here: the file does not
-    /// hold when the registry received it, so revocations are applied by the registry only.
+    /// its fields was changed or another key signed it (a receipt naming its sender is
+    /// checked over the version 2 body, one naming none over version 1). Reads only the
+    /// file `receipt get` writes. A revoked key (`revoked_public_keys`) is not checked here:
+    /// the file does not hold when the registry received it, so revocations are applied by
+    /// the registry only.
     Verify(ReceiptVerifyArgs),
 }
 

@@ -293,6 +293,9 @@ pub(crate) struct TaskView {
 #[derive(Debug, Serialize)]
 pub(crate) struct ReceiptView {
     pub(crate) recipient: String,
+    /// The certificate identity of the processor that sent the part, as the recipient saw
+    /// it over mutual TLS; empty when the recipient did not name it.
+    pub(crate) sender: String,
     pub(crate) bytes: u64,
     pub(crate) files: u32,
     pub(crate) manifest_sha256: String,
@@ -329,6 +332,7 @@ impl From<&TaskStatus> for TaskView {
                 .and_then(|e| e.transfer_receipt.as_ref())
                 .map(|r| ReceiptView {
                     recipient: r.recipient.clone(),
+                    sender: r.sender.clone(),
                     bytes: r.bytes,
                     files: r.files,
                     manifest_sha256: r.manifest_sha256.clone(),
@@ -614,6 +618,7 @@ impl RequestView {
                 "MANIFEST SHA-256",
                 "RECEIVED",
                 "SIGNED",
+                "SENDER",
             ]);
             for task in receipts {
                 if let Some(r) = &task.transfer_receipt {
@@ -625,6 +630,7 @@ impl RequestView {
                         r.manifest_sha256.clone(),
                         time_cell(r.received_at),
                         if r.signature.is_empty() { "no" } else { "yes" }.into(),
+                        r.sender.clone(),
                     ]);
                 }
             }
@@ -1013,6 +1019,7 @@ mod tests {
             recipient: "new-bookkeeper".into(),
             signature: vec![1, 2, 3],
             key_id: format!("sha256:{}", "cd".repeat(32)),
+            sender: "spiffe://dsrelay.dev/processor/payroll-bureau".into(),
         };
         r.tasks = vec![
             TaskStatus {
@@ -1044,7 +1051,8 @@ mod tests {
         assert!(text.contains("Transfer receipts\n"), "{text}");
         assert!(
             text.contains(&format!(
-                "netvisor      new-bookkeeper  1234   2      {}  2023-11-14T22:15:00Z  yes",
+                "netvisor      new-bookkeeper  1234   2      {}  2023-11-14T22:15:00Z  yes     \
+                 spiffe://dsrelay.dev/processor/payroll-bureau",
                 "ab".repeat(32)
             )),
             "{text}"
@@ -1059,6 +1067,10 @@ mod tests {
             "new-bookkeeper"
         );
         assert_eq!(v["tasks"][0]["transfer_receipt"]["bytes"], 1234);
+        assert_eq!(
+            v["tasks"][0]["transfer_receipt"]["sender"],
+            "spiffe://dsrelay.dev/processor/payroll-bureau"
+        );
         assert_eq!(v["tasks"][0]["transfer_receipt"]["signature"], "AQID");
         assert_eq!(
             v["tasks"][0]["transfer_receipt"]["key_id"],

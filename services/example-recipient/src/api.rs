@@ -326,9 +326,11 @@ fn state(s: FileState) -> UploadState {
     }
 }
 
-/// The receipt `r` as answered, signed with `key` when there is one. The signature is made
-/// anew for every answer rather than stored: Ed25519 signs the same fields alike, and a
-/// repeated close after a key rotation answers under the key the recipient holds now.
+/// The receipt `r` as answered, naming the sender whose part it is (the certificate identity
+/// its files came under, so the signed body is version 2) and signed with `key` when there
+/// is one. The signature is made anew for every answer rather than stored: Ed25519 signs the
+/// same fields alike, and a repeated close after a key rotation answers under the key the
+/// recipient holds now.
 fn receipt(r: Receipt, key: Option<&SigningKey>) -> Result<TransferReceipt, ApiError> {
     let unsigned = TransferReceipt {
         request_id: r.request_id,
@@ -340,6 +342,7 @@ fn receipt(r: Receipt, key: Option<&SigningKey>) -> Result<TransferReceipt, ApiE
         recipient: r.recipient,
         signature: Vec::new(),
         key_id: String::new(),
+        sender: r.sender,
     };
     match key {
         Some(key) => dsrelay_runtime::transfer_receipt::sign(unsigned, key)

@@ -103,8 +103,8 @@ impl From<&ExportFileHeader> for StoredHeader {
 /// A closed part's receipt as written to `.receipt.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {
-    /// The certificate identity of the processor that sent the part (not in the
-    /// `TransferReceipt` answered, which has no field for it; the sender knows itself).
+    /// The certificate identity of the processor that sent the part, answered as the
+    /// `TransferReceipt`'s `sender`.
     pub sender: String,
     /// The registry's request id.
     pub request_id: String,
@@ -526,12 +526,15 @@ const SIGNED_RECEIPT: &str = ".receipt.signed.json";
 /// A signed receipt in the form `dsrctl receipt get` writes and `dsrctl receipt verify`
 /// reads: the fields of the `TransferReceipt` the signature covers under their proto names,
 /// in that order, `received_at` as RFC 3339 (null when unset) and the signature as base64.
-/// That form takes no other field, so the sender, which `.receipt.json` names, is not here.
+/// `sender` is left out when empty, as `dsrctl receipt get` leaves out that of a receipt
+/// signed over the version 1 body; this recipient always names it.
 #[derive(Serialize)]
 struct SignedReceiptFile<'a> {
     request_id: &'a str,
     subprocessor: &'a str,
     recipient: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    sender: &'a str,
     bytes: u64,
     files: u32,
     manifest_sha256: &'a str,
@@ -551,6 +554,7 @@ impl<'a> SignedReceiptFile<'a> {
             request_id: &r.request_id,
             subprocessor: &r.subprocessor,
             recipient: &r.recipient,
+            sender: &r.sender,
             bytes: r.bytes,
             files: r.files,
             manifest_sha256: &r.manifest_sha256,

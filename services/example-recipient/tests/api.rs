@@ -281,6 +281,7 @@ async fn receipts_are_signed_with_the_configured_key() {
             "request_id": REQUEST,
             "subprocessor": "accounting",
             "recipient": "new-bookkeeper",
+            "sender": processor(),
             "bytes": 1000,
             "files": 1,
             "manifest_sha256": first.manifest_sha256,
@@ -610,6 +611,54 @@ async fn two_senders_parts_of_the_same_name_are_stored_apart() {
         assert_eq!(written["manifest_sha256"], receipt.manifest_sha256.as_str());
     }
     assert_ne!(receipt_a.manifest_sha256, receipt_b.manifest_sha256);
+}
+
+/// Each receipt names the processor whose part it is, by the certificate identity it
+/// presented over mutual TLS, and signs it (the version 2 body): the receipt of one
+/// processor's part, given the other processor as its sender, no longer verifies, so it
+/// cannot pass for the other's part of the same request and subprocessor. Before, receipts
+/// named no sender and the two parts' receipts differed only in their manifests.
+#[tokio::test]
+async fn a_receipt_names_the_processor_that_sent_the_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = dev_identity("processor", "other-bureau");
+    let r = Running::start_with(dir.path(), 0, vec![processor(), other.clone()], true).await;
+    let other_tls = second_processor(dir.path(), &other);
+    let mut a = r.client();
+    let mut b = r.client_with(&other_tls, &dev_identity("recipient", "example"));
+    let data = content(1000);
+    let h = header("export.json", &data);
+    let public = std::fs::read_to_string(r.pki.signing_public_key("recipient")).unwrap();
+    let public = dsrelay_runtime::signing::PublicKey::parse(&public).unwrap();
+    let ring = dsrelay_runtime::signing::KeyRing::new(public, vec![]).unwrap();
+    let mut receipts = Vec::new();
+    for (c, sender) in [(&mut a, processor()), (&mut b, other.clone())] {
+        assert!(
+            send(c, chunks(&h, &data, 0, data.len()))
+                .await
+                .unwrap()
+                .complete
+        );
+        let receipt = c
+            .complete_transfer(part(std::slice::from_ref(&h)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(receipt.sender, sender);
+        assert_eq!(
+            dsrelay_runtime::transfer_receipt::verify(&receipt, &ring),
+            Ok(())
+        );
+        receipts.push(receipt);
+    }
+    // The same files: only the sender tells the two receipts apart.
+    assert_eq!(receipts[0].manifest_sha256, receipts[1].manifest_sha256);
+    let passed_off = dsrelay_proto::v1::TransferReceipt {
+        sender: other,
+        ..receipts[0].clone()
+    };
+    let why = dsrelay_runtime::transfer_receipt::verify(&passed_off, &ring).unwrap_err();
+    assert!(why.contains("does not match"), "{why}");
 }
 
 /// The error events logged on this thread while it is recorded: a `#[tokio::test]` runs the

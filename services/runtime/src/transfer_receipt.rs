@@ -2,6 +2,10 @@
 //! computed from the receipt's fields alike on both sides (the rule is stated in
 //! `proto/dsrelay/v1/transfer.proto`, `TransferReceipt.signature`). The body is not carried:
 //! each side rebuilds it from the fields, so a changed field breaks the signature.
+//!
+//! Two versions: a receipt naming its sender (`TransferReceipt.sender`) is signed over
+//! version 2, which carries it; one that names none over version 1, byte for byte the body
+//! recipients signed before the field existed, so their receipts still verify.
 
 use anyhow::Result;
 use dsrelay_proto::v1::TransferReceipt;
@@ -18,17 +22,22 @@ struct Body<'a> {
     received_at_ms: i64,
     recipient: &'a str,
     request_id: &'a str,
+    /// Left out of version 1: its bytes must stay what older recipients signed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sender: Option<&'a str>,
     subprocessor: &'a str,
     version: u32,
 }
 
-/// The canonical JSON `receipt`'s signature covers.
+/// The canonical JSON `receipt`'s signature covers: version 2, with `"sender"`, when the
+/// receipt names its sender, else version 1.
 pub fn signed_body(receipt: &TransferReceipt) -> Result<Vec<u8>> {
     let received_at_ms = receipt.received_at.as_ref().map_or(0, |t| {
         t.seconds
             .saturating_mul(1000)
             .saturating_add(i64::from(t.nanos) / 1_000_000)
     });
+    let sender = (!receipt.sender.is_empty()).then_some(receipt.sender.as_str());
     to_canonical_json(&Body {
         bytes: receipt.bytes,
         files: receipt.files,
@@ -36,8 +45,9 @@ pub fn signed_body(receipt: &TransferReceipt) -> Result<Vec<u8>> {
         received_at_ms,
         recipient: &receipt.recipient,
         request_id: &receipt.request_id,
+        sender,
         subprocessor: &receipt.subprocessor,
-        version: 1,
+        version: if sender.is_some() { 2 } else { 1 },
     })
 }
 
@@ -125,6 +135,52 @@ mod tests {
                 "ab".repeat(32)
             )
         );
+    }
+
+    /// A receipt naming its sender is signed over version 2, which carries it between
+    /// `request_id` and `subprocessor` (keys sorted); pinned like version 1.
+    #[test]
+    fn a_receipt_naming_its_sender_has_a_version_2_body() {
+        let named = TransferReceipt {
+            sender: "spiffe://example.org/processor/payroll-bureau".into(),
+            ..receipt()
+        };
+        let body = String::from_utf8(signed_body(&named).unwrap()).unwrap();
+        assert_eq!(
+            body,
+            format!(
+                "{{\"bytes\":3,\"files\":1,\"manifest_sha256\":\"{}\",\
+                 \"received_at_ms\":1796558400123,\"recipient\":\"new-bookkeeper\",\
+                 \"request_id\":\"r-1\",\
+                 \"sender\":\"spiffe://example.org/processor/payroll-bureau\",\
+                 \"subprocessor\":\"crm\",\"version\":2}}",
+                "ab".repeat(32)
+            )
+        );
+    }
+
+    /// The sender is signed: a version 2 receipt given another sender, or none (which
+    /// would make it a version 1 body), no longer verifies; a version 1 receipt (a recipient
+    /// that names no sender) still does.
+    #[test]
+    fn a_version_2_signature_covers_the_sender() {
+        let key = SigningKey::generate();
+        let ring = KeyRing::new(key.public_key(), vec![]).unwrap();
+        let named = TransferReceipt {
+            sender: "spiffe://example.org/processor/payroll-bureau".into(),
+            ..receipt()
+        };
+        let signed = sign(named, &key).unwrap();
+        assert_eq!(verify(&signed, &ring), Ok(()));
+        for other in ["spiffe://example.org/processor/other-bureau", ""] {
+            let changed = TransferReceipt {
+                sender: other.into(),
+                ..signed.clone()
+            };
+            let why = verify(&changed, &ring).unwrap_err();
+            assert!(why.contains("does not match"), "{other:?}: {why}");
+        }
+        assert_eq!(verify(&sign(receipt(), &key).unwrap(), &ring), Ok(()));
     }
 
     /// A signed receipt verifies under its key; a changed field, an unsigned receipt and

@@ -163,6 +163,9 @@ struct PartView {
 #[derive(Debug, Serialize)]
 struct ReceiptView {
     recipient: String,
+    /// The certificate identity of the processor that sent the part, as the recipient saw
+    /// it; empty when the recipient did not name it.
+    sender: String,
     manifest_sha256: String,
     bytes: u64,
     received_at: Option<Time>,
@@ -200,6 +203,7 @@ impl From<&TaskStatus> for PartView {
                 .and_then(|e| e.transfer_receipt.as_ref())
                 .map(|r| ReceiptView {
                     recipient: r.recipient.clone(),
+                    sender: r.sender.clone(),
                     manifest_sha256: r.manifest_sha256.clone(),
                     bytes: r.bytes,
                     received_at: Time::from_proto(r.received_at.as_ref()),
@@ -401,6 +405,7 @@ impl Render for ContractView {
                     "MANIFEST SHA-256",
                     "BYTES",
                     "RECEIVED",
+                    "SENDER",
                 ]);
                 for p in receipts {
                     let Some(r) = &p.receipt else { continue };
@@ -410,6 +415,7 @@ impl Render for ContractView {
                         clean(&r.manifest_sha256),
                         r.bytes.to_string(),
                         cell(r.received_at),
+                        clean(&r.sender),
                     ]);
                 }
                 out.push('\n');
@@ -1476,6 +1482,43 @@ mod tests {
         let table = ContractView::from(&c).to_table();
         assert!(table.contains("NEXT ERASURE RUN"), "{table}");
         assert!(!table.contains("RETAINED UNTIL"), "{table}");
+    }
+
+    /// A part returned to a transfer recipient lists its receipt with the processor that
+    /// sent it, as the recipient named it; in JSON too.
+    #[test]
+    fn a_receipt_shows_its_sender() {
+        let sender = "spiffe://dsrelay.dev/processor/payroll-bureau";
+        let c = Contract {
+            contract_id: "c1".into(),
+            state: RequestState::InProgress as i32,
+            tasks: vec![TaskStatus {
+                subprocessor: "accounting".into(),
+                state: TaskState::InProgress as i32,
+                evidence: Some(dsrelay_sdk::proto::Evidence {
+                    transfer_receipt: Some(dsrelay_sdk::proto::TransferReceipt {
+                        recipient: "new-bookkeeper".into(),
+                        manifest_sha256: "ab".repeat(32),
+                        bytes: 12,
+                        sender: sender.into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let view = ContractView::from(&c);
+        let table = view.to_table();
+        assert!(table.contains("SENDER"), "{table}");
+        let row = table
+            .lines()
+            .find(|l| l.contains(&"ab".repeat(32)))
+            .expect("a receipt row");
+        assert!(row.ends_with(sender), "{table}");
+        let v = serde_json::to_value(&view).unwrap();
+        assert_eq!(v["tasks"][0]["receipt"]["sender"], sender, "{v}");
     }
 
     /// A date passed is a run the processor started (or one due), worded as `get` and

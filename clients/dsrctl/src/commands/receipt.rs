@@ -4,7 +4,8 @@
 //! (`dsrelay_runtime::transfer_receipt::signed_body`), not carried with it, so the file
 //! `get` writes ([`ReceiptFile`]) holds every field that body is built from, the signature
 //! (base64) and its key id. `verify` rebuilds the receipt from such a file and checks it
-//! offline against the recipient's public key, as the registry does.
+//! offline against the recipient's public key, as the registry does: a receipt naming its
+//! sender over the version 2 body, one naming none (an older recipient's) over version 1.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -27,14 +28,18 @@ use crate::Failure;
 
 /// The file form of a [`TransferReceipt`]: its fields under their proto names, the
 /// signature as base64 and `received_at` as RFC 3339 to the nanosecond (null when unset), so
-/// the receipt is rebuilt exactly. Unknown fields are refused: a document of another kind
-/// (`dsrctl get --json`'s, say) is not taken for a receipt.
+/// the receipt is rebuilt exactly. `sender` is left out when empty, so the file of a receipt
+/// signed over the version 1 body reads as it did before the field existed, and such a file
+/// (written by an older dsrctl, say) reads with an empty sender. Unknown fields are refused:
+/// a document of another kind (`dsrctl get --json`'s, say) is not taken for a receipt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ReceiptFile {
     request_id: String,
     subprocessor: String,
     recipient: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    sender: String,
     bytes: u64,
     files: u32,
     manifest_sha256: String,
@@ -59,6 +64,7 @@ impl ReceiptFile {
             request_id: r.request_id.clone(),
             subprocessor: r.subprocessor.clone(),
             recipient: r.recipient.clone(),
+            sender: r.sender.clone(),
             bytes: r.bytes,
             files: r.files,
             manifest_sha256: r.manifest_sha256.clone(),
@@ -94,6 +100,7 @@ impl ReceiptFile {
                 .decode(self.signature.as_bytes())
                 .context("signature is not base64")?,
             key_id: self.key_id.clone(),
+            sender: self.sender.clone(),
         })
     }
 }
@@ -165,6 +172,7 @@ pub(crate) async fn get(
                 "processor": processor,
                 "subprocessor": subprocessor,
                 "recipient": receipt.recipient,
+                "sender": receipt.sender,
                 "key_id": receipt.key_id,
                 "file": args.out.display().to_string(),
             });
@@ -172,10 +180,11 @@ pub(crate) async fn get(
         }
         OutputFormat::Table => writeln!(
             io.out,
-            "receipt of {}/{} by recipient {} (signed with key {}) written to {}",
+            "receipt of {}/{} by recipient {}{} (signed with key {}) written to {}",
             clean(processor),
             clean(subprocessor),
             clean(&receipt.recipient),
+            sent_by(&receipt.sender),
             clean(&receipt.key_id),
             args.out.display()
         )?,
@@ -220,12 +229,20 @@ pub(crate) fn verify(
     Ok(0)
 }
 
+/// `, sent by <sender>` for a receipt that names its sender; nothing for one that does not.
+fn sent_by(sender: &str) -> String {
+    if sender.is_empty() {
+        return String::new();
+    }
+    format!(", sent by {}", clean(sender))
+}
+
 /// The receipt a file written by `receipt get` holds.
 fn read(text: &str) -> anyhow::Result<TransferReceipt> {
     let file: ReceiptFile = serde_json::from_str(text).context(
         "not a transfer receipt file as `dsrctl receipt get` writes it (request_id, \
-         subprocessor, recipient, bytes, files, manifest_sha256, received_at, key_id, \
-         signature)",
+         subprocessor, recipient, sender when the receipt names it, bytes, files, \
+         manifest_sha256, received_at, key_id, signature)",
     )?;
     file.to_proto()
 }
@@ -251,12 +268,13 @@ fn check(receipt: &TransferReceipt, key: &PublicKey) -> Result<(), String> {
 }
 
 /// What a verified receipt attests: its signed fields, `received_at` to the millisecond as
-/// the signature covers it.
+/// the signature covers it, and `sender` empty when the receipt names none.
 #[derive(Debug, Serialize)]
 struct Attested {
     request_id: String,
     subprocessor: String,
     recipient: String,
+    sender: String,
     bytes: u64,
     files: u32,
     manifest_sha256: String,
@@ -279,6 +297,7 @@ impl Attested {
             request_id: r.request_id.clone(),
             subprocessor: r.subprocessor.clone(),
             recipient: r.recipient.clone(),
+            sender: r.sender.clone(),
             bytes: r.bytes,
             files: r.files,
             manifest_sha256: r.manifest_sha256.clone(),
@@ -293,6 +312,11 @@ impl Attested {
         let _ = writeln!(s, "request          {}", clean(&self.request_id));
         let _ = writeln!(s, "subprocessor     {}", clean(&self.subprocessor));
         let _ = writeln!(s, "recipient        {}", clean(&self.recipient));
+        let sender = match self.sender.as_str() {
+            "" => "(not named by the recipient)".to_string(),
+            named => clean(named),
+        };
+        let _ = writeln!(s, "sender           {sender}");
         let _ = writeln!(s, "bytes            {}", self.bytes);
         let _ = writeln!(s, "files            {}", self.files);
         let _ = writeln!(s, "manifest sha256  {}", clean(&self.manifest_sha256));
@@ -324,6 +348,8 @@ mod tests {
             ..Default::default()
         }
     }
+
+    const SENDER: &str = "spiffe://dsrelay.dev/processor/payroll-bureau";
 
     fn file_of(r: &TransferReceipt) -> String {
         serde_json::to_string_pretty(&ReceiptFile::from_proto(r).unwrap()).unwrap()
@@ -397,6 +423,7 @@ mod tests {
                 "request          r-1\n\
                  subprocessor     accounting\n\
                  recipient        new-bookkeeper\n\
+                 sender           (not named by the recipient)\n\
                  bytes            1234\n\
                  files            2\n\
                  manifest sha256  {}\n\
@@ -410,5 +437,46 @@ mod tests {
         assert!(Attested::of(&r)
             .describe()
             .contains("received at      (not given)\n"));
+        r.sender = SENDER.into();
+        assert!(Attested::of(&r).describe().contains(&format!(
+            "recipient        new-bookkeeper\nsender           {SENDER}\n"
+        )));
+    }
+
+    /// A receipt naming its sender (signed over the version 2 body) goes to a file that
+    /// names it and back, and verifies; given another sender, or none, it does not. A
+    /// receipt naming none (version 1) writes no `sender`, and a file without one, as older
+    /// dsrctl wrote them, reads and verifies.
+    #[test]
+    fn both_versions_of_the_signed_body_verify() {
+        let key = SigningKey::generate();
+        let named = transfer_receipt::sign(
+            TransferReceipt {
+                sender: SENDER.into(),
+                ..receipt()
+            },
+            &key,
+        )
+        .unwrap();
+        let text = file_of(&named);
+        let file: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(file["sender"], SENDER);
+        assert_eq!(read(&text).unwrap(), named);
+        assert_eq!(check(&named, &key.public_key()), Ok(()));
+        for other in ["spiffe://dsrelay.dev/processor/other-bureau", ""] {
+            let mut changed = file.clone();
+            changed["sender"] = other.into();
+            let why = check(&read(&changed.to_string()).unwrap(), &key.public_key()).unwrap_err();
+            assert!(
+                why.contains("does not match its fields"),
+                "{other:?}: {why}"
+            );
+        }
+
+        let unnamed = transfer_receipt::sign(receipt(), &key).unwrap();
+        let text = file_of(&unnamed);
+        assert!(!text.contains("sender"), "{text}");
+        assert_eq!(read(&text).unwrap(), unnamed);
+        assert_eq!(check(&unnamed, &key.public_key()), Ok(()));
     }
 }

@@ -341,7 +341,8 @@ impl Api {
     /// nothing checks it there, and shown with the task it would read as proof that the data
     /// arrived. A receipt where data is transferred must name the recipient the request
     /// sends it to ([`recipient_problem`]), and carry that recipient's signature when its
-    /// `[[recipients]]` entry has a `public_key` (`Store::receipt_signature_problem`).
+    /// `[[recipients]]` entry has a `public_key` (`Store::receipt_signature_problem`); one
+    /// that names its sender must name `processor` ([`sender_problem`]).
     /// `kinds` are the kinds of the requests delivered to `processor`
     /// ([`Self::kinds_concerned`]): an acknowledgement of any other request is refused as not
     /// routed (PERMISSION_DENIED), whatever its kind, so a processor cannot learn that
@@ -401,6 +402,9 @@ impl Api {
             .map_err(ApiError::from)?;
         recipients
             .extend((contract_transfers.iter()).map(|(id, name)| (id.clone(), Some(name.clone()))));
+        let identity = (self.shared.config.processors.iter())
+            .find(|p| p.name == processor)
+            .map(|p| p.identity.as_str());
         let mut violations = Vec::new();
         for (i, a) in acks.iter().enumerate() {
             let Some(kind) = kind_of(a) else {
@@ -440,6 +444,15 @@ impl Api {
                 _ => false,
             };
             if let (true, Some(r)) = (transfers, receipt(a)) {
+                if let Some(rule) = sender_problem(r, identity) {
+                    violations.push((
+                        i,
+                        FieldViolation::new(
+                            format!("acknowledgements[{i}].evidence.transfer_receipt.sender"),
+                            rule,
+                        ),
+                    ));
+                }
                 if let Some(rule) = recipient_problem(r, recipients.get(&a.request_id), || {
                     self.shared.config.known_recipients()
                 }) {
@@ -526,6 +539,27 @@ fn recipient_problem<'a>(
         ),
         _ => None,
     }
+}
+
+/// Why receipt `r` names another sender than `identity`, the certificate identity of the
+/// processor acknowledging it (its `[[processors]]` `identity`; `None`: not configured), if
+/// it does. Subprocessor names are unique only within a processor, so a receipt another
+/// processor's part got for the same request and subprocessor would otherwise pass for this
+/// one's. A receipt naming no sender (a recipient that signs the version 1 body) is taken.
+fn sender_problem(r: &TransferReceipt, identity: Option<&str>) -> Option<String> {
+    if r.sender.is_empty() || identity == Some(r.sender.as_str()) {
+        return None;
+    }
+    Some(match identity {
+        Some(identity) => format!(
+            "must be {identity:?}, the certificate identity of the processor acknowledging \
+             it, or empty: the receipt is of a part another processor sent; report the task \
+             with the receipt the recipient answered to this processor's CompleteTransfer"
+        ),
+        None => "must be empty: the registry has no certificate identity for this processor \
+                 to check it against"
+            .into(),
+    })
 }
 
 /// `rule` with every text it quotes (`"…"`, as `{:?}` writes it: a recipient's name, from
@@ -1014,6 +1048,23 @@ mod tests {
         assert_eq!(fields(&a), ["acknowledgements[3].subprocessor"]);
     }
 
+    /// A receipt naming no sender, or the acknowledging processor, passes; one naming
+    /// another processor does not, and with no identity configured only an empty one does.
+    #[test]
+    fn a_receipt_must_name_the_acknowledging_processor_or_no_sender() {
+        let r = |sender: &str| TransferReceipt {
+            sender: sender.into(),
+            ..Default::default()
+        };
+        let own = Some("spiffe://x/processor/a");
+        assert_eq!(sender_problem(&r(""), own), None);
+        assert_eq!(sender_problem(&r("spiffe://x/processor/a"), own), None);
+        let rule = sender_problem(&r("spiffe://x/processor/b"), own).unwrap();
+        assert!(rule.contains("\"spiffe://x/processor/a\""), "{rule}");
+        assert_eq!(sender_problem(&r(""), None), None);
+        assert!(sender_problem(&r("spiffe://x/processor/a"), None).is_some());
+    }
+
     #[test]
     fn quoted_names_are_left_out_of_a_rule() {
         assert_eq!(
@@ -1255,6 +1306,81 @@ mod recipient_tests {
         let shown = shown.tasks[0].evidence.as_ref().unwrap();
         assert_eq!(shown.transfer_receipt.as_ref(), Some(&signed));
         registry.stop().await;
+    }
+
+    /// Two processors with a subprocessor of the same name transfer for one request: a
+    /// receipt the recipient signed for the other processor's part (naming it as sender) is
+    /// refused from this one, naming the field and this processor's identity, though its
+    /// signature holds, and nothing is recorded; the receipt naming this processor, and one
+    /// naming no sender (a recipient signing the version 1 body), are taken. Before, the
+    /// registry took the other processor's receipt as proof of this one's part.
+    async fn a_receipt_naming_another_sender_is_refused(database_url: &str, dir: &std::path::Path) {
+        use dsrelay_runtime::pki::dev_identity;
+        use dsrelay_runtime::signing::SigningKey;
+        use dsrelay_runtime::transfer_receipt::sign;
+        let key = SigningKey::generate();
+        let setup = crate::test_registry::Setup {
+            recipient_keys: format!("public_key = {:?}\n", key.public_key().to_base64()),
+            ..Default::default()
+        };
+        let registry = crate::test_registry::Registry::start(dir, database_url, setup).await;
+        let id = registry.submit(RequestKind::Transfer, "transfer").await;
+        let completed = |sequence: u64, sender: &str| Acknowledgement {
+            request_id: id.clone(),
+            subprocessor: "crm".into(),
+            sequence,
+            state: TaskState::Completed as i32,
+            evidence: Some(Evidence {
+                records_affected: 1,
+                transfer_receipt: Some(
+                    sign(
+                        TransferReceipt {
+                            sender: sender.into(),
+                            ..receipt(&id, "crm", RECIPIENT)
+                        },
+                        &key,
+                    )
+                    .unwrap(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let own = dev_identity("processor", PROCESSOR);
+        let other = dev_identity("processor", "other-bureau");
+        let answer = registry.acknowledge(vec![completed(1, &other)]).await;
+        assert_eq!(
+            rejected_fields(&answer),
+            ["acknowledgements[0].evidence.transfer_receipt.sender"]
+        );
+        let rule = &answer.rejected[0].violations[0].rule;
+        assert!(rule.contains(&format!("{own:?}")), "{rule}");
+        assert!(rule.contains("another processor"), "{rule}");
+        assert!(registry.get(&id).await.tasks.is_empty());
+
+        let answer = registry.acknowledge(vec![completed(1, &own)]).await;
+        assert_eq!(answer.applied, 1, "{answer:?}");
+        let shown = registry.get(&id).await;
+        let shown = shown.tasks[0].evidence.as_ref().unwrap();
+        assert_eq!(shown.transfer_receipt.as_ref().unwrap().sender, own);
+        let answer = registry.acknowledge(vec![completed(2, "")]).await;
+        assert_eq!(answer.applied, 1, "{answer:?}");
+        registry.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_receipt_naming_another_sender_is_refused_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        a_receipt_naming_another_sender_is_refused(&url, dir.path()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_receipt_naming_another_sender_is_refused_on_postgres() {
+        on_postgres(|url, dir| async move {
+            a_receipt_naming_another_sender_is_refused(&url, &dir).await;
+        })
+        .await;
     }
 
     /// A recipient's key leaked and is revoked as of a time: a receipt it signed that
