@@ -3,6 +3,8 @@
 //! `DSRELAY_TEST_POSTGRES_URL` names a server): an earlier call's (failed, or cut off)
 //! counts by table, recorded with its progress, are listed with the finishing call's; a
 //! connector whose progress has none has that call's records named as not listed by table.
+//! A contract end's certificate (version 2) states its terms and, after a return, the part
+//! delivered and its confirmation as the store recorded them; an erasure's stays version 1.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -10,10 +12,13 @@ use std::time::Duration;
 
 use dsrelay_connectors::sql::{create_sample_accounting_db, sample_config};
 use dsrelay_connectors::{
-    BoxFuture, BulkJob, BulkProgress, Connector, ConnectorConfig, ConnectorError, ErasedCount,
-    Outcome, ProgressReporter, Task,
+    BoxFuture, BulkJob, BulkOp, BulkProgress, Connector, ConnectorConfig, ConnectorError,
+    ErasedCount, ExportedFile, Outcome, ProgressReporter, Task,
 };
-use dsrelay_proto::v1::{ContractEndChoice, TaskState};
+use dsrelay_proto::timestamp_from_millis;
+use dsrelay_proto::v1::{
+    ContractEnd, ContractEndChoice, ContractPhase, DeliverRequest, RequestKind, TaskState,
+};
 use dsrelay_runtime::store::Db;
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -392,3 +397,289 @@ async fn a_resumed_cut_off_erasure_certifies_what_the_cut_off_call_erased(
 }
 
 on_both!(a_resumed_cut_off_erasure_certifies_what_the_cut_off_call_erased);
+
+/// A holder whose export answers `files` (written by the test) and whose erasure, or single
+/// erasure, deletes 3 customers.
+#[derive(Default)]
+struct Returns {
+    files: std::sync::Mutex<Vec<ExportedFile>>,
+}
+
+impl Returns {
+    fn erased() -> Outcome {
+        Outcome::Completed {
+            records_affected: 3,
+            note: "deleted 3 rows".into(),
+            files: Vec::new(),
+            erased: vec![ErasedCount {
+                target: "customers".into(),
+                action: "deleted".into(),
+                count: 3,
+            }],
+        }
+    }
+}
+
+impl Connector for Returns {
+    fn kind_name(&self) -> &'static str {
+        "returns"
+    }
+
+    fn supports(&self, _kind: dsrelay_proto::v1::RequestKind) -> bool {
+        true
+    }
+
+    fn run<'a>(&'a self, _task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async { Ok(Self::erased()) })
+    }
+
+    fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async move {
+            Ok(match job.op {
+                BulkOp::Export => Outcome::Completed {
+                    records_affected: 3,
+                    note: "exported 3 rows".into(),
+                    files: self.files.lock().expect("files").clone(),
+                    erased: Vec::new(),
+                },
+                BulkOp::Erase => Self::erased(),
+            })
+        })
+    }
+}
+
+/// Contract end `id` (RETURN_THEN_DELETE to the registry, its grace period ended at once)
+/// with its export of two files run and delivered, as the uploader records a delivery: the
+/// task awaits the controller's confirmation. The files, and when the delivery was recorded.
+async fn returned_to_the_registry(
+    shared: &Arc<crate::app::Shared>,
+    holder: &Returns,
+    id: &str,
+) -> (Vec<ExportedFile>, i64) {
+    let key = crate::contract_retry_tests::key(id);
+    let files = vec![
+        crate::upload_test_support::write_file(shared, &key, "customers.json", 120),
+        crate::upload_test_support::write_file(shared, &key, "invoices.json", 30),
+    ];
+    *holder.files.lock().expect("files") = files.clone();
+    assert_eq!(step_now(shared).await, 1);
+    let mut jobs = (shared.store)
+        .claim_uploads(shared.clock.now_ms(), 1, 60_000)
+        .await
+        .expect("claim");
+    let job = jobs.pop().expect("the return's upload is queued");
+    let task = shared
+        .store
+        .task(&key)
+        .await
+        .expect("task")
+        .expect("a task");
+    assert_eq!(task.phase, ContractPhase::Returning, "{task:?}");
+    let now = shared.clock.now_ms();
+    let event = crate::task_machine::Event::Delivered {
+        to: crate::task_machine::Destination::Registry,
+        files: 2,
+        bytes: 150,
+        receipt: None,
+    };
+    let crate::task_machine::Decision::Move(delivered) = crate::task_machine::decide(
+        &task.current(),
+        event,
+        &crate::task_machine::Context::at(now),
+    ) else {
+        panic!("a delivered return moves the task");
+    };
+    let said = crate::store::Delivered {
+        recipient: None,
+        files: 2,
+        bytes: 150,
+    };
+    (shared.store)
+        .upload_finished(
+            job.claim(),
+            task.sequence,
+            Some(&delivered),
+            Some(&said),
+            now,
+            task.attempts,
+        )
+        .await
+        .expect("delivered");
+    let task = shared
+        .store
+        .task(&key)
+        .await
+        .expect("task")
+        .expect("a task");
+    assert_eq!(task.phase, ContractPhase::AwaitingConfirmation, "{task:?}");
+    (files, now)
+}
+
+/// The SHA-256 of the canonical manifest of `id`'s part of `files`.
+fn manifest(id: &str, files: &[ExportedFile]) -> String {
+    let key = crate::contract_retry_tests::key(id);
+    let headers: Vec<_> = (files.iter())
+        .map(|f| crate::uploader::header(&key, f))
+        .collect();
+    dsrelay_runtime::transfer_manifest::sha256(id, "crm", &headers)
+}
+
+/// A return to the registry that the controller confirmed: the certificate of the erasure
+/// that followed is version 2 and states the terms, the delivered part's manifest digest,
+/// files, bytes and delivery time, and when the confirmation was recorded. Before, it was
+/// version 1 and said none of it: only the evidence note did, which forgetting empties.
+async fn a_confirmed_return_is_certified_with_its_part_and_confirmation(
+    url: &str,
+    dir: &std::path::Path,
+) {
+    let holder = Arc::new(Returns::default());
+    let id = "ce-returned";
+    let choice = ContractEndChoice::ReturnThenDelete;
+    let app = with_contract_end(dir, url, holder.clone(), id, choice).await;
+    let shared = app.shared();
+    let (files, delivered_at) = returned_to_the_registry(&shared, &holder, id).await;
+    shared.clock.advance(1_000);
+    let confirmed_at = shared.clock.now_ms();
+    let confirm = ContractEnd {
+        choice: choice as i32,
+        return_confirmed: true,
+        ..Default::default()
+    };
+    (shared.store)
+        .update_contract_end("acme", id, &confirm, None, confirmed_at)
+        .await
+        .expect("confirm");
+    shared.clock.advance(1_000);
+    assert_eq!(step_now(&shared).await, 1);
+    let done = acks(&shared, id).await;
+    assert_eq!(
+        done.last().expect("acks").state(),
+        TaskState::Completed,
+        "{done:#?}"
+    );
+    let (terms, _) = (shared.store)
+        .contract_terms_and_recipient("acme", id)
+        .await
+        .expect("terms")
+        .expect("stored");
+
+    let body = last_certificate(&shared, id).await;
+    assert_eq!(body["version"], 2, "{body}");
+    assert_eq!(body["kind"], "contract_end", "{body}");
+    assert_eq!(erased(&body, "customers", "deleted"), 3, "{body}");
+    let rfc3339 = crate::certificates::rfc3339;
+    let expected = serde_json::json!({
+        "choice": "RETURN_THEN_DELETE",
+        "effective_at": rfc3339(terms.effective_at),
+        "grace_ends_at": rfc3339(terms.grace_ends_at),
+        "returned": {
+            "to": "registry",
+            "part": {
+                "manifest_sha256": manifest(id, &files),
+                "files": 2,
+                "bytes": 150,
+                "delivered_at": rfc3339(delivered_at),
+            },
+            "confirmation": {"state": "CONFIRMED", "at": rfc3339(confirmed_at)},
+        },
+    });
+    assert_eq!(body["contract_end"], expected, "{body}");
+}
+
+/// A return never confirmed is erased at the grace end, and its certificate says so.
+async fn an_unconfirmed_return_is_certified_as_released_by_the_grace_end(
+    url: &str,
+    dir: &std::path::Path,
+) {
+    let holder = Arc::new(Returns::default());
+    let id = "ce-unconfirmed";
+    let choice = ContractEndChoice::ReturnThenDelete;
+    let app = with_contract_end(dir, url, holder.clone(), id, choice).await;
+    let shared = app.shared();
+    let (files, _) = returned_to_the_registry(&shared, &holder, id).await;
+    assert_eq!(step_now(&shared).await, 1);
+    let (terms, _) = (shared.store)
+        .contract_terms_and_recipient("acme", id)
+        .await
+        .expect("terms")
+        .expect("stored");
+    let body = last_certificate(&shared, id).await;
+    assert_eq!(body["version"], 2, "{body}");
+    let returned = &body["contract_end"]["returned"];
+    assert_eq!(returned["part"]["manifest_sha256"], manifest(id, &files));
+    let grace_end = crate::certificates::rfc3339(terms.grace_ends_at);
+    assert_eq!(
+        returned["confirmation"],
+        serde_json::json!({"state": "GRACE_PERIOD_ENDED", "at": grace_end}),
+        "{body}"
+    );
+}
+
+/// A DELETE's certificate states its terms and nothing returned.
+async fn a_delete_is_certified_with_its_terms_only(url: &str, dir: &std::path::Path) {
+    let holder = Arc::new(Returns::default());
+    let id = "ce-delete";
+    let app = with_contract_end(dir, url, holder, id, ContractEndChoice::Delete).await;
+    let shared = app.shared();
+    assert_eq!(step_now(&shared).await, 1);
+    let body = last_certificate(&shared, id).await;
+    assert_eq!(body["version"], 2, "{body}");
+    let end = body["contract_end"].as_object().expect("contract_end");
+    assert_eq!(end["choice"], "DELETE", "{body}");
+    assert!(!end.contains_key("returned"), "{body}");
+}
+
+/// An erasure's certificate through the same store is as before: version 1, the keys it
+/// always had, no contract end.
+async fn an_erasure_certificate_stays_version_1(url: &str, dir: &std::path::Path) {
+    let holder = Arc::new(Returns::default());
+    let id = "ce-delete";
+    let app = with_contract_end(dir, url, holder, id, ContractEndChoice::Delete).await;
+    let shared = app.shared();
+    let now = shared.clock.now_ms();
+    let req = DeliverRequest {
+        request_id: "r-erasure".into(),
+        kind: RequestKind::Erasure as i32,
+        due_at: Some(timestamp_from_millis(now + 600_000)),
+        ..Default::default()
+    };
+    (shared.store)
+        .accept("acme", &req, &["crm".to_string()], None, now)
+        .await
+        .expect("accept");
+    // The contract end's task runs too: its certificate is issued beside the erasure's.
+    assert_eq!(step_now(&shared).await, 2);
+    let body = last_certificate(&shared, "r-erasure").await;
+    let keys: Vec<&str> = (body.as_object().expect("object").keys())
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "certificate_id",
+            "completed_at",
+            "controller",
+            "erased",
+            "issued_at",
+            "kind",
+            "processor",
+            "records_affected",
+            "request_id",
+            "retained",
+            "subprocessor",
+            "task_state",
+            "version",
+        ],
+        "{body}"
+    );
+    assert_eq!(body["version"], 1, "{body}");
+    assert_eq!(body["kind"], "erasure", "{body}");
+    assert_eq!(last_certificate(&shared, id).await["version"], 2);
+}
+
+on_both!(
+    a_confirmed_return_is_certified_with_its_part_and_confirmation,
+    an_unconfirmed_return_is_certified_as_released_by_the_grace_end,
+    a_delete_is_certified_with_its_terms_only,
+    an_erasure_certificate_stays_version_1,
+);

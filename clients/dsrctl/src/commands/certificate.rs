@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{anyhow, Context};
-use dsrelay_processor::certificates::CertificateBody;
+use dsrelay_processor::certificates::{CertificateBody, ContractEndFacts};
 use dsrelay_proto::v1::StoredCertificate;
 use dsrelay_runtime::signing::{PublicKey, Signed};
 
@@ -211,8 +211,64 @@ fn describe(b: &CertificateBody) -> String {
             retention_words(&r.legal_basis, &r.until)
         );
     }
+    if let Some(end) = &b.contract_end {
+        describe_contract_end(&mut s, end);
+    }
     let _ = writeln!(s, "issued at     {}", b.issued_at);
     s
+}
+
+/// A contract end's terms and return (a version 2 body), one line per fact.
+fn describe_contract_end(s: &mut String, end: &ContractEndFacts) {
+    let _ = writeln!(
+        s,
+        "contract end  {}, effective {}, grace period ends {}",
+        end.choice, end.effective_at, end.grace_ends_at
+    );
+    let Some(r) = &end.returned else {
+        return;
+    };
+    let to = match r.to.as_str() {
+        "registry" => "the registry".to_string(),
+        "recipient" => format!("transfer recipient {}", r.recipient),
+        other => other.to_string(),
+    };
+    match &r.part {
+        Some(p) => {
+            let delivered = match &p.delivered_at {
+                Some(at) => format!(", delivered {at}"),
+                None => String::new(),
+            };
+            let _ = writeln!(
+                s,
+                "returned      to {to}: {} file(s), {} bytes{delivered}",
+                p.files, p.bytes
+            );
+            let _ = writeln!(s, "manifest      sha256 {}", p.manifest_sha256);
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "returned      to {to}: no part delivered by the processor"
+            );
+        }
+    }
+    let c = &r.confirmation;
+    let said = match (c.state.as_str(), &c.at) {
+        ("CONFIRMED", Some(at)) if *at > end.grace_ends_at => format!(
+            "confirmed by the controller at {at}, after the grace period ended but before \
+             the erasure began (the processor refuses a confirmation once it has begun)"
+        ),
+        ("CONFIRMED", Some(at)) => format!("confirmed by the controller at {at}"),
+        ("CONFIRMED", None) => "confirmed by the controller (when: not recorded)".into(),
+        ("GRACE_PERIOD_ENDED", at) => format!(
+            "none: the grace period ended ({}) unconfirmed",
+            at.as_deref().unwrap_or(&end.grace_ends_at)
+        ),
+        (state, Some(at)) => format!("{state} at {at}"),
+        (state, None) => state.to_string(),
+    };
+    let _ = writeln!(s, "confirmation  {said}");
 }
 
 #[cfg(test)]
@@ -325,6 +381,63 @@ mod tests {
         let text = describe(&nothing);
         assert!(text.contains("erased        nothing\n"), "{text}");
         assert!(!describe(&body("")).contains("uncounted"));
+    }
+
+    /// A contract end's version 2 body shows its terms, the part returned and its
+    /// confirmation; a DELETE shows its terms alone.
+    #[test]
+    fn a_contract_end_shows_its_terms_and_return() {
+        let body = |end: &str| -> CertificateBody {
+            serde_json::from_str(&format!(
+                r#"{{"version":2,"certificate_id":"c1","kind":"contract_end","processor":"p",
+                "controller":"acme","request_id":"ce-1","subprocessor":"crm",
+                "task_state":"COMPLETED","records_affected":3,"erased":[],"retained":[],
+                "contract_end":{end},
+                "completed_at":"2026-03-01T00:00:00.000Z","issued_at":"2026-03-01T00:00:00.000Z"}}"#
+            ))
+            .unwrap()
+        };
+        let terms = r#""choice":"RETURN_THEN_DELETE","effective_at":"2026-01-01T00:00:00.000Z",
+            "grace_ends_at":"2026-02-01T00:00:00.000Z""#;
+        let text = describe(&body(&format!(
+            r#"{{{terms},"returned":{{"to":"registry","part":{{"manifest_sha256":"{}",
+            "files":2,"bytes":150,"delivered_at":"2026-01-02T00:00:00.000Z"}},
+            "confirmation":{{"state":"CONFIRMED","at":"2026-01-15T00:00:00.000Z"}}}}}}"#,
+            "ab".repeat(32)
+        )));
+        for line in [
+            "contract end  RETURN_THEN_DELETE, effective 2026-01-01T00:00:00.000Z, grace period \
+             ends 2026-02-01T00:00:00.000Z\n",
+            "returned      to the registry: 2 file(s), 150 bytes, delivered \
+             2026-01-02T00:00:00.000Z\n",
+            &format!("manifest      sha256 {}\n", "ab".repeat(32)),
+            "confirmation  confirmed by the controller at 2026-01-15T00:00:00.000Z\n",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
+        let text = describe(&body(&format!(
+            r#"{{{terms},"returned":{{"to":"recipient","recipient":"archive-oy",
+            "confirmation":{{"state":"GRACE_PERIOD_ENDED","at":"2026-02-01T00:00:00.000Z"}}}}}}"#
+        )));
+        assert!(
+            text.contains(
+                "returned      to transfer recipient archive-oy: no part delivered by the \
+                 processor\n"
+            ) && text.contains(
+                "confirmation  none: the grace period ended (2026-02-01T00:00:00.000Z) \
+                 unconfirmed\n"
+            ),
+            "{text}"
+        );
+        let text = describe(&body(
+            r#"{"choice":"DELETE","effective_at":"2026-01-01T00:00:00.000Z",
+            "grace_ends_at":"2026-02-01T00:00:00.000Z"}"#,
+        ));
+        assert!(text.contains("contract end  DELETE, effective "), "{text}");
+        assert!(
+            !text.contains("returned") && !text.contains("confirmation"),
+            "{text}"
+        );
     }
 
     /// A run the processor started and the holder has not confirmed keeps its date, past.

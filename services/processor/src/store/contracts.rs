@@ -137,8 +137,8 @@ pub(super) async fn insert(
         .unwrap_or_default();
     sqlx::query(
         "INSERT INTO contract_ends (controller, request_id, choice, effective_at, \
-         grace_ends_at, return_confirmed, received_at, updated_at, transfer_recipient) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)",
+         grace_ends_at, return_confirmed, received_at, updated_at, transfer_recipient, \
+         return_confirmed_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9)",
     )
     .bind(controller)
     .bind(&req.request_id)
@@ -148,6 +148,7 @@ pub(super) async fn insert(
     .bind(i64::from(terms.return_confirmed))
     .bind(now)
     .bind(recipient)
+    .bind(terms.return_confirmed.then_some(now))
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -258,9 +259,12 @@ impl Store {
         .bind(request_id)
         .execute(&mut *tx)
         .await?;
+        // The confirmation's time is kept from the update that first says so: the contract
+        // end's certificate states it, and `updated_at` moves with any later change.
         sqlx::query(
             "UPDATE contract_ends SET choice = $1, grace_ends_at = $2, return_confirmed = $3, \
-             updated_at = $4 WHERE controller = $5 AND request_id = $6",
+             updated_at = $4, return_confirmed_at = CASE WHEN $3 = 1 AND return_confirmed = 0 \
+             THEN $4 ELSE return_confirmed_at END WHERE controller = $5 AND request_id = $6",
         )
         .bind(i64::from(terms.choice as i32))
         .bind(terms.grace_ends_at)

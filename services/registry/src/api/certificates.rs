@@ -9,8 +9,11 @@
 //! the body names the same processor
 //! (identity), request, subprocessor and task state as the acknowledgement it came with,
 //! and the kind its request calls for: `erasure` for an ERASURE (and any other request),
-//! `contract_end` for a CONTRACT_END. One that fails is still stored, as rejected with why (in
-//! words that quote none of the body's text), so that an operator sees it until the request
+//! `contract_end` for a CONTRACT_END, with a body version the registry knows: 1 for either
+//! kind, 2 only for a contract_end, whose body then states the contract end's terms and
+//! return in a `contract_end` object (at least its `choice`). One that fails is still
+//! stored, as rejected with why (in words that quote none of the body's text), so that an
+//! operator sees it until the request
 //! is forgotten (which removes what it carries: `store::forget`); the task's state change is
 //! applied as reported either way, since the processor's work happened whatever its
 //! certificate says. One stored as verified is checked again each time it is served, a
@@ -44,6 +47,8 @@ struct Claims {
     request_id: String,
     subprocessor: String,
     task_state: String,
+    /// The body has a `contract_end` object naming a `choice` (version 2's addition).
+    contract_end: bool,
 }
 
 /// The certificate kind a task of a request of `kind` is certified with.
@@ -163,6 +168,10 @@ fn claims(body: &serde_json::Value) -> Result<Claims, String> {
         request_id: text("request_id")?,
         subprocessor: text("subprocessor")?,
         task_state: text("task_state")?,
+        contract_end: body
+            .get("contract_end")
+            .and_then(|c| c.get("choice"))
+            .is_some_and(serde_json::Value::is_string),
     })
 }
 
@@ -190,8 +199,16 @@ fn mismatch(claims: &Claims, expected: &Expected<'_>) -> Option<String> {
         ),
         ("task_state", &claims.task_state, expected.task_state),
     ];
-    if claims.version != 1 {
-        return Some(format!("version {} is not known here", claims.version));
+    match claims.version {
+        1 => {}
+        2 if claims.kind != "contract_end" => {
+            return Some("version 2 is known only for a contract_end certificate".into());
+        }
+        2 if !claims.contract_end => {
+            return Some("its version 2 body has no contract_end object with a choice".into());
+        }
+        2 => {}
+        v => return Some(format!("version {v} is not known here")),
     }
     if claims.certificate_id.is_empty() {
         return Some("the certificate has no certificate_id".into());
@@ -556,6 +573,54 @@ mod tests {
             "{}",
             r.rejection
         );
+    }
+
+    /// A contract end's version 2 body (its terms and return in `contract_end`) is verified
+    /// as version 1 still is; version 2 of an erasure, or without the object, is not. Before,
+    /// every version but 1 was rejected.
+    #[test]
+    fn a_contract_end_of_version_1_or_2_is_verified() {
+        let key = SigningKey::generate();
+        let public = KeyRing::new(key.public_key(), vec![]).unwrap();
+        let contract_end = |version: u64| {
+            let mut b = body();
+            b["kind"] = json!("contract_end");
+            b["version"] = json!(version);
+            b
+        };
+        let check_end = |b| check(Some(&public), ID, "contract_end", &ack(), &signed(&key, b));
+        let r = check_end(contract_end(1));
+        assert!(r.verified, "{}", r.rejection);
+        let mut v2 = contract_end(2);
+        v2["contract_end"] = json!({
+            "choice": "RETURN_THEN_DELETE",
+            "effective_at": "2026-01-01T00:00:00.000Z",
+            "grace_ends_at": "2026-02-01T00:00:00.000Z",
+            "returned": {
+                "to": "registry",
+                "part": {"manifest_sha256": "ab".repeat(32), "files": 2, "bytes": 150},
+                "confirmation": {"state": "CONFIRMED", "at": "2026-01-15T00:00:00.000Z"},
+            },
+        });
+        let r = check_end(v2.clone());
+        assert!(r.verified, "{}", r.rejection);
+
+        let r = check_end(contract_end(2));
+        assert!(
+            !r.verified && r.rejection.contains("no contract_end object"),
+            "{}",
+            r.rejection
+        );
+        let mut erasure = v2;
+        erasure["kind"] = json!("erasure");
+        let r = check(Some(&public), ID, "erasure", &ack(), &signed(&key, erasure));
+        assert!(
+            !r.verified && r.rejection.contains("only for a contract_end"),
+            "{}",
+            r.rejection
+        );
+        let r = check_end(contract_end(3));
+        assert_eq!(r.rejection, "version 3 is not known here");
     }
 
     #[test]
