@@ -181,7 +181,12 @@ impl App {
             }
             receipt_keys.insert(r.name.clone(), keys);
         }
-        let store = Store::new(db, &identity_hash_key).with_receipt_keys(receipt_keys);
+        let identities = (config.processors.iter())
+            .map(|p| (p.name.clone(), p.identity.clone()))
+            .collect();
+        let store = Store::new(db, &identity_hash_key)
+            .with_receipt_keys(receipt_keys)
+            .with_processor_identities(identities);
         let (intake, intake_writer) = intake::channel(store.clone());
         let packages = Packages::new(
             Arc::new(FolderStore::new(&config.package_dir)),

@@ -254,17 +254,8 @@ impl Api {
         })?)
     }
 
-    /// The contract end `id`, or NOT_FOUND (also for a request that is not one).
-    async fn contract_row(&self, id: &str) -> Result<ContractRow, ApiError> {
-        ApiError::ensure_valid(request_id_violation("contract_id", id))?;
-        self.shared
-            .store
-            .contract(id)
-            .await?
-            .ok_or_else(|| not_found(id))
-    }
-
-    /// The contract end `id` with its tasks, read together, or NOT_FOUND.
+    /// The contract end `id` with its tasks, read together, or NOT_FOUND (also for a request
+    /// that is not one).
     async fn contract_and_tasks(
         &self,
         id: &str,

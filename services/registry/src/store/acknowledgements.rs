@@ -787,7 +787,10 @@ impl Store {
 /// contract end whose terms name no transfer recipient), which shown with the task would
 /// read as proof that data arrived somewhere, and a receipt naming another recipient than
 /// the one the request transfers the data to (a TRANSFER's `parameters.transfer_recipient`,
-/// a contract end's terms'), which would show that one as holding the data; a receipt of a
+/// a contract end's terms'), which would show that one as holding the data; a receipt naming
+/// a sender other than the processor's certificate identity (its `[[processors]]` `identity`,
+/// `Store::with_processor_identities`; a receipt naming no sender passes), which may be the
+/// one another processor's part got for the same request and subprocessor; a receipt of a
 /// recipient `[[recipients]]` no longer lists, which nothing here can check (it may have
 /// been taken out for a leaked key); and a receipt of a recipient whose `[[recipients]]`
 /// entry has a `public_key` that does not verify its signature (`Store::with_receipt_keys`),
@@ -882,6 +885,10 @@ async fn unproven_completions(
             .is_some_and(|r| named.is_some_and(|n| r.recipient != n))
         {
             "a transfer receipt naming another recipient than the request's"
+        } else if (u.transfer_receipt.as_ref())
+            .is_some_and(|r| tx.processor_identities.other_sender(processor, &r.sender))
+        {
+            "a transfer receipt naming another sender than the processor's certificate identity"
         } else if (u.transfer_receipt.as_ref())
             .is_some_and(|r| tx.receipt_keys.unlisted(&r.recipient))
         {
@@ -2120,6 +2127,108 @@ mod tests {
             listed.tasks("t1").await.unwrap()[0].state,
             TaskState::Completed as i32
         );
+    }
+
+    /// The identity [`a_receipt_from_another_sender_is_left_out`] configures for `p1`.
+    const P1: &str = "spiffe://example.org/processor/p1";
+
+    /// A processor's answers (to Deliver, and to status checks) carrying a receipt that names
+    /// another sender than the processor's certificate identity (a receipt another processor's
+    /// part got for the same request and subprocessor) are left out, as Acknowledge refuses
+    /// them, so the task stays where it was; one naming the processor's own identity, or no
+    /// sender, is applied. Before, the store took a receipt whatever sender it named.
+    async fn a_receipt_from_another_sender_is_left_out(store: Store) {
+        use dsrelay_proto::v1::Evidence;
+        let store = store.with_processor_identities([("p1".to_string(), P1.to_string())].into());
+        let intaken = [
+            (transfer_request("t1", RECIPIENT), None),
+            (transfer_request("t2", RECIPIENT), None),
+        ];
+        store.insert_batch(&intaken).await.unwrap();
+        let completed = |id: &str, sequence: u64, sender: &str| TaskStatus {
+            processor: "p1".into(),
+            subprocessor: "crm".into(),
+            state: TaskState::Completed as i32,
+            sequence,
+            evidence: Some(Evidence {
+                records_affected: 1,
+                transfer_receipt: Some(TransferReceipt {
+                    request_id: id.into(),
+                    subprocessor: "crm".into(),
+                    manifest_sha256: "ab".repeat(32),
+                    bytes: 3,
+                    files: 1,
+                    recipient: RECIPIENT.into(),
+                    sender: sender.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let jobs = store
+            .claim_deliveries(3_000_000, 100, 60_000)
+            .await
+            .unwrap();
+        let job = |id: &str| jobs.iter().find(|j| j.request_id == id).unwrap().clone();
+        let task = |id: &'static str| {
+            let store = store.clone();
+            async move {
+                let tasks = store.tasks(id).await.unwrap();
+                assert_eq!(tasks.len(), 1, "{tasks:?}");
+                let t = tasks.into_iter().next().unwrap();
+                (TaskState::try_from(t.state).unwrap(), t.sequence)
+            }
+        };
+        let other = "spiffe://example.org/processor/p2";
+
+        // The Deliver answer's report is left out; the task first heard of there is kept open.
+        let tasks = [completed("t1", 2, other)];
+        assert!(store
+            .delivery_succeeded(&job("t1"), &tasks, 1_000)
+            .await
+            .unwrap());
+        assert_eq!(task("t1").await, (TaskState::Pending, 0));
+        // So is a status check's.
+        let reported = [completed("t1", 3, other)];
+        store
+            .reconcile("t1", "p1", &reported, 2_000, 60_000)
+            .await
+            .unwrap();
+        assert_eq!(task("t1").await, (TaskState::Pending, 0));
+        assert_ne!(
+            store.request("t1").await.unwrap().unwrap().state,
+            RequestState::Completed
+        );
+        // Naming the processor's own identity, the same report is applied.
+        let reported = [completed("t1", 4, P1)];
+        store
+            .reconcile("t1", "p1", &reported, 3_000, 60_000)
+            .await
+            .unwrap();
+        assert_eq!(task("t1").await, (TaskState::Completed, 4));
+        // And naming no sender (a recipient signing the version 1 body), on a Deliver answer.
+        let tasks = [completed("t2", 2, "")];
+        assert!(store
+            .delivery_succeeded(&job("t2"), &tasks, 4_000)
+            .await
+            .unwrap());
+        assert_eq!(task("t2").await, (TaskState::Completed, 2));
+    }
+
+    #[tokio::test]
+    async fn a_receipt_from_another_sender_is_left_out_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        a_receipt_from_another_sender_is_left_out(store_at(&url).await).await;
+    }
+
+    #[tokio::test]
+    async fn a_receipt_from_another_sender_is_left_out_on_postgres() {
+        crate::test_postgres::on_postgres(|url, _| async move {
+            a_receipt_from_another_sender_is_left_out(store_at(&url).await).await;
+        })
+        .await;
     }
 
     #[tokio::test]

@@ -106,6 +106,9 @@ pub struct Store {
     /// The transfer recipients `[[recipients]]` lists, with the keys of those whose receipts
     /// must be signed (`acknowledgements::unproven_completions`).
     receipt_keys: Arc<ReceiptKeys>,
+    /// The certificate identities of the processors `[[processors]]` lists, which the
+    /// receipts in their answers must name as sender (`acknowledgements::unproven_completions`).
+    processor_identities: Arc<ProcessorIdentities>,
 }
 
 /// The transfer recipients the registry lists, by name, each with the keys it signs its
@@ -123,6 +126,24 @@ impl ReceiptKeys {
     /// Whether the registry was told its recipients and `recipient` is not among them.
     fn unlisted(&self, recipient: &str) -> bool {
         self.0.as_ref().is_some_and(|m| !m.contains_key(recipient))
+    }
+}
+
+/// The certificate identity of each processor the registry lists, by name. A store never
+/// told (a unit test's) checks no receipt's sender.
+#[derive(Debug, Default)]
+struct ProcessorIdentities(Option<HashMap<String, String>>);
+
+impl ProcessorIdentities {
+    /// Whether `sender`, the sender a receipt in `processor`'s answer names, differs from
+    /// `processor`'s identity, as Acknowledge judges it (`api::acknowledgement`'s
+    /// `sender_problem`): an empty one names none and passes; a processor the registry was
+    /// told of no identity for may name none.
+    fn other_sender(&self, processor: &str, sender: &str) -> bool {
+        let Some(identities) = &self.0 else {
+            return false;
+        };
+        !sender.is_empty() && identities.get(processor).map(String::as_str) != Some(sender)
     }
 }
 
@@ -145,6 +166,7 @@ impl Store {
             acks: Arc::default(),
             routes: Arc::default(),
             receipt_keys: Arc::default(),
+            processor_identities: Arc::default(),
         }
     }
 
@@ -153,6 +175,15 @@ impl Store {
     pub fn with_receipt_keys(self, recipients: HashMap<String, Option<KeyRing>>) -> Self {
         Self {
             receipt_keys: Arc::new(ReceiptKeys(Some(recipients))),
+            ..self
+        }
+    }
+
+    /// The store, taking in a processor's answer only receipts that name no sender or the
+    /// certificate identity `identities` gives that processor (by its name in `[[processors]]`).
+    pub fn with_processor_identities(self, identities: HashMap<String, String>) -> Self {
+        Self {
+            processor_identities: Arc::new(ProcessorIdentities(Some(identities))),
             ..self
         }
     }
@@ -193,6 +224,7 @@ impl Store {
             backend: self.db.backend,
             text_key: self.text_key.clone(),
             receipt_keys: self.receipt_keys.clone(),
+            processor_identities: self.processor_identities.clone(),
         })
     }
 }
@@ -222,6 +254,8 @@ struct Tx {
     text_key: Arc<[u8]>,
     /// See [`Store`]'s field.
     receipt_keys: Arc<ReceiptKeys>,
+    /// See [`Store`]'s field.
+    processor_identities: Arc<ProcessorIdentities>,
 }
 
 impl Tx {
