@@ -439,6 +439,11 @@ pub(crate) struct RequestView {
     /// terms, each until the processor has it.
     pub(crate) follow_up_deliveries: Vec<DeliveryView>,
     pub(crate) tasks: Vec<TaskView>,
+    /// A contract end's returned data deleted without a confirmation, in the words of
+    /// [`crate::commands::contracts::unconfirmed_return`]: the request carries no terms, so
+    /// only `get` sets it, from the contract end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) return_unconfirmed: Option<String>,
 }
 
 impl From<&Request> for RequestView {
@@ -482,6 +487,7 @@ impl From<&Request> for RequestView {
                 .map(DeliveryView::from)
                 .collect(),
             tasks: r.tasks.iter().map(TaskView::from).collect(),
+            return_unconfirmed: None,
         }
     }
 }
@@ -553,6 +559,10 @@ impl RequestView {
         }
         if !self.cancel_reason.is_empty() {
             h.row(["cancelled", self.cancel_reason.as_str()]);
+        }
+        // The tasks' reasons are their outcome's by now: only this still says it.
+        if let Some(r) = &self.return_unconfirmed {
+            h.row(["return", r.as_str()]);
         }
 
         let mut out = h.render();
@@ -926,6 +936,27 @@ mod tests {
     use super::*;
     use dsrelay_proto::prost_types::Timestamp;
     use dsrelay_sdk::proto::{Evidence, RequestParameters, Scope, SubjectIdentity};
+
+    /// `get` of a contract end whose return was deleted unconfirmed says so in its header,
+    /// as `contracts show` does. Before, nothing in `get` said it once the tasks ended.
+    #[test]
+    fn a_contract_end_deleted_without_a_confirmation_says_so() {
+        let mut view = RequestView::from(&Request {
+            request_id: "c-1".into(),
+            kind: RequestKind::ContractEnd as i32,
+            ..Default::default()
+        });
+        assert!(!view.to_table().contains("\nreturn"));
+        let line = "not confirmed; deleted at the end of the grace period (2026-01-01T00:00:00Z)";
+        view.return_unconfirmed = Some(line.into());
+        let table = view.to_table();
+        let row = (table.lines())
+            .find(|l| l.starts_with("return "))
+            .expect("the return's row");
+        assert!(row.ends_with(line), "{table}");
+        let json = serde_json::to_value(&view).expect("json");
+        assert_eq!(json["return_unconfirmed"], line, "{json}");
+    }
 
     /// Every event type fits its column, so the columns after it line up whatever the type.
     #[test]

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use dsrelay_sdk::proto::processor_operator_service_client::ProcessorOperatorServiceClient;
 use dsrelay_sdk::proto::{
-    Contract, ContractEnd, ContractEndChoice, ContractPhase, ListContractEndsRequest,
-    ProcessorContractEnd, RequestState, TaskState, TaskStatus,
+    Chain, Contract, ContractEnd, ContractEndChoice, ContractPhase, GetChainRequest,
+    ListContractEndsRequest, ProcessorContractEnd, RequestState, TaskState, TaskStatus,
 };
 use dsrelay_sdk::{ConnectionSettings, EffectiveAt};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -303,6 +303,78 @@ struct ContractView {
     /// was sent before. Empty in a listing, which the registry gives without them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     deliveries: Vec<DeliveryView>,
+    /// Set when the processor deleted (or is deleting) returned data that was never
+    /// confirmed: what [`unconfirmed_return`] says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    return_unconfirmed: Option<String>,
+    /// The registry's last failed status check of the processor (GetChain), while none
+    /// answered since: set by `show` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    processor_status_check: Option<StatusCheckView>,
+}
+
+/// A failed status check of a processor, as GetChain reports it.
+#[derive(Debug, Serialize)]
+pub(crate) struct StatusCheckView {
+    error: String,
+    failed_at: Option<Time>,
+}
+
+impl StatusCheckView {
+    /// The last failed status check of `processor` in `chain`; none while the last answered.
+    pub(crate) fn of(chain: &Chain, processor: &str) -> Option<Self> {
+        let p = chain.processors.iter().find(|p| p.name == processor)?;
+        (!p.status_check_error.is_empty()).then(|| Self {
+            error: p.status_check_error.clone(),
+            failed_at: Time::from_proto(p.status_check_failed_at.as_ref()),
+        })
+    }
+
+    /// `failed at T: why`, for a table cell.
+    fn cell(&self) -> String {
+        let at = self
+            .failed_at
+            .map_or_else(String::new, |t| format!(" at {t}"));
+        format!("failed{at}: {}", clean(&self.error))
+    }
+}
+
+/// The words on a contract end whose returned data the processor deleted, or began to,
+/// with no confirmation: `not confirmed; deleted at the end of the grace period (T)`, naming
+/// the subprocessors when not all of them got there. `None` unless the terms are RETURN_THEN_DELETE, no
+/// confirmation is recorded, the processor has not refused the terms (a refused choice may
+/// mean it deleted at the grace end with nothing returned) and a part reached DELETING or
+/// DONE. Those together allow no other reading: the processor deletes returned data only
+/// on a confirmation it got from the registry, or, without one, once the grace period ends.
+pub(crate) fn unconfirmed_return(c: &Contract) -> Option<String> {
+    let terms = c.contract_end.as_ref()?;
+    if terms.choice != ContractEndChoice::ReturnThenDelete as i32
+        || terms.return_confirmed
+        || !c.terms_refused.is_empty()
+    {
+        return None;
+    }
+    let deleting: Vec<PartView> = (c.tasks.iter())
+        .filter(|t| {
+            t.progress.is_some_and(|p| {
+                p.phase == ContractPhase::Deleting as i32 || p.phase == ContractPhase::Done as i32
+            })
+        })
+        .map(PartView::from)
+        .collect();
+    if deleting.is_empty() {
+        return None;
+    }
+    // DONE and not stopped: COMPLETED, or RETAINED with what the law keeps.
+    let done = (deleting.iter()).all(|p| p.phase.as_deref() == Some("DONE") && !p.stopped);
+    let what = if done { "deleted" } else { "deletion started" };
+    let when = cell(Time::from_proto(terms.grace_ends_at.as_ref()));
+    let mut line = format!("not confirmed; {what} at the end of the grace period ({when})");
+    if deleting.len() < c.tasks.len() {
+        let names: Vec<&str> = deleting.iter().map(|p| p.subprocessor.as_str()).collect();
+        line.push_str(&format!(": {}", names.join(", ")));
+    }
+    Some(line)
 }
 
 impl From<&Contract> for ContractView {
@@ -320,6 +392,8 @@ impl From<&Contract> for ContractView {
             idempotency_key: None,
             tasks: c.tasks.iter().map(PartView::from).collect(),
             deliveries: c.deliveries.iter().map(DeliveryView::from).collect(),
+            return_unconfirmed: unconfirmed_return(c),
+            processor_status_check: None,
         }
     }
 }
@@ -346,10 +420,20 @@ impl Render for ContractView {
     fn to_table(&self) -> String {
         let mut t = terms_table(&self.contract_id, &self.processor, &self.terms);
         t.row(["return confirmed", &self.terms.return_confirmed.to_string()]);
+        // Once the parts are COMPLETED or RETAINED their reasons are the outcome's: only
+        // this still says the data went without a confirmation.
+        if let Some(r) = &self.return_unconfirmed {
+            t.row(["return", &clean(r)]);
+        }
         if !self.terms_refused.is_empty() {
             t.row(["refused by the processor", &clean(&self.terms_refused)]);
         }
         t.row(["state", &self.state]);
+        // The parts show the processor's last report, which a processor that is down does
+        // not update: this is the registry's sign that it no longer answers.
+        if let Some(check) = &self.processor_status_check {
+            t.row(["processor status check".to_string(), check.cell()]);
+        }
         t.row(["created", &cell(self.created_at)]);
         t.row(["trace", &clean(&self.trace_id)]);
         if self.deduplicated {
@@ -714,7 +798,16 @@ pub(crate) async fn run(
             emit(io.out, io.format, &view, false)?;
             return Ok(0);
         }
-        ContractsCommand::Show { id, watch: false } => client.get_contract(id.as_str()).await,
+        ContractsCommand::Show { id, watch: false } => {
+            let contract = client
+                .get_contract(id.as_str())
+                .await
+                .map_err(|s| registry.failed(s))?;
+            let mut view = ContractView::from(&contract);
+            view.processor_status_check = status_check(registry, &contract.processor).await;
+            emit(io.out, io.format, &view, false)?;
+            return Ok(0);
+        }
         ContractsCommand::Show { id, watch: true } => return watch(registry, id, io).await,
         ContractsCommand::Choose {
             id,
@@ -769,6 +862,18 @@ pub(crate) async fn run(
     .map_err(|s| registry.failed(s))?;
     emit(io.out, io.format, &ContractView::from(&contract), false)?;
     Ok(0)
+}
+
+/// The registry's last failed status check of `processor` (what `dsrctl chain` shows); none
+/// when the last answered, or when the chain cannot be read: it only adds to what `show`
+/// prints, which stands without it.
+async fn status_check(registry: &Registry, processor: &str) -> Option<StatusCheckView> {
+    let chain = (registry.client.raw())
+        .get_chain(GetChainRequest {})
+        .await
+        .ok()?
+        .into_inner();
+    StatusCheckView::of(&chain, processor)
 }
 
 /// `dsrctl contracts scheduled`: the processor's view (its operator API).
@@ -1593,5 +1698,143 @@ mod tests {
         let json = serde_json::to_value(&view).expect("json");
         assert_eq!(json["tasks"][0]["reason"], reason.as_str(), "{json}");
         assert_eq!(json["tasks"][1]["reason"], "no such list", "{json}");
+    }
+
+    /// A return confirmed by nobody and deleted at the end of the grace period says so in
+    /// `show`, once the parts are RETAINED or COMPLETED too, whose reasons are then their
+    /// outcome's. Before, `show` printed only "return confirmed false" beside parts DONE.
+    #[test]
+    fn a_deletion_without_a_confirmation_of_the_return_says_so() {
+        let terms = ContractEnd {
+            choice: ContractEndChoice::ReturnThenDelete as i32,
+            grace_ends_at: Some(dsrelay_proto::prost_types::Timestamp {
+                seconds: 1_767_225_600,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        let mut mail = done_part(TaskState::Completed, 3, 3);
+        mail.subprocessor = "mail-marketing".into();
+        let c = Contract {
+            contract_id: "c1".into(),
+            contract_end: Some(terms.clone()),
+            state: RequestState::PartiallyCompleted as i32,
+            tasks: vec![done_part(TaskState::Retained, 26, 26), mail],
+            ..Default::default()
+        };
+        let line = "not confirmed; deleted at the end of the grace period (2026-01-01T00:00:00Z)";
+        let view = ContractView::from(&c);
+        let table = view.to_table();
+        let row = (table.lines())
+            .find(|l| l.starts_with("return ") && !l.starts_with("return confirmed"))
+            .expect("the return's row");
+        assert!(row.ends_with(line), "{table}");
+        let json = serde_json::to_value(&view).expect("json");
+        assert_eq!(json["return_unconfirmed"], line, "{json}");
+
+        // One part deleting, one whose return failed: the deletion started, for that one.
+        let mut failed = c.clone();
+        failed.tasks[0].state = TaskState::InProgress as i32;
+        if let Some(p) = failed.tasks[0].progress.as_mut() {
+            p.phase = ContractPhase::Deleting as i32;
+        }
+        failed.tasks[1].state = TaskState::Failed as i32;
+        if let Some(p) = failed.tasks[1].progress.as_mut() {
+            p.phase = ContractPhase::Returning as i32;
+        }
+        assert_eq!(
+            unconfirmed_return(&failed).as_deref(),
+            Some(
+                "not confirmed; deletion started at the end of the grace period \
+                 (2026-01-01T00:00:00Z): accounting"
+            )
+        );
+
+        // Nothing to say: confirmed; refused terms (a choice too late may have returned
+        // nothing); another choice; parts still awaiting the confirmation.
+        let mut confirmed = c.clone();
+        confirmed.contract_end = Some(ContractEnd {
+            return_confirmed: true,
+            ..terms.clone()
+        });
+        let refused = Contract {
+            terms_refused: "deleting the controller's data has started".into(),
+            ..c.clone()
+        };
+        let deleted = Contract {
+            contract_end: Some(ContractEnd {
+                choice: ContractEndChoice::Delete as i32,
+                ..terms
+            }),
+            ..c.clone()
+        };
+        let mut awaiting = c.clone();
+        for t in &mut awaiting.tasks {
+            t.state = TaskState::InProgress as i32;
+            if let Some(p) = t.progress.as_mut() {
+                p.phase = ContractPhase::AwaitingConfirmation as i32;
+            }
+        }
+        for c in [confirmed, refused, deleted, awaiting] {
+            assert_eq!(unconfirmed_return(&c), None, "{c:?}");
+            let table = ContractView::from(&c).to_table();
+            assert!(!table.contains("not confirmed"), "{table}");
+        }
+    }
+
+    /// `show` gives the registry's last failed status check of the contract end's processor,
+    /// as `dsrctl chain` does: a processor that is down sends no report, and the parts alone
+    /// show the last one as if it stood. Before, `show` gave no sign of it.
+    #[test]
+    fn show_gives_the_processors_failed_status_check() {
+        use dsrelay_sdk::proto::ChainProcessor;
+        let chain = Chain {
+            processors: vec![
+                ChainProcessor {
+                    name: "other".into(),
+                    status_check_error: "request r-2: Unavailable: elsewhere".into(),
+                    ..Default::default()
+                },
+                ChainProcessor {
+                    name: "payroll-bureau".into(),
+                    status_check_error: "request c1: Unavailable: connection refused".into(),
+                    status_check_failed_at: Some(dsrelay_proto::prost_types::Timestamp {
+                        seconds: 1_767_225_600,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                },
+            ],
+        };
+        let c = Contract {
+            contract_id: "c1".into(),
+            processor: "payroll-bureau".into(),
+            state: RequestState::InProgress as i32,
+            ..Default::default()
+        };
+        let mut view = ContractView::from(&c);
+        view.processor_status_check = StatusCheckView::of(&chain, &c.processor);
+        let table = view.to_table();
+        let row = (table.lines())
+            .find(|l| l.starts_with("processor status check"))
+            .expect("the check's row");
+        assert!(
+            row.ends_with(
+                "failed at 2026-01-01T00:00:00Z: request c1: Unavailable: connection refused"
+            ),
+            "{table}"
+        );
+        assert!(!table.contains("elsewhere"), "{table}");
+        let json = serde_json::to_value(&view).expect("json");
+        assert_eq!(
+            json["processor_status_check"]["failed_at"], "2026-01-01T00:00:00Z",
+            "{json}"
+        );
+        // One that answered since, or a processor the chain does not name: no row.
+        assert!(StatusCheckView::of(&chain, "elsewhere").is_none());
+        let mut answered = chain.clone();
+        answered.processors[1].status_check_error.clear();
+        assert!(StatusCheckView::of(&answered, "payroll-bureau").is_none());
+        assert!(!ContractView::from(&c).to_table().contains("status check"));
     }
 }

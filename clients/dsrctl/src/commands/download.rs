@@ -174,6 +174,37 @@ fn lacking(not_returned: &[String], get: &str) -> String {
     )
 }
 
+/// The `complete` row of `package`: the proto's `complete` means no more parts are coming,
+/// which a package lacking a holder's data is too, so "yes" alone would read as all of it.
+fn complete_cell(complete: bool, not_returned: &[String]) -> String {
+    match (complete, not_returned.len()) {
+        (false, _) => "no".into(),
+        (true, 0) => "yes".into(),
+        (true, n) => format!(
+            "no more parts coming; {n} {} not returned ({})",
+            if n == 1 {
+                "subprocessor"
+            } else {
+                "subprocessors"
+            },
+            holders(not_returned)
+        ),
+    }
+}
+
+/// `payroll/crm, FAILED; payroll/hr, REFUSED` from `payroll/crm (FAILED)`, ...
+fn holders(not_returned: &[String]) -> String {
+    (not_returned.iter())
+        .map(
+            |h| match h.strip_suffix(')').and_then(|h| h.rsplit_once(" (")) {
+                Some((holder, state)) => format!("{holder}, {state}"),
+                None => h.clone(),
+            },
+        )
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// A package's digest: the SHA-256 of its `manifest.json` (none when there is none).
 fn package_digest(manifest_json: &[u8]) -> Option<String> {
     (!manifest_json.is_empty()).then(|| hex::encode(Sha256::digest(manifest_json)))
@@ -260,7 +291,10 @@ impl Render for PackageView {
     fn to_table(&self) -> String {
         let mut head = Table::headless();
         head.row(["request", self.request_id.as_str()]);
-        head.row(["complete", if self.complete { "yes" } else { "no" }]);
+        head.row([
+            "complete".to_string(),
+            clean(&complete_cell(self.complete, &self.not_returned)),
+        ]);
         if !self.missing.is_empty() {
             head.row(["missing".to_string(), clean(&self.missing.join(", "))]);
         }
@@ -462,6 +496,21 @@ impl Render for DownloadView {
             }
             out.push('\n');
             out.push_str(&t.render());
+        }
+        // Last, as what a reader takes away: the files verified are not all of the data.
+        if !self.not_returned.is_empty() {
+            let n = self.not_returned.len();
+            out.push_str(&format!(
+                "\nthis package lacks the data of {n} {} ({}): {} not returned, so the \
+                 download is not all of the data\n",
+                if n == 1 {
+                    "subprocessor"
+                } else {
+                    "subprocessors"
+                },
+                clean(&holders(&self.not_returned)),
+                if n == 1 { "it was" } else { "they were" }
+            ));
         }
         out
     }
@@ -1337,6 +1386,51 @@ mod tests {
         let two = not_returned(two);
         assert_eq!(two, ["p/a (FAILED)", "p/b (REFUSED)"]);
         assert!(lacking(&two, "").contains("their data is not in the package, and they"));
+    }
+
+    /// A complete package lacking a holder's data does not say "complete yes", and a download
+    /// of it ends saying the files are not all of the data. Before, `package` printed
+    /// "complete yes" beside "not returned", and `download` ended on the files verified.
+    #[test]
+    fn a_complete_package_lacking_a_holder_is_not_called_complete_alone() {
+        let manifest = br#"{"request_id": "r-1", "files": [], "not_returned": [
+            {"processor": "payroll", "subprocessor": "accounting", "state": "FAILED"}]}"#;
+        let info = PackageInfo {
+            request_id: "r-1".into(),
+            complete: true,
+            manifest_json: manifest.to_vec(),
+            not_returned: vec!["payroll/accounting".into()],
+            ..Default::default()
+        };
+        let text = PackageView::from(&info).to_table();
+        let row = "complete        no more parts coming; 1 subprocessor not returned \
+                   (payroll/accounting, FAILED)\n";
+        assert!(text.contains(row), "{text}");
+        assert!(!text.contains("yes"), "{text}");
+        // The field keeps the proto's meaning: no more parts are coming.
+        let json = serde_json::to_value(PackageView::from(&info)).unwrap();
+        assert_eq!(json["complete"], true);
+        let text = DownloadView::new(&info, &Target::Dir("maija".into()), vec![]).to_table();
+        let last = "\nthis package lacks the data of 1 subprocessor (payroll/accounting, FAILED): \
+                    it was not returned, so the download is not all of the data\n";
+        assert!(text.ends_with(last), "{text}");
+        // One returned whole is complete, and a download of it says nothing of a lack.
+        let whole = PackageInfo {
+            manifest_json: br#"{"request_id": "r-1", "files": []}"#.to_vec(),
+            not_returned: vec![],
+            ..info
+        };
+        assert!(PackageView::from(&whole)
+            .to_table()
+            .contains("complete        yes\n"));
+        let text = DownloadView::new(&whole, &Target::Dir("maija".into()), vec![]).to_table();
+        assert!(!text.contains("lacks"), "{text}");
+        let two = ["p/a (FAILED)".to_string(), "p/b (REFUSED)".to_string()];
+        assert_eq!(
+            complete_cell(true, &two),
+            "no more parts coming; 2 subprocessors not returned (p/a, FAILED; p/b, REFUSED)"
+        );
+        assert_eq!(complete_cell(false, &two), "no");
     }
 
     /// A part cancelled is not said to come on a retry: a cancelled task is never retried.

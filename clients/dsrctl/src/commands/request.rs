@@ -1,5 +1,7 @@
 //! `get`, `cancel` and `extend`: calls that answer with one request.
 
+use dsrelay_sdk::proto::RequestKind;
+
 use crate::cli::{CancelArgs, ExtendArgs, GetArgs};
 use crate::commands::{Io, Registry};
 use crate::output::{emit, RequestView};
@@ -16,7 +18,15 @@ pub(crate) async fn get(
         .get(args.id.as_str())
         .await
         .map_err(|s| registry.failed(s))?;
-    emit(io.out, io.format, &RequestView::from(&request), false)?;
+    let mut view = RequestView::from(&request);
+    // The request carries no terms: whether its return was confirmed is the contract end's.
+    // Only an operator may ask for it, and the request is shown all the same without.
+    if request.kind == RequestKind::ContractEnd as i32 {
+        if let Ok(contract) = registry.client.get_contract(args.id.as_str()).await {
+            view.return_unconfirmed = super::contracts::unconfirmed_return(&contract);
+        }
+    }
+    emit(io.out, io.format, &view, false)?;
     Ok(0)
 }
 

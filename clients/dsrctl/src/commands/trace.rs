@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use dsrelay_sdk::proto::{
-    DeliveryState, EventList, EventType, ListEventsRequest, RequestEvent, TaskState,
+    ContractPhase, DeliveryState, EventList, EventType, ListEventsRequest, RequestEvent, TaskState,
 };
 use serde::{Serialize, Serializer};
 
@@ -138,6 +138,55 @@ struct TaskView {
     /// data kept under its legal basis at a later erasure run by itself.
     pending: bool,
     detail: String,
+    /// Set when the task's deletion began from AWAITING_CONFIRMATION with no RETURN_CONFIRMED
+    /// event before it: the grace period ended with the returned data unconfirmed
+    /// ([`unconfirmed_deletions`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    return_unconfirmed: Option<Unconfirmed>,
+}
+
+/// A contract end task's deletion begun with its return unconfirmed.
+#[derive(Debug, Serialize)]
+struct Unconfirmed {
+    /// When the registry recorded the deletion beginning.
+    deletion_reported_at: Option<Time>,
+}
+
+/// The contract end tasks whose deletion began with their return unconfirmed, by
+/// (processor, subprocessor), with when the registry recorded that. A task the events show
+/// moving from AWAITING_CONFIRMATION to DELETING (or DONE) with no RETURN_CONFIRMED event
+/// before: the processor only deletes returned data on a confirmation the registry sent it,
+/// which the registry records as that event first, or at the end of the grace period without
+/// one. A step the events do not show (a report lost and reconciled) says nothing here.
+fn unconfirmed_deletions(events: &[RequestEvent]) -> BTreeMap<(String, String), Unconfirmed> {
+    let mut confirmed = false;
+    let mut phases: BTreeMap<(String, String), i32> = BTreeMap::new();
+    let mut found = BTreeMap::new();
+    for e in events {
+        match (EventType::try_from(e.r#type), &e.task) {
+            (Ok(EventType::ReturnConfirmed), _) => confirmed = true,
+            (Ok(EventType::TaskUpdated), Some(t)) => {
+                let Some(p) = t.progress else { continue };
+                let key = (e.processor.clone(), t.subprocessor.clone());
+                let deleting = p.phase == ContractPhase::Deleting as i32
+                    || p.phase == ContractPhase::Done as i32;
+                let awaited =
+                    phases.get(&key) == Some(&(ContractPhase::AwaitingConfirmation as i32));
+                if deleting && awaited && !confirmed {
+                    let deletion_reported_at = Time::from_proto(e.occurred_at.as_ref());
+                    found.insert(
+                        key.clone(),
+                        Unconfirmed {
+                            deletion_reported_at,
+                        },
+                    );
+                }
+                phases.insert(key, p.phase);
+            }
+            _ => {}
+        }
+    }
+    found
 }
 
 fn ms(e: &RequestEvent) -> i64 {
@@ -207,6 +256,7 @@ impl TraceView {
                 hop.calls_not_through.push(DeliveryView::from(d));
             }
         }
+        let mut unconfirmed = unconfirmed_deletions(&list.events);
         let mut events = Vec::new();
         let mut steps: BTreeMap<(String, String), Vec<Step>> = BTreeMap::new();
         for e in &list.events {
@@ -290,6 +340,8 @@ impl TraceView {
                 run,
                 pending: is_open(t.state),
                 detail,
+                return_unconfirmed: unconfirmed
+                    .remove(&(t.processor.clone(), t.subprocessor.clone())),
             });
         }
         Self {
@@ -451,6 +503,14 @@ impl Render for TraceView {
                 }
                 if !t.detail.is_empty() {
                     out.push_str(&format!("{indent}   {}\n", clean(&t.detail)));
+                }
+                // The reason the processor gave then is gone from the task by its outcome.
+                if let Some(u) = &t.return_unconfirmed {
+                    out.push_str(&format!(
+                        "{indent}   return: not confirmed; deletion began at the end of the \
+                         grace period (reported {})\n",
+                        time_cell(u.deletion_reported_at)
+                    ));
                 }
             }
         }
@@ -928,5 +988,74 @@ mod tests {
         assert!(!text.contains("run 1"), "{text}");
         let json = serde_json::to_value(&view).expect("json");
         assert_eq!(json["processors"][0]["tasks"][0]["run"], 2, "{json}");
+    }
+
+    /// A contract end's task deleted at the end of the grace period with its return
+    /// unconfirmed says so, once COMPLETED too: the reason the processor gave then is the
+    /// task's no more. Before, only `--output json trace` showed it, in the event's message.
+    #[test]
+    fn a_deletion_without_a_confirmation_of_the_return_says_so() {
+        use dsrelay_sdk::proto::ContractProgress;
+        let step = |s, phase: ContractPhase, state: TaskState| {
+            let mut e = event(EventType::TaskUpdated, s, true);
+            if let Some(t) = e.task.as_mut() {
+                t.state = state as i32;
+                t.progress = Some(ContractProgress {
+                    phase: phase as i32,
+                    ..Default::default()
+                });
+            }
+            e
+        };
+        let events = |confirmed: bool| {
+            let mut events = vec![
+                event(EventType::Submitted, 1_700_000_000, false),
+                step(
+                    1_700_000_001,
+                    ContractPhase::Returning,
+                    TaskState::InProgress,
+                ),
+                step(
+                    1_700_000_002,
+                    ContractPhase::AwaitingConfirmation,
+                    TaskState::InProgress,
+                ),
+                step(
+                    1_700_000_100,
+                    ContractPhase::Deleting,
+                    TaskState::InProgress,
+                ),
+                step(1_700_000_101, ContractPhase::Done, TaskState::Completed),
+            ];
+            if confirmed {
+                events.insert(3, event(EventType::ReturnConfirmed, 1_700_000_050, false));
+            }
+            events
+        };
+        let delivery = Delivery {
+            processor: "payroll-bureau".into(),
+            state: DeliveryState::Delivered as i32,
+            delivered_at: Some(Timestamp::default()),
+            ..Default::default()
+        };
+        let line = "return: not confirmed; deletion began at the end of the grace period \
+                    (reported 2023-11-14T22:15:00Z)\n";
+        let view = TraceView::build(&traced(delivery.clone(), events(false)));
+        let text = view.to_table();
+        assert!(text.contains(line), "{text}");
+        let json = serde_json::to_value(&view).expect("json");
+        assert_eq!(
+            json["processors"][0]["tasks"][0]["return_unconfirmed"]["deletion_reported_at"],
+            "2023-11-14T22:15:00Z",
+            "{json}"
+        );
+        // Confirmed before the deletion: nothing to say.
+        let text = TraceView::build(&traced(delivery.clone(), events(true))).to_table();
+        assert!(!text.contains("not confirmed"), "{text}");
+        // Deleted with no return awaited (DELETE, or no choice): nothing to say either.
+        let mut direct = events(false);
+        direct.remove(2);
+        let text = TraceView::build(&traced(delivery, direct)).to_table();
+        assert!(!text.contains("not confirmed"), "{text}");
     }
 }
