@@ -55,7 +55,11 @@
 //!   deliveries and the controller's released billing records with set-based statements,
 //!   reports the counts, and keeps and releases the other billing records in stages as an
 //!   erasure does (RETAINED). Both answer at once (never ACCEPTED),
-//!   idempotently per `job_id`; GetBulkStatus repeats the answer. An ERASE that follows a
+//!   idempotently per `job_id`; GetBulkStatus repeats the answer. Their progress counts as
+//!   subjects the subscribers and, for the billing records an erasure kept and detached
+//!   from their subscriber, one per buyer as billed (name and address): such a record
+//!   keeps no other trace of whom it was billed to, so one subject's records billed under
+//!   two names or addresses count as two. An ERASE that follows a
 //!   return (`returned`) first looks up the export under its key less `#erase`: any of the
 //!   controller's rows inserted after that export counted (a sign-up, a delivery, a billing
 //!   record, or a row given to it at start) is FAILED_PRECONDITION, naming how many of

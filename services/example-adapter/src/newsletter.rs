@@ -690,15 +690,26 @@ async fn rectify(
     Ok(completed(subscribers.len() as i64, note))
 }
 
+/// What [`count_controller`] counts of a controller.
+struct Counted {
+    subscribers: i64,
+    deliveries: i64,
+    /// Billing records, detached ones included.
+    billing: i64,
+    /// The buyers as billed (`buyer`: name and address) of the detached billing records.
+    detached_buyers: i64,
+}
+
 /// How many subscribers, deliveries and billing records (detached ones included)
-/// `controller` has whose arrival marker (see migration 0007) `arrived` admits: `"<= $2"`
-/// with `i64::MAX` for all of them.
+/// `controller` has whose arrival marker (see migration 0007) `arrived` admits (`"<= $2"`
+/// with `i64::MAX` for all of them), and how many buyers the detached ones among those
+/// billing records were billed to.
 async fn count_controller(
     tx: &mut Transaction<'_, Any>,
     controller: &str,
     arrived: &'static str,
     marker: i64,
-) -> sqlx::Result<(i64, i64, i64)> {
+) -> sqlx::Result<Counted> {
     let subscribers: i64 = sqlx::query_scalar(&format!(
         "SELECT COUNT(*) FROM subscribers WHERE controller = $1 AND arrival {arrived}"
     ))
@@ -721,7 +732,20 @@ async fn count_controller(
     .bind(marker)
     .fetch_one(&mut **tx)
     .await?;
-    Ok((subscribers, deliveries, billing))
+    let detached_buyers: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(DISTINCT buyer) FROM billing_records WHERE controller = $1 \
+         AND subscriber_id IS NULL AND arrival {arrived}"
+    ))
+    .bind(controller)
+    .bind(marker)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(Counted {
+        subscribers,
+        deliveries,
+        billing,
+        detached_buyers,
+    })
 }
 
 /// The arrival clock's value: every row marked up to it is committed, and any row inserted
@@ -737,6 +761,11 @@ pub(crate) struct Held {
     subscribers: i64,
     deliveries: i64,
     billing: i64,
+    /// The data subjects: the subscribers, and one per buyer as billed of the billing
+    /// records an erasure kept and detached from their subscriber. Such a record keeps no
+    /// link to whom it was detached from, only its buyer as billed, so one subject's records
+    /// billed under two names or addresses count as two subjects.
+    subjects: i64,
     /// For an EXPORT: the arrival clock's value its counts and pages stop at, which the
     /// task keeps for its pages and for the erasure that follows it.
     pub(crate) arrived_upto: Option<i64>,
@@ -766,12 +795,13 @@ pub(crate) async fn count_bulk(
             return Ok(Err(refusal));
         }
     }
-    let (subscribers, deliveries, billing) =
+    let counted =
         count_controller(tx, controller, "<= $2", arrived_upto.unwrap_or(i64::MAX)).await?;
     let held = Held {
-        subscribers,
-        deliveries,
-        billing,
+        subscribers: counted.subscribers,
+        deliveries: counted.deliveries,
+        billing: counted.billing,
+        subjects: counted.subscribers + counted.detached_buyers,
         arrived_upto,
     };
     if export_upto.is_some() {
@@ -808,7 +838,12 @@ async fn arrivals(
     sqlx::query("UPDATE arrival_clock SET last = last WHERE id = 1")
         .execute(&mut **tx)
         .await?;
-    let (subscribers, deliveries, billing) = count_controller(tx, controller, "> $2", upto).await?;
+    let Counted {
+        subscribers,
+        deliveries,
+        billing,
+        ..
+    } = count_controller(tx, controller, "> $2", upto).await?;
     let records = subscribers + deliveries + billing;
     if records == 0 {
         return Ok(None);
@@ -823,10 +858,11 @@ async fn arrivals(
 
 /// The check of an ERASE that follows a return (`ExecuteBulkRequest.returned`) whose export
 /// kept no arrival clock here (one from before migration 0007, or a return made another
-/// way): the controller's data `held` counted as its export counts it (subscribers as
-/// subjects; subscribers, deliveries and billing records as records) against the export's
-/// done counts. The refusal's text when more is held now than was returned; `None` when
-/// not, or when the request is no such erasure.
+/// way): the controller's data `held` counted as such an export counted it (subscribers as
+/// subjects, as every export did before [`Held::subjects`] counted the buyers of detached
+/// billing records too; subscribers, deliveries and billing records as records) against the
+/// export's done counts. The refusal's text when more is held now than was returned; `None`
+/// when not, or when the request is no such erasure.
 fn unreturned(req: &ExecuteBulkRequest, held: &Held) -> Option<String> {
     if !follows_return(req) {
         return None;
@@ -894,6 +930,7 @@ pub(crate) async fn bulk(
         subscribers,
         deliveries,
         billing,
+        subjects,
         ..
     } = held;
     let to_u64 = |n: i64| u64::try_from(n).unwrap_or(0);
@@ -903,8 +940,8 @@ pub(crate) async fn bulk(
     // say what became of them).
     let records = to_u64(subscribers + deliveries + billing);
     let progress = BulkJobProgress {
-        subjects_done: to_u64(subscribers),
-        subjects_total: to_u64(subscribers),
+        subjects_done: to_u64(subjects),
+        subjects_total: to_u64(subjects),
         records_done: records,
         records_total: records,
         erased: Vec::new(),
@@ -981,4 +1018,122 @@ pub(crate) async fn bulk(
             },
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use dsrelay_runtime::store::{now_ms, Db};
+
+    use super::*;
+    use crate::retention::BillingKind;
+    use crate::store::Store;
+
+    const GLOBEX: &str = "globex";
+    const PEKKA: &str = "pekka.nieminen@example.fi";
+
+    /// A fresh database on the test PostgreSQL server (the server's URL, the database's
+    /// name and URL), or `None` without one.
+    async fn fresh_postgres_database() -> Option<(String, String, String)> {
+        let server = std::env::var("DSRELAY_TEST_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty())?;
+        let name = format!("adapter_subjects_{}", now_ms());
+        let db = Db::connect(&server).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        db.pool.close().await;
+        let (base, _) = server.rsplit_once('/').expect("server url has a path");
+        let query = (server.split_once('?'))
+            .map(|(_, q)| format!("?{q}"))
+            .unwrap_or_default();
+        let url = format!("{base}/{name}{query}");
+        Some((server, name, url))
+    }
+
+    fn bulk(job_id: &str, operation: BulkOperation) -> ExecuteBulkRequest {
+        ExecuteBulkRequest {
+            job_id: job_id.into(),
+            request_id: job_id.split('#').next().unwrap().into(),
+            controller: GLOBEX.into(),
+            operation: operation as i32,
+            ..Default::default()
+        }
+    }
+
+    fn counts(r: &ExecuteBulkResponse) -> (u64, u64, u64, u64) {
+        let p = r.progress.clone().expect("progress");
+        (
+            p.subjects_done,
+            p.subjects_total,
+            p.records_done,
+            p.records_total,
+        )
+    }
+
+    /// A contract end's erasure keeps two billing records of one subscriber, detached from
+    /// him. A second contract end with the controller then reported 0 subjects of unknown
+    /// beside the 2 records it knew, as only subscribers counted as subjects. The kept
+    /// records' buyer now counts as one: 1 of 1 subjects, in the export and in the erasure.
+    async fn kept_billing_records_count_as_their_buyers_subjects(url: &str) {
+        let store = Store::open(url).await.unwrap();
+        store
+            .add_subscriber(GLOBEX, PEKKA, "Pekka N.")
+            .await
+            .unwrap();
+        let other = "maija.m@example.fi";
+        store
+            .add_subscriber(GLOBEX, other, "Maija M.")
+            .await
+            .unwrap();
+        let now = now_ms();
+        for kind in [BillingKind::Invoice, BillingKind::OssSale] {
+            (store.add_billing_record(PEKKA, kind, "INV-1", 990, now))
+                .await
+                .unwrap();
+        }
+        let caller = "processor";
+        let first = store
+            .execute_bulk(caller, &bulk("ce-1", BulkOperation::Erase), now)
+            .await
+            .unwrap();
+        assert_eq!(first.outcome, ExecuteOutcome::Retained as i32, "{first:?}");
+        assert_eq!(counts(&first), (2, 2, 4, 4));
+
+        let export = store
+            .execute_bulk(caller, &bulk("ce-2", BulkOperation::Export), now)
+            .await
+            .unwrap();
+        assert_eq!(counts(&export), (1, 1, 2, 2));
+        let erase = ExecuteBulkRequest {
+            returned: export.progress.clone(),
+            ..bulk("ce-2#erase", BulkOperation::Erase)
+        };
+        let erased = store.execute_bulk(caller, &erase, now).await.unwrap();
+        assert_eq!(
+            erased.outcome,
+            ExecuteOutcome::Retained as i32,
+            "{erased:?}"
+        );
+        assert_eq!(counts(&erased), (1, 1, 2, 2));
+    }
+
+    #[tokio::test]
+    async fn kept_billing_records_count_as_their_buyers_subjects_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/newsletter.db", dir.path().display());
+        kept_billing_records_count_as_their_buyers_subjects(&url).await;
+    }
+
+    #[tokio::test]
+    async fn kept_billing_records_count_as_their_buyers_subjects_on_postgres() {
+        let Some((server, name, url)) = fresh_postgres_database().await else {
+            return;
+        };
+        kept_billing_records_count_as_their_buyers_subjects(&url).await;
+        let db = Db::connect(&server).await.unwrap();
+        let drop = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+        sqlx::query(&drop).execute(&db.pool).await.unwrap();
+    }
 }

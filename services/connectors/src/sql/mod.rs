@@ -209,11 +209,15 @@
 //!   contract with DELETE. Limits: a row
 //!   changed, not added, after the export keeps its key and is erased in its new form; a
 //!   row whose key is NULL (SQLite allows one in a primary key other than INTEGER PRIMARY
-//!   KEY) is never recorded, so it stops the erasure as an arrival; a key used again makes
+//!   KEY; PostgreSQL never) is keyed by its `rowid`, so that it is recorded and erased as
+//!   any returned row (only where declared columns named `rowid`, `oid` and `_rowid_`
+//!   hide the row id is such a row never recorded, and then it stops every erasure after a
+//!   return as an arrival); a key used again makes
 //!   a new row read as the returned one it replaced, which is then erased unreturned
 //!   (SQLite's INTEGER PRIMARY KEY without AUTOINCREMENT after the highest row was deleted,
 //!   a natural key given again, a `rowid` or `ctid` freed and reused, VACUUM renumbering
-//!   the `rowid`s of a table without an INTEGER PRIMARY KEY); an update gives a row keyed
+//!   the `rowid`s of a table without an INTEGER PRIMARY KEY, which the rows whose key is
+//!   NULL are keyed by); an update gives a row keyed
 //!   by `ctid` a new key, so it reads as an arrival; a table's `ON DELETE CASCADE` onto
 //!   itself is not followed, so the rows it takes are erased even if unrecorded, and their
 //!   keys stay (a cascade onto rows the rules keep is refused when the connector

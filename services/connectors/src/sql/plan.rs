@@ -126,7 +126,7 @@ impl Scope<'_> {
     /// which an update changes: the table has no primary key. A primary key and SQLite's
     /// `rowid` stay when a row is updated.
     fn key_moves(&self, table: &str) -> bool {
-        let ctid = super::schema::row_key(Backend::Postgres, table, &[], true);
+        let ctid = super::schema::row_key(Backend::Postgres, table, &[], true, None);
         self.row_key(table)
             .is_some_and(|k| Some(k) == ctid.as_deref())
     }
@@ -987,8 +987,8 @@ pub(super) fn plan_record_marker(returned: ReturnedKeys<'_>) -> Statement {
 /// Records under `returned` the row keys ([`ColumnTypes::row_key`]) of the rows of `rule`
 /// that [`plan_export`] reads for `scope`, as a contract end's export does in the
 /// transaction of its reads; `None` when no identity applies to the table or its row key is
-/// unknown. A row whose key is NULL (SQLite allows one in a primary key that is not an
-/// INTEGER PRIMARY KEY) cannot be told apart, so it is not recorded.
+/// unknown. A row whose key is NULL (SQLite keys such a row by its row id, where no column
+/// hides it) cannot be told apart, so it is not recorded.
 pub(super) fn plan_record_returned(
     config: &SqlConnectorConfig,
     rule: &TableRule,

@@ -320,7 +320,8 @@ impl ColumnTypes {
     /// that tells the row apart from the table's others, computed in the holder's database
     /// the same way when a contract end's export records what it returned and when the
     /// erasure after it looks a row up. On SQLite each primary key column's `quote()`, which
-    /// tags its type and escapes it (1, '1' and X'31' read apart), joined by `,`; on
+    /// tags its type and escapes it (1, '1' and X'31' read apart), joined by `,`, or for a
+    /// row whose key is NULL (which SQLite allows) `rowid ` and its row id; on
     /// PostgreSQL one column cast to text, or for a key of several columns each one's text
     /// preceded by its length and `:` (a NULL as `-`), compared bytewise (`COLLATE "C"`, as
     /// the table of the keys stores it). A table without a primary key has SQLite's
@@ -386,7 +387,13 @@ pub(super) async fn check_columns(
         );
         let key = primary_key(db, table).await?;
         let addressed = key.is_empty() && has_row_address(db, table).await?;
-        if let Some(k) = row_key(db.backend, table, &key, addressed) {
+        let rowid = match db.backend {
+            Backend::Sqlite if null_key_possible(&key, &present) => {
+                sqlite_rowid(db, table, &present).await
+            }
+            _ => None,
+        };
+        if let Some(k) = row_key(db.backend, table, &key, addressed, rowid) {
             types.2.insert(table.to_string(), k);
         }
         for (at, what, column) in named {
@@ -631,13 +638,39 @@ async fn has_row_address(db: &Db, table: &str) -> anyhow::Result<bool> {
     Ok(found > 0)
 }
 
+/// Whether a column of the primary key `key` is not declared NOT NULL, so that on SQLite a
+/// row's key may be NULL (in any primary key but an INTEGER PRIMARY KEY, which this also
+/// answers true for, and a WITHOUT ROWID table's). PostgreSQL's are always NOT NULL.
+fn null_key_possible(key: &[String], present: &[Present]) -> bool {
+    (key.iter()).any(|k| present.iter().any(|p| p.name == *k && p.notnull == 0))
+}
+
+/// The name by which SQLite's `table`, whose declared columns are `present`, gives its row
+/// id: the first of `rowid`, `oid` and `_rowid_` that is no declared column (which would
+/// hide it) and that the table has (a WITHOUT ROWID table has none); `None` without one.
+async fn sqlite_rowid(db: &Db, table: &str, present: &[Present]) -> Option<&'static str> {
+    for alias in SQLITE_ROWID {
+        if present.iter().any(|p| p.name.eq_ignore_ascii_case(alias)) {
+            continue;
+        }
+        let probe = format!("SELECT {t}.{alias} FROM {t} WHERE 1 = 0", t = quote(table));
+        if sqlx::query(&probe).execute(&db.pool).await.is_ok() {
+            return Some(alias);
+        }
+    }
+    None
+}
+
 /// The row key of `table` ([`ColumnTypes::row_key`]) whose primary key is `key`; without
-/// one, its `rowid` or `ctid` when it has one (`addressed`), else `None`.
+/// one, its `rowid` or `ctid` when it has one (`addressed`), else `None`. On SQLite,
+/// `rowid` names the table's row id (see [`sqlite_rowid`]) when a key column may hold NULL:
+/// a row whose key is NULL is keyed by its row id instead.
 pub(super) fn row_key(
     backend: Backend,
     table: &str,
     key: &[String],
     addressed: bool,
+    rowid: Option<&str>,
 ) -> Option<String> {
     let t = quote(table);
     let expr = match (backend, key) {
@@ -646,15 +679,24 @@ pub(super) fn row_key(
         (Backend::Postgres, []) => format!("CAST({t}.ctid AS TEXT)"),
         // quote() is self-delimiting (a number, X'..' or a '..' string whose quotes are
         // doubled), so the joined texts of two keys read alike only when their values do. A
-        // NULL makes the key NULL: such a row is never recorded, so it reads as an arrival.
-        (Backend::Sqlite, columns) => columns
-            .iter()
-            .map(|c| {
-                let v = format!("{t}.{}", quote(c));
-                format!("(CASE WHEN {v} IS NOT NULL THEN quote({v}) END)")
-            })
-            .collect::<Vec<_>>()
-            .join(" || ',' || "),
+        // NULL makes the key NULL, which no row could be recorded by: such a row would read
+        // as an arrival to every erasure after a return, each new export leaving it out
+        // again. Its row id stands in where the table has one (a WITHOUT ROWID table's key
+        // is never NULL), after a prefix no quote() text begins with.
+        (Backend::Sqlite, columns) => {
+            let key = columns
+                .iter()
+                .map(|c| {
+                    let v = format!("{t}.{}", quote(c));
+                    format!("(CASE WHEN {v} IS NOT NULL THEN quote({v}) END)")
+                })
+                .collect::<Vec<_>>()
+                .join(" || ',' || ");
+            match rowid {
+                Some(r) => format!("COALESCE({key}, 'rowid ' || CAST({t}.{r} AS TEXT))"),
+                None => key,
+            }
+        }
         (Backend::Postgres, [column]) => format!("CAST({t}.{} AS TEXT)", quote(column)),
         (Backend::Postgres, columns) => columns
             .iter()

@@ -4513,6 +4513,7 @@ on_both_backends!(
     bulk_erasure_after_a_return_leaves_rows_that_arrive_while_it_runs,
     bulk_erasure_after_a_return_without_arrivals_erases_as_before,
     bulk_erasure_after_a_return_tells_rows_apart_without_a_single_column_key,
+    bulk_erasure_after_a_return_takes_a_returned_row_whose_key_is_null,
     bulk_erasure_after_an_export_that_recorded_nothing_checks_totals,
     bulk_erasure_after_a_return_called_again_after_its_end_stays_bounded,
     bulk_erasure_after_a_return_takes_the_parents_of_children_it_anonymized,
@@ -6138,6 +6139,65 @@ async fn bulk_erasure_after_a_return_tells_rows_apart_without_a_single_column_ke
     assert_eq!(count(&db, &format!("{C} FROM tags")).await, 0);
 }
 
+/// A row whose primary key is NULL (SQLite's `id BIGINT PRIMARY KEY` takes one) was never
+/// recorded, so every erasure after a return refused it as an arrival, and the remedy it
+/// named, ending the contract again with RETURN_THEN_DELETE, returned it and was refused
+/// alike, for good. SQLite's rowid now stands in for such a key: a returned one is erased,
+/// and one added after the export is refused as an arrival apart from it. PostgreSQL refuses
+/// a NULL in a primary key; a nullable `id` there belongs to a table without one, keyed by
+/// `ctid`, whose rows a NULL in `id` does not hide.
+async fn bulk_erasure_after_a_return_takes_a_returned_row_whose_key_is_null(url: String) {
+    let (mut connector, db) = sample(&url).await;
+    let insert = |name: &str| {
+        format!(
+            "INSERT INTO contacts (id, customer_id, name, email) \
+             VALUES (NULL, 1, '{name}', 'new@example.fi')"
+        )
+    };
+    if !url.starts_with("sqlite:") {
+        let refused = sqlx::query(&insert("New Contact")).execute(&db.pool).await;
+        assert!(refused.is_err(), "{refused:?}");
+        exec(&db, "ALTER TABLE contacts DROP CONSTRAINT contacts_pkey").await;
+        exec(&db, "ALTER TABLE contacts ALTER COLUMN id DROP NOT NULL").await;
+        connector = SqlConnector::connect(sample_config(&url)).await.unwrap();
+    }
+    exec(&db, &insert("New Contact")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let returned = export_for_return(&connector, dir.path()).await;
+    assert_eq!(
+        recorded_keys(&connector, &db).await,
+        i64::try_from(returned.records_done).unwrap()
+    );
+
+    exec(&db, &insert("Later Contact")).await;
+    let before = dump(&db, "1 = 1").await;
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
+    let err = crate::Connector::run_bulk(&connector, &job)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(
+            ": 1 record(s) (0 subject(s)) of controller acme are not among the rows the \
+             contract end's export returned (added, or updated in a table keyed by ctid, or \
+             renumbered) (contacts: 1); nothing was erased there"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        dump(&db, "1 = 1").await,
+        before,
+        "erased despite the refusal"
+    );
+
+    // The remedy the refusal names: the contract ended again with RETURN_THEN_DELETE.
+    let returned = export_for_return(&connector, dir.path()).await;
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
+    let out = crate::Connector::run_bulk(&connector, &job).await;
+    assert!(matches!(out, Ok(Outcome::Retained { .. })), "{out:?}");
+    assert_eq!(count(&db, &format!("{C} FROM contacts")).await, 0);
+    assert_eq!(recorded_keys(&connector, &db).await, held_rows(&db).await);
+}
+
 /// An export that recorded no keys (one from before they were recorded) leaves the erasure
 /// after it the check of totals: more than was returned is refused, and an arrival offset
 /// by a deletion passes and is erased.
@@ -6508,6 +6568,67 @@ async fn bulk_erasure_after_a_return_tells_sqlite_key_types_apart() {
         "{err}"
     );
     assert_eq!(count(&db, &format!("{C} FROM tokens")).await, 3);
+}
+
+/// A SQLite key that may be NULL is stood in for by the table's row id under a name no
+/// declared column hides: in a table with a column named `rowid`, by `oid`, so that a row
+/// added after the export whose `rowid` column reads like a returned row's is refused, not
+/// erased unreturned. A WITHOUT ROWID table, whose key is never NULL, has no row id: its
+/// key is the primary key alone.
+#[tokio::test]
+async fn bulk_erasure_after_a_return_keys_sqlite_null_keys_by_an_unhidden_row_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/accounting.db", dir.path().display());
+    let (_, db) = sample(&url).await;
+    exec(
+        &db,
+        "CREATE TABLE tickets (rowid TEXT, k TEXT PRIMARY KEY, customer_id BIGINT)",
+    )
+    .await;
+    exec(
+        &db,
+        "CREATE TABLE badges (k TEXT PRIMARY KEY, customer_id BIGINT) WITHOUT ROWID",
+    )
+    .await;
+    exec(&db, "INSERT INTO tickets VALUES ('x', NULL, 6)").await;
+    exec(&db, "INSERT INTO badges VALUES ('b', 6)").await;
+    let mut config = sample_config(&url);
+    for table in ["tickets", "badges"] {
+        let mut rule = config.tables[0].clone();
+        rule.table = table.into();
+        rule.match_columns.clear();
+        rule.export = vec!["k".into()];
+        rule.parent.as_mut().unwrap().export_matched_only = false;
+        config.tables.insert(0, rule);
+    }
+    let connector = SqlConnector::connect(config).await.unwrap();
+    let types = &connector.scope("acme").unwrap().types;
+    assert!(types
+        .row_key("tickets")
+        .unwrap()
+        .contains("\"tickets\".oid"));
+    assert!(!types.row_key("badges").unwrap().contains("rowid"));
+    let returned = export_for_return(&connector, dir.path()).await;
+    exec(&db, "INSERT INTO tickets VALUES ('x', NULL, 6)").await;
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
+    let err = crate::Connector::run_bulk(&connector, &job)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "returned (added, or updated in a table keyed by ctid, or \
+             renumbered) (tickets: 1); nothing was erased there"
+        ),
+        "{err}"
+    );
+    assert_eq!(count(&db, &format!("{C} FROM tickets")).await, 2);
+
+    let returned = export_for_return(&connector, dir.path()).await;
+    let job = erase_after_return(Some(returned.clone()), crate::ProgressReporter::new().0);
+    let out = crate::Connector::run_bulk(&connector, &job).await;
+    assert!(matches!(out, Ok(Outcome::Retained { .. })), "{out:?}");
+    assert_eq!(count(&db, &format!("{C} FROM tickets")).await, 0);
+    assert_eq!(count(&db, &format!("{C} FROM badges")).await, 0);
 }
 
 /// Any failure to create the table of what contract ends returned failed the first
