@@ -84,6 +84,8 @@ pub mod text;
 #[cfg(test)]
 mod transfer_cancel_tests;
 #[cfg(test)]
+mod transfer_delivery_tests;
+#[cfg(test)]
 mod upload_cause_tests;
 #[cfg(test)]
 mod upload_test_support;

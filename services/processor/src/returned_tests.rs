@@ -587,8 +587,159 @@ async fn a_return_waiting_from_before_the_upgrade_wakes_at_the_grace_end(
     assert_eq!(next, accepted_at + GRACE_MS);
 }
 
+/// A task that began waiting for the confirmation before this release carries the
+/// contract end's start as its scheduled time and the return's attempts: migration 0026
+/// gives it the grace end (when it is deleted, confirmed or not) and a fresh count, as the
+/// task machine now writes them on entering the phase. Without it, such a return showed the
+/// old start as "scheduled" and its erasure's first failure an attempt past the return's.
+async fn a_return_waiting_from_before_the_upgrade_is_scheduled_for_the_grace_end(
+    database_url: &str,
+    dir: &std::path::Path,
+) {
+    let held = BulkProgress::default();
+    let holder = Holder::new(held, &[Call::Finish]);
+    let choice = ContractEndChoice::ReturnThenDelete;
+    let (_app, shared, accepted_at) = accepted(database_url, dir, holder, choice).await;
+    returned(&shared, accepted_at).await;
+    let pool = &shared.store.db().pool;
+    // As the earlier release left it.
+    sqlx::query("UPDATE tasks SET scheduled_at = $1, attempts = 4 WHERE request_id = 'r-1'")
+        .bind(accepted_at)
+        .execute(pool)
+        .await
+        .expect("as before");
+    let migrations = match shared.store.db().backend {
+        dsrelay_runtime::store::Backend::Sqlite => &crate::store::SQLITE_MIGRATIONS,
+        dsrelay_runtime::store::Backend::Postgres => &crate::store::POSTGRES_MIGRATIONS,
+    };
+    let schedule = (migrations.iter())
+        .find(|m| m.version == 26)
+        .expect("migration 0026");
+    sqlx::raw_sql(&schedule.sql)
+        .execute(pool)
+        .await
+        .expect("0026");
+    let (scheduled_at, attempts): (Option<i64>, i64) = sqlx::query_as(
+        "SELECT scheduled_at, CAST(attempts AS BIGINT) FROM tasks WHERE request_id = 'r-1'",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("task");
+    assert_eq!((scheduled_at, attempts), (Some(accepted_at + GRACE_MS), 0));
+}
+
+/// The erasure after a confirmed return counts its own attempts: its first failure is
+/// attempt 1 (with the first attempt's backoff), its second attempt 2. The return's attempts
+/// (three failed export calls and the one that exported) used to carry over, and the
+/// erasure's first failure read "attempt 5".
+async fn the_erasure_counts_its_attempts_from_one(database_url: &str, dir: &std::path::Path) {
+    use crate::task_machine::{decide, Context, Decision, Destination, Event};
+    let held = BulkProgress {
+        subjects_done: 0,
+        ..RETURNED
+    };
+    let script = [
+        Call::ExportFail,
+        Call::ExportFail,
+        Call::ExportFail,
+        Call::Export,
+        Call::FailBeforeCheck,
+        Call::FailBeforeCheck,
+    ];
+    let holder = Holder::new(held, &script);
+    let choice = ContractEndChoice::ReturnThenDelete;
+    let (_app, shared, accepted_at) = accepted(database_url, dir, holder.clone(), choice).await;
+    for _ in 0..4 {
+        assert_eq!(step(&shared, shared.clock.now_ms() + 10).await, 1);
+        shared.clock.advance(3_600_000);
+    }
+    let task = shared
+        .store
+        .tasks("acme", "r-1")
+        .await
+        .expect("tasks")
+        .remove(0);
+    assert_eq!(
+        (task.phase, task.attempts),
+        (ContractPhase::Returning, 4),
+        "{task:?}"
+    );
+    // As the uploader records the registry's CompletePart: with the task's count.
+    let now = shared.clock.now_ms();
+    let event = Event::Delivered {
+        to: Destination::Registry,
+        files: 0,
+        bytes: 0,
+        receipt: None,
+    };
+    let Decision::Move(t) = decide(&task.current(), event, &Context::at(now)) else {
+        panic!("the delivery moves the task");
+    };
+    (shared.store)
+        .transition(&task.key, task.sequence, &t, now, task.attempts)
+        .await
+        .expect("delivered")
+        .expect("recorded");
+    let task = shared
+        .store
+        .tasks("acme", "r-1")
+        .await
+        .expect("tasks")
+        .remove(0);
+    assert_eq!(
+        (task.phase, task.attempts),
+        (ContractPhase::AwaitingConfirmation, 0),
+        "{task:?}"
+    );
+    (shared.store)
+        .update_contract_end("acme", "r-1", &terms(choice, accepted_at, true), None, now)
+        .await
+        .expect("confirm");
+    for attempt in 1..=2 {
+        assert_eq!(step(&shared, shared.clock.now_ms() + 10).await, 1);
+        let task = shared
+            .store
+            .tasks("acme", "r-1")
+            .await
+            .expect("tasks")
+            .remove(0);
+        assert_eq!(
+            (task.phase, task.attempts),
+            (ContractPhase::Deleting, attempt),
+            "{task:?}"
+        );
+        assert!(
+            task.reason
+                .contains(&format!("attempt {attempt} failed at")),
+            "{}",
+            task.reason
+        );
+        shared.clock.advance(3_600_000);
+    }
+    let payloads: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT payload FROM ack_outbox WHERE request_id = 'r-1' ORDER BY sequence",
+    )
+    .fetch_all(&shared.store.db().pool)
+    .await
+    .expect("acks");
+    let deleting: Vec<u32> = payloads
+        .iter()
+        .map(|p| {
+            <dsrelay_proto::v1::Acknowledgement as dsrelay_proto::prost::Message>::decode(
+                p.as_slice(),
+            )
+            .expect("ack")
+        })
+        .filter(|a| a.progress.map(|p| p.phase()) == Some(ContractPhase::Deleting))
+        .map(|a| a.attempt)
+        .collect();
+    assert_eq!(deleting, [1, 1, 2], "the start, then each failure");
+}
+
 on_both!(
+    the_erasure_counts_its_attempts_from_one,
     a_return_waiting_from_before_the_upgrade_wakes_at_the_grace_end,
+    a_return_waiting_from_before_the_upgrade_is_scheduled_for_the_grace_end,
     an_unconfirmed_return_is_deleted_at_the_grace_end,
     checked_until_a_call_passed,
     counts_from_before_the_check_are_not_recorded,

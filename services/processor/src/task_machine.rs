@@ -32,6 +32,11 @@
 //!   ([`worth_acknowledging`]) and on any attempt whose cause differs from the last one
 //!   acknowledged ([`same_cause`]), only retried in between; past the due date → FAILED
 //!   with the last reason
+//! - a later attempt got through ([`Event::DeliveryUnderWay`]: the destination took a file of
+//!   it whole, or the attempt resumes a file the destination holds part of) → the failure's
+//!   note replaced, once per attempt, by one saying the delivery is under way (which
+//!   attempt, since when, which file from which byte, to whom), acknowledged; nothing
+//!   without a failure's note to replace, or on a task marked cancelled
 //! - COMPLETED, NOT_FOUND → final and confirmed; RETAINED → sleeps until its date (the
 //!   holder's next release, not the end of all retention), then runs again to erase what was
 //!   released, RETAINED again with the next date while anything is kept; after a retention
@@ -79,7 +84,9 @@
 //! - the export written → stays IN_PROGRESS (RETURNING) and queues its delivery: to the
 //!   registry as the task's part of the package, or to the transfer recipient the terms name;
 //!   the registry holds the part, or the recipient's receipt matched → IN_PROGRESS
-//!   AWAITING_CONFIRMATION (with the receipt), never COMPLETED: the data is still there
+//!   AWAITING_CONFIRMATION (with the receipt), never COMPLETED: the data is still there.
+//!   The uploader schedules it for the end of the grace period, its note naming what the
+//!   controller does next ([`awaiting_confirmation`])
 //! - AWAITING_CONFIRMATION sleeps until the controller confirms receipt; then → DELETING.
 //!   No confirmation by the end of the grace period → DELETING then, as without a choice,
 //!   the note saying no confirmation came
@@ -94,7 +101,8 @@
 //!   whole step's counts ([`step_counts`]): done from what was recorded on, the total the one
 //!   counted when the deletion began, unknown (0) when an earlier call erased uncounted
 //! - new terms ([`Event::TermsChanged`]): a SCHEDULED task is rescheduled to the new start
-//!   (at once when it has passed); a confirmed return releases AWAITING_CONFIRMATION
+//!   (at once when it has passed); a confirmed return releases AWAITING_CONFIRMATION; an
+//!   unconfirmed one waits until the new grace end, scheduled for it
 //! - cancelled: tasks not yet deleting are CANCELLED, keeping their counts (an export
 //!   written, not delivered, still counts what it exported); once deleting, the erasure
 //!   reports what it did (never "cancelled" over work that was done). A return a sender holds
@@ -242,8 +250,10 @@ pub(crate) fn phase_of(op: BulkOp) -> ContractPhase {
 }
 
 /// The wire form of a task's recorded progress, the task being in `state`; `scheduled_at`
-/// only while it is SCHEDULED and has not ended: a task cancelled (or failed, or refused)
-/// before it started keeps the phase and the date in its row, and nothing starts then.
+/// only while it is SCHEDULED (when it starts) or AWAITING_CONFIRMATION (the end of the
+/// grace period, when the data is deleted, confirmed or not: [`awaiting_confirmation`]) and
+/// has not ended: a task cancelled (or failed, or refused) before then keeps the phase and
+/// the date in its row, and nothing happens at it.
 pub(crate) fn progress_proto(
     phase: ContractPhase,
     p: &BulkProgress,
@@ -257,7 +267,12 @@ pub(crate) fn progress_proto(
         records_done: p.records_done,
         records_total: p.records_total,
         scheduled_at: scheduled_at
-            .filter(|_| phase == ContractPhase::Scheduled && !is_final(state))
+            .filter(|_| {
+                matches!(
+                    phase,
+                    ContractPhase::Scheduled | ContractPhase::AwaitingConfirmation
+                ) && !is_final(state)
+            })
             .map(dsrelay_proto::timestamp_from_millis),
     }
 }
@@ -514,6 +529,24 @@ pub(crate) enum Event<'a> {
         /// Why.
         reason: &'a str,
     },
+    /// An attempt after a failed one got through to the destination: it took a file of the
+    /// attempt whole, or it holds part of one and the attempt resumes it.
+    DeliveryUnderWay {
+        /// Where it goes.
+        to: Destination<'a>,
+        /// Files in the export.
+        files: usize,
+        /// Their bytes.
+        bytes: u64,
+        /// Delivery attempts so far, this one included.
+        attempt: i64,
+        /// When the attempt began (ms).
+        since: i64,
+        /// The file that got through.
+        file: &'a str,
+        /// The byte the attempt sends it from: what the destination held of it before.
+        from: u64,
+    },
     /// One attempt to deliver the export failed in a way that may pass (the destination
     /// down or presenting another identity, a refused chunk, a receipt that does not match).
     DeliveryFailed {
@@ -706,9 +739,10 @@ fn exporting(task: &Current<'_>, event: &Event<'_>) -> bool {
         Event::Cancel { exports, .. }
         | Event::OperatorRefuse { exports, .. }
         | Event::OperatorComplete { exports, .. } => *exports,
-        Event::Delivered { .. } | Event::Undeliverable { .. } | Event::DeliveryFailed { .. } => {
-            return false
-        }
+        Event::Delivered { .. }
+        | Event::Undeliverable { .. }
+        | Event::DeliveryFailed { .. }
+        | Event::DeliveryUnderWay { .. } => return false,
         Event::HolderDown { .. }
         | Event::ContractClaimed { .. }
         | Event::TermsChanged { .. }
@@ -897,6 +931,44 @@ fn decide_event(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision
             task.state.as_str_name().trim_start_matches("TASK_STATE_")
         )),
         Event::OperatorRetry { note, by } => operator_retry(task, note, by),
+        // Only the note of an earlier attempt's failure (the reason recorded: nothing else
+        // sets one while an export is on its way) is replaced, so an attempt that got through
+        // is told once, not per chunk; a task marked cancelled keeps its mark's reason.
+        Event::DeliveryUnderWay { .. }
+            if task.state != InProgress || task.cancel_requested || task.reason.is_empty() =>
+        {
+            Decision::Ignore
+        }
+        Event::DeliveryUnderWay {
+            to,
+            files,
+            bytes,
+            attempt,
+            since,
+            file,
+            from,
+        } => {
+            let how = match from {
+                0 => format!("{to} took {file} whole"),
+                _ => format!("resuming {file} from byte {from}, which {to} holds"),
+            };
+            let note = format!(
+                "sending {files} file(s) ({}) to {to}: attempt {attempt} under way since {}, \
+                 {how}",
+                size_label(bytes),
+                date_label(since)
+            );
+            Decision::Move(Transition {
+                state: InProgress,
+                records_affected: task.records_affected,
+                confirmed: true,
+                // Also the reason, which held the failure: the registry shows reasons.
+                reason: note.clone(),
+                note,
+                next_attempt_at: Some(NEVER),
+                ..Default::default()
+            })
+        }
         // Only a task still waiting for its delivery moves; a cancelled one stays cancelled.
         Event::Delivered { .. } | Event::Undeliverable { .. } | Event::DeliveryFailed { .. }
             if task.state != InProgress =>
@@ -1070,6 +1142,54 @@ fn decide_event(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision
                 ..Default::default()
             })
         }
+    }
+}
+
+/// `t`, a contract end's delivered return that waits for the controller's confirmation
+/// ([`Event::Delivered`] in RETURNING), scheduled for `grace_ends_at`: the claim then deletes
+/// the data whether the return was confirmed or not, and the wait shows that time as other
+/// phases show theirs ([`progress_proto`]). Its note (and reason) also names what the
+/// controller does next for contract end `request_id`: download the package and confirm it
+/// with its folder, or, returned to a transfer recipient (`to`), confirm once the receipts
+/// are in. Any other transition is answered as it is. The uploader, which holds the terms,
+/// applies it: the event carries none.
+pub(crate) fn awaiting_confirmation(
+    t: Transition,
+    request_id: &str,
+    to: Destination<'_>,
+    grace_ends_at: i64,
+) -> Transition {
+    let Some(step) = t
+        .contract
+        .as_ref()
+        .filter(|c| c.phase == ContractPhase::AwaitingConfirmation)
+    else {
+        return t;
+    };
+    let next = match to {
+        Destination::Registry => format!(
+            "the controller downloads the package (dsrctl download {request_id} --out DIR) \
+             and confirms it (dsrctl contracts confirm {request_id} --package DIR)"
+        ),
+        Destination::Recipient(_) => format!(
+            "the controller confirms receipt once every part's receipt is in (dsrctl \
+             contracts confirm {request_id})"
+        ),
+    };
+    let note = format!(
+        "{}; {next}; the data is deleted at the end of the grace period ({}), confirmed or not",
+        t.note,
+        date_label(grace_ends_at)
+    );
+    let contract = Some(ContractStep {
+        scheduled_at: Some(grace_ends_at),
+        ..step.clone()
+    });
+    Transition {
+        reason: note.clone(),
+        note,
+        contract,
+        ..t
     }
 }
 
@@ -2168,6 +2288,30 @@ fn terms_changed(
                 at: ctx.now,
                 error: None,
             }
+        }
+        // A new grace end moves the deletion the wait ends in, and the time it shows.
+        (TaskState::InProgress, ContractPhase::AwaitingConfirmation)
+            if scheduled_at != Some(terms.grace_ends_at) =>
+        {
+            let note = format!(
+                "waiting for the controller's confirmation of receipt of the returned data; \
+                 the grace period now ends {}: the data is deleted then, confirmed or not",
+                date_label(terms.grace_ends_at)
+            );
+            Decision::Move(Transition {
+                state: TaskState::InProgress,
+                records_affected: task.records_affected,
+                confirmed: true,
+                reason: note.clone(),
+                note,
+                next_attempt_at: Some(terms.grace_ends_at),
+                contract: Some(ContractStep {
+                    phase: ContractPhase::AwaitingConfirmation,
+                    progress: None,
+                    scheduled_at: Some(terms.grace_ends_at),
+                }),
+                ..Default::default()
+            })
         }
         _ => Decision::Ignore,
     }
@@ -3981,6 +4125,98 @@ mod tests {
         assert!(!t.upload && t.erased.counts.is_empty());
     }
 
+    /// A delivered return waits for the confirmation until the grace end, when it is deleted
+    /// confirmed or not: that is its scheduled time, and its note says what the controller
+    /// does next. Before, AWAITING_CONFIRMATION showed no time ("-") and the note named no
+    /// command.
+    #[test]
+    fn a_return_awaiting_confirmation_is_scheduled_for_the_grace_end() {
+        let returning = contract_task(InProgress, ContractPhase::Returning);
+        let delivered = |to| {
+            let event = Event::Delivered {
+                to,
+                files: 2,
+                bytes: 300,
+                receipt: None,
+            };
+            awaiting_confirmation(moved(decide(&returning, event, &ctx())), "c-1", to, GRACE)
+        };
+        let t = delivered(Destination::Registry);
+        let step = t.contract.clone().expect("a phase");
+        assert_eq!(
+            (step.phase, step.scheduled_at),
+            (ContractPhase::AwaitingConfirmation, Some(GRACE))
+        );
+        let grace = date_label(GRACE);
+        assert!(
+            t.note.ends_with(&format!(
+                "; the controller downloads the package (dsrctl download c-1 --out DIR) and \
+                 confirms it (dsrctl contracts confirm c-1 --package DIR); the data is deleted \
+                 at the end of the grace period ({grace}), confirmed or not"
+            )),
+            "{}",
+            t.note
+        );
+        assert_eq!(t.reason, t.note);
+        let p = progress_proto(
+            step.phase,
+            &BulkProgress::default(),
+            step.scheduled_at,
+            t.state,
+        );
+        assert_eq!(
+            p.scheduled_at,
+            Some(dsrelay_proto::timestamp_from_millis(GRACE))
+        );
+        let t = delivered(Destination::Recipient("successor"));
+        assert!(
+            t.note.contains(
+                "; the controller confirms receipt once every part's receipt is in (dsrctl \
+                 contracts confirm c-1); the data is deleted at the end of the grace period"
+            ),
+            "{}",
+            t.note
+        );
+        // Any other transition is left as it is.
+        let failed = failed("no".into());
+        assert_eq!(
+            awaiting_confirmation(failed.clone(), "c-1", Destination::Registry, GRACE),
+            failed
+        );
+    }
+
+    /// A grace end moved while a return waits for its confirmation moves the deletion and the
+    /// scheduled time with it; the same grace end again changes nothing. Before, the wait
+    /// slept until the old grace end, past a shortened one.
+    #[test]
+    fn a_new_grace_end_reschedules_a_return_awaiting_confirmation() {
+        let waiting = contract_task(InProgress, ContractPhase::AwaitingConfirmation);
+        let terms = Terms {
+            choice: ContractEndChoice::ReturnThenDelete,
+            effective_at: EFFECTIVE,
+            grace_ends_at: GRACE - 1_000,
+            return_confirmed: false,
+        };
+        let changed = |scheduled_at| Event::TermsChanged {
+            terms: &terms,
+            scheduled_at,
+        };
+        let t = moved(decide(&waiting, changed(Some(GRACE)), &ctx()));
+        assert_eq!(t.next_attempt_at, Some(GRACE - 1_000));
+        let step = t.contract.expect("a phase");
+        assert_eq!(
+            (step.phase, step.scheduled_at),
+            (ContractPhase::AwaitingConfirmation, Some(GRACE - 1_000))
+        );
+        assert!(
+            t.reason.contains("the grace period now ends"),
+            "{}",
+            t.reason
+        );
+        let same = decide(&waiting, changed(Some(GRACE - 1_000)), &ctx());
+        assert_eq!(same, Decision::Ignore);
+    }
+
     /// A contract end's return on its way to its transfer recipient is only marked: the part
     /// may be closed before the sender sees the mark. Cancelled outright, a receipt that came
     /// back was dropped and nothing said the recipient held the data.
@@ -4726,6 +4962,11 @@ mod tests {
             start(ContractPhase::Deleting, InProgress).scheduled_at,
             None
         );
+        // Waiting for the confirmation, the data is deleted at the grace end.
+        let p = start(ContractPhase::AwaitingConfirmation, InProgress);
+        assert_eq!(p.scheduled_at, at.map(dsrelay_proto::timestamp_from_millis));
+        let p = start(ContractPhase::AwaitingConfirmation, Cancelled);
+        assert_eq!(p.scheduled_at, None);
     }
 
     #[test]

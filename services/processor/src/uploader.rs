@@ -4,14 +4,16 @@
 //! TLS, checking that the recipient presents the identity the registry gave). Both take the
 //! same steps through [`Sink`]: ask where each file stands and resume there, send the rest
 //! with each chunk's checksum, close the part. A recipient answers a receipt, which must match
-//! the part the processor sent (canonical manifest digest, bytes, files) and name the
-//! recipient it was sent to before the task may complete. Then the task moves to COMPLETED
+//! the part the processor sent (canonical manifest digest, bytes, files), name the
+//! recipient it was sent to, and name no sender but this processor's certificate identity
+//! (an empty sender is taken) before the task may complete. Then the task moves to COMPLETED
 //! through the task machine, so the acknowledgement carries it (and the receipt), and the
 //! export's files are deleted from the data folder: they were kept only until delivered. A
 //! contract end's return goes to the registry the same way as the task's part of the
 //! package, or, when its terms name a transfer recipient, to that recipient as for a
 //! TRANSFER; the task then waits for the controller's confirmation (with the receipt)
-//! instead of completing, since the data is still at the holder.
+//! instead of completing, since the data is still at the holder, scheduled for the end of the
+//! grace period, when the data is deleted confirmed or not.
 //!
 //! A return of data's files (and a contract end's returned to the registry) usually reach
 //! the registry before this worker sees them: the runner streams them while the connector
@@ -21,7 +23,9 @@
 //! A failed attempt (destination down, wrong identity, a refused chunk or receipt, a
 //! FAILED_PRECONDITION) leaves the task IN_PROGRESS with a note saying what is missing, and
 //! is tried again after the backoff until the request's due date; then the task fails with
-//! the last reason. An export that no longer matches what the connector wrote (a file
+//! the last reason. A later attempt that gets through (the destination takes one of its
+//! files whole, or holds part of one the attempt resumes) replaces that note, once per
+//! attempt, with one saying the delivery is under way, acknowledged like the others. An export that no longer matches what the connector wrote (a file
 //! vanished or changed), or that the destination refuses for good, fails the task at once.
 //! Files are read in chunks, never whole.
 //!
@@ -75,7 +79,8 @@ use crate::store::{
     Delivered, NextAttempt, TaskKey, TaskRow, UploadClaim, UploadFinish, UploadJob,
 };
 use crate::task_machine::{
-    decide, delivery_retry_at, Context, Decision, Destination, Event, Transition,
+    awaiting_confirmation, decide, delivery_retry_at, Context, Decision, Destination, Event,
+    Transition,
 };
 
 /// Bytes of a file in one message: the most the registry and the recipient take.
@@ -332,7 +337,22 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
         // for it): nothing more is sent.
         return cancelled(shared, job, &task, to).await;
     }
-    match send_export(shared, job, &sink).await {
+    let under_way = UnderWay {
+        said: AtomicBool::new(false),
+        since: shared.clock.now_ms(),
+    };
+    let sent = send_export(shared, job, &sink, &under_way).await;
+    // The note of this attempt under way moved the task: a failure is decided on the task as
+    // it stands, or its note would be written on a sequence gone and the stale one kept.
+    let task = if sent.is_err() && under_way.said.load(Ordering::Relaxed) {
+        match shared.store.task(key).await? {
+            Some(now) => now,
+            None => return retire(shared, job, None, None, 0, 0).await.map(drop),
+        }
+    } else {
+        task
+    };
+    match sent {
         Ok(receipt) => {
             tracing::info!(files = job.files.len(), %to, "export delivered");
             let delivered = Delivered {
@@ -449,6 +469,14 @@ async fn record_delivery(
     delivered: &Delivered<'_>,
     receipt: Option<TransferReceipt>,
 ) -> anyhow::Result<bool> {
+    // A contract end's return then waits for the confirmation until the grace end.
+    let grace_ends_at = match job.kind {
+        RequestKind::ContractEnd => (shared.store)
+            .contract_terms_and_recipient(&job.key.controller, &job.key.request_id)
+            .await?
+            .map(|(terms, _)| terms.grace_ends_at),
+        _ => None,
+    };
     // A mark comes once, so the second look decides on a marked task; a third covers a
     // move by another uploader in between, after which the upload is decided again later.
     for _ in 0..3 {
@@ -463,7 +491,10 @@ async fn record_delivery(
         };
         let now = shared.clock.now_ms();
         let t = match decide(&task.current(), event, &Context::at(now)) {
-            Decision::Move(t) => Some(t),
+            Decision::Move(t) => Some(match grace_ends_at {
+                Some(at) => awaiting_confirmation(t, &job.key.request_id, to, at),
+                None => t,
+            }),
             _ => None,
         };
         let (t, sequence, attempts) = (t.as_ref(), task.sequence, task.attempts);
@@ -656,12 +687,20 @@ async fn decide_again_later(shared: &Shared, job: &UploadJob, now: i64) -> anyho
         .await
 }
 
+/// Whether an attempt said it got through ([`under_way`]), and when it began (ms).
+struct UnderWay {
+    said: AtomicBool,
+    since: i64,
+}
+
 /// Sends every file of the export the destination does not hold whole yet, then closes the
-/// part; answers the recipient's receipt, checked against the headers sent.
+/// part; answers the recipient's receipt, checked against the headers sent. The first file
+/// that gets through replaces an earlier attempt's failure note ([`under_way`]).
 async fn send_export(
     shared: &Shared,
     job: &UploadJob,
     sink: &Sink<'_>,
+    attempt: &UnderWay,
 ) -> Result<Option<TransferReceipt>, Failure> {
     let key = &job.key;
     let to = sink.destination();
@@ -685,7 +724,7 @@ async fn send_export(
                 f,
                 header,
             };
-            deliver_file(shared, job, sink, file, timeout, &stopped)
+            deliver_file(shared, job, sink, file, timeout, (&stopped, attempt))
         })
         .collect();
     let sending = async {
@@ -726,8 +765,16 @@ async fn send_export(
         .await
         .map_err(|s| refused(to, "closing the part", &s))?;
     if let (Some(r), Sink::Recipient { name, keys, .. }) = (&receipt, sink) {
+        // Read when a receipt comes, not at start: a reloaded certificate is what the
+        // recipient saw on the connection this attempt opened.
+        let own = shared.config.service.tls.own_identity().map_err(|e| {
+            Failure::Retry(Said::ours(format!(
+                "reading the processor's own certificate identity to check the receipt of \
+                 {to}: {e:#}"
+            )))
+        })?;
         // `why` quotes the receipt's fields, the recipient's words.
-        check_receipt(key, name, &headers, r).map_err(|why| {
+        check_receipt(key, name, &own, &headers, r).map_err(|why| {
             Failure::Retry(Said::quoting(
                 format!("the receipt of {to} does not match what was sent"),
                 why,
@@ -833,14 +880,15 @@ struct Outgoing<'a> {
 /// Sends one file of `job`'s export unless the destination holds it whole already (asking
 /// with `timeout`); the caller keeps the upload's lease meanwhile. At a recipient the file
 /// does not start once the task was found cancelled, by this file's look at the store or an
-/// earlier one's (`stopped`).
+/// earlier one's (`stopped`). A file the destination holds part of (resumed), or takes whole
+/// from its start, is the attempt getting through: the first says so ([`under_way`]).
 async fn deliver_file(
     shared: &Shared,
     job: &UploadJob,
     sink: &Sink<'_>,
     file: Outgoing<'_>,
     timeout: Duration,
-    stopped: &AtomicBool,
+    (stopped, attempt): (&AtomicBool, &UnderWay),
 ) -> Result<(), Failure> {
     let Outgoing { dir, f, header } = file;
     if stopped.load(Ordering::Relaxed) {
@@ -860,8 +908,14 @@ async fn deliver_file(
     // A file the destination holds whole was checked there against its SHA-256; the others
     // are checked here as they are read for sending.
     if !state.complete {
+        if state.offset > 0 {
+            under_way(shared, job, sink, attempt, (&f.name, state.offset)).await;
+        }
         let path = dir.join(&f.name);
         send_file(sink, &path, header, state.offset, cfg.stall_ms, timeout).await?;
+        if state.offset == 0 {
+            under_way(shared, job, sink, attempt, (&f.name, 0)).await;
+        }
         shared.metrics.export_sent(
             &job.key.subprocessor,
             false,
@@ -869,6 +923,52 @@ async fn deliver_file(
         );
     }
     Ok(())
+}
+
+/// Replaces the note of an earlier attempt's failure, once per attempt, with one saying this
+/// attempt got through (`file` from byte `from`): a slow destination taking a large export
+/// for minutes otherwise showed the last failure, and when the next attempt would come,
+/// until the part was closed. Decided on the task as it stands, recorded while this claim
+/// holds the upload; a note that cannot be written is logged, and the delivery goes on.
+async fn under_way(
+    shared: &Shared,
+    job: &UploadJob,
+    sink: &Sink<'_>,
+    attempt: &UnderWay,
+    (file, from): (&str, u64),
+) {
+    if attempt.said.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let recorded = async {
+        let Some(task) = shared.store.task(&job.key).await? else {
+            return Ok(None);
+        };
+        let event = Event::DeliveryUnderWay {
+            to: sink.destination(),
+            files: job.files.len(),
+            bytes: job.files.iter().map(|f| f.size).sum(),
+            attempt: job.attempts,
+            since: attempt.since,
+            file,
+            from,
+        };
+        let now = shared.clock.now_ms();
+        let Decision::Move(t) = decide(&task.current(), event, &Context::at(now)) else {
+            return Ok(None);
+        };
+        (shared.store)
+            .upload_under_way(job.claim(), task.sequence, &t, now, task.attempts)
+            .await
+    };
+    match recorded.await {
+        Ok(Some(_)) => shared.ack_wakeup.notify_one(),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(
+            error = format!("{e:#}"),
+            "noting that a delivery got through failed; the earlier failure's note stands"
+        ),
+    }
 }
 
 /// This sender's lease on its upload while the files are sent ([`UploadLease::keep`]).
@@ -955,10 +1055,15 @@ async fn hold_lease(shared: &Shared, job: &UploadJob) -> Result<(), Failure> {
 /// Whether `r` is the receipt for exactly the part `headers` describe, from the recipient it
 /// was sent to: same request and subprocessor, naming `recipient` (the registry's
 /// `[[recipients]]` name, which the controller is shown as the one holding the data), the
-/// canonical manifest digest computed here, and the same bytes and files.
+/// canonical manifest digest computed here, and the same bytes and files. A receipt naming
+/// a sender must name `sender`, this processor's certificate identity: subprocessor names
+/// are unique only within a processor, and the registry refuses an acknowledgement whose
+/// receipt names another. An empty sender (a recipient written before senders were named)
+/// is taken.
 fn check_receipt(
     key: &TaskKey,
     recipient: &str,
+    sender: &str,
     headers: &[ExportFileHeader],
     r: &TransferReceipt,
 ) -> Result<(), String> {
@@ -976,6 +1081,12 @@ fn check_receipt(
         wrong.push(format!(
             "it names recipient {:?}, sent to {recipient:?}",
             r.recipient
+        ));
+    }
+    if !r.sender.is_empty() && r.sender != sender {
+        wrong.push(format!(
+            "it names sender {:?}, sent by {sender:?}",
+            r.sender
         ));
     }
     if r.manifest_sha256 != manifest {
@@ -1240,6 +1351,9 @@ fn refused(to: Destination<'_>, doing: &str, s: &tonic::Status) -> Failure {
 mod tests {
     use super::*;
 
+    /// The sending processor's certificate identity.
+    const ME: &str = "spiffe://example.org/processor/payroll-bureau";
+
     fn key() -> TaskKey {
         TaskKey {
             controller: "controller".into(),
@@ -1281,10 +1395,10 @@ mod tests {
     #[test]
     fn only_the_receipt_for_exactly_the_files_sent_is_accepted() {
         let to = "new-bookkeeper";
-        assert_eq!(check_receipt(&key(), to, &sent(), &receipt()), Ok(()));
+        assert_eq!(check_receipt(&key(), to, ME, &sent(), &receipt()), Ok(()));
         // A receipt over other files (one left out here) is not proof of this part.
         let fewer = &sent()[..1];
-        let why = check_receipt(&key(), to, fewer, &receipt()).unwrap_err();
+        let why = check_receipt(&key(), to, ME, fewer, &receipt()).unwrap_err();
         assert!(why.contains("manifest SHA-256"), "{why}");
         assert!(why.contains("30 bytes, expected 10"), "{why}");
         assert!(why.contains("2 file(s), expected 1"), "{why}");
@@ -1292,7 +1406,7 @@ mod tests {
             subprocessor: "newsletter".into(),
             ..receipt()
         };
-        let why = check_receipt(&key(), to, &sent(), &other).unwrap_err();
+        let why = check_receipt(&key(), to, ME, &sent(), &other).unwrap_err();
         assert_eq!(why, "it is for request r1 at newsletter");
     }
 
@@ -1303,10 +1417,41 @@ mod tests {
             recipient: "someone-else entirely".into(),
             ..receipt()
         };
-        let why = check_receipt(&key(), "new-bookkeeper", &sent(), &other).unwrap_err();
+        let why = check_receipt(&key(), "new-bookkeeper", ME, &sent(), &other).unwrap_err();
         assert_eq!(
             why,
             "it names recipient \"someone-else entirely\", sent to \"new-bookkeeper\""
+        );
+    }
+
+    #[test]
+    fn a_receipt_naming_another_sender_is_refused_and_one_naming_none_taken() {
+        // Another processor's receipt for a subprocessor of the same name would pass every
+        // other check; the registry would refuse the acknowledgement carrying it.
+        let other = TransferReceipt {
+            sender: "spiffe://example.org/processor/other-bureau".into(),
+            ..receipt()
+        };
+        let why = check_receipt(&key(), "new-bookkeeper", ME, &sent(), &other).unwrap_err();
+        assert_eq!(
+            why,
+            format!(
+                "it names sender \"spiffe://example.org/processor/other-bureau\", sent by {ME:?}"
+            )
+        );
+        let ours = TransferReceipt {
+            sender: ME.into(),
+            ..receipt()
+        };
+        assert_eq!(
+            check_receipt(&key(), "new-bookkeeper", ME, &sent(), &ours),
+            Ok(())
+        );
+        // A recipient written before receipts named their sender.
+        assert_eq!(receipt().sender, "");
+        assert_eq!(
+            check_receipt(&key(), "new-bookkeeper", ME, &sent(), &receipt()),
+            Ok(())
         );
     }
 

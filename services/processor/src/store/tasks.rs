@@ -1343,10 +1343,16 @@ impl StepWrite {
         params += 1;
         let erased = params;
         let db_now = super::db_now_in(conn);
+        // A contract end's new phase counts its own attempts: the claim whose step starts it
+        // and goes on to call the holder (`$18`, the hold) makes its first, a step that leaves
+        // the task to a later claim none. Carried over, the erasure after a return read
+        // "attempt 8" at its first failure, with the eighth attempt's backoff.
         let sql = format!(
             "UPDATE tasks SET state = $1, sequence = $2, records_affected = $3, confirmed = $4, \
              note = $5, reason = $6, legal_basis = $7, retain_until = $8, updated_at = $9, \
-             attempts = $10, lease_until = CASE WHEN $18 > 0 THEN {db_now} + $18 ELSE 0 END, \
+             attempts = CASE WHEN $20 IS NOT NULL AND $20 <> contract_phase \
+             THEN CASE WHEN $18 > 0 THEN 1 ELSE 0 END ELSE $10 END, \
+             lease_until = CASE WHEN $18 > 0 THEN {db_now} + $18 ELSE 0 END, \
              next_attempt_at = $15, handle = $16, \
              export_files = COALESCE($17, export_files), \
              transfer_receipt = COALESCE($19, transfer_receipt), \
@@ -1359,7 +1365,7 @@ impl StepWrite {
              erased_done = COALESCE(${erased}, erased_done) \
              WHERE controller = $11 AND request_id = $12 AND subprocessor = $13 AND sequence = $14\
              {held}{unmarked}{due} RETURNING contract_phase, subjects_done, subjects_total, records_done, \
-             records_total, scheduled_at",
+             records_total, scheduled_at, attempts",
         );
         Ok(Self {
             sql,
@@ -1466,15 +1472,14 @@ pub(super) async fn finish_step(
     certificate: Option<Signed>,
     traceparent: String,
 ) -> Result<PreparedStep> {
-    let (phase, subjects_done, subjects_total, records_done, records_total, scheduled_at): (
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        Option<i64>,
-    ) = sqlx::FromRow::from_row(&row)?;
-    let (t, next, now, attempts, by) = (&write.t, write.next, write.now, write.attempts, step.by);
+    // The attempts as written: a new phase's count, not the caller's.
+    type Written = (i64, i64, i64, i64, i64, Option<i64>, i64);
+    let written: Written = sqlx::FromRow::from_row(&row)?;
+    let (phase, subjects_done, subjects_total, records_done, records_total, scheduled_at) = (
+        written.0, written.1, written.2, written.3, written.4, written.5,
+    );
+    let attempts = written.6;
+    let (t, next, now, by) = (&write.t, write.next, write.now, step.by);
     // Every acknowledgement of a contract end task carries its progress as recorded now.
     let progress = i32::try_from(phase)
         .ok()

@@ -426,6 +426,55 @@ impl Store {
         Ok(moved)
     }
 
+    /// Records `t` (the task's note saying an attempt after a failed one got through) while
+    /// the claim `lease_owner` still holds the upload and no cancellation marked the task,
+    /// if the task is still at `expected_sequence`; the upload itself is left as it is.
+    /// Returns the task's new sequence, or `None` when nothing was written: another claim
+    /// holds the upload (its note is its own), or the task changed or was marked.
+    pub async fn upload_under_way(
+        &self,
+        claim: UploadClaim<'_>,
+        expected_sequence: i64,
+        t: &Transition,
+        now: i64,
+        attempts: i64,
+    ) -> Result<Option<i64>> {
+        let UploadClaim { key, lease_owner } = claim;
+        let mut tx = self.begin_audited().await?;
+        // The task before the upload, as `upload_failed` locks them.
+        let moved = super::tasks::transition_unless_marked(
+            &mut tx,
+            key,
+            expected_sequence,
+            t,
+            now,
+            attempts,
+        )
+        .await?;
+        if moved.is_none() {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        // Locks the upload's row and tells whether this claim still holds it.
+        let held = sqlx::query(
+            "UPDATE uploads SET lease_owner = lease_owner WHERE controller = $1 \
+             AND request_id = $2 AND subprocessor = $3 AND done_at IS NULL AND lease_owner = $4",
+        )
+        .bind(&key.controller)
+        .bind(&key.request_id)
+        .bind(&key.subprocessor)
+        .bind(lease_owner)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if held == 0 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        tx.commit().await?;
+        Ok(moved)
+    }
+
     /// Schedules the next attempt of an upload of the claim `lease_owner` whose failure the
     /// controller is not told of; nothing once another claim holds it.
     pub async fn upload_retry_later(
