@@ -9,7 +9,7 @@ use std::io::Write;
 use std::sync::LazyLock;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use dsrelay_sdk::proto::{Delivery, FieldCorrection, TaskStatus};
+use dsrelay_sdk::proto::{Chain, Delivery, FieldCorrection, TaskStatus};
 use dsrelay_sdk::proto::{
     DeliveryState, EventType, IdentityEncoding, IdentityType, Request, RequestEvent, RequestKind,
     RequestState, SubmitResponse, TaskState,
@@ -47,6 +47,24 @@ impl Serialize for Time {
 /// A table cell for a point in time: empty when there is none.
 pub(crate) fn time_cell(t: Option<Time>) -> String {
     t.map(|t| t.to_string()).unwrap_or_default()
+}
+
+/// `3 days`, `1 hour`, `12 minutes`: how long `ms` is, in its largest whole unit.
+fn span(ms: i64) -> String {
+    let units = [
+        (86_400_000, "day"),
+        (3_600_000, "hour"),
+        (60_000, "minute"),
+        (1_000, "second"),
+    ];
+    for (size, unit) in units {
+        let n = ms / size;
+        if n >= 1 {
+            let s = if n == 1 { "" } else { "s" };
+            return format!("{n} {unit}{s}");
+        }
+    }
+    "less than a second".into()
 }
 
 /// An enum value's proto name without the type prefix (`ERASURE`); `UNKNOWN(n)` for a value
@@ -412,6 +430,55 @@ impl TaskView {
     }
 }
 
+/// A failed status check of a processor, as GetChain reports it.
+#[derive(Debug, Serialize)]
+pub(crate) struct StatusCheckView {
+    error: String,
+    failed_at: Option<Time>,
+}
+
+impl StatusCheckView {
+    /// The last failed status check of `processor` in `chain`; none while the last answered.
+    pub(crate) fn of(chain: &Chain, processor: &str) -> Option<Self> {
+        let p = chain.processors.iter().find(|p| p.name == processor)?;
+        (!p.status_check_error.is_empty()).then(|| Self {
+            error: p.status_check_error.clone(),
+            failed_at: Time::from_proto(p.status_check_failed_at.as_ref()),
+        })
+    }
+
+    /// `failed at T: why`, for a table cell.
+    pub(crate) fn cell(&self) -> String {
+        let at = self
+            .failed_at
+            .map_or_else(String::new, |t| format!(" at {t}"));
+        format!("failed{at}: {}", clean(&self.error))
+    }
+}
+
+/// The last failed status check of a processor a request is routed to.
+#[derive(Debug, Serialize)]
+pub(crate) struct ProcessorCheckView {
+    pub(crate) processor: String,
+    #[serde(flatten)]
+    pub(crate) check: StatusCheckView,
+}
+
+impl ProcessorCheckView {
+    /// Those of the processors `request` is routed to whose last status check in `chain`
+    /// failed, none answering since.
+    pub(crate) fn of_request(chain: &Chain, request: &Request) -> Vec<Self> {
+        (request.deliveries.iter())
+            .filter_map(|d| {
+                StatusCheckView::of(chain, &d.processor).map(|check| Self {
+                    processor: d.processor.clone(),
+                    check,
+                })
+            })
+            .collect()
+    }
+}
+
 /// A request as `get`, `list`, `cancel` and `extend` show it.
 #[derive(Debug, Serialize)]
 pub(crate) struct RequestView {
@@ -422,6 +489,13 @@ pub(crate) struct RequestView {
     pub(crate) received_at: Option<Time>,
     pub(crate) due_at: Option<Time>,
     pub(crate) overdue: bool,
+    /// When the subject could first be answered: the request first COMPLETED or
+    /// PARTIALLY_COMPLETED. `overdue` is false from then on.
+    pub(crate) answered_at: Option<Time>,
+    /// Whether `answered_at` was after the due date (extensions included).
+    pub(crate) answered_late: bool,
+    /// When it last became COMPLETED, FAILED or CANCELLED.
+    pub(crate) finished_at: Option<Time>,
     pub(crate) trace_id: String,
     pub(crate) updated_at: Option<Time>,
     pub(crate) idempotency_key: String,
@@ -444,6 +518,10 @@ pub(crate) struct RequestView {
     /// only `get` sets it, from the contract end.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) return_unconfirmed: Option<String>,
+    /// The registry's last failed status check of each processor the request is routed to
+    /// (GetChain), while none answered since: set by `get` only.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) processor_status_checks: Vec<ProcessorCheckView>,
 }
 
 impl From<&Request> for RequestView {
@@ -457,6 +535,9 @@ impl From<&Request> for RequestView {
             received_at: Time::from_proto(r.received_at.as_ref()),
             due_at: Time::from_proto(r.due_at.as_ref()),
             overdue: r.overdue,
+            answered_at: Time::from_proto(r.answered_at.as_ref()),
+            answered_late: r.answered_late,
+            finished_at: Time::from_proto(r.finished_at.as_ref()),
             trace_id: r.trace_id.clone(),
             updated_at: Time::from_proto(r.updated_at.as_ref()),
             idempotency_key: r.idempotency_key.clone(),
@@ -488,6 +569,7 @@ impl From<&Request> for RequestView {
                 .collect(),
             tasks: r.tasks.iter().map(TaskView::from).collect(),
             return_unconfirmed: None,
+            processor_status_checks: Vec::new(),
         }
     }
 }
@@ -501,6 +583,18 @@ fn yes_no(b: bool) -> &'static str {
 }
 
 impl RequestView {
+    /// When the subject was answered, and how that stood to the due date.
+    fn answered_cell(&self, at: Time) -> String {
+        match self.due_at {
+            Some(due) if self.answered_late => {
+                let late = span((at.0 - due.0).num_milliseconds());
+                format!("{at} ({late} after the due date)")
+            }
+            Some(_) => format!("{at} (by the due date)"),
+            None => at.to_string(),
+        }
+    }
+
     /// Header, deliveries and tasks.
     fn table(&self) -> String {
         let mut h = Table::headless();
@@ -516,9 +610,22 @@ impl RequestView {
         h.row([submitter, self.partner.as_str()]);
         h.row(["kind", self.kind.as_str()]);
         h.row(["state", self.state.as_str()]);
+        // The tasks show each processor's last report, which one that is down does not
+        // update: this is the registry's sign that it no longer answers.
+        for c in &self.processor_status_checks {
+            let cell = format!("{}: {}", clean(&c.processor), c.check.cell());
+            h.row(["processor status check".to_string(), cell]);
+        }
         h.row(["received", &time_cell(self.received_at)]);
         h.row(["due", &time_cell(self.due_at)]);
         h.row(["overdue", yes_no(self.overdue)]);
+        // `overdue` is no once the subject is answered, late or not: this still says which.
+        if let Some(at) = self.answered_at {
+            h.row(["answered".to_string(), self.answered_cell(at)]);
+        }
+        if let Some(at) = self.finished_at {
+            h.row(["finished".to_string(), at.to_string()]);
+        }
         h.row(["trace id", self.trace_id.as_str()]);
         // Types only: the values are personal data, and a terminal's scrollback is no place
         // for them. `--output json` has them for whoever really needs them.
@@ -1365,5 +1472,125 @@ mod tests {
             "2023-11-14T22:13:20Z  PART_STORED               IN_PROGRESS          \
              payroll-bureau/netvisor         part of netvisor stored: 2 file(s), 90 bytes"
         );
+    }
+
+    /// A request answered after its due date says so, with when, once `overdue` is no
+    /// longer set, in `get` and in `list`'s JSON; one answered in time says that. Before,
+    /// an answered request showed `overdue no` and no time at all.
+    #[test]
+    fn a_late_answer_shows_once_the_request_is_no_longer_overdue() {
+        let late = Request {
+            state: RequestState::Completed as i32,
+            due_at: ts(1_700_000_000),
+            answered_at: ts(1_700_000_000 + 3 * 86_400 + 3_600),
+            answered_late: true,
+            finished_at: ts(1_700_000_000 + 3 * 86_400 + 3_600),
+            ..sample()
+        };
+        let text = RequestView::from(&late).table();
+        assert!(text.contains("overdue     no\n"), "{text}");
+        assert!(
+            text.contains(
+                "answered    2023-11-17T23:13:20Z (3 days after the due date)\n\
+                 finished    2023-11-17T23:13:20Z\n"
+            ),
+            "{text}"
+        );
+        let list = ListView {
+            requests: vec![RequestView::from(&late)],
+            next_page_token: String::new(),
+        };
+        let json = serde_json::to_value(&list).unwrap();
+        assert_eq!(json["requests"][0]["answered_late"], true, "{json:#}");
+        assert_eq!(json["requests"][0]["answered_at"], "2023-11-17T23:13:20Z");
+        assert_eq!(json["requests"][0]["finished_at"], "2023-11-17T23:13:20Z");
+
+        // An hour late; answered in time and finished years later by a retention run.
+        let hour = Request {
+            answered_at: ts(1_700_000_000 + 3_600),
+            ..late.clone()
+        };
+        let text = RequestView::from(&hour).table();
+        assert!(text.contains("(1 hour after the due date)\n"), "{text}");
+        let in_time = Request {
+            answered_at: ts(1_699_000_000),
+            answered_late: false,
+            finished_at: ts(1_900_000_000),
+            ..late
+        };
+        let text = RequestView::from(&in_time).table();
+        assert!(
+            text.contains(
+                "answered    2023-11-03T08:26:40Z (by the due date)\n\
+                 finished    2030-03-17T17:46:40Z\n"
+            ),
+            "{text}"
+        );
+        // Not answered, not finished: no rows, and JSON says so.
+        let text = RequestView::from(&sample()).table();
+        assert!(!text.contains("answered"), "{text}");
+        assert!(!text.contains("finished"), "{text}");
+        let json = serde_json::to_value(RequestView::from(&sample())).unwrap();
+        assert_eq!(json["answered_late"], false);
+        assert!(json["finished_at"].is_null());
+    }
+
+    #[test]
+    fn spans_read_in_their_largest_whole_unit() {
+        assert_eq!(span(3 * 86_400_000 + 5), "3 days");
+        assert_eq!(span(86_400_000), "1 day");
+        assert_eq!(span(2 * 3_600_000 + 59_000), "2 hours");
+        assert_eq!(span(60_000), "1 minute");
+        assert_eq!(span(1_500), "1 second");
+        assert_eq!(span(999), "less than a second");
+    }
+
+    /// `get` gives the registry's last failed status check of each processor the request is
+    /// routed to, as `dsrctl chain` and `contracts show` do: a processor that is down sends
+    /// no report, and the tasks alone show its last one as if it stood ("accepted by the
+    /// holder, awaiting its confirmation"). Before, `get` gave no sign of it.
+    #[test]
+    fn get_gives_the_routed_processors_failed_status_checks() {
+        use dsrelay_sdk::proto::ChainProcessor;
+        let failed = |name: &str, why: &str| ChainProcessor {
+            name: name.into(),
+            status_check_error: why.into(),
+            status_check_failed_at: ts(1_767_225_600),
+            ..Default::default()
+        };
+        let chain = Chain {
+            processors: vec![
+                failed("elsewhere", "request r-9: Unavailable: not routed here"),
+                failed(
+                    "payroll-bureau",
+                    "request r-1: Unavailable: tcp connect error: Connection refused",
+                ),
+            ],
+        };
+        let request = sample();
+        let mut view = RequestView::from(&request);
+        assert!(!view.table().contains("status check"));
+        view.processor_status_checks = ProcessorCheckView::of_request(&chain, &request);
+        let text = view.table();
+        assert!(
+            text.contains(
+                "state                   PARTIALLY_COMPLETED\n\
+                 processor status check  payroll-bureau: failed at 2026-01-01T00:00:00Z: \
+                 request r-1: Unavailable: tcp connect error: Connection refused\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("not routed here"), "{text}");
+        let json = serde_json::to_value(&view).unwrap();
+        let checks = &json["processor_status_checks"];
+        assert_eq!(checks.as_array().map(Vec::len), Some(1), "{json:#}");
+        assert_eq!(checks[0]["processor"], "payroll-bureau");
+        assert_eq!(checks[0]["failed_at"], "2026-01-01T00:00:00Z");
+        // One that answered since: nothing.
+        let mut answered = chain;
+        answered.processors[1].status_check_error.clear();
+        assert!(ProcessorCheckView::of_request(&answered, &request).is_empty());
+        let json = serde_json::to_value(RequestView::from(&request)).unwrap();
+        assert!(json.get("processor_status_checks").is_none());
     }
 }

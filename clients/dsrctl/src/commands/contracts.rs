@@ -7,8 +7,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use dsrelay_sdk::proto::processor_operator_service_client::ProcessorOperatorServiceClient;
+#[cfg(test)]
+use dsrelay_sdk::proto::Chain;
 use dsrelay_sdk::proto::{
-    Chain, Contract, ContractEnd, ContractEndChoice, ContractPhase, GetChainRequest,
+    Contract, ContractEnd, ContractEndChoice, ContractPhase, GetChainRequest,
     ListContractEndsRequest, ProcessorContractEnd, RequestState, TaskState, TaskStatus,
 };
 use dsrelay_sdk::{ConnectionSettings, EffectiveAt};
@@ -19,7 +21,8 @@ use sha2::{Digest, Sha256};
 use crate::cli::{ChosenArg, ContractChoiceArg, ContractsCommand};
 use crate::commands::{Hint, Io, Registry};
 use crate::output::{
-    calls_table, emit, erasure_run_cell, state_name, task_state_name, DeliveryView, Render, Time,
+    calls_table, emit, erasure_run_cell, state_name, task_state_name, DeliveryView, Render,
+    StatusCheckView, Time,
 };
 use crate::table::{clean, clipped, Table};
 use crate::Failure;
@@ -311,32 +314,6 @@ struct ContractView {
     /// answered since: set by `show` only.
     #[serde(skip_serializing_if = "Option::is_none")]
     processor_status_check: Option<StatusCheckView>,
-}
-
-/// A failed status check of a processor, as GetChain reports it.
-#[derive(Debug, Serialize)]
-pub(crate) struct StatusCheckView {
-    error: String,
-    failed_at: Option<Time>,
-}
-
-impl StatusCheckView {
-    /// The last failed status check of `processor` in `chain`; none while the last answered.
-    pub(crate) fn of(chain: &Chain, processor: &str) -> Option<Self> {
-        let p = chain.processors.iter().find(|p| p.name == processor)?;
-        (!p.status_check_error.is_empty()).then(|| Self {
-            error: p.status_check_error.clone(),
-            failed_at: Time::from_proto(p.status_check_failed_at.as_ref()),
-        })
-    }
-
-    /// `failed at T: why`, for a table cell.
-    fn cell(&self) -> String {
-        let at = self
-            .failed_at
-            .map_or_else(String::new, |t| format!(" at {t}"));
-        format!("failed{at}: {}", clean(&self.error))
-    }
 }
 
 /// The words on a contract end whose returned data the processor deleted, or began to,

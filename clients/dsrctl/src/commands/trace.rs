@@ -12,7 +12,7 @@ use crate::cli::TraceArgs;
 use crate::commands::{Hint, Io, Registry};
 use crate::output::{
     delivery_state_name, emit, event_type_name, kind_name, retention_words, state_name,
-    task_state_name, time_cell, DeliveryView, Render, Time,
+    task_state_name, time_cell, DeliveryView, Render, StatusCheckView, Time,
 };
 use crate::table::clean;
 use crate::Failure;
@@ -101,6 +101,11 @@ struct HopView {
     /// terms) that have not got through: PENDING or DEAD_LETTERED.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     calls_not_through: Vec<DeliveryView>,
+    /// The registry's last failed status check of the processor (GetChain), while none
+    /// answered since: its tasks show its last report, which one that is down does not
+    /// update.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    processor_status_check: Option<StatusCheckView>,
     tasks: Vec<TaskView>,
 }
 
@@ -243,6 +248,7 @@ impl TraceView {
                     failures: Vec::new(),
                     history: Vec::new(),
                     calls_not_through: Vec::new(),
+                    processor_status_check: None,
                     tasks: Vec::new(),
                 },
             );
@@ -358,6 +364,15 @@ impl TraceView {
     }
 }
 
+impl TraceView {
+    /// Adds each processor's last failed status check in `chain`.
+    fn checked(&mut self, chain: &dsrelay_sdk::proto::Chain) {
+        for hop in &mut self.processors {
+            hop.processor_status_check = StatusCheckView::of(chain, &hop.processor);
+        }
+    }
+}
+
 impl Render for TraceView {
     fn to_table(&self) -> String {
         let mut out = format!(
@@ -411,6 +426,12 @@ impl Render for TraceView {
                 ),
             };
             out.push_str(&format!("{branch} {}  {delivery}\n", clean(&p.processor)));
+            if let Some(check) = &p.processor_status_check {
+                out.push_str(&format!(
+                    "{indent}   processor status check {}\n",
+                    check.cell()
+                ));
+            }
             // Until they get through, the processor works under what it was sent before.
             for d in &p.calls_not_through {
                 let state = if d.behind_deliver {
@@ -527,6 +548,11 @@ pub(crate) async fn run(
     let list = all_events(registry, &args.id).await?;
     let mut view = TraceView::build(&list);
     view.hint = registry.hint.clone();
+    if !view.processors.is_empty() {
+        if let Some(chain) = super::request::chain(registry).await {
+            view.checked(&chain);
+        }
+    }
     emit(io.out, io.format, &view, false)?;
     Ok(0)
 }
@@ -1057,5 +1083,61 @@ mod tests {
         direct.remove(2);
         let text = TraceView::build(&traced(delivery, direct)).to_table();
         assert!(!text.contains("not confirmed"), "{text}");
+    }
+
+    /// The tree gives the registry's last failed status check under each processor it has
+    /// one of, as `dsrctl chain` does: a processor that is down sends no report, and its
+    /// tasks alone show the last one as if it stood. Before, `trace` gave no sign of it.
+    #[test]
+    fn a_processor_whose_status_check_failed_says_so() {
+        use dsrelay_sdk::proto::{Chain, ChainProcessor};
+        let hop = |processor: &str| Delivery {
+            processor: processor.into(),
+            delivered_at: Some(Timestamp::default()),
+            ..Default::default()
+        };
+        let list = EventList {
+            request: Some(Request {
+                request_id: "r-1".into(),
+                deliveries: vec![hop("mailer"), hop("payroll-bureau")],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let chain = Chain {
+            processors: vec![
+                ChainProcessor {
+                    name: "payroll-bureau".into(),
+                    status_check_error: "request r-1: Unavailable: connection refused".into(),
+                    status_check_failed_at: Some(Timestamp {
+                        seconds: 1_767_225_600,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                },
+                ChainProcessor {
+                    name: "mailer".into(),
+                    ..Default::default()
+                },
+            ],
+        };
+        let mut view = TraceView::build(&list);
+        assert!(!view.to_table().contains("status check"));
+        view.checked(&chain);
+        let text = view.to_table();
+        assert!(
+            text.contains(
+                "└─ payroll-bureau  delivered (0 attempt(s))\n      processor status check failed \
+                 at 2026-01-01T00:00:00Z: request r-1: Unavailable: connection refused\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(text.matches("status check").count(), 1, "{text}");
+        let json = serde_json::to_value(&view).unwrap();
+        let check = &json["processors"][1]["processor_status_check"];
+        assert_eq!(check["failed_at"], "2026-01-01T00:00:00Z", "{json:#}");
+        assert!(json["processors"][0]
+            .get("processor_status_check")
+            .is_none());
     }
 }

@@ -46,6 +46,7 @@ pub(crate) fn request_for(
         .as_deref()
         .and_then(|b| SubmitRequest::decode(b).ok());
     let overdue = row.overdue(now);
+    let answered_late = row.answered_late();
     let extension_reasons = serde_json::from_str(&row.extension_reasons).unwrap_or_default();
     let (delivered, follow_ups) = calls(reader, deliveries)
         .into_iter()
@@ -80,6 +81,9 @@ pub(crate) fn request_for(
         updated_at: Some(timestamp_from_millis(row.updated_at)),
         cancel_reason: row.cancel_reason.unwrap_or_default(),
         identities_forgotten: body.is_none(),
+        finished_at: row.finished_at.map(timestamp_from_millis),
+        answered_at: row.answered_at.map(timestamp_from_millis),
+        answered_late,
     }
 }
 
@@ -196,6 +200,10 @@ pub(crate) fn audit_entry(e: audit::Entry) -> AuditEntry {
         hash: e.hash,
     }
 }
+
+#[cfg(test)]
+#[path = "views_answer_tests.rs"]
+mod answer_tests;
 
 #[cfg(test)]
 mod tests {

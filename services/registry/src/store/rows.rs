@@ -83,10 +83,16 @@ pub(super) fn task_state(v: i32) -> TaskState {
     TaskState::try_from(v).unwrap_or(TaskState::Unspecified)
 }
 
-/// The columns of [`RequestRow`], for `SELECT`s.
+/// The columns of [`RequestRow`], for `SELECT`s `FROM requests` (unaliased: `answered_at`
+/// names `requests.id`). `answered_at` is the first event that carries COMPLETED (4) or
+/// PARTIALLY_COMPLETED (5) as the request's new state: a STATE_CHANGED (5), or the SUBMITTED
+/// (1) of a request no processor held data of. No column keeps it: `finished_at` moves to
+/// when a retention run completes the request, years after the subject was answered.
 pub(super) const REQUEST_COLUMNS: &str = "id, partner, idempotency_key, body, kind, state, \
     received_at, due_at, extension_months, extension_reasons, trace_id, cancel_reason, \
-    updated_at";
+    updated_at, finished_at, (SELECT MIN(e.occurred_at) FROM events e \
+    WHERE e.request_id = requests.id AND e.type IN (1, 5) AND e.request_state IN (4, 5)) \
+    AS answered_at";
 
 /// A request as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -117,14 +123,24 @@ pub struct RequestRow {
     pub trace_id: String,
     /// Why it was cancelled.
     pub cancel_reason: Option<String>,
-    /// Last change (ms).
+    /// When the row last changed (ms): receipt, state, due date, forgetting.
     pub updated_at: i64,
+    /// When it last reached COMPLETED, FAILED or CANCELLED (ms); `None` in any other state.
+    pub finished_at: Option<i64>,
+    /// When it first reached COMPLETED or PARTIALLY_COMPLETED (ms), from its events: when
+    /// the subject could be answered.
+    pub answered_at: Option<i64>,
 }
 
 impl RequestRow {
     /// Whether the due date has passed while the controller still owes an answer.
     pub fn overdue(&self, now: i64) -> bool {
         self.due_at < now && request_is_open(self.state)
+    }
+
+    /// Whether the subject was answered after the due date as it stands.
+    pub fn answered_late(&self) -> bool {
+        self.answered_at.is_some_and(|at| at > self.due_at)
     }
 }
 
@@ -344,6 +360,20 @@ mod tests {
             assert_eq!(op.to_string(), op.as_str());
         }
         assert!("redeliver".parse::<Operation>().is_err());
+    }
+
+    /// The numbers `REQUEST_COLUMNS` writes out are the enums' own.
+    #[test]
+    fn the_answer_is_read_from_the_events_that_give_it() {
+        use dsrelay_proto::v1::EventType;
+        let clause = format!(
+            "e.type IN ({}, {}) AND e.request_state IN ({}, {})",
+            EventType::Submitted as i32,
+            EventType::StateChanged as i32,
+            RequestState::Completed as i32,
+            RequestState::PartiallyCompleted as i32
+        );
+        assert!(REQUEST_COLUMNS.contains(&clause), "{REQUEST_COLUMNS}");
     }
 
     #[test]
