@@ -633,6 +633,24 @@ pub trait Connector: Send + Sync {
         let reason = format!("the {} connector cannot end a contract", self.kind_name());
         Box::pin(async move { Ok(Outcome::Refused { reason }) })
     }
+
+    /// Removes what the steps of a contract end recorded at this holder for the steps after
+    /// them, once that contract end will not go on: it was cancelled after its export began,
+    /// or it failed for good and was forgotten. `job_id` is the [`BulkJob::job_id`] its
+    /// [`BulkOp::Export`] ran under (its erasure's is that plus `#erase`), `controller` the
+    /// [`BulkJob::controller`]. The processor calls it until it answers `Ok`, again after an
+    /// error, so a second call finding nothing left answers `Ok` too. The SQL connector
+    /// deletes the job's rows of its table of returned keys (`<receipts_table>_returned`).
+    /// The default records nothing, so it has nothing to remove: `Ok` without a call. An
+    /// external adapter that keeps state per job would need a protocol call to be told.
+    fn discard_bulk<'a>(
+        &'a self,
+        controller: &'a str,
+        job_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), ConnectorError>> {
+        let _ = (controller, job_id);
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// The kind's name without the enum prefix, for messages (`ERASURE`).

@@ -9,7 +9,8 @@
 //! The same worker removes, at every sweep, the export files a retired upload left behind
 //! (see `remove_retired_exports`): an export is kept only until its upload is retired; and,
 //! once at start, the empty export folders earlier versions left behind
-//! (`remove_empty_export_folders`).
+//! (`remove_empty_export_folders`). At every sweep too, it has the holders of contract ends
+//! that will not go on discard what their exports recorded there (`crate::holder_discard`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +60,13 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             tracing::error!(
                 error = format!("{e:#}"),
                 "removing the files of retired exports failed; trying again at the next sweep"
+            );
+        }
+        if let Err(e) = crate::holder_discard::sweep(&shared).await {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "having holders discard what ended contract ends recorded failed; trying \
+                 again at the next sweep"
             );
         }
         match sweep(&shared).await {

@@ -37,6 +37,9 @@
 //!   the processor's key (`signing_key`).
 //! - `forget`: removes finished requests' raw identities, bodies, notes and export files
 //!   after `forget_after_days`, keeping keyed hashes of the identities.
+//! - `holder_discard`: has the holders of contract ends that will not go on (cancelled after
+//!   their export began, failed and forgotten) discard what the export recorded there, at
+//!   each of the forget worker's sweeps.
 //! - `contract_tests` (tests only): a contract end through the real store and runner.
 //! - `retried_tests` (tests only): a single task whose holder is down, its failed attempt
 //!   acknowledged as retried, through the real store and runner.
@@ -68,6 +71,7 @@ mod contract_tests;
 pub mod exports;
 mod forget;
 mod head_start;
+mod holder_discard;
 #[cfg(test)]
 mod holder_down_tests;
 mod lease;

@@ -1186,7 +1186,7 @@ async fn record_move(
 /// (`adapter.proto`), so an erasure under the export's key would be refused, or answered
 /// with the export's COMPLETED and certified with nothing erased. A retention run appends
 /// its own suffix to the erasure's key.
-fn bulk_job_id(key: &crate::store::TaskKey, op: BulkOp) -> String {
+pub(crate) fn bulk_job_id(key: &crate::store::TaskKey, op: BulkOp) -> String {
     let task = format!("{}/{}/{}", key.controller, key.request_id, key.subprocessor);
     match op {
         BulkOp::Export => task,

@@ -38,6 +38,10 @@ use dsrelay_runtime::store::Backend;
 /// statements do real work, small enough that none holds the database for long.
 pub(super) const BATCH_SUBJECTS: u64 = 10_000;
 
+/// Recorded keys deleted per statement when a contract end that will not go on is discarded
+/// ([`Scoped::discard_returned`]).
+pub(super) const DISCARD_BATCH: u64 = 10_000;
+
 /// Rows exported between two progress reports.
 const EXPORT_REPORT_EVERY: u64 = 1_000;
 
@@ -293,6 +297,52 @@ impl Scoped<'_> {
             }
         };
         Ok((found > 0).then_some(export))
+    }
+
+    /// Deletes what the contract end whose export ran under `export_job` recorded in the
+    /// table of returned keys (its mark and the keys of its rows), at most `batch` rows per
+    /// statement, each its own transaction, so that the table's writers are held off briefly
+    /// however many rows were recorded (400,000 in one contract end); answers how many went.
+    /// A table never created (no contract end's export ran here) holds nothing to delete.
+    pub(super) async fn discard_returned(
+        &self,
+        export_job: &str,
+        batch: u64,
+    ) -> Result<u64, ConnectorError> {
+        let table = self.config.returned_table();
+        let delete = format!(
+            "DELETE FROM {t} WHERE job = $1 AND (tbl, k) IN \
+             (SELECT tbl, k FROM {t} WHERE job = $1 LIMIT $2)",
+            t = quote(&table)
+        );
+        let batch = batch.max(1);
+        let doing = "discarding what a contract end's export recorded as returned";
+        let mut deleted = 0;
+        loop {
+            let done = match sqlx::query(&delete)
+                .bind(export_job)
+                .bind(i64::try_from(batch).unwrap_or(i64::MAX))
+                .execute(&self.db.pool)
+                .await
+            {
+                Ok(done) => done.rows_affected(),
+                Err(e) => {
+                    let exists: i64 = sqlx::query_scalar(self.db.backend.table_exists())
+                        .bind(&table)
+                        .fetch_one(&self.db.pool)
+                        .await
+                        .map_err(|e| classify(doing, &e))?;
+                    if exists == 0 {
+                        return Ok(deleted);
+                    }
+                    return Err(classify(doing, &e));
+                }
+            };
+            deleted += done;
+            if done < batch {
+                return Ok(deleted);
+            }
+        }
     }
 
     /// Erases every row of the controller that no obligation keeps, a batch of top-level

@@ -190,11 +190,12 @@
 //!   was; in a table keyed by `ctid`, an anonymizing UPDATE moves its rows, so the batch
 //!   replaces their keys with the new ones (read before it, returned by it). The keys of
 //!   rows deleted outside the connector (by hand, or by a cascade through a table the rules
-//!   do not list) cannot be seen this way and stay. So do all the keys of a contract end
-//!   cancelled after its export, before any deletion: the processor calls no holder when it
-//!   cancels, so the connector cannot tell that job from one whose erasure is still to come
-//!   (an export run again under the job's id replaces them; an administrator may delete the
-//!   rows whose `job` is the cancelled one's `<controller>/<request>/<subprocessor>`).
+//!   do not list) cannot be seen this way and stay. The keys of a contract end that will
+//!   not go on (cancelled after its export began, or failed for good and forgotten) go when
+//!   the processor calls [`Connector::discard_bulk`] with its export's job id: every row of
+//!   that `job` is deleted, 10,000 per statement, and other jobs' rows stay; the processor
+//!   keeps calling until that succeeds (an export run again under the job's id replaces
+//!   them too).
 //!   Under a top-level row, an unrecorded
 //!   child row is an arrival that holds the parent back whatever its columns hold (one
 //!   already anonymized too), except in a child keyed by `ctid` (PostgreSQL, no primary
@@ -337,6 +338,8 @@ use crate::{BoxFuture, BulkJob, Connector, ConnectorError, Outcome, Phase, Task}
 mod bulk;
 mod cascades;
 mod direct;
+#[cfg(test)]
+mod discard_tests;
 mod execute;
 mod plan;
 mod receipt;
@@ -723,6 +726,24 @@ impl Connector for SqlConnector {
                 Ok(scope) => scope.bulk(job, self.batch_subjects).await,
                 Err(reason) => Ok(Outcome::Refused { reason }),
             }
+        })
+    }
+
+    fn discard_bulk<'a>(
+        &'a self,
+        controller: &'a str,
+        job_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), ConnectorError>> {
+        Box::pin(async move {
+            // A controller no longer configured here may have left keys in a database the
+            // connector cannot name any more: an operator is told, not answered done.
+            let scope = self.scope(controller).map_err(|reason| {
+                ConnectorError::Permanent(format!(
+                    "discarding what contract end {job_id} recorded: {reason}"
+                ))
+            })?;
+            scope.discard_returned(job_id, bulk::DISCARD_BATCH).await?;
+            Ok(())
         })
     }
 }

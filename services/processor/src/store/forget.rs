@@ -292,6 +292,19 @@ impl Store {
         .bind(&r.request_id)
         .execute(&mut *tx)
         .await?;
+        // Forgotten, a FAILED task is never retried: a contract end's that failed after its
+        // export began leaves at its holder what the export recorded for the erasure after
+        // it, which the forget worker's sweep has the holder discard (`crate::holder_discard`).
+        sqlx::query(
+            "UPDATE tasks SET holder_discard_at = $1 WHERE controller = $2 AND request_id = $3 \
+             AND state = $4 AND export_started_at IS NOT NULL AND holder_discard_at IS NULL",
+        )
+        .bind(now)
+        .bind(&r.controller)
+        .bind(&r.request_id)
+        .bind(state_value(TaskState::Failed))
+        .execute(&mut *tx)
+        .await?;
         let tasks: Vec<TaskTexts> = sqlx::query_as(
             "SELECT subprocessor, legal_basis, transfer_receipt FROM tasks WHERE controller = $1 \
              AND request_id = $2 AND (legal_basis <> '' OR transfer_receipt IS NOT NULL)",

@@ -20,6 +20,8 @@
 //! - `contracts`: contract ends' terms, updates of them, progress acknowledgements and the
 //!   operators' list.
 //! - `forget`: removing finished requests' raw identities, body and free text.
+//! - `holder_discards`: contract end tasks that will not go on whose holder is still to
+//!   discard what their export recorded there.
 //! - `audit`: the hash-chained audit trail, appended to in the transaction of each change
 //!   an auditor asks about.
 
@@ -29,6 +31,7 @@ mod audit;
 mod certificates;
 mod contracts;
 mod forget;
+mod holder_discards;
 mod rows;
 mod steps;
 mod tasks;
@@ -46,6 +49,7 @@ pub(crate) use contracts::to_proto as terms_to_proto;
 pub use contracts::{ContractEndRow, Updated};
 pub use forget::Forgettable;
 pub(crate) use forget::FINAL;
+pub use holder_discards::HolderDiscard;
 pub use rows::{AckJob, ManualRow, TaskJob, TaskKey, TaskRow};
 pub use tasks::{
     retry_refusal, Accepted, DueDateExtended, ManualCursor, Retried, RetryRefusal, RetryStanding,

@@ -1343,6 +1343,15 @@ impl StepWrite {
         params += 1;
         let erased = params;
         let db_now = super::db_now_in(conn);
+        // A contract end whose export began left at its holder what the export recorded for
+        // the erasure after it; cancelled, that erasure never comes: the forget worker's
+        // sweep has the holder discard it (`crate::holder_discard`), due from now.
+        let discard = if t.state == TaskState::Cancelled {
+            ", holder_discard_at = CASE WHEN export_started_at IS NOT NULL \
+             THEN COALESCE(holder_discard_at, $9) ELSE holder_discard_at END"
+        } else {
+            ""
+        };
         // A contract end's new phase counts its own attempts: the claim whose step starts it
         // and goes on to call the holder (`$18`, the hold) makes its first, a step that leaves
         // the task to a later claim none. Carried over, the erasure after a return read
@@ -1362,7 +1371,7 @@ impl StepWrite {
              records_done = COALESCE($23, records_done), \
              records_total = COALESCE($24, records_total), \
              scheduled_at = COALESCE($25, scheduled_at), call_started_at = $26, \
-             erased_done = COALESCE(${erased}, erased_done) \
+             erased_done = COALESCE(${erased}, erased_done){discard} \
              WHERE controller = $11 AND request_id = $12 AND subprocessor = $13 AND sequence = $14\
              {held}{unmarked}{due} RETURNING contract_phase, subjects_done, subjects_total, records_done, \
              records_total, scheduled_at, attempts",
