@@ -942,6 +942,35 @@ pub struct ListArgs {
     #[arg(long)]
     pub overdue: bool,
 
+    /// Only requests about this e-mail address, in any case (repeatable; any of the
+    /// identities given). Each identity flag matches a request submitted with the same flag.
+    #[arg(long, value_name = "ADDRESS")]
+    pub email: Vec<String>,
+
+    /// Only requests about this phone number, however it is spaced (repeatable).
+    #[arg(long, value_name = "NUMBER")]
+    pub phone: Vec<String>,
+
+    /// Only requests about this customer number (repeatable).
+    #[arg(long, value_name = "NUMBER")]
+    pub customer_number: Vec<String>,
+
+    /// Only requests about this national identification number (repeatable).
+    #[arg(long, value_name = "ID")]
+    pub national_id: Vec<String>,
+
+    /// Only requests about this other identity, e.g. --other loyalty-card=L-123 (repeatable).
+    #[arg(long, value_name = "LABEL=VALUE", value_parser = parse_assignment)]
+    pub other: Vec<(String, String)>,
+
+    /// Only requests about an e-mail address submitted as this hex SHA-256 (repeatable).
+    #[arg(long, value_name = "HEX", value_parser = parse_sha256)]
+    pub sha256_email: Vec<String>,
+
+    /// Only requests about an e-mail address submitted as this hex MD5 (repeatable).
+    #[arg(long, value_name = "HEX", value_parser = parse_md5)]
+    pub md5_email: Vec<String>,
+
     /// Page size, 1..=500 [default: the registry's, 50]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=500))]
     pub limit: Option<u32>,

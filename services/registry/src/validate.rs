@@ -1244,6 +1244,7 @@ mod properties {
                 overdue_only: false,
                 page_size,
                 page_token,
+                identities: Vec::new(),
             };
             match list_arguments(&r) {
                 Ok(a) => {

@@ -227,11 +227,30 @@ impl RequestService for Api {
     ) -> Result<Response<ListRequestsResponse>, Status> {
         let caller = self.partner_api_caller(&req)?;
         let r = req.into_inner();
+        // Every broken rule at once, the identities' with the other arguments'.
+        let key = &self.shared.identity_hash_key;
+        let (identities, mut violations) = match identity_filter(key, &r) {
+            Ok(f) => (f, Vec::new()),
+            Err(v) => (IdentityFilter::default(), v),
+        };
+        let arguments = match list_arguments(&ListRequestsRequest {
+            page_token: identities.inner_token.clone(),
+            ..r.clone()
+        }) {
+            Ok(a) => Some(a),
+            Err(v) => {
+                violations.extend(v);
+                None
+            }
+        };
+        let (Some(arguments), true) = (arguments, violations.is_empty()) else {
+            return Err(ApiError::invalid(violations).into());
+        };
         let ListArguments {
             page_size,
             before,
             filters,
-        } = list_arguments(&r).map_err(ApiError::invalid)?;
+        } = arguments;
         let filter = ListFilter {
             partner: (caller.role == Party::Partner).then(|| caller.name.clone()),
             states: r.states.clone(),
@@ -243,12 +262,14 @@ impl RequestService for Api {
         let mut rows = self
             .shared
             .store
-            .list(&filter, self.shared.clock.now_ms())
+            .list_about(&filter, &identities.hashes, self.shared.clock.now_ms())
             .await
             .map_err(ApiError::from)?;
         let more = rows.len() > page_size as usize;
         rows.truncate(page_size as usize);
-        let token = |received_at: i64, id: &str| page_token(&filters, received_at, id);
+        let token = |received_at: i64, id: &str| {
+            identities.token_prefix.clone() + &page_token(&filters, received_at, id)
+        };
         let mut next_page_token = if more {
             rows.last()
                 .map(|l| token(l.received_at, &l.id))
@@ -310,7 +331,7 @@ impl RequestService for Api {
         match self
             .shared
             .store
-            .cancel(&row.id, &r.reason, self.shared.clock.now_ms())
+            .cancel_by(&row.id, &r.reason, &caller.name, self.shared.clock.now_ms())
             .await
             .map_err(ApiError::from)?
         {
@@ -502,7 +523,13 @@ impl RequestService for Api {
         let extended = self
             .shared
             .store
-            .extend(&row, r.months, &r.reason, self.shared.clock.now_ms())
+            .extend_by(
+                &row,
+                r.months,
+                &r.reason,
+                &caller.name,
+                self.shared.clock.now_ms(),
+            )
             .await
             .map_err(ApiError::from)?;
         if !extended {
@@ -513,6 +540,12 @@ impl RequestService for Api {
             ))
             .into());
         }
+        tracing::info!(
+            request_id = %row.id,
+            by = %caller.name,
+            months = r.months,
+            "due date extended"
+        );
         self.shared.publish(&row.id);
         // The new date goes to the processors now, not at the next poll.
         self.shared.dispatch_wakeup.notify_one();
@@ -795,6 +828,82 @@ impl Api {
     }
 }
 
+/// The context of the digest of a List's identities in its page tokens.
+const LIST_IDENTITIES_DOMAIN: &[u8] = b"dsrelay.list-identities.v1";
+
+/// What separates the digest of a List's identities from the rest of its page token.
+const LIST_IDENTITIES_END: char = '~';
+
+/// A List's identities, checked and hashed, and its page token as the other filters'
+/// ([`list_arguments`]) check it.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct IdentityFilter {
+    /// The keyed hashes to look for, as Submit stores them: sorted, each once.
+    hashes: Vec<String>,
+    /// What this listing's page tokens start with: a digest of `hashes` and
+    /// [`LIST_IDENTITIES_END`]; empty without identities. [`list_arguments`] knows only the
+    /// other filters, so a token carries the identities in front of what it checks.
+    token_prefix: String,
+    /// The page token sent, without `token_prefix`.
+    inner_token: String,
+}
+
+/// List's identities of `r` as [`IdentityFilter`], hashed under `key` as Submit hashes a
+/// request's; or every rule they break, held to Submit's rules with the same violations,
+/// and a page token of a listing with other identities (or none).
+fn identity_filter(
+    key: &[u8],
+    r: &ListRequestsRequest,
+) -> Result<IdentityFilter, Vec<FieldViolation>> {
+    let mut violations = Vec::new();
+    let mut hashes = Vec::new();
+    // An empty list is no filter, where Submit requires one identity at least.
+    if !r.identities.is_empty() {
+        violations.extend(validate_identities(&r.identities));
+        violations.extend(submit_identity_violations(&r.identities));
+        if violations.is_empty() {
+            hashes = r.identities.iter().map(|i| keyed_hash(key, i)).collect();
+            hashes.sort_unstable();
+            hashes.dedup();
+        }
+    }
+    let token_prefix = if hashes.is_empty() {
+        String::new()
+    } else {
+        let digest = keyed_digest(key, LIST_IDENTITIES_DOMAIN, hashes.join(",").as_bytes());
+        format!("{}{LIST_IDENTITIES_END}", &digest[..16])
+    };
+    // Tokens without identities hold no LIST_IDENTITIES_END (request ids are ours and hold
+    // none), so one that holds it is of a listing with identities.
+    let (token_identities, inner) = match r.page_token.split_once(LIST_IDENTITIES_END) {
+        Some((digest, inner)) => (Some(digest), inner),
+        None => (None, r.page_token.as_str()),
+    };
+    let same = match token_identities {
+        Some(digest) => token_prefix.strip_suffix(LIST_IDENTITIES_END) == Some(digest),
+        None => token_prefix.is_empty(),
+    };
+    let mut inner_token = String::new();
+    if r.page_token.is_empty() || same {
+        inner_token = inner.to_string();
+    } else if violations.is_empty() {
+        violations.push(FieldViolation::new(
+            "page_token",
+            "belongs to a List with other filters (identities): send the filters of the page \
+             that gave it, or start again without a token",
+        ));
+    }
+    if violations.is_empty() {
+        Ok(IdentityFilter {
+            hashes,
+            token_prefix,
+            inner_token,
+        })
+    } else {
+        Err(violations)
+    }
+}
+
 /// Refuses a Cancel's or ExtendDeadline's `reason` that holds one of the subject's
 /// identities as request `row` stores them (a forgotten request has none left to hold), as
 /// Submit refuses such a note: the reason is kept apart from the identities, where `kept`
@@ -894,6 +1003,11 @@ fn dead_letter_cursor(token: &str) -> Option<DeadLetterCursor> {
         op: op.to_string(),
     })
 }
+
+#[cfg(test)]
+mod actor_tests;
+#[cfg(test)]
+mod identity_list_tests;
 
 #[cfg(test)]
 mod dead_letter_token_tests {

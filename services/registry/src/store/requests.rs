@@ -24,12 +24,38 @@ pub enum CancelOutcome {
 }
 
 impl Store {
+    /// [`Store::cancel_by`] with no actor named: the audit entry's actor is empty. For
+    /// callers that act for no one (tests); the API names its caller.
+    pub async fn cancel(&self, id: &str, reason: &str, now: i64) -> Result<CancelOutcome> {
+        self.cancel_by(id, reason, "", now).await
+    }
+
+    /// [`Store::extend_by`] with no actor named: the audit entry's actor is empty. For
+    /// callers that act for no one (tests); the API names its caller.
+    pub async fn extend(
+        &self,
+        row: &RequestRow,
+        months: u32,
+        reason: &str,
+        now: i64,
+    ) -> Result<bool> {
+        self.extend_by(row, months, reason, "", now).await
+    }
+
     /// Cancels a request: no further deliveries, and a cancellation queued for every
     /// processor. Refused ([`CancelOutcome::NotCancellable`]) unless the request is open and
     /// the cancellation can stop something: a delivery not yet accepted, or a task not
     /// settled ([`cancel_stops_nothing`]) and not a contract end's deletion under way. A cancellation that turns out to have stopped
     /// nothing gives way to the state the tasks report ([`crate::fold::fold_request`]).
-    pub async fn cancel(&self, id: &str, reason: &str, now: i64) -> Result<CancelOutcome> {
+    /// The CANCELLED event's audit entry names `by` (the partner or operator who asked) as
+    /// its actor.
+    pub async fn cancel_by(
+        &self,
+        id: &str,
+        reason: &str,
+        by: &str,
+        now: i64,
+    ) -> Result<CancelOutcome> {
         let mut tx = self.begin().await?;
         // Locked: an acknowledgement that finishes the request meanwhile is waited for and
         // seen, never overwritten with CANCELLED.
@@ -103,6 +129,7 @@ impl Store {
                     at: now,
                     request_state: state,
                     detail: EventDetail {
+                        actor: by.to_string(),
                         message: "cancelled".into(),
                         free_text: reason.to_string(),
                         ..Default::default()
@@ -124,12 +151,14 @@ impl Store {
     /// keyed hash either way.
     /// Nothing is written otherwise, so a concurrent extension is never lost under an answer
     /// of success. An error, with nothing written, when the stored count cannot grow by
-    /// `months` without leaving the u32 range.
-    pub async fn extend(
+    /// `months` without leaving the u32 range. The DEADLINE_EXTENDED event's audit entry names
+    /// `by` (the operator who asked) as its actor.
+    pub async fn extend_by(
         &self,
         row: &RequestRow,
         months: u32,
         reason: &str,
+        by: &str,
         now: i64,
     ) -> Result<bool> {
         // A stored count below zero is no extension made; a count that does not fit, or
@@ -198,6 +227,7 @@ impl Store {
             now,
             row.state,
             EventDetail {
+                actor: by.to_string(),
                 message: format!("due date extended by {months} month(s)"),
                 free_text: reason.to_string(),
                 forgotten: forgotten_at.is_some(),
