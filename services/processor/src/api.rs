@@ -291,6 +291,7 @@ impl ProcessorService for Api {
             .iter()
             .map(|s| {
                 let connector = self.shared.connectors.get(&s.name);
+                let mark = self.shared.unavailable_until.mark(&s.name);
                 Subprocessor {
                     name: s.name.clone(),
                     country: s.country.clone(),
@@ -312,6 +313,10 @@ impl ProcessorService for Api {
                             encoding: encoding as i32,
                         })
                         .collect(),
+                    unreachable_since: mark
+                        .as_ref()
+                        .map(|m| dsrelay_proto::timestamp_from_millis(m.since)),
+                    unreachable_error: mark.map(|m| m.error).unwrap_or_default(),
                 }
             })
             .collect();

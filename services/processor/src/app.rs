@@ -200,6 +200,9 @@ impl App {
             );
         }
         let export_slots = tokio::sync::Semaphore::new(config.tasks.export_concurrency);
+        let clock = Clock::system();
+        let breaker =
+            crate::breaker::Breaker::new(clock.clone(), config.identity_hash_key.as_bytes());
         Ok(Self {
             tls,
             shared: Arc::new(Shared {
@@ -209,14 +212,14 @@ impl App {
                     .with_ack_handoff(config.acks.lease_ms),
                 config,
                 connectors,
-                clock: Clock::system(),
+                clock,
                 registries,
                 task_wakeup: Notify::new(),
                 ack_wakeup: Notify::new(),
                 uploaders,
                 upload_wakeup: Notify::new(),
                 recipients,
-                unavailable_until: Default::default(),
+                unavailable_until: breaker,
                 export_slots,
                 abandon: watch::Sender::new(false),
                 runner_stopped: watch::Sender::new(false),

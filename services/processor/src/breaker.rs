@@ -9,10 +9,16 @@
 //! ([`crate::task_machine::worth_acknowledging`]), so the count starts again once the
 //! holder answers.
 //!
-//! The marks live in this process: each replica learns of a down holder by itself.
+//! The marks live in this process: each replica learns of a down holder by itself, and a
+//! restart clears them. A mark's opening is logged at WARN and its clearing at INFO, once
+//! each, not per call; [`Breaker::marks`] lists the open ones for the metrics
+//! (`dsrelay_subprocessor_unreachable`) and ListSubprocessors.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
+
+use dsrelay_runtime::clock::{date_label, Clock};
+use dsrelay_runtime::log_text::withheld;
 
 use crate::store::TaskKey;
 
@@ -20,6 +26,22 @@ use crate::store::TaskKey;
 #[derive(Debug, Default)]
 pub(crate) struct Breaker {
     marks: Mutex<HashMap<String, Mark>>,
+    /// Times a clearing's outage: [`Breaker::answered`] is told no instant.
+    clock: Clock,
+    /// Keys the hash that stands for a holder's error in the log lines: its words may quote
+    /// the subject ([`dsrelay_runtime::log_text`]).
+    log_key: Vec<u8>,
+}
+
+/// An open mark, as [`Breaker::marks`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Unreachable {
+    /// The subprocessor's name.
+    pub holder: String,
+    /// When (ms) its first failure of this run of failures came.
+    pub since: i64,
+    /// Its last transient error, as the mark keeps it.
+    pub error: String,
 }
 
 #[derive(Debug, Clone)]
@@ -51,6 +73,15 @@ pub(crate) struct Down {
 }
 
 impl Breaker {
+    /// No marks; `clock` times the outages, `log_key` keys the hashes of errors in log lines.
+    pub(crate) fn new(clock: Clock, log_key: &[u8]) -> Self {
+        Self {
+            marks: Mutex::default(),
+            clock,
+            log_key: log_key.to_vec(),
+        }
+    }
+
     /// Whether `task` may call `holder` at `now`: `None` to call it, or why to wait (and the
     /// wait is counted). Once a mark has run out the first caller is let through as the
     /// probe, for up to `probe_ms`; the others look again after `recheck_ms`.
@@ -86,9 +117,11 @@ impl Breaker {
     }
 
     /// The holder failed transiently at `now` with `error`: nobody calls it before `until`
-    /// (ms). A holder marked already keeps since when it fails, and its tasks' waits.
+    /// (ms). A holder marked already keeps since when it fails, and its tasks' waits; one not
+    /// marked yet is logged at WARN.
     pub(crate) fn failed(&self, holder: &str, now: i64, until: i64, error: &str) {
         let mut marks = self.marks.lock().unwrap_or_else(PoisonError::into_inner);
+        let opened = !marks.contains_key(holder);
         let mark = marks.entry(holder.to_string()).or_insert_with(|| Mark {
             open_until: until,
             probe_until: None,
@@ -100,6 +133,20 @@ impl Breaker {
         mark.probe_until = None;
         // Enough to say what is wrong; the task's last error keeps a call's whole words.
         mark.error = crate::text::fit(error, 200).into_owned();
+        drop(marks);
+        if opened {
+            // Only transient failures mark a holder; the words stay out of the line.
+            let error = withheld(&self.log_key, error);
+            let since = date_label(now);
+            tracing::warn!(
+                subprocessor = %holder,
+                %since,
+                %error,
+                until = %date_label(until),
+                "subprocessor {holder} unreachable since {since}: transient error ({error}); \
+                 its tasks wait without calling it, one probes it when the mark runs out"
+            );
+        }
     }
 
     /// [`Breaker::failed`] with no error to tell, since `until`.
@@ -109,9 +156,49 @@ impl Breaker {
     }
 
     /// The holder answered (whatever it said): it is reachable, and its tasks' waits are over.
+    /// A mark it clears is logged at INFO with how long the holder was unreachable.
     pub(crate) fn answered(&self, holder: &str) {
         let mut marks = self.marks.lock().unwrap_or_else(PoisonError::into_inner);
-        marks.remove(holder);
+        let Some(mark) = marks.remove(holder) else {
+            return;
+        };
+        drop(marks);
+        let outage_ms = (self.clock.now_ms() - mark.since).max(0);
+        let since = date_label(mark.since);
+        tracing::info!(
+            subprocessor = %holder,
+            %since,
+            outage_ms,
+            "subprocessor {holder} reachable again after {} s (unreachable since {since})",
+            outage_ms / 1000
+        );
+    }
+
+    /// The open marks, by holder name: a holder is listed from its first transient failure
+    /// until it answers, probes and waits alike.
+    pub(crate) fn marks(&self) -> Vec<Unreachable> {
+        let marks = self.marks.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut open: Vec<Unreachable> = marks
+            .iter()
+            .map(|(holder, m)| Unreachable {
+                holder: holder.clone(),
+                since: m.since,
+                error: m.error.clone(),
+            })
+            .collect();
+        drop(marks);
+        open.sort_by(|a, b| a.holder.cmp(&b.holder));
+        open
+    }
+
+    /// The open mark of `holder`, if it has one.
+    pub(crate) fn mark(&self, holder: &str) -> Option<Unreachable> {
+        let marks = self.marks.lock().unwrap_or_else(PoisonError::into_inner);
+        marks.get(holder).map(|m| Unreachable {
+            holder: holder.to_string(),
+            since: m.since,
+            error: m.error.clone(),
+        })
     }
 }
 
@@ -192,5 +279,83 @@ mod tests {
         b.failed("mail", 10_000, 12_000, "refused");
         let next = wait("r-1", 10_500).expect("waits");
         assert_eq!((next.since, next.waits), (10_000, 1));
+    }
+
+    /// The captured lines about `holder` whose message starts with `start`.
+    fn lines_about(
+        logs: &dsrelay_runtime::testing::CapturedLogs,
+        holder: &str,
+        start: &str,
+    ) -> Vec<serde_json::Value> {
+        logs.text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["fields"]["subprocessor"] == holder)
+            .filter(|l| {
+                l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(start))
+            })
+            .collect()
+    }
+
+    /// A mark's opening is logged once at WARN, its clearing once at INFO with the outage's
+    /// length, whatever the calls between; the holder's words stay out of the lines. Before,
+    /// neither was logged, and the marks could not be listed.
+    #[test]
+    fn a_mark_is_logged_when_it_opens_and_when_it_clears_and_listed_meanwhile() {
+        let logs = dsrelay_runtime::testing::captured_logs();
+        let holder = "breaker-log-mail";
+        let clock = Clock::system();
+        let b = Breaker::new(clock.clone(), b"k");
+        let since = clock.now_ms();
+        let words = "row of breaker.loki@example.fi locked";
+        b.failed(holder, since, since + 1_000, words);
+        // A failed probe, and answers of other holders, log nothing about this one.
+        b.failed(holder, since + 2_000, since + 9_000, "timed out");
+        b.answered("breaker-log-other");
+        assert_eq!(
+            b.marks(),
+            [Unreachable {
+                holder: holder.into(),
+                since,
+                error: "timed out".into(),
+            }]
+        );
+        assert_eq!(b.mark(holder).map(|m| m.since), Some(since));
+        assert_eq!(b.mark("breaker-log-other"), None);
+        clock.advance(180_000);
+        b.answered(holder);
+        b.answered(holder);
+        assert!(b.marks().is_empty());
+
+        let text = logs.text();
+        assert!(!text.contains("breaker.loki"), "{text}");
+        let opened = lines_about(&logs, holder, "subprocessor ");
+        let opened: Vec<_> = opened.iter().filter(|l| l["level"] == "WARN").collect();
+        assert_eq!(opened.len(), 1, "{opened:#?}");
+        let fields = &opened[0]["fields"];
+        let message = fields["message"].as_str().unwrap_or_default();
+        let expected = format!(
+            "subprocessor {holder} unreachable since {}: transient error ({} bytes withheld, \
+             keyed hash ",
+            date_label(since),
+            words.len()
+        );
+        assert!(message.starts_with(&expected), "{message}");
+        assert_eq!(fields["since"], date_label(since));
+        let cleared = lines_about(&logs, holder, "subprocessor ");
+        let cleared: Vec<_> = cleared.iter().filter(|l| l["level"] == "INFO").collect();
+        assert_eq!(cleared.len(), 1, "{cleared:#?}");
+        let fields = &cleared[0]["fields"];
+        assert_eq!(
+            fields["message"],
+            format!(
+                "subprocessor {holder} reachable again after 180 s (unreachable since {})",
+                date_label(since)
+            )
+        );
+        let outage = fields["outage_ms"].as_i64().unwrap_or_default();
+        assert!((180_000..190_000).contains(&outage), "{outage}");
     }
 }

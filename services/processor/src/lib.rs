@@ -90,6 +90,8 @@ mod transfer_cancel_tests;
 #[cfg(test)]
 mod transfer_delivery_tests;
 #[cfg(test)]
+mod unreachable_mark_tests;
+#[cfg(test)]
 mod upload_cause_tests;
 #[cfg(test)]
 mod upload_test_support;

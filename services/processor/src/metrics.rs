@@ -10,6 +10,11 @@
 //! | `dsrelay_connector_errors_total` | counter | `subprocessor`, `kind` (`transient`, `permanent`) |
 //! | `dsrelay_connector_duration_seconds` | histogram | `subprocessor` |
 //! | `dsrelay_export_bytes_sent_total` | counter | `subprocessor`, `when` (`while_written`, `after_export`) |
+//! | `dsrelay_subprocessor_unreachable` | gauge | `subprocessor` |
+//! | `dsrelay_subprocessor_unreachable_since_seconds` | gauge | `subprocessor` |
+//!
+//! The two `unreachable` gauges are read from this process's marks ([`crate::breaker`]) when
+//! scraped, not from the store: each replica shows its own, and a restart clears them.
 
 use anyhow::Result;
 use dsrelay_proto::prost::Message;
@@ -20,6 +25,7 @@ use dsrelay_runtime::metrics::{
 use sqlx::Row;
 
 use crate::app::Shared;
+use crate::breaker::Unreachable;
 use crate::config::Config;
 
 /// The counters and histograms the task runner updates.
@@ -189,6 +195,79 @@ pub(crate) async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
          not sent until an operator requeues them (dsrctl tasks dead-letters).",
     )
     .set(&[], dead as f64);
+    let names = shared.config.subprocessors.iter().map(|s| s.name.as_str());
+    unreachable_gauges(&mut gauges, names, &shared.unavailable_until.marks());
 
     encode(&[&gauges, &shared.metrics.registry])
+}
+
+/// Registers the unreachable marks' gauges in `registry`: 0 for each of `subprocessors`, and
+/// for each of `marks` 1 and the Unix time of its holder's first failure.
+fn unreachable_gauges<'a>(
+    registry: &mut Registry,
+    subprocessors: impl Iterator<Item = &'a str>,
+    marks: &[Unreachable],
+) {
+    let down = GaugeFamily::register(
+        registry,
+        "dsrelay_subprocessor_unreachable",
+        "1 while the subprocessor is marked unreachable after a transient failure (its tasks \
+         wait without calling it until a probe gets an answer), else 0. Kept in this process: \
+         each replica marks on its own, a restart clears the marks.",
+    );
+    let since = GaugeFamily::register(
+        registry,
+        "dsrelay_subprocessor_unreachable_since_seconds",
+        "Unix time of the first failure of the subprocessor's current unreachable mark; 0 \
+         while it is not marked.",
+    );
+    for name in subprocessors {
+        down.set(&[("subprocessor", name)], 0.0);
+        since.set(&[("subprocessor", name)], 0.0);
+    }
+    for m in marks {
+        down.set(&[("subprocessor", &m.holder)], 1.0);
+        since.set(&[("subprocessor", &m.holder)], m.since as f64 / 1000.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A marked subprocessor reads 1 with the Unix time of its first failure, the others 0
+    /// and 0; once its mark clears, it reads 0 too. Before, no gauge showed a mark.
+    #[test]
+    fn unreachable_gauges_follow_the_marks() {
+        let clock = dsrelay_runtime::clock::Clock::system();
+        let breaker = crate::breaker::Breaker::new(clock, b"k");
+        let scrape = |breaker: &crate::breaker::Breaker| {
+            let mut registry = Registry::default();
+            let names = ["accounting", "mail"].into_iter();
+            unreachable_gauges(&mut registry, names, &breaker.marks());
+            encode(&[&registry]).expect("encode")
+        };
+        breaker.failed("mail", 1_700_000_000_500, 1_700_000_060_000, "refused");
+        let text = scrape(&breaker);
+        for line in [
+            "dsrelay_subprocessor_unreachable{subprocessor=\"mail\"} 1.0",
+            "dsrelay_subprocessor_unreachable{subprocessor=\"accounting\"} 0.0",
+            "dsrelay_subprocessor_unreachable_since_seconds{subprocessor=\"mail\"} 1700000000.5",
+            "dsrelay_subprocessor_unreachable_since_seconds{subprocessor=\"accounting\"} 0.0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
+        assert!(
+            text.contains("# TYPE dsrelay_subprocessor_unreachable gauge"),
+            "{text}"
+        );
+        breaker.answered("mail");
+        let text = scrape(&breaker);
+        for line in [
+            "dsrelay_subprocessor_unreachable{subprocessor=\"mail\"} 0.0",
+            "dsrelay_subprocessor_unreachable_since_seconds{subprocessor=\"mail\"} 0.0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
+    }
 }

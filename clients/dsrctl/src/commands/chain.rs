@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::commands::{Io, Registry};
 use crate::output::{emit, identity_encoding_name, identity_type_name, kind_name, Render, Time};
-use crate::table::{clean, Table};
+use crate::table::{clean, clipped, Table};
 use crate::Failure;
 
 /// The chain, for printing.
@@ -40,6 +40,10 @@ struct SubprocessorView {
     /// The forms of identity it can find a subject by (`EMAIL/RAW`); empty when the holder
     /// is given every identity and decides.
     matchable_identities: Vec<String>,
+    /// Since when the processor had it marked unreachable when it last reported, if it did.
+    unreachable_since: Option<Time>,
+    /// The last error of that mark; `None` when not marked or the error is empty.
+    unreachable_error: Option<String>,
 }
 
 /// `EMAIL/MD5`.
@@ -92,6 +96,9 @@ impl From<&Chain> for ChainView {
                                 .collect(),
                             description: s.description.clone(),
                             matchable_identities: s.matchable_identities.iter().map(form).collect(),
+                            unreachable_since: Time::from_proto(s.unreachable_since.as_ref()),
+                            unreachable_error: (!s.unreachable_error.is_empty())
+                                .then(|| s.unreachable_error.clone()),
                         })
                         .collect(),
                 })
@@ -103,7 +110,14 @@ impl From<&Chain> for ChainView {
 impl Render for ChainView {
     fn to_table(&self) -> String {
         let mut out = String::from("controller (this registry)\n");
-        for p in &self.processors {
+        let n = self.processors.len();
+        for (i, p) in self.processors.iter().enumerate() {
+            // Lines under a processor that is not the last carry the line down to the next.
+            let (branch, indent) = if i + 1 == n {
+                ("└─", "   ")
+            } else {
+                ("├─", "│  ")
+            };
             let reported = match (&p.reported_at, &p.last_error) {
                 (Some(t), None) => format!("reported {t}"),
                 (Some(t), Some(e)) => format!("reported {t}; last check failed: {}", clean(e)),
@@ -111,7 +125,7 @@ impl Render for ChainView {
                 (None, None) => "not asked yet".into(),
             };
             out.push_str(&format!(
-                "└─ {}  {}  categories: {}  ({reported})\n",
+                "{branch} {}  {}  categories: {}  ({reported})\n",
                 clean(&p.name),
                 clean(&p.endpoint),
                 clean(&p.data_categories.join(", "))
@@ -121,13 +135,18 @@ impl Render for ChainView {
                     .status_check_failed_at
                     .as_ref()
                     .map_or_else(String::new, |t| format!(" at {t}"));
-                out.push_str(&format!("   last status check failed{at}: {}\n", clean(e)));
+                out.push_str(&format!(
+                    "{indent}last status check failed{at}: {}\n",
+                    clean(e)
+                ));
             }
             let mut t = Table::headless();
-            for s in &p.subprocessors {
+            let m = p.subprocessors.len();
+            for (j, s) in p.subprocessors.iter().enumerate() {
                 let all = s.supported_kinds.len() == 6;
-                t.row([
-                    format!("   └─ {}", clean(&s.name)),
+                let branch = if j + 1 == m { "└─" } else { "├─" };
+                let mut row = vec![
+                    format!("{indent}{branch} {}", clean(&s.name)),
                     clean(&s.country),
                     s.transfer_mechanism.clone(),
                     clean(&s.connector),
@@ -142,7 +161,19 @@ impl Render for ChainView {
                     } else {
                         format!("matches {}", s.matchable_identities.join(", "))
                     },
-                ]);
+                ];
+                // A column of its own, so that a holder that is down is found by grep on
+                // its line; the others' is "-" when one of their processor's is.
+                if s.unreachable_since.is_some() || s.unreachable_error.is_some() {
+                    let since = s
+                        .unreachable_since
+                        .map_or_else(String::new, |t| format!(" since {t}"));
+                    row.push(match s.unreachable_error.as_deref().unwrap_or("") {
+                        "" => format!("unreachable{since}"),
+                        e => format!("unreachable{since} ({})", clipped(e, 80)),
+                    });
+                }
+                t.row(row);
             }
             out.push_str(&t.render());
         }
@@ -215,5 +246,68 @@ mod tests {
             table.contains("last status check failed: request r-1: Unavailable: restarting"),
             "{table}"
         );
+    }
+
+    /// Only the last processor and the last subprocessor of each get `└─`, the others
+    /// `├─`, and the lines under a processor that is not the last carry `│` down; a
+    /// subprocessor the processor had marked unreachable says since when and why. Before,
+    /// every line was drawn `└─` and a holder that was down looked like the others.
+    #[test]
+    fn the_tree_branches_and_shows_an_unreachable_subprocessor() {
+        let sub = |name: &str| Subprocessor {
+            name: name.into(),
+            ..Default::default()
+        };
+        let since = dsrelay_proto::prost_types::Timestamp {
+            seconds: 1_767_261_600,
+            nanos: 0,
+        };
+        let chain = Chain {
+            processors: vec![
+                ChainProcessor {
+                    name: "bureau".into(),
+                    status_check_error: "restarting".into(),
+                    subprocessors: vec![
+                        Subprocessor {
+                            unreachable_since: Some(since),
+                            unreachable_error: "connection refused".into(),
+                            ..sub("adapter")
+                        },
+                        sub("accounting"),
+                    ],
+                    ..Default::default()
+                },
+                ChainProcessor {
+                    name: "archive".into(),
+                    subprocessors: vec![sub("paper")],
+                    ..Default::default()
+                },
+            ],
+        };
+        let view = ChainView::from(&chain);
+        let table = view.to_table();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 7, "{table}");
+        assert!(lines[1].starts_with("├─ bureau  "), "{table}");
+        assert_eq!(
+            lines[2], "│  last status check failed: restarting",
+            "{table}"
+        );
+        assert!(lines[3].starts_with("│  ├─ adapter  "), "{table}");
+        assert!(
+            lines[3].ends_with("  unreachable since 2026-01-01T10:00:00Z (connection refused)"),
+            "{table}"
+        );
+        assert!(lines[4].starts_with("│  └─ accounting  "), "{table}");
+        assert!(lines[4].ends_with("  -"), "{table}");
+        assert!(lines[5].starts_with("└─ archive  "), "{table}");
+        assert!(lines[6].starts_with("   └─ paper  "), "{table}");
+        assert!(!lines[6].contains("unreachable"), "{table}");
+        let json = serde_json::to_value(&view).expect("json");
+        let adapter = &json["processors"][0]["subprocessors"][0];
+        assert_eq!(adapter["unreachable_since"], "2026-01-01T10:00:00Z");
+        assert_eq!(adapter["unreachable_error"], "connection refused");
+        let accounting = &json["processors"][0]["subprocessors"][1];
+        assert!(accounting["unreachable_since"].is_null(), "{json:#}");
     }
 }

@@ -442,12 +442,19 @@ impl RequestService for Api {
                 .chain(&p.name)
                 .await
                 .map_err(ApiError::from)?;
-            let subprocessors = row
+            let mut subprocessors = row
                 .subprocessors
                 .as_deref()
                 .and_then(|b| SubprocessorList::decode(b).ok())
                 .map(|l| l.subprocessors)
                 .unwrap_or_default();
+            // A holder's own words, as `last_error`, are for operators; partners learn that it
+            // is unreachable and since when.
+            if !internal {
+                for s in &mut subprocessors {
+                    s.unreachable_error.clear();
+                }
+            }
             // For operators only, as `last_error`: the processor's or the connection's words.
             let status_failure = match internal {
                 true => (self.shared.store)
@@ -1006,6 +1013,8 @@ fn dead_letter_cursor(token: &str) -> Option<DeadLetterCursor> {
 
 #[cfg(test)]
 mod actor_tests;
+#[cfg(test)]
+mod chain_tests;
 #[cfg(test)]
 mod identity_list_tests;
 
