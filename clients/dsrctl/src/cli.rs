@@ -959,7 +959,8 @@ pub struct ListArgs {
     #[arg(long, value_name = "ID")]
     pub national_id: Vec<String>,
 
-    /// Only requests about this other identity, e.g. --other loyalty-card=L-123 (repeatable).
+    /// Only requests about this other identity, e.g. --other loyalty-card=L-123 (repeatable;
+    /// the label is not matched, only the value: L-123 under any label).
     #[arg(long, value_name = "LABEL=VALUE", value_parser = parse_assignment)]
     pub other: Vec<(String, String)>,
 

@@ -256,10 +256,13 @@ fn describe_contract_end(s: &mut String, end: &ContractEndFacts) {
     let c = &r.confirmation;
     let said = match (c.state.as_str(), &c.at) {
         ("CONFIRMED", Some(at)) if *at > end.grace_ends_at => format!(
-            "confirmed by the controller at {at}, after the grace period ended but before \
-             the erasure began (the processor refuses a confirmation once it has begun)"
+            "confirmed by the controller, recorded by the processor at {at}, after the grace \
+             period ended but before the erasure began (the registry refuses a confirmation \
+             after the grace end, so it reached the processor late, or by another clock)"
         ),
-        ("CONFIRMED", Some(at)) => format!("confirmed by the controller at {at}"),
+        ("CONFIRMED", Some(at)) => {
+            format!("confirmed by the controller, recorded by the processor at {at}")
+        }
         ("CONFIRMED", None) => "confirmed by the controller (when: not recorded)".into(),
         ("GRACE_PERIOD_ENDED", at) => format!(
             "none: the grace period ended ({}) unconfirmed",
@@ -411,7 +414,8 @@ mod tests {
             "returned      to the registry: 2 file(s), 150 bytes, delivered \
              2026-01-02T00:00:00.000Z\n",
             &format!("manifest      sha256 {}\n", "ab".repeat(32)),
-            "confirmation  confirmed by the controller at 2026-01-15T00:00:00.000Z\n",
+            "confirmation  confirmed by the controller, recorded by the processor at \
+             2026-01-15T00:00:00.000Z\n",
         ] {
             assert!(text.contains(line), "{line}: {text}");
         }

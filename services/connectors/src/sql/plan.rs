@@ -987,8 +987,9 @@ pub(super) fn plan_record_marker(returned: ReturnedKeys<'_>) -> Statement {
 /// Records under `returned` the row keys ([`ColumnTypes::row_key`]) of the rows of `rule`
 /// that [`plan_export`] reads for `scope`, as a contract end's export does in the
 /// transaction of its reads; `None` when no identity applies to the table or its row key is
-/// unknown. A row whose key is NULL (SQLite keys such a row by its row id, where no column
-/// hides it) cannot be told apart, so it is not recorded.
+/// unknown. A row whose primary key is NULL is recorded by its SQLite row id; where declared
+/// columns hide every name of the row id (or in a WITHOUT ROWID table) it cannot be told
+/// apart, so it is not recorded.
 pub(super) fn plan_record_returned(
     config: &SqlConnectorConfig,
     rule: &TableRule,

@@ -217,8 +217,11 @@ impl Store {
             binds.push(b);
             format!("${}", binds.len())
         };
+        // The page's ids first, the columns of those rows after: `REQUEST_COLUMNS` holds a
+        // subquery (`answered_at`) that SQLite, sorting, would otherwise compute for every
+        // matching row before applying the LIMIT.
         let mut sql = if identity_hashes.is_empty() {
-            format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE 1 = 1")
+            "SELECT requests.id FROM requests WHERE 1 = 1".to_string()
         } else {
             let list: Vec<String> = identity_hashes
                 .iter()
@@ -229,7 +232,7 @@ impl Store {
             // states and tests every request it finds against the hashes; its CROSS JOIN
             // keeps the hashes the outer loop (PostgreSQL plans the join by its own costs).
             format!(
-                "SELECT {REQUEST_COLUMNS} FROM (SELECT DISTINCT request_id \
+                "SELECT requests.id FROM (SELECT DISTINCT request_id \
                  FROM request_identity_hashes WHERE hash IN ({})) AS about \
                  CROSS JOIN requests WHERE requests.id = about.request_id",
                 list.join(", ")
@@ -271,6 +274,10 @@ impl Store {
         }
         let n = param(Bind::I64(f.limit), &mut binds);
         sql.push_str(&format!(" ORDER BY received_at DESC, id DESC LIMIT {n}"));
+        let sql = format!(
+            "SELECT {REQUEST_COLUMNS} FROM requests WHERE id IN ({sql}) \
+             ORDER BY received_at DESC, id DESC"
+        );
         let mut q = sqlx::query_as(&sql);
         for b in binds {
             q = match b {
