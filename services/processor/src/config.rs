@@ -287,7 +287,8 @@ pub struct UploadConfig {
     /// Exports uploaded at once; 1 to [`MAX_CONCURRENCY`] (65536).
     pub concurrency: u32,
     /// Deadline of one state call (GetUploadState, GetTransferState) or closing call
-    /// (CompletePart, CompleteTransfer) (ms); 1 to [`MAX_CALL_TIMEOUT_MS`] (one hour).
+    /// (CompletePart, CompleteTransfer) (ms); 1 to [`MAX_CALL_TIMEOUT_MS`] (one hour), and
+    /// shorter than `lease_ms`, which a closing call runs under unrenewed.
     pub call_timeout_ms: u64,
 }
 
@@ -552,6 +553,17 @@ impl Config {
         check_backoff(errors, "tasks", &t.backoff);
         check_backoff(errors, "acks", &a.backoff);
         check_backoff(errors, "uploads", &u.backoff);
+        // Closing a part (CompleteTransfer) runs under the upload's lease, not renewed
+        // meanwhile: a lease that lapsed during the call let a Cancel cancel the return
+        // outright and drop the recipient's receipt. Out-of-range values are named above.
+        let in_range = any.contains(&u.lease_ms) && call.contains(&u.call_timeout_ms);
+        if in_range && u.call_timeout_ms >= u.lease_ms {
+            errors.push(format!(
+                "uploads.call_timeout_ms ({} ms) must be shorter than uploads.lease_ms ({} ms): \
+                 the lease must outlast a part's closing call",
+                u.call_timeout_ms, u.lease_ms
+            ));
+        }
     }
 
     /// Every configured caller whose identity is outside the processor's trust domain
@@ -1046,7 +1058,15 @@ mod tests {
         assert_eq!(c.uploads.lease_ms, 30_000);
         assert_eq!(c.uploads.stall_ms, 300_000);
         c.validate().unwrap();
-        Config::load_from(Some(&file), every_duration(|_| 1)).unwrap();
+        // Every one at 1 ms but the upload lease, which must outlast the 1 ms call timeout.
+        let mut least = every_duration(|_| 1);
+        let upload_lease = env_var("uploads.lease_ms");
+        for (var, value) in &mut least {
+            if *var == upload_lease {
+                *value = "2".into();
+            }
+        }
+        Config::load_from(Some(&file), least).unwrap();
         Config::load_from(Some(&file), every_duration(|max| max)).unwrap();
         // 0 where the code gives it a meaning: forget at once; reload TLS files on SIGHUP only.
         let (_dir, file) = folder("forget_after_days = 0");
@@ -1069,6 +1089,25 @@ mod tests {
             err.0,
             ["tasks.lease_ms: must be from 1 ms to 2592000000 ms (30 days); it is 0"]
         );
+    }
+
+    /// An upload lease that a part's closing call may outlast is refused, naming both keys;
+    /// the defaults (10 s within 30 s) pass. Before, nothing checked the two together.
+    #[test]
+    fn an_upload_call_timeout_not_shorter_than_the_upload_lease_is_refused() {
+        let defaults = UploadConfig::default();
+        assert!(defaults.call_timeout_ms < defaults.lease_ms);
+        let (_dir, file) = folder("[uploads]\nlease_ms = 5000\ncall_timeout_ms = 5000\n");
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert_eq!(
+            err.0,
+            [
+                "uploads.call_timeout_ms (5000 ms) must be shorter than uploads.lease_ms \
+                 (5000 ms): the lease must outlast a part's closing call"
+            ]
+        );
+        let (_dir, file) = folder("[uploads]\nlease_ms = 5001\ncall_timeout_ms = 5000\n");
+        Config::load_from(Some(&file), env(&[])).expect("a shorter call timeout");
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! ([`Store::holder_discards_due`](crate::store::Store::holder_discards_due) reads the
 //! marks), and the forget worker's sweep calls [`sweep`]: each marked task's connector is
 //! asked to discard what the export recorded ([`Connector::discard_bulk`], under the
-//! export's job id), and the mark is cleared once the call succeeded. A failed call is
+//! export's job id), and the mark is cleared once the call succeeded. A cancelled task's
+//! call waits a task lease (`tasks.lease_ms`) past its mark, by when a runner's export call
+//! the cancellation cut off has ended and committed what it recorded. A failed call is
 //! logged at WARN with the subprocessor and tried again after the tasks' backoff, which grows
 //! with each failure; a transient failure marks the holder unreachable for the tasks too
 //! ([`crate::breaker`]), and while it is marked the call waits, uncounted, as its tasks do.
@@ -29,8 +31,9 @@ const BATCH: i64 = 100;
 pub(crate) async fn sweep(shared: &Shared) -> Result<usize> {
     let mut discarded = 0;
     loop {
+        let settle_ms = i64::try_from(shared.config.tasks.lease_ms).unwrap_or(i64::MAX);
         let due = (shared.store)
-            .holder_discards_due(shared.clock.now_ms(), BATCH)
+            .holder_discards_due(shared.clock.now_ms(), settle_ms, BATCH)
             .await?;
         for d in &due {
             discarded += usize::from(discard(shared, d).await?);

@@ -88,6 +88,13 @@ async fn restarted(dir: &std::path::Path, url: &str, holder: Arc<Recorder>) -> A
     App::with_connectors(config, connectors).await.expect("app")
 }
 
+/// Moves `shared`'s clock a task lease on, past which a cancelled task's discard is due.
+fn past_a_lease(shared: &Shared) {
+    shared
+        .clock
+        .advance(i64::try_from(shared.config.tasks.lease_ms).expect("ms"));
+}
+
 /// Cancels `id` as its controller does.
 async fn cancel(shared: &Shared, id: &str) {
     let tasks = (shared.store)
@@ -115,6 +122,7 @@ async fn a_cancelled_return_has_its_holder_discard_once_after_a_restart(
 
     let app = restarted(dir, url, holder.clone()).await;
     let shared = app.shared();
+    past_a_lease(&shared);
     assert_eq!(
         crate::holder_discard::sweep(&shared).await.expect("sweep"),
         1
@@ -143,6 +151,7 @@ async fn a_failed_discard_is_made_again_after_its_backoff(url: &str, dir: &std::
     let shared = app.shared();
     assert_eq!(step_now(&shared).await, 1);
     cancel(&shared, "ce-f").await;
+    past_a_lease(&shared);
     assert_eq!(
         crate::holder_discard::sweep(&shared).await.expect("sweep"),
         0
@@ -170,6 +179,34 @@ async fn a_failed_discard_is_made_again_after_its_backoff(url: &str, dir: &std::
 }
 
 on_both!(a_failed_discard_is_made_again_after_its_backoff);
+
+/// A cancelled return's discard waits a task lease past the cancellation: a runner whose
+/// lease lapsed may still be in the export call, which commits what it recorded only when it
+/// ends. Due at once, the sweep's discard came before that commit and left those records.
+async fn a_cancelled_returns_discard_waits_a_lease(url: &str, dir: &std::path::Path) {
+    let holder = Arc::new(Recorder::default());
+    let choice = ContractEndChoice::ReturnThenDelete;
+    let app = with_contract_end(dir, url, holder.clone(), "ce-w", choice).await;
+    let shared = app.shared();
+    assert_eq!(step_now(&shared).await, 1);
+    cancel(&shared, "ce-w").await;
+    let lease_ms = i64::try_from(shared.config.tasks.lease_ms).expect("ms");
+    // The clock runs on meanwhile: a second short of the lease, not a millisecond.
+    shared.clock.advance(lease_ms - 1_000);
+    assert_eq!(
+        crate::holder_discard::sweep(&shared).await.expect("sweep"),
+        0
+    );
+    assert_eq!(holder.discards(), []);
+    shared.clock.advance(1_000);
+    assert_eq!(
+        crate::holder_discard::sweep(&shared).await.expect("sweep"),
+        1
+    );
+    assert_eq!(holder.discards().len(), 1);
+}
+
+on_both!(a_cancelled_returns_discard_waits_a_lease);
 
 /// A contract end cancelled before its export began recorded nothing at its holder, and one
 /// whose export ran and that goes on has its erasure still to come: neither calls.

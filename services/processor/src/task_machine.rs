@@ -1146,19 +1146,21 @@ fn decide_event(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision
 }
 
 /// `t`, a contract end's delivered return that waits for the controller's confirmation
-/// ([`Event::Delivered`] in RETURNING), scheduled for `grace_ends_at`: the claim then deletes
-/// the data whether the return was confirmed or not, and the wait shows that time as other
-/// phases show theirs ([`progress_proto`]). Its note (and reason) also names what the
+/// ([`Event::Delivered`] in RETURNING), scheduled for the `terms`' grace end: the claim then
+/// deletes the data whether the return was confirmed or not, and the wait shows that time as
+/// other phases show theirs ([`progress_proto`]). Its note (and reason) also names what the
 /// controller does next for contract end `request_id`: download the package and confirm it
 /// with its folder, or, returned to a transfer recipient (`to`), confirm once the receipts
-/// are in. Any other transition is answered as it is. The uploader, which holds the terms,
-/// applies it: the event carries none.
+/// are in; nothing once the terms say the return was confirmed. Any other transition is
+/// answered as it is. The uploader, which holds the terms, applies it: the event carries
+/// none.
 pub(crate) fn awaiting_confirmation(
     t: Transition,
     request_id: &str,
     to: Destination<'_>,
-    grace_ends_at: i64,
+    terms: &Terms,
 ) -> Transition {
+    let grace_ends_at = terms.grace_ends_at;
     let Some(step) = t
         .contract
         .as_ref()
@@ -1167,6 +1169,10 @@ pub(crate) fn awaiting_confirmation(
         return t;
     };
     let next = match to {
+        // The claim right after the wait starts deleting: there is nothing left to do.
+        _ if terms.return_confirmed => {
+            "the controller confirmed receipt already, so the deletion starts next".to_string()
+        }
         Destination::Registry => format!(
             "the controller downloads the package (dsrctl download {request_id} --out DIR) \
              and confirms it (dsrctl contracts confirm {request_id} --package DIR)"
@@ -4139,7 +4145,8 @@ mod tests {
                 bytes: 300,
                 receipt: None,
             };
-            awaiting_confirmation(moved(decide(&returning, event, &ctx())), "c-1", to, GRACE)
+            let terms = terms(ContractEndChoice::ReturnThenDelete);
+            awaiting_confirmation(moved(decide(&returning, event, &ctx())), "c-1", to, &terms)
         };
         let t = delivered(Destination::Registry);
         let step = t.contract.clone().expect("a phase");
@@ -4179,10 +4186,44 @@ mod tests {
         );
         // Any other transition is left as it is.
         let failed = failed("no".into());
+        let terms = terms(ContractEndChoice::ReturnThenDelete);
         assert_eq!(
-            awaiting_confirmation(failed.clone(), "c-1", Destination::Registry, GRACE),
+            awaiting_confirmation(failed.clone(), "c-1", Destination::Registry, &terms),
             failed
         );
+    }
+
+    /// A return the controller confirmed before its delivery was recorded names no next step
+    /// for the controller: the claim right after the wait starts deleting. Before, its note
+    /// still told the controller to download the package and confirm it.
+    #[test]
+    fn a_return_confirmed_already_names_no_next_step() {
+        let returning = contract_task(InProgress, ContractPhase::Returning);
+        let confirmed = Terms {
+            return_confirmed: true,
+            ..terms(ContractEndChoice::ReturnThenDelete)
+        };
+        for to in [Destination::Registry, Destination::Recipient("successor")] {
+            let event = Event::Delivered {
+                to,
+                files: 2,
+                bytes: 300,
+                receipt: None,
+            };
+            let t = moved(decide(&returning, event, &ctx()));
+            let t = awaiting_confirmation(t, "c-1", to, &confirmed);
+            assert!(!t.note.contains("dsrctl"), "{}", t.note);
+            assert!(
+                t.note.contains(
+                    "; the controller confirmed receipt already, so the deletion \
+                     starts next; the data is deleted at the end of the grace period"
+                ),
+                "{}",
+                t.note
+            );
+            let step = t.contract.expect("a phase");
+            assert_eq!(step.scheduled_at, Some(GRACE));
+        }
     }
 
     /// A grace end moved while a return waits for its confirmation moves the deletion and the

@@ -70,6 +70,8 @@ struct Recipient {
     /// CompleteTransfer calls received, each held while `closing` is false.
     completing: watch::Sender<usize>,
     closing: watch::Sender<bool>,
+    /// Whether CompleteTransfer fails (unavailable) once let through, instead of answering.
+    fail_close: bool,
 }
 
 impl Recipient {
@@ -81,6 +83,7 @@ impl Recipient {
             break_off,
             completing: watch::channel(0).0,
             closing: watch::channel(true).0,
+            fail_close: false,
         }
     }
 
@@ -166,6 +169,11 @@ impl TransferReceiver for Recipient {
         self.called(Call::Complete);
         self.completing.send_modify(|n| *n += 1);
         let _ = self.closing.subscribe().wait_for(|c| *c).await;
+        if self.fail_close {
+            return Err(Status::unavailable(
+                "the recipient went away while closing the part",
+            ));
+        }
         let r = req.into_inner();
         let manifest =
             dsrelay_runtime::transfer_manifest::sha256(&r.request_id, &r.subprocessor, &r.files);
@@ -390,6 +398,16 @@ async fn a_broken_off_send_says_what_the_recipient_stored(
 /// Contract end `r-1` (RETURN_THEN_DELETE to the recipient on `port`), whose return exported
 /// `files` (name, size), recorded as the runner's export step records it, its upload queued.
 async fn returning(shared: &Shared, port: u16, files: &[(&str, u64)]) -> TaskKey {
+    returning_due(shared, port, files, 600_000).await
+}
+
+/// [`returning`], due in `due_in_ms`.
+async fn returning_due(
+    shared: &Shared,
+    port: u16,
+    files: &[(&str, u64)],
+    due_in_ms: i64,
+) -> TaskKey {
     let now = shared.clock.now_ms();
     let req = DeliverRequest {
         request_id: "r-1".into(),
@@ -404,7 +422,7 @@ async fn returning(shared: &Shared, port: u16, files: &[(&str, u64)]) -> TaskKey
             }),
             ..Default::default()
         }),
-        due_at: Some(timestamp_from_millis(now + 600_000)),
+        due_at: Some(timestamp_from_millis(now + due_in_ms)),
         recipient: Some(TransferRecipient {
             name: RECIPIENT.into(),
             endpoint: format!("https://127.0.0.1:{port}"),
@@ -539,7 +557,94 @@ async fn a_return_cancelled_while_its_part_is_closed_keeps_the_receipt(
     let _ = stop_recipient.send(());
 }
 
+/// A contract end's return cancelled while the recipient closes its part, whose closing then
+/// fails after the due date passed, ends CANCELLED (nothing delivered, nothing deleted), and
+/// no acknowledgement after the mark says an attempt failed. Decided on the task as the
+/// attempt first read it, the failure overwrote the mark: FAILED at the due date (or
+/// "attempt 1 failed … retrying" before it).
+async fn a_return_cancelled_while_its_part_fails_to_close_ends_cancelled(
+    database_url: &str,
+    dir: &std::path::Path,
+) {
+    let mut recipient = Recipient::new(true, None);
+    recipient.fail_close = true;
+    // Held whole from an earlier attempt: no file goes, so nothing notes this attempt under
+    // way, whose note made the uploader read the task again after a failure.
+    (recipient.held().files).insert("customers.json".into(), (10, true));
+    recipient.closing.send_replace(false);
+    let (port, stop_recipient) = serve(dir, recipient.clone()).await;
+    let app = App::build(config(dir, database_url)).await.expect("app");
+    let shared = app.shared();
+    let due_in = 3_000;
+    let started = shared.clock.now_ms();
+    let key = returning_due(&shared, port, &[("customers.json", 10)], due_in).await;
+
+    let (stop, stopping) = watch::channel(false);
+    let worker = tokio::spawn(crate::uploader::run(shared.clone(), stopping));
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        recipient.completing.subscribe().wait_for(|n| *n >= 1),
+    )
+    .await
+    .expect("CompleteTransfer reaches the recipient")
+    .expect("completing");
+    let now = shared.clock.now_ms();
+    let tasks = shared
+        .store
+        .cancel("acme", "r-1", "the subject withdrew", now)
+        .await
+        .expect("cancel");
+    assert!(tasks[0].cancel_requested_at.is_some(), "{tasks:?}");
+    let marked_at: i64 = sqlx::query_scalar("SELECT MAX(sequence) FROM ack_outbox")
+        .fetch_one(&shared.store.db().pool)
+        .await
+        .expect("the last acknowledgement");
+    // Past the due date, where a failure decided without the mark gives up (FAILED).
+    let past_due = (started + due_in + 200 - shared.clock.now_ms()).max(0);
+    tokio::time::sleep(Duration::from_millis(past_due as u64)).await;
+    recipient.closing.send_replace(true);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while task(&shared).await.state == TaskState::InProgress {
+        assert!(
+            Instant::now() < deadline,
+            "the task stays IN_PROGRESS: {:?}, {:?}",
+            task(&shared).await,
+            upload_row(&shared).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send(true).expect("worker watch");
+    worker.await.expect("worker");
+
+    let t = task(&shared).await;
+    assert_eq!(t.state, TaskState::Cancelled, "{t:?}");
+    assert!(t.transfer_receipt.is_none(), "{t:?}");
+    assert!(t.reason.contains("is not delivered to"), "{t:?}");
+    let (done_at, _) = upload_row(&shared).await;
+    assert!(done_at.is_some(), "the upload is retired");
+    let payloads: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT payload FROM ack_outbox WHERE controller = $1 AND request_id = $2 \
+         AND subprocessor = $3 AND sequence > $4 ORDER BY sequence",
+    )
+    .bind(&key.controller)
+    .bind(&key.request_id)
+    .bind(&key.subprocessor)
+    .bind(marked_at)
+    .fetch_all(&shared.store.db().pool)
+    .await
+    .expect("the acknowledgements after the mark");
+    let acks: Vec<Acknowledgement> = payloads
+        .iter()
+        .map(|p| Acknowledgement::decode(p.as_slice()).expect("ack"))
+        .collect();
+    let states: Vec<i32> = acks.iter().map(|a| a.state).collect();
+    assert_eq!(states, [TaskState::Cancelled as i32], "{acks:?}");
+    let _ = stop_recipient.send(());
+}
+
 on_both!(
+    a_return_cancelled_while_its_part_fails_to_close_ends_cancelled,
     a_return_cancelled_while_its_part_is_closed_keeps_the_receipt,
     a_transfer_cancelled_mid_file_starts_no_other_file,
     a_transfer_cancelled_during_its_last_files_is_not_closed,

@@ -280,7 +280,8 @@ async fn serve_registry(dir: &std::path::Path) -> (Registry, u16, oneshot::Sende
 fn config(dir: &std::path::Path, database_url: &str, registry: u16) -> Config {
     let uploads = format!(
         "lease_ms = {LEASE_MS}\nstall_ms = {LEASE_MS}\npoll_interval_ms = 50\n\
-         backoff = {{ initial_ms = 20, max_ms = 100 }}"
+         call_timeout_ms = {}\nbackoff = {{ initial_ms = 20, max_ms = 100 }}",
+        LEASE_MS / 2
     );
     support::config(
         dir,

@@ -342,10 +342,17 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
         since: shared.clock.now_ms(),
     };
     let sent = send_export(shared, job, &sink, &under_way).await;
-    // The note of this attempt under way moved the task: a failure is decided on the task as
-    // it stands, or its note would be written on a sequence gone and the stale one kept.
-    let task = if sent.is_err() && under_way.said.load(Ordering::Relaxed) {
+    // A failure is decided on the task as it stands: the note of this attempt under way may
+    // have moved it, and a Cancel taken meanwhile may have marked it (a return to a recipient
+    // whose part was being closed), whose failure then ends it CANCELLED, never retried nor
+    // FAILED over the mark. A mark after this read is caught by the guarded writes below.
+    let task = if matches!(sent, Err(Failure::Retry(_) | Failure::Undeliverable(_))) {
         match shared.store.task(key).await? {
+            Some(now)
+                if now.state == TaskState::InProgress && now.cancel_requested_at.is_some() =>
+            {
+                return cancelled(shared, job, &now, to).await;
+            }
             Some(now) => now,
             None => return retire(shared, job, None, None, 0, 0).await.map(drop),
         }
@@ -408,7 +415,7 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
                     );
                     let moved = shared
                         .store
-                        .upload_failed(
+                        .upload_failed_unless_marked(
                             job.claim(),
                             task.sequence,
                             &t,
@@ -420,10 +427,16 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
                             task.attempts,
                         )
                         .await?;
-                    if moved.is_some() {
-                        shared.ack_wakeup.notify_one();
+                    match moved {
+                        // Marked since the task was read: decided again as the cancellation's.
+                        None => decide_again_later(shared, job, ctx.now).await,
+                        Some(moved) => {
+                            if moved.is_some() {
+                                shared.ack_wakeup.notify_one();
+                            }
+                            Ok(())
+                        }
                     }
-                    Ok(())
                 }
                 Decision::Later { at, .. } => {
                     // Nothing new for the controller: only the next attempt is scheduled.
@@ -446,7 +459,7 @@ async fn try_upload(shared: &Shared, job: &UploadJob) -> anyhow::Result<()> {
                         "delivering an export failed at the due date; giving up (the task's \
                          reason holds the destination's words)"
                     );
-                    record(shared, job, decision, None, task.sequence, task.attempts)
+                    record_unless_marked(shared, job, decision, &task)
                         .await
                         .map(drop)
                 }
@@ -469,17 +482,20 @@ async fn record_delivery(
     delivered: &Delivered<'_>,
     receipt: Option<TransferReceipt>,
 ) -> anyhow::Result<bool> {
-    // A contract end's return then waits for the confirmation until the grace end.
-    let grace_ends_at = match job.kind {
-        RequestKind::ContractEnd => (shared.store)
-            .contract_terms_and_recipient(&job.key.controller, &job.key.request_id)
-            .await?
-            .map(|(terms, _)| terms.grace_ends_at),
-        _ => None,
-    };
     // A mark comes once, so the second look decides on a marked task; a third covers a
-    // move by another uploader in between, after which the upload is decided again later.
+    // move by another uploader (or a new grace end) in between, after which the upload is
+    // decided again later.
     for _ in 0..3 {
+        // A contract end's return then waits for the confirmation until the grace end, read
+        // each time: the store writes the wait only while the terms still hold that grace
+        // end, and a new one is decided again here.
+        let terms = match job.kind {
+            RequestKind::ContractEnd => (shared.store)
+                .contract_terms_and_recipient(&job.key.controller, &job.key.request_id)
+                .await?
+                .map(|(terms, _)| terms),
+            _ => None,
+        };
         let Some(task) = shared.store.task(&job.key).await? else {
             return retire(shared, job, None, Some(delivered), 0, 0).await;
         };
@@ -491,8 +507,8 @@ async fn record_delivery(
         };
         let now = shared.clock.now_ms();
         let t = match decide(&task.current(), event, &Context::at(now)) {
-            Decision::Move(t) => Some(match grace_ends_at {
-                Some(at) => awaiting_confirmation(t, &job.key.request_id, to, at),
+            Decision::Move(t) => Some(match &terms {
+                Some(terms) => awaiting_confirmation(t, &job.key.request_id, to, terms),
                 None => t,
             }),
             _ => None,
@@ -618,9 +634,44 @@ async fn undeliverable(
         },
         &Context::at(shared.clock.now_ms()),
     );
-    record(shared, job, decision, None, task.sequence, task.attempts)
+    record_unless_marked(shared, job, decision, task)
         .await
         .map(drop)
+}
+
+/// [`record`] of a failure decided on `task` as read: decided on an unmarked task, it is
+/// written only while no cancellation marked the task since, and one that did is decided
+/// again ([`decide_again_later`]: the next attempt finds the mark and ends CANCELLED).
+async fn record_unless_marked(
+    shared: &Shared,
+    job: &UploadJob,
+    decision: Decision,
+    task: &TaskRow,
+) -> anyhow::Result<bool> {
+    let Decision::Move(t) = decision else {
+        return record(shared, job, decision, None, task.sequence, task.attempts).await;
+    };
+    if task.cancel_requested_at.is_some() {
+        return retire(shared, job, Some(&t), None, task.sequence, task.attempts).await;
+    }
+    let now = shared.clock.now_ms();
+    let (claim, at) = (job.claim(), (task.sequence, task.attempts));
+    match (shared.store)
+        .upload_finished_unless_marked(claim, at.0, Some(&t), None, now, at.1)
+        .await?
+    {
+        UploadFinish::Retired { sequence } => {
+            if sequence.is_some() {
+                shared.ack_wakeup.notify_one();
+            }
+            Ok(true)
+        }
+        UploadFinish::RetiredAlready => Ok(true),
+        UploadFinish::TaskChanged => {
+            decide_again_later(shared, job, now).await?;
+            Ok(false)
+        }
+    }
 }
 
 /// Records what the task machine decided and retires the upload (`delivered`: where the

@@ -5,6 +5,7 @@
 //! clears the mark once the call succeeded, or moves it to the call's retry.
 
 use anyhow::Result;
+use dsrelay_proto::v1::TaskState;
 
 use super::rows::TaskKey;
 use super::Store;
@@ -32,17 +33,31 @@ struct DiscardRecord {
 
 impl Store {
     /// Up to `limit` tasks whose holder's discard call is due at `now`, the longest due
-    /// first.
-    pub async fn holder_discards_due(&self, now: i64, limit: i64) -> Result<Vec<HolderDiscard>> {
+    /// first. A CANCELLED task's call with no failure counted waits `settle_ms` (the tasks'
+    /// lease) past its time (its mark's, or the one an unreachable holder moved it to): the
+    /// cancellation may have come while a runner whose lease had lapsed was still in the
+    /// export call, whose transaction commits what it returned only when the call ends, and
+    /// a runner drops its call within a lease of losing it. A discard before that commit
+    /// would leave the returned records at the holder for good (and on SQLite wait on the
+    /// export's write lock).
+    pub async fn holder_discards_due(
+        &self,
+        now: i64,
+        settle_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<HolderDiscard>> {
         let rows: Vec<DiscardRecord> = sqlx::query_as(&format!(
             "SELECT controller, request_id, subprocessor, holder_discard_at, \
              holder_discard_failures FROM tasks WHERE holder_discard_at IS NOT NULL \
-             AND holder_discard_at <= $1 ORDER BY holder_discard_at, controller{b}, \
+             AND holder_discard_at <= CASE WHEN holder_discard_failures = 0 AND state = $3 \
+             THEN $1 - $4 ELSE $1 END ORDER BY holder_discard_at, controller{b}, \
              request_id{b}, subprocessor{b} LIMIT $2",
             b = self.db.backend.bytewise()
         ))
         .bind(now)
         .bind(limit)
+        .bind(i64::from(TaskState::Cancelled as i32))
+        .bind(settle_ms)
         .fetch_all(&self.db.pool)
         .await?;
         Ok(rows

@@ -351,6 +351,28 @@ impl Store {
             super::audit::append(&mut tx, ProcessorAuditEvent::ExportDelivered, now, record)
                 .await?;
         }
+        // A return's wait for the confirmation is written only while the terms still hold
+        // the grace end it was decided with: a new one committed since the uploader read the
+        // terms rescheduled only the tasks already waiting. Locked, so that one coming now
+        // waits for this and then finds the task waiting.
+        let waits_for = t
+            .and_then(|t| t.contract.as_ref())
+            .filter(|c| c.phase == dsrelay_proto::v1::ContractPhase::AwaitingConfirmation);
+        if let Some(grace) = waits_for.and_then(|c| c.scheduled_at) {
+            let held: Option<i64> = sqlx::query_scalar(&format!(
+                "SELECT grace_ends_at FROM contract_ends WHERE controller = $1 \
+                 AND request_id = $2{}",
+                self.db.backend.lock_rows()
+            ))
+            .bind(&key.controller)
+            .bind(&key.request_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if held.is_some_and(|held| held != grace) {
+                tx.rollback().await?;
+                return Ok(UploadFinish::TaskChanged);
+            }
+        }
         // The task before the upload, as `upload_failed` locks them; all of it is rolled
         // back below if another uploader retired the upload first.
         let moved = match t {
@@ -413,17 +435,69 @@ impl Store {
         now: i64,
         attempts: i64,
     ) -> Result<Option<i64>> {
+        let at = (expected_sequence, now, attempts);
+        Ok(self
+            .note_failure(claim, at, t, next, false)
+            .await?
+            .flatten())
+    }
+
+    /// [`Store::upload_failed`] of a failure decided on a task no cancellation had marked:
+    /// once one did, nothing is written and `None` is answered, so that the failure is
+    /// decided again as the cancellation's (the return CANCELLED, not retried nor FAILED);
+    /// otherwise `Some` of what [`Store::upload_failed`] answers.
+    pub async fn upload_failed_unless_marked(
+        &self,
+        claim: UploadClaim<'_>,
+        expected_sequence: i64,
+        t: &Transition,
+        next: NextAttempt<'_>,
+        now: i64,
+        attempts: i64,
+    ) -> Result<Option<Option<i64>>> {
+        let at = (expected_sequence, now, attempts);
+        self.note_failure(claim, at, t, next, true).await
+    }
+
+    /// [`Store::upload_failed_unless_marked`], guarded by the mark only when `unless_marked`;
+    /// `at` is the expected sequence, the time and the attempts.
+    async fn note_failure(
+        &self,
+        claim: UploadClaim<'_>,
+        (expected_sequence, now, attempts): (i64, i64, i64),
+        t: &Transition,
+        next: NextAttempt<'_>,
+        unless_marked: bool,
+    ) -> Result<Option<Option<i64>>> {
         let UploadClaim { key, lease_owner } = claim;
         let mut tx = self.begin_audited().await?;
         // The task before the upload, as `upload_finished` locks them.
-        let moved =
-            super::tasks::transition(&mut tx, key, expected_sequence, t, now, attempts).await?;
+        let moved = if unless_marked {
+            let moved = super::tasks::transition_unless_marked(
+                &mut tx,
+                key,
+                expected_sequence,
+                t,
+                now,
+                attempts,
+            )
+            .await?;
+            // A task moved on by another step keeps its retry as before; only a mark asks for
+            // the failure to be decided again.
+            if moved.is_none() && marked(&mut tx, key).await? {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+            moved
+        } else {
+            super::tasks::transition(&mut tx, key, expected_sequence, t, now, attempts).await?
+        };
         if !schedule_retry(&mut *tx, key, lease_owner, next).await? {
             tx.rollback().await?;
-            return Ok(None);
+            return Ok(Some(None));
         }
         tx.commit().await?;
-        Ok(moved)
+        Ok(Some(moved))
     }
 
     /// Records `t` (the task's note saying an attempt after a failed one got through) while
@@ -587,6 +661,20 @@ impl Store {
     }
 }
 
+/// Whether a cancellation marked `key`'s task (`cancel_requested_at`).
+async fn marked(tx: &mut super::audit::AuditTx, key: &TaskKey) -> Result<bool> {
+    Ok(sqlx::query(
+        "SELECT 1 AS one FROM tasks WHERE controller = $1 AND request_id = $2 \
+         AND subprocessor = $3 AND cancel_requested_at IS NOT NULL",
+    )
+    .bind(&key.controller)
+    .bind(&key.request_id)
+    .bind(&key.subprocessor)
+    .fetch_optional(&mut **tx)
+    .await?
+    .is_some())
+}
+
 /// Releases an upload of the claim `lease_owner` until `next.at`, keeping why it failed;
 /// answers whether the claim still held it (nothing is written otherwise).
 async fn schedule_retry<'e>(
@@ -737,6 +825,109 @@ pub(crate) mod tests {
     async fn a_delivery_decided_on_a_stale_task_is_decided_again_on_postgres() {
         crate::test_postgres::on_postgres(|u, _| async move {
             a_delivery_decided_on_a_stale_task_is_decided_again(&u).await
+        })
+        .await;
+    }
+
+    /// A return's wait for the confirmation decided with a grace end the terms no longer hold
+    /// (a new one committed after the uploader read them) is not written: decided again with
+    /// the new one, it is. Before, the stale grace end stayed the task's scheduled time.
+    async fn a_wait_decided_with_an_old_grace_end_is_decided_again(url: &str) {
+        use dsrelay_proto::v1::{ContractEnd, ContractEndChoice, ContractPhase, RequestParameters};
+        let db = Db::connect(url).await.expect("connect");
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+            .await
+            .expect("migrate");
+        let store = Store::new(db, b"test key");
+        let (old_grace, new_grace) = (900_000_i64, 1_800_000_i64);
+        let req = DeliverRequest {
+            request_id: "r-1".into(),
+            kind: RequestKind::ContractEnd as i32,
+            parameters: Some(RequestParameters {
+                contract_end: Some(ContractEnd {
+                    choice: ContractEndChoice::ReturnThenDelete as i32,
+                    effective_at: Some(dsrelay_proto::timestamp_from_millis(1)),
+                    grace_ends_at: Some(dsrelay_proto::timestamp_from_millis(old_grace)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            due_at: Some(dsrelay_proto::timestamp_from_millis(old_grace)),
+            ..Default::default()
+        };
+        store
+            .accept("acme", &req, &["crm".into()], None, 1)
+            .await
+            .expect("accept");
+        let key = TaskKey {
+            controller: "acme".into(),
+            request_id: "r-1".into(),
+            subprocessor: "crm".into(),
+        };
+        let s = store.task(&key).await.expect("task").expect("row").sequence;
+        let mut conn = store.db.pool.acquire().await.expect("connection");
+        queue(&mut conn, &key, 2).await.expect("queue the upload");
+        drop(conn);
+        sqlx::query("UPDATE contract_ends SET grace_ends_at = $1")
+            .bind(new_grace)
+            .execute(&store.db.pool)
+            .await
+            .expect("a new grace end");
+        let waiting = |grace| Transition {
+            state: TaskState::InProgress,
+            confirmed: true,
+            note: "returned; waiting".into(),
+            contract: Some(crate::task_machine::ContractStep {
+                phase: ContractPhase::AwaitingConfirmation,
+                progress: None,
+                scheduled_at: Some(grace),
+            }),
+            ..Default::default()
+        };
+        let to = Delivered {
+            recipient: None,
+            files: 1,
+            bytes: 10,
+        };
+        let claim = sender(&key, "a sender");
+        let stale = waiting(old_grace);
+        assert_eq!(
+            (store.upload_finished(claim, s, Some(&stale), Some(&to), 4, 1))
+                .await
+                .expect("finish"),
+            UploadFinish::TaskChanged
+        );
+        let task = store.task(&key).await.expect("task").expect("row");
+        assert_eq!(task.sequence, s, "{task:?}");
+        let fresh = waiting(new_grace);
+        let claim = sender(&key, "a sender");
+        assert_eq!(
+            (store.upload_finished(claim, s, Some(&fresh), Some(&to), 5, 1))
+                .await
+                .expect("finish"),
+            UploadFinish::Retired {
+                sequence: Some(s + 1)
+            }
+        );
+        let task = store.task(&key).await.expect("task").expect("row");
+        assert_eq!(task.scheduled_at, Some(new_grace), "{task:?}");
+        store.db.pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_wait_decided_with_an_old_grace_end_is_decided_again_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        a_wait_decided_with_an_old_grace_end_is_decided_again(&format!(
+            "sqlite://{}/p.db",
+            dir.path().display()
+        ))
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_wait_decided_with_an_old_grace_end_is_decided_again_on_postgres() {
+        crate::test_postgres::on_postgres(|u, _| async move {
+            a_wait_decided_with_an_old_grace_end_is_decided_again(&u).await
         })
         .await;
     }
