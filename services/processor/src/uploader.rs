@@ -1134,7 +1134,7 @@ fn check_receipt(
             r.recipient
         ));
     }
-    if !r.sender.is_empty() && r.sender != sender {
+    if dsrelay_runtime::transfer_receipt::names_other_sender(r, Some(sender)) {
         wrong.push(format!(
             "it names sender {:?}, sent by {sender:?}",
             r.sender

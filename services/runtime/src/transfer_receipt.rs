@@ -59,6 +59,14 @@ pub fn sign(mut receipt: TransferReceipt, key: &SigningKey) -> Result<TransferRe
     Ok(receipt)
 }
 
+/// Whether `receipt` names a sender other than `identity`, the certificate identity of the
+/// processor presenting it (`None` when that identity is not known): transfer.proto's rule,
+/// which the processor, the registry's Acknowledge and its check of a processor's answers
+/// all apply. An empty sender (a recipient that names none) passes.
+pub fn names_other_sender(receipt: &TransferReceipt, identity: Option<&str>) -> bool {
+    !receipt.sender.is_empty() && identity != Some(receipt.sender.as_str())
+}
+
 /// Whether `receipt`'s signature has the form transfer.proto states: none with no key id, or
 /// 64 bytes with a key id `sha256:` and 64 lowercase hex digits. The registry refuses any
 /// other, and the processor does not take one from a recipient.

@@ -547,7 +547,7 @@ fn recipient_problem<'a>(
 /// processor's part got for the same request and subprocessor would otherwise pass for this
 /// one's. A receipt naming no sender (a recipient that signs the version 1 body) is taken.
 fn sender_problem(r: &TransferReceipt, identity: Option<&str>) -> Option<String> {
-    if r.sender.is_empty() || identity == Some(r.sender.as_str()) {
+    if !dsrelay_runtime::transfer_receipt::names_other_sender(r, identity) {
         return None;
     }
     Some(match identity {

@@ -886,7 +886,7 @@ async fn unproven_completions(
         {
             "a transfer receipt naming another recipient than the request's"
         } else if (u.transfer_receipt.as_ref())
-            .is_some_and(|r| tx.processor_identities.other_sender(processor, &r.sender))
+            .is_some_and(|r| tx.processor_identities.other_sender(processor, r))
         {
             "a transfer receipt naming another sender than the processor's certificate identity"
         } else if (u.transfer_receipt.as_ref())

@@ -135,15 +135,16 @@ impl ReceiptKeys {
 struct ProcessorIdentities(Option<HashMap<String, String>>);
 
 impl ProcessorIdentities {
-    /// Whether `sender`, the sender a receipt in `processor`'s answer names, differs from
-    /// `processor`'s identity, as Acknowledge judges it (`api::acknowledgement`'s
-    /// `sender_problem`): an empty one names none and passes; a processor the registry was
-    /// told of no identity for may name none.
-    fn other_sender(&self, processor: &str, sender: &str) -> bool {
+    /// Whether `receipt`, in `processor`'s answer, names a sender other than `processor`'s
+    /// identity, by the rule Acknowledge applies too
+    /// ([`dsrelay_runtime::transfer_receipt::names_other_sender`]): an empty one names none
+    /// and passes; a processor the registry was told of no identity for may name none.
+    fn other_sender(&self, processor: &str, receipt: &dsrelay_proto::v1::TransferReceipt) -> bool {
         let Some(identities) = &self.0 else {
             return false;
         };
-        !sender.is_empty() && identities.get(processor).map(String::as_str) != Some(sender)
+        let identity = identities.get(processor).map(String::as_str);
+        dsrelay_runtime::transfer_receipt::names_other_sender(receipt, identity)
     }
 }
 
