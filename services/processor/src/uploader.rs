@@ -522,15 +522,8 @@ async fn record_delivery(
         } else {
             (store.upload_finished(claim, sequence, t, Some(delivered), now, attempts)).await?
         };
-        match finish {
-            UploadFinish::Retired { sequence } => {
-                if sequence.is_some() {
-                    shared.ack_wakeup.notify_one();
-                }
-                return Ok(true);
-            }
-            UploadFinish::RetiredAlready => return Ok(true),
-            UploadFinish::TaskChanged => {}
+        if retired(shared, &finish) {
+            return Ok(true);
         }
     }
     decide_again_later(shared, job, shared.clock.now_ms()).await?;
@@ -656,22 +649,10 @@ async fn record_unless_marked(
     }
     let now = shared.clock.now_ms();
     let (claim, at) = (job.claim(), (task.sequence, task.attempts));
-    match (shared.store)
+    let finish = (shared.store)
         .upload_finished_unless_marked(claim, at.0, Some(&t), None, now, at.1)
-        .await?
-    {
-        UploadFinish::Retired { sequence } => {
-            if sequence.is_some() {
-                shared.ack_wakeup.notify_one();
-            }
-            Ok(true)
-        }
-        UploadFinish::RetiredAlready => Ok(true),
-        UploadFinish::TaskChanged => {
-            decide_again_later(shared, job, now).await?;
-            Ok(false)
-        }
-    }
+        .await?;
+    settled(shared, job, &finish, now).await
 }
 
 /// Records what the task machine decided and retires the upload (`delivered`: where the
@@ -700,23 +681,41 @@ async fn retire(
     attempts: i64,
 ) -> anyhow::Result<bool> {
     let now = shared.clock.now_ms();
-    match shared
+    let finish = shared
         .store
         .upload_finished(job.claim(), sequence, t, delivered, now, attempts)
-        .await?
-    {
+        .await?;
+    settled(shared, job, &finish, now).await
+}
+
+/// Whether `finish` retired the upload (by this call or another uploader's), waking the
+/// acknowledgement sender for a step it recorded.
+fn retired(shared: &Shared, finish: &UploadFinish) -> bool {
+    match finish {
         UploadFinish::Retired { sequence } => {
             if sequence.is_some() {
                 shared.ack_wakeup.notify_one();
             }
-            Ok(true)
+            true
         }
-        UploadFinish::RetiredAlready => Ok(true),
-        UploadFinish::TaskChanged => {
-            decide_again_later(shared, job, now).await?;
-            Ok(false)
-        }
+        UploadFinish::RetiredAlready => true,
+        UploadFinish::TaskChanged => false,
     }
+}
+
+/// [`retired`], and an upload whose task changed meanwhile decided again
+/// ([`decide_again_later`]); answers whether it is retired.
+async fn settled(
+    shared: &Shared,
+    job: &UploadJob,
+    finish: &UploadFinish,
+    now: i64,
+) -> anyhow::Result<bool> {
+    if retired(shared, finish) {
+        return Ok(true);
+    }
+    decide_again_later(shared, job, now).await?;
+    Ok(false)
 }
 
 /// After an outcome found the task changed: another uploader's attempt moved the task while
