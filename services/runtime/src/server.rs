@@ -2,8 +2,9 @@
 //! ([`builder`], with tonic's fixed TLS; [`plain_builder`], for [`serve_tls`]), the
 //! reflection services, and serving a router on a listener the caller bound: [`serve_tls`]
 //! accepts every connection with the TLS configuration a [`LiveTls`] holds at that moment,
-//! so certificates, CA bundle and revocation lists change without a restart; [`serve`]
-//! serves the builder's fixed TLS.
+//! so certificates, CA bundle and revocation lists change without a restart, and checks
+//! every call's client certificate against the lists and clock of that moment
+//! ([`PeerCheckLayer`]); [`serve`] serves the builder's fixed TLS.
 //!
 //! The caller binds (tests bind `127.0.0.1:0`) and owns shutdown, as in mini-redis.
 //! [`crate::host::Host`] puts these together with health checking, the admin port and the
@@ -29,6 +30,7 @@ use tonic::transport::{Server, ServerTlsConfig};
 use tower::layer::util::{Identity, Stack};
 
 use crate::grpc::TraceContextLayer;
+use crate::tls::peer::PeerCertificate;
 use crate::tls::{LiveTls, HANDSHAKE_TIMEOUT};
 
 /// Largest message either service decodes or encodes.
@@ -49,7 +51,7 @@ const CONNECTION_WINDOW: u32 = 8 << 20;
 const MAX_FRAME: u32 = 256 << 10;
 
 /// The layers [`builder`] puts around every service.
-pub type Layers = Stack<UnaryLimitLayer, Stack<TraceContextLayer, Identity>>;
+pub type Layers = Stack<PeerCheckLayer, Stack<UnaryLimitLayer, Stack<TraceContextLayer, Identity>>>;
 
 /// A server builder with tonic's TLS, the limits every dsrelay service uses, and the layer
 /// that continues callers' traces ([`crate::grpc::trace`]). Unary calls run as long as
@@ -81,6 +83,156 @@ fn limits(server: Server, call_limit: Option<Duration>) -> Server<Layers> {
         .max_frame_size(Some(MAX_FRAME))
         .layer(TraceContextLayer)
         .layer(UnaryLimitLayer { limit: call_limit })
+        .layer(PeerCheckLayer)
+}
+
+/// Checks every call's client certificate against the revocation lists and the clock of the
+/// moment ([`crate::tls::peer`]): a connection lives on after a revocation or an expiry
+/// (HTTP/2 keepalive holds it open), and its handshake's verdict would otherwise stand for
+/// as long as it does. A refused call gets UNAUTHENTICATED naming the certificate's serial
+/// and why, and is logged at warn (rate-limited, [`crate::grpc::auth::log_refusal`]).
+/// Streams already open run to their end; the check is at a call's start.
+///
+/// Only connections accepted by [`serve_tls`] are checked: it registers each with its
+/// parsed certificate and its [`LiveTls`] ([`served`]), found again by the connection's
+/// addresses, which tonic hands every call (the router, and with it this layer, is built
+/// before `serve_tls` sees the files). [`serve`]'s fixed TLS loads no lists and reloads
+/// nothing, so its calls pass unchecked.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerCheckLayer;
+
+impl<S> tower::Layer<S> for PeerCheckLayer {
+    type Service = PeerCheck<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        PeerCheck { inner }
+    }
+}
+
+/// The service [`PeerCheckLayer`] wraps around the router.
+#[derive(Debug, Clone)]
+pub struct PeerCheck<S> {
+    inner: S,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for PeerCheck<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: Default + Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if let Some(refusal) = served::refusal(request.extensions()) {
+            return Box::pin(std::future::ready(Ok(tonic::Status::unauthenticated(
+                refusal,
+            )
+            .into_http())));
+        }
+        Box::pin(self.inner.call(request))
+    }
+}
+
+/// The connections [`serve_tls`] serves, each with what its calls are checked by.
+mod served {
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::sync::{Arc, LazyLock, RwLock};
+    use std::time::SystemTime;
+
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
+    use crate::tls::peer::PeerCertificate;
+    use crate::tls::LiveTls;
+
+    /// A connection's local and remote address: unique among the open TCP connections of
+    /// the process, whichever of its listeners they came in on.
+    type Key = (SocketAddr, SocketAddr);
+
+    struct Served {
+        /// `None` only for a certificate x509-parser cannot read after webpki accepted it.
+        leaf: Option<PeerCertificate>,
+        tls: LiveTls,
+    }
+
+    /// Process-wide because the check runs in a layer built before the connection exists;
+    /// entries live exactly as long as their connections ([`Registered`]).
+    static SERVED: LazyLock<RwLock<HashMap<Key, Arc<Served>>>> = LazyLock::new(Default::default);
+
+    /// A connection's entry, removed when dropped with the connection.
+    pub(super) struct Registered(Key);
+
+    impl Drop for Registered {
+        fn drop(&mut self) {
+            SERVED
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&self.0);
+        }
+    }
+
+    /// Registers a connection accepted on `local` from `remote` presenting `leaf` (DER).
+    pub(super) fn register(
+        local: SocketAddr,
+        remote: SocketAddr,
+        leaf: Option<&[u8]>,
+        tls: LiveTls,
+    ) -> Registered {
+        let served = Served {
+            leaf: leaf.and_then(PeerCertificate::parse),
+            tls,
+        };
+        let key = (local, remote);
+        SERVED
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, Arc::new(served));
+        Registered(key)
+    }
+
+    /// Why the call with these extensions is refused for its connection's certificate, or
+    /// `None` when it is not (or its connection was not accepted by `serve_tls`).
+    pub(super) fn refusal(extensions: &http::Extensions) -> Option<String> {
+        let info = extensions.get::<TlsConnectInfo<TcpConnectInfo>>()?;
+        let tcp = info.get_ref();
+        let key = (tcp.local_addr()?, tcp.remote_addr()?);
+        let served = SERVED
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned()?;
+        let peer = key.1;
+        let Some(leaf) = &served.leaf else {
+            let why = "the client certificate of this connection cannot be read".to_string();
+            crate::grpc::auth::log_refusal("unreadable certificate", || {
+                tracing::warn!(%peer, reason = "unreadable certificate", "call refused: {why}");
+            });
+            return Some(why);
+        };
+        let refused = leaf
+            .check(&served.tls.revocations(), SystemTime::now())
+            .err()?;
+        crate::grpc::auth::log_refusal(refused.reason, || {
+            tracing::warn!(
+                %peer,
+                identity = leaf.identity.as_deref().unwrap_or("(none)"),
+                subject = %leaf.subject,
+                serial = %leaf.serial_hex,
+                reason = refused.reason,
+                "call refused: {}",
+                refused.message
+            );
+        });
+        Some(refused.message)
+    }
 }
 
 /// Ends every unary call still running after `limit` (the service's `call_limit_ms`) with
@@ -294,7 +446,10 @@ pub async fn serve(
 /// while fewer than [`MAX_CONNECTIONS`] connections are served, fewer than
 /// [`MAX_CONNECTIONS_PER_IDENTITY`] of them for its certificate's identity; one beyond
 /// either cap is closed after its handshake and logged at warn, rate-limited as the failed
-/// handshakes are. Calls still open when shutdown began get `drain` (the service's
+/// handshakes are. A refused handshake's line names the client certificate it refused
+/// (identity, subject, serial). Every call on a served connection has its client
+/// certificate checked again ([`PeerCheckLayer`]) against the lists `tls` holds at that
+/// moment. Calls still open when shutdown began get `drain` (the service's
 /// `shutdown_grace_ms`) to finish, then their connections are dropped.
 pub async fn serve_tls(
     router: Router<Layers>,
@@ -580,6 +735,8 @@ struct Admitted {
     preface: [u8; PREFACE_LEN],
     replayed: usize,
     _slot: Slot,
+    /// What its calls are checked by ([`PeerCheckLayer`]), for as long as it lives.
+    _checked: served::Registered,
 }
 
 impl tokio::io::AsyncRead for Admitted {
@@ -731,11 +888,23 @@ async fn accept(
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
                 let done = done.clone();
                 let connections = connections.clone();
+                let tls = tls.clone();
                 let handshake = handshakes.spawn(async move {
+                    // Without it the connection's calls could not be found to be checked.
+                    let local = match tcp.local_addr() {
+                        Ok(local) => local,
+                        Err(e) => return Some(Ended::Failed(Failure::Refused(peer, e, None))),
+                    };
+                    let handshake = tokio::time::timeout(limits.timeout, acceptor.accept(tcp));
+                    let (outcome, refused_cert) =
+                        crate::tls::peer::noting_refused_certificate(handshake).await;
                     let mut stream =
-                        match tokio::time::timeout(limits.timeout, acceptor.accept(tcp)).await {
+                        match outcome {
                             Ok(Ok(stream)) => stream,
-                            Ok(Err(e)) => return Some(Ended::Failed(Failure::Refused(peer, e))),
+                            Ok(Err(e)) => {
+                                let refused = Failure::Refused(peer, e, refused_cert.map(Box::new));
+                                return Some(Ended::Failed(refused));
+                            }
                             Err(_) => {
                                 let timed_out = Failure::TimedOut(peer, limits.timeout);
                                 return Some(Ended::Failed(timed_out));
@@ -762,11 +931,14 @@ async fn accept(
                             return Some(Ended::Failed(Failure::NoPreface(peer, e)));
                         }
                     }
+                    let leaf = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
+                    let checked = served::register(local, peer, leaf.map(|l| l.as_ref()), tls);
                     let admitted = Admitted {
                         io: stream,
                         preface,
                         replayed: 0,
                         _slot: slot,
+                        _checked: checked,
                     };
                     // Closed: serving stopped, and the connection goes with it.
                     let _ = done.send(admitted);
@@ -818,7 +990,8 @@ enum Ended {
 /// Why a handshake did not reach tonic.
 #[derive(Debug)]
 enum Failure {
-    Refused(SocketAddr, std::io::Error),
+    /// With the client certificate refused, when the verifier refused one.
+    Refused(SocketAddr, std::io::Error, Option<Box<PeerCertificate>>),
     TimedOut(SocketAddr, Duration),
     /// Ended for a newer connection, with this many in progress.
     Dropped(SocketAddr, usize),
@@ -845,7 +1018,10 @@ impl Logged for Failure {
 
     fn count(&self, counts: &mut FailureCounts) {
         match self {
-            Failure::Refused(..) => counts.refused += 1,
+            Failure::Refused(_, e, _) => {
+                counts.refused += 1;
+                *counts.refused_by_reason.entry(e.to_string()).or_default() += 1;
+            }
             Failure::TimedOut(..) => counts.timed_out += 1,
             Failure::Dropped(..) => counts.dropped += 1,
             Failure::NoPreface(..) => counts.no_preface += 1,
@@ -854,7 +1030,17 @@ impl Logged for Failure {
 
     fn log(&self) {
         match self {
-            Failure::Refused(peer, e) => tracing::info!(%peer, error = %e, "tls handshake refused"),
+            Failure::Refused(peer, e, Some(cert)) => tracing::warn!(
+                %peer,
+                identity = cert.identity.as_deref().unwrap_or("(none)"),
+                subject = %cert.subject,
+                serial = %cert.serial_hex,
+                error = %e,
+                "tls handshake refused"
+            ),
+            Failure::Refused(peer, e, None) => {
+                tracing::warn!(%peer, error = %e, "tls handshake refused");
+            }
             Failure::TimedOut(peer, timeout) => {
                 tracing::info!(%peer, ?timeout, "tls handshake timed out");
             }
@@ -874,25 +1060,58 @@ impl Logged for Failure {
     fn log_counts(counts: FailureCounts, every: Duration) {
         let FailureCounts {
             refused,
+            refused_by_reason,
             timed_out,
             dropped,
             no_preface,
         } = counts;
-        tracing::info!(
-            refused,
-            timed_out,
-            dropped,
-            no_preface,
-            interval = ?every,
-            "tls handshakes failed since the last such line"
-        );
+        // Refusals are worth an operator's look; timeouts and drops are the internet's noise.
+        if refused > 0 {
+            tracing::warn!(
+                refused,
+                reasons = most_first(refused_by_reason),
+                timed_out,
+                dropped,
+                no_preface,
+                interval = ?every,
+                "tls handshakes failed since the last such line"
+            );
+        } else {
+            tracing::info!(
+                refused,
+                timed_out,
+                dropped,
+                no_preface,
+                interval = ?every,
+                "tls handshakes failed since the last such line"
+            );
+        }
     }
 }
 
+/// `counts` as `a: 3, b: 1`, the most first, with at most [`REFUSALS_NAMED`] named and the
+/// others summed into `N more`.
+fn most_first(counts: std::collections::BTreeMap<String, u64>) -> String {
+    let mut most: Vec<(String, u64)> = counts.into_iter().collect();
+    most.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let others = most.len().saturating_sub(REFUSALS_NAMED);
+    let mut named: Vec<String> = most
+        .iter()
+        .take(REFUSALS_NAMED)
+        .map(|(what, n)| format!("{what}: {n}"))
+        .collect();
+    if others > 0 {
+        named.push(format!("{others} more"));
+    }
+    named.join(", ")
+}
+
 /// How many handshakes failed, by reason, since the last line about them.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct FailureCounts {
     refused: u64,
+    /// The refusals by their error (`invalid peer certificate: Revoked`).
+    refused_by_reason: std::collections::BTreeMap<String, u64>,
     timed_out: u64,
     dropped: u64,
     no_preface: u64,
@@ -937,20 +1156,9 @@ impl Logged for OverCap {
 
     fn log_counts(counts: Self::Counts, every: Duration) {
         let refused: u64 = counts.values().sum();
-        let mut most: Vec<(String, u64)> = counts.into_iter().collect();
-        most.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        let others = most.len().saturating_sub(REFUSALS_NAMED);
-        let mut identities: Vec<String> = most
-            .iter()
-            .take(REFUSALS_NAMED)
-            .map(|(identity, n)| format!("{identity}: {n}"))
-            .collect();
-        if others > 0 {
-            identities.push(format!("{others} more"));
-        }
         tracing::warn!(
             refused,
-            identities = identities.join(", "),
+            identities = most_first(counts),
             interval = ?every,
             "connections refused at the connection caps since the last such line"
         );
@@ -1472,7 +1680,7 @@ mod tests {
         let every = Duration::from_secs(10);
         let ms = Duration::from_millis;
         let peer: SocketAddr = "192.0.2.1:4000".parse().unwrap();
-        let refused = || Failure::Refused(peer, std::io::Error::other("not tls"));
+        let refused = || Failure::Refused(peer, std::io::Error::other("not tls"), None);
         let lines = || captured.lines("tls handshake");
         let mut log = FailureLog::<Failure>::new(every);
         let t0 = Instant::now();

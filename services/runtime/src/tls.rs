@@ -10,13 +10,16 @@
 //! Revocation: when [`TlsFiles::crls`] names revocation lists, both directions check the
 //! peer's leaf against them (servers the client's, channels the server's); a leaf whose
 //! issuer has no list among them is refused, as its status is unknown. An expired list is
-//! refused when loaded and fails every handshake once it expires while loaded, unless
-//! [`TlsFiles::allow_expired_crl`] says otherwise.
+//! refused when loaded and fails every handshake (and every call of a served connection)
+//! once it expires while loaded, unless [`TlsFiles::allow_expired_crl`] says otherwise.
 //!
 //! [`LiveTls`] (in [`live`]) holds the configurations a service uses now and swaps them when
-//! the files change or on SIGHUP.
+//! the files change or on SIGHUP. A served connection's client certificate is checked again
+//! on every call ([`peer`]) against the lists and validity of that moment, so a certificate
+//! revoked or expired while its connection is open is refused from its next call.
 
 pub mod live;
+pub mod peer;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -64,9 +67,8 @@ pub struct TlsFiles {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub crls: Vec<PathBuf>,
     /// Accept a revocation list past its next-update date. Off: an expired list fails the
-    /// start (or a reload), and handshakes fail once a loaded list expires (a TLS session
-    /// resumed from before keeps going), so that a revocation published since cannot be
-    /// missed.
+    /// start (or a reload), and handshakes and the calls of served connections fail once a
+    /// loaded list expires, so that a revocation published since cannot be missed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_expired_crl: bool,
     /// How often a running service looks at these files' modification times and reloads
@@ -249,6 +251,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 impl Material {
+    /// The revocations of the lists, for the check of every call ([`peer`]).
+    fn revocations(&self) -> Result<peer::Revocations> {
+        peer::Revocations::from_lists(&self.crls, self.allow_expired_crl)
+    }
+
     fn server_config(&self) -> Result<rustls::ServerConfig> {
         let mut verifier =
             WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider());
@@ -265,6 +272,7 @@ impl Material {
         let verifier = verifier
             .build()
             .context("building the client certificate verifier")?;
+        let verifier = Arc::new(peer::NotingVerifier(verifier));
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(verifier)

@@ -41,6 +41,7 @@ mod recipient_receipt;
 mod replicas;
 mod reports;
 mod retention;
+mod revocation_live;
 mod rotation;
 mod shutdown;
 mod staged_retention;

@@ -4,7 +4,8 @@
 //! [`TlsFiles`]. The server accepts each new connection with the server configuration of
 //! the moment, and channels built over it ([`super::channel`]) open each new connection with
 //! the client configuration of the moment; connections already open keep the configuration
-//! they were made with, so a swap fails no call.
+//! they were made with, so a swap fails no call; but every call on them is checked against
+//! the revocation lists loaded now ([`super::peer`]).
 //!
 //! [`LiveTls::watcher`] reloads when one of the files' modification time or size changes
 //! (looked at every [`TlsFiles::reload_interval_ms`]) and on SIGHUP. A reload that fails (an
@@ -41,6 +42,8 @@ struct Inner {
 struct Configs {
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
+    /// What every call's client certificate is checked against ([`super::peer`]).
+    revocations: Arc<super::peer::Revocations>,
 }
 
 impl std::fmt::Debug for LiveTls {
@@ -87,6 +90,11 @@ impl LiveTls {
     /// The client configuration for the next outgoing connection.
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
         self.current().client.clone()
+    }
+
+    /// The revocation lists loaded now, for the check of each call.
+    pub fn revocations(&self) -> Arc<super::peer::Revocations> {
+        self.current().revocations.clone()
     }
 
     /// Reads the files again and swaps in what they hold; on failure the configuration in
@@ -189,6 +197,7 @@ fn build(files: &TlsFiles) -> Result<Configs> {
     let material = files.material()?;
     let server = material.server_config()?;
     let client = material.client_config()?;
+    let revocations = material.revocations()?;
     let leaf = material.chain.first().context("no certificate")?;
     let (serial, not_after) = match x509_parser::parse_x509_certificate(leaf.as_ref()) {
         Ok((_, c)) => (c.raw_serial_as_string(), c.validity().not_after.to_string()),
@@ -207,5 +216,6 @@ fn build(files: &TlsFiles) -> Result<Configs> {
     Ok(Configs {
         server: Arc::new(server),
         client: Arc::new(client),
+        revocations: Arc::new(revocations),
     })
 }
