@@ -18,7 +18,9 @@ pub const CUT_MARKER: &str = "…[cut]";
 
 /// `text` within `max` bytes: cut on a character boundary and ended with [`CUT_MARKER`]
 /// (the marker counted inside `max`) when it is longer; control characters other than tab and
-/// line breaks, which the registry refuses in texts, replaced by U+FFFD.
+/// line breaks, and the Unicode format characters the registry refuses in texts
+/// ([`dsrelay_runtime::identity::refused_in_text`]), replaced by U+FFFD, so that a holder's
+/// words never make an acknowledgement the registry refuses.
 pub fn fit(text: &str, max: usize) -> Cow<'_, str> {
     let clean: Cow<'_, str> = if text.chars().any(refused) {
         Cow::Owned(
@@ -49,7 +51,8 @@ fn cut(s: &str, max: usize) -> &str {
 }
 
 fn refused(c: char) -> bool {
-    c.is_control() && !matches!(c, '\t' | '\n' | '\r')
+    (c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+        || dsrelay_runtime::identity::refused_in_text(c)
 }
 
 #[cfg(test)]
@@ -125,6 +128,23 @@ mod tests {
             text_violation("legal_basis", &f, MAX_LEGAL_BASIS, false),
             None
         );
+    }
+
+    /// A holder's error text with a right-to-left override or a zero width space would make
+    /// an acknowledgement the registry refuses (retried, then dead-lettered): they are
+    /// replaced; the joiners a Persian name needs stay.
+    #[test]
+    fn format_characters_the_registry_refuses_are_replaced() {
+        let f = fit(
+            "user \u{202E}nimda\u{200B} is locked; \u{0645}\u{200C}\u{06CC}",
+            MAX_REASON,
+        );
+        assert_eq!(
+            f,
+            "user \u{fffd}nimda\u{fffd} is locked; \u{0645}\u{200C}\u{06CC}"
+        );
+        assert_eq!(text_violation("reason", &f, MAX_REASON, false), None);
+        assert!(text_violation("reason", "a\u{202E}b", MAX_REASON, false).is_some());
     }
 
     #[test]

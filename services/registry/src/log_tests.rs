@@ -332,3 +332,148 @@ async fn a_processors_answer_stays_out_of_the_logs_on_postgres() {
     })
     .await;
 }
+
+/// A processor that accepts every delivery, reporting no task yet.
+struct Accepting;
+
+#[tonic::async_trait]
+impl ProcessorService for Accepting {
+    async fn deliver(
+        &self,
+        _req: Request<DeliverRequest>,
+    ) -> Result<Response<DeliverResponse>, Status> {
+        Ok(Response::new(DeliverResponse::default()))
+    }
+
+    async fn cancel(
+        &self,
+        _req: Request<CancelDeliveryRequest>,
+    ) -> Result<Response<TaskList>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    async fn get_status(
+        &self,
+        _req: Request<GetStatusRequest>,
+    ) -> Result<Response<TaskList>, Status> {
+        Err(Status::unavailable("not in this test"))
+    }
+
+    async fn list_subprocessors(
+        &self,
+        _req: Request<ListSubprocessorsRequest>,
+    ) -> Result<Response<SubprocessorList>, Status> {
+        Ok(Response::new(SubprocessorList::default()))
+    }
+
+    async fn update_contract_end(
+        &self,
+        _req: Request<UpdateContractEndRequest>,
+    ) -> Result<Response<TaskList>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    async fn extend_due_date(
+        &self,
+        _req: Request<ExtendDueDateRequest>,
+    ) -> Result<Response<TaskList>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+}
+
+/// A task acknowledged FAILED, which turns its request FAILED: each is logged once at WARN,
+/// with the request, processor and subprocessor and the commands that show and fix it, the
+/// processor's reason withheld as a length and a keyed hash; a second FAILED report of the
+/// same task (a new sequence, the same failure) logs nothing more. Before, the registry
+/// logged nothing when a request failed.
+async fn a_failure_is_logged_once_for_the_operator(database_url: &str, dir: &std::path::Path) {
+    use dsrelay_proto::v1::{Acknowledgement, RequestState, TaskState};
+
+    let logs = captured_logs();
+    let setup = Setup {
+        tables: "[delivery]\npoll_interval_ms = 20\n\
+                 backoff = { initial_ms = 20, max_ms = 100 }\n"
+            .into(),
+        ..Setup::default()
+    };
+    let registry = Registry::start(dir, database_url, setup.answered_by(Accepting)).await;
+    let id = registry
+        .submit(
+            RequestKind::Erasure,
+            &format!("failed-{}", fastrand::u64(..)),
+        )
+        .await;
+    eventually("the delivery delivered", || async {
+        let r = registry.get(&id).await;
+        r.deliveries
+            .first()
+            .is_some_and(|d| d.state() == DeliveryState::Delivered)
+    })
+    .await;
+    let reason = format!("the holder refused: no such employee {ADDRESS}");
+    let failed = |sequence: u64| Acknowledgement {
+        request_id: id.clone(),
+        subprocessor: "accounting".into(),
+        sequence,
+        state: TaskState::Failed as i32,
+        reason: reason.clone(),
+        ..Default::default()
+    };
+    let answer = registry.acknowledge(vec![failed(1)]).await;
+    assert_eq!(answer.applied, 1, "{answer:?}");
+    assert_eq!(registry.get(&id).await.state(), RequestState::Failed);
+    let answer = registry.acknowledge(vec![failed(2)]).await;
+    assert_eq!(answer.applied, 1, "{answer:?}");
+
+    let of_this = |message: &str| -> Vec<Value> {
+        lines(&logs)
+            .into_iter()
+            .filter(|l| l["fields"]["request_id"] == id.as_str())
+            .filter(|l| {
+                l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(message))
+            })
+            .collect()
+    };
+    let task = of_this("task acknowledged FAILED");
+    assert_eq!(task.len(), 1, "{task:#?}");
+    let request = of_this("request FAILED");
+    assert_eq!(request.len(), 1, "{request:#?}");
+    for line in task.iter().chain(&request) {
+        assert_eq!(line["level"], "WARN", "{line}");
+        assert_eq!(line["fields"]["processor"], PROCESSOR, "{line}");
+        assert_eq!(line["fields"]["subprocessor"], "accounting", "{line}");
+        let message = line["fields"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(&format!("dsrctl get {id}")), "{line}");
+        assert!(message.contains("dsrctl tasks retry"), "{line}");
+    }
+    let withheld = task[0]["fields"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        withheld.starts_with(&format!("{} bytes withheld, keyed hash ", reason.len())),
+        "{}",
+        task[0]
+    );
+    let leak = logs
+        .text()
+        .lines()
+        .find(|l| l.contains(LOCAL_PART))
+        .map(str::to_owned);
+    assert!(leak.is_none(), "a log line quotes the processor: {leak:?}");
+    registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_is_logged_once_for_the_operator_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/registry.db", dir.path().display());
+    a_failure_is_logged_once_for_the_operator(&url, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_is_logged_once_for_the_operator_on_postgres() {
+    on_postgres(|url, dir| async move {
+        a_failure_is_logged_once_for_the_operator(&url, &dir).await;
+    })
+    .await;
+}

@@ -6,7 +6,6 @@ use dsrelay_proto::v1::{
     ListRequestsRequest, RequestKind, RequestParameters, RequestState, SubjectIdentity,
     SubmitRequest,
 };
-pub(crate) use dsrelay_runtime::identity::text_violation;
 use dsrelay_runtime::identity::{
     identity_in_note, submit_identity_violations, validate_identities, FieldViolation,
     MAX_REQUEST_ID,
@@ -26,6 +25,17 @@ pub(crate) const MAX_CORRECTIONS: usize = 32;
 
 /// At most this many bytes in a data category name.
 pub(crate) const MAX_CATEGORY: usize = 64;
+
+/// Checks a free-text field from outside the registry (a partner's note or reason, a
+/// correction, an operator's reason, a processor's reason or note): the common rules of every
+/// service ([`dsrelay_runtime::identity::text_violation`]: length, no control characters but
+/// tab and line breaks, no Unicode format character but the joiners, named with its code
+/// point). These texts are shown to operators and partners (`dsrctl get`, events, the audit
+/// trail).
+pub(crate) use dsrelay_runtime::identity::text_violation;
+
+#[cfg(test)]
+use dsrelay_runtime::identity::refused_in_text as format_character;
 
 /// Every rule `req` breaks; empty when it may be stored. `known_categories` are those some
 /// processor holds: a category nobody holds is almost certainly a typo. `known_recipients`
@@ -621,6 +631,87 @@ mod tests {
         assert!(!v[0].1.to_lowercase().contains("meikalainen"), "{v:?}");
         r.note = "ticket CRM-4411".into();
         assert_eq!(violations(&r), []);
+    }
+
+    /// A partner's note and correction, the texts an operator reads with the request, refuse
+    /// a bidirectional control or a zero width character, naming the field and the code
+    /// point; the same texts without one pass.
+    #[test]
+    fn a_format_character_in_a_note_or_a_correction_is_refused_with_its_code_point() {
+        let mut r = good();
+        r.note = "ticket \u{202E}1144-MRC".into();
+        assert_eq!(
+            violations(&r),
+            [(
+                "note".to_string(),
+                "must not contain Unicode format characters such as bidirectional controls and \
+                 zero width characters (found U+202E): they change or hide what a reader sees; \
+                 remove it"
+                    .to_string()
+            )]
+        );
+        r.note = "ticket CRM-4411 ✔️ käsitelty".into();
+        assert_eq!(violations(&r), []);
+        for (field, value, code) in [
+            ("name", "Virtanen\u{2067}", "U+2067"),
+            ("na\u{200B}me", "Virtanen", "U+200B"),
+        ] {
+            let r = with(
+                RequestKind::Rectification,
+                RequestParameters {
+                    corrections: vec![FieldCorrection {
+                        field: field.into(),
+                        new_value: value.into(),
+                    }],
+                    ..Default::default()
+                },
+            );
+            let v = violations(&r);
+            assert_eq!(v.len(), 1, "{v:?}");
+            let named = if value.contains(code_char(code)) {
+                "parameters.corrections[0].new_value"
+            } else {
+                "parameters.corrections[0].field"
+            };
+            assert_eq!(v[0].0, named);
+            assert!(v[0].1.contains(code), "{v:?}");
+        }
+    }
+
+    fn code_char(code: &str) -> char {
+        char::from_u32(u32::from_str_radix(&code[2..], 16).unwrap()).unwrap()
+    }
+
+    /// The format characters refused in free text are refused in an identity too: the two
+    /// lists (this crate's and the identity rules') do not drift apart, and none of them is
+    /// a printable character either.
+    #[test]
+    fn every_format_character_refused_in_text_is_refused_in_an_identity() {
+        let refused: Vec<char> = ('\0'..=char::MAX)
+            .filter(|&c| format_character(c))
+            .collect();
+        assert!(refused.len() > 150, "{}", refused.len());
+        for c in refused {
+            let id = raw(IdentityType::CustomerNumber, &format!("C{c}1"));
+            let v = validate_identities(std::slice::from_ref(&id));
+            assert!(
+                v.iter()
+                    .any(|v| v.rule.contains(&format!("U+{:04X}", u32::from(c)))),
+                "U+{:04X}: {v:?}",
+                u32::from(c)
+            );
+            assert!(
+                text_violation("t", &format!("a{c}b"), 64, true).is_some(),
+                "U+{:04X}",
+                u32::from(c)
+            );
+        }
+        // Characters that show, and the variation selector an emoji carries, are not refused.
+        for c in [
+            'a', 'ä', '€', '\u{FE0F}', '\u{FFFD}', '\u{2026}', '\u{3164}',
+        ] {
+            assert!(!format_character(c), "U+{:04X}", u32::from(c));
+        }
     }
 
     fn raw(ty: IdentityType, value: &str) -> SubjectIdentity {

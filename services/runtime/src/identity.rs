@@ -148,7 +148,55 @@ pub fn text_violation(
             "must not contain control characters (other than tab and line breaks)",
         ));
     }
+    if let Some(c) = value.chars().find(|&c| refused_in_text(c)) {
+        return Some(FieldViolation::new(
+            field,
+            format!(
+                "must not contain Unicode format characters such as bidirectional controls \
+                 and zero width characters (found U+{:04X}): they change or hide what a reader \
+                 sees; remove it",
+                u32::from(c)
+            ),
+        ));
+    }
     None
+}
+
+/// A Unicode format character (general category Cf, as of Unicode 15.1) that free text may
+/// not hold: the bidirectional marks, embeddings, overrides and isolates, the zero width
+/// space and word joiner, the invisible operators, the byte order mark, the soft hyphen, the
+/// tag characters, and the marks some scripts write before a number. These texts are read by
+/// operators and partners; a right-to-left override or an isolate reorders what the reader
+/// sees (a name shown reversed, a reason appearing to say something else), and a zero width
+/// space makes two different texts look the same. The zero width non-joiner and joiner
+/// (U+200C, U+200D) are allowed: Persian and Indic names and emoji sequences need them, and
+/// they neither reorder nor hide a text. An identity refuses them too ([`invisible`]).
+pub fn refused_in_text(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{0600}'..='\u{0605}'
+            | '\u{061C}'
+            | '\u{06DD}'
+            | '\u{070F}'
+            | '\u{0890}'..='\u{0891}'
+            | '\u{08E2}'
+            | '\u{180E}'
+            | '\u{200B}'
+            | '\u{200E}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{110BD}'
+            | '\u{110CD}'
+            | '\u{13430}'..='\u{1343F}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0001}'
+            | '\u{E0020}'..='\u{E007F}'
+    )
 }
 
 /// At most this many bytes in a request id.
@@ -782,8 +830,12 @@ mod tests {
             let v = text_violation("reason", blank, 16, true).expect(blank);
             assert_eq!(v.rule, "is required (1 to 16 bytes of text)", "{blank:?}");
         }
-        assert_eq!(text_violation("reason", "\u{200B}moved", 16, true), None);
-        assert_eq!(text_violation("note", "\u{200B}", 16, false), None);
+        // Not blank, but a zero width space hides itself in a text a reader compares.
+        for (text, required) in [("\u{200B}moved", true), ("\u{200B}", false)] {
+            let v = text_violation("reason", text, 16, required).expect(text);
+            assert!(v.rule.contains("U+200B"), "{v:?}");
+        }
+        assert_eq!(text_violation("reason", "moved", 16, true), None);
     }
 
     #[test]
@@ -1117,6 +1169,26 @@ mod tests {
             assert!(identity_in_text(&national, text).is_some(), "{text:?}");
         }
         assert!(identity_in_text(&national, "rang 040/1234568").is_none());
+    }
+
+    /// Free text refuses the characters that reorder or hide what a reader sees, naming the
+    /// code point, and keeps the joiners a Persian name needs.
+    #[test]
+    fn free_text_refuses_format_characters_but_the_joiners() {
+        for c in [
+            '\u{202E}',
+            '\u{2067}',
+            '\u{200B}',
+            '\u{200F}',
+            '\u{FEFF}',
+            '\u{E0041}',
+        ] {
+            let v = text_violation("note", &format!("a{c}b"), 64, false).expect("refused");
+            assert!(v.rule.contains(&format!("U+{:04X}", u32::from(c))), "{v:?}");
+        }
+        for text in ["\u{0645}\u{200C}\u{06CC}", "👨\u{200D}👩", "ok ✔\u{FE0F}"] {
+            assert_eq!(text_violation("note", text, 64, true), None, "{text}");
+        }
     }
 
     /// A byte order mark a CSV export left before an address: accepted, the request

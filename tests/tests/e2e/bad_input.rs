@@ -923,7 +923,10 @@ async fn acknowledgements_are_checked() {
         .await,
         &[
             ("acknowledgements[0].request_id", &["1 to 64 bytes"]),
-            ("acknowledgements[0].subprocessor", &["1 to 128 bytes"]),
+            (
+                "acknowledgements[0].subprocessor",
+                &["1 to 128 ASCII letters"],
+            ),
         ],
     );
     expect_rejected(

@@ -25,6 +25,7 @@ use crate::error::ApiError;
 use crate::metrics::{REJECTED_INVALID, REJECTED_NOT_ROUTED};
 use crate::store::{AckOutcome, RejectedAck, TaskUpdate};
 use crate::validate::text_violation;
+use dsrelay_runtime::export_files::file_name_violation;
 
 use super::Api;
 
@@ -701,20 +702,13 @@ fn violations(i: usize, a: &Acknowledgement) -> Vec<FieldViolation> {
         &format!("acknowledgements[{i}].request_id"),
         &a.request_id,
     ));
-    if a.subprocessor.is_empty() || a.subprocessor.len() > 128 {
-        violations.push(FieldViolation::new(
-            format!("acknowledgements[{i}].subprocessor"),
-            "must be 1 to 128 bytes",
-        ));
-    } else {
-        // Its length said once, above; here only the characters.
-        violations.extend(text_violation(
-            &format!("acknowledgements[{i}].subprocessor"),
-            &a.subprocessor,
-            128,
-            false,
-        ));
-    }
+    // The rule the upload API holds a subprocessor's name to (it names the folder of the
+    // task's part in a package): a task under another name could never have its part stored,
+    // and a RETURN_OF_DATA task would wait for it for good.
+    violations.extend(file_name_violation(
+        &format!("acknowledgements[{i}].subprocessor"),
+        &a.subprocessor,
+    ));
     if a.sequence == 0 || a.sequence > i64::MAX as u64 {
         violations.push(FieldViolation::new(
             format!("acknowledgements[{i}].sequence"),
@@ -1019,10 +1013,20 @@ mod tests {
         assert_eq!(kept, []);
     }
 
-    /// A 60 KB name was refused twice over, as "1 to 128 bytes" and "at most 128 bytes".
+    /// A 60 KB name was refused twice over, as "1 to 128 bytes" and "at most 128 bytes"; a
+    /// name the upload API refuses (`../../etc`) was applied, and its RETURN_OF_DATA task
+    /// then waited for good for a part no upload could store.
     #[test]
-    fn a_subprocessor_name_too_long_is_refused_once() {
-        for name in ["x".repeat(60 * 1024), String::new()] {
+    fn a_subprocessor_name_is_held_to_the_upload_apis_rule_once() {
+        let rule = file_name_violation("x", "..").unwrap().rule;
+        for name in [
+            "x".repeat(60 * 1024),
+            String::new(),
+            "../../etc".into(),
+            ".hidden".into(),
+            "account\u{7}ing".into(),
+            "bidi\u{202E}evil".into(),
+        ] {
             let a = Acknowledgement {
                 subprocessor: name.clone(),
                 ..ack()
@@ -1033,19 +1037,71 @@ mod tests {
                 .collect();
             assert_eq!(
                 got,
-                [(
-                    "acknowledgements[3].subprocessor".to_string(),
-                    "must be 1 to 128 bytes".to_string()
-                )],
-                "{} bytes",
-                name.len()
+                [("acknowledgements[3].subprocessor".to_string(), rule.clone())],
+                "{name:?}"
             );
         }
-        let a = Acknowledgement {
-            subprocessor: "account\u{7}ing".into(),
-            ..ack()
-        };
-        assert_eq!(fields(&a), ["acknowledgements[3].subprocessor"]);
+        for name in ["accounting", "mail-marketing_2", "archive.v1"] {
+            let a = Acknowledgement {
+                subprocessor: name.into(),
+                ..ack()
+            };
+            assert!(fields(&a).is_empty(), "{name}");
+        }
+    }
+
+    /// Puts a text in one field of an acknowledgement.
+    type SetText = fn(&mut Acknowledgement, String);
+
+    /// A right-to-left override or a zero width character in any text of an acknowledgement
+    /// is refused naming the field and the code point.
+    #[test]
+    fn a_format_character_in_any_text_is_refused_naming_the_field() {
+        let texts: [(&str, SetText); 4] = [
+            ("reason", |a, t| a.reason = t),
+            ("legal_basis", |a, t| a.legal_basis = t),
+            ("evidence.note", |a, t| {
+                a.evidence.get_or_insert_with(Default::default).note = t
+            }),
+            ("evidence.transfer_receipt.recipient", |a, t| {
+                let r = TransferReceipt {
+                    request_id: a.request_id.clone(),
+                    subprocessor: a.subprocessor.clone(),
+                    manifest_sha256: "0".repeat(64),
+                    recipient: t,
+                    received_at: Some(Timestamp {
+                        seconds: 1_800_000_000,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                };
+                a.evidence
+                    .get_or_insert_with(Default::default)
+                    .transfer_receipt = Some(r)
+            }),
+        ];
+        for (field, set) in texts {
+            for (c, code) in [
+                ('\u{202E}', "U+202E"),
+                ('\u{200B}', "U+200B"),
+                ('\u{2066}', "U+2066"),
+            ] {
+                let mut a = ack();
+                set(&mut a, format!("deleted{c} 3 rows"));
+                let got = violations(0, &a);
+                assert_eq!(got.len(), 1, "{field} {code}: {got:?}");
+                assert_eq!(got[0].field, format!("acknowledgements[0].{field}"));
+                assert!(got[0].rule.contains(code), "{field}: {}", got[0].rule);
+            }
+            // The same text without it, with letters of other scripts and an emoji, passes.
+            let mut a = ack();
+            set(&mut a, "poistettu 3 riviä — 削除 ❤️ (näin)".into());
+            assert!(
+                violations(0, &a).is_empty(),
+                "{field}: {:?}",
+                violations(0, &a)
+            );
+        }
     }
 
     /// A receipt naming no sender, or the acknowledging processor, passes; one naming

@@ -18,7 +18,10 @@
 //! applied as reported either way, since the processor's work happened whatever its
 //! certificate says. One stored as verified is checked again each time it is served, a
 //! revoked key's against the time it was stored (`received_at`): what was stored before the
-//! revocation stays verified.
+//! revocation stays verified. So is one stored as rejected while its body is stored, against
+//! the acknowledgement it came with: once the processor's right key is configured it is
+//! served verified (and that is logged). One whose body forgetting removed is served with its
+//! rejection as history, worded with the time it was received.
 
 use dsrelay_proto::v1::certificate_service_server::CertificateService;
 use std::collections::HashMap;
@@ -311,19 +314,26 @@ pub(super) fn violations(i: usize, c: &DeletionCertificate) -> Vec<FieldViolatio
 /// processor, subprocessor and id; the task state it went with is not stored): the row may
 /// have been changed in the database since, and `verified` promises a signature that holds.
 /// A key revoked since verifies it still if the row was stored before the revocation.
-/// One that fails is shown as rejected, with why; a rejected one is shown as stored.
+/// One that fails is shown as rejected, with why. One stored as rejected whose body is still
+/// stored is checked again too ([`recheck_rejected`]): a rejection for a key configured wrong
+/// then is no longer the answer once the right key is configured. One whose body forgetting
+/// removed is shown with its rejection as history ([`rejected_when_received`]). The second
+/// value says whether a certificate stored as rejected is now shown verified.
 fn stored(
     row: CertificateRow,
     request: &RequestRow,
     identity: Option<&str>,
     key: Option<&KeyRing>,
-) -> StoredCertificate {
-    let rejection = if row.verified == 0 {
-        Some(row.rejection)
-    } else {
+) -> (StoredCertificate, bool) {
+    let rejection = if row.verified != 0 {
         recheck(&row, request, identity, key)
+    } else if row.body.is_empty() {
+        Some(rejected_when_received(&row))
+    } else {
+        recheck_rejected(&row, request, identity, key)
     };
-    StoredCertificate {
+    let now_verified = row.verified == 0 && rejection.is_none();
+    let shown = StoredCertificate {
         processor: row.processor,
         subprocessor: row.subprocessor,
         certificate: Some(DeletionCertificate {
@@ -334,7 +344,57 @@ fn stored(
         verified: rejection.is_none(),
         rejection: rejection.unwrap_or_default(),
         certificate_id: row.certificate_id,
+    };
+    (shown, now_verified)
+}
+
+/// Why a certificate stored as rejected, whose body is still stored, is rejected when checked
+/// again now, by the rules of [`check`]: against the processor's keys configured now (a
+/// revoked key's against the time it was stored) and the acknowledgement it came with (its
+/// request, subprocessor and task state, as stored); `None` when it now checks out.
+fn recheck_rejected(
+    row: &CertificateRow,
+    request: &RequestRow,
+    identity: Option<&str>,
+    key: Option<&KeyRing>,
+) -> Option<String> {
+    let Some(state) = row.ack_state else {
+        // Its acknowledgement is stored in the same transaction, so this is a row changed by
+        // hand: nothing to check the task state against.
+        return Some(rejected_when_received(row));
+    };
+    let ack = Acknowledgement {
+        request_id: request.id.clone(),
+        subprocessor: row.subprocessor.clone(),
+        state,
+        ..Default::default()
+    };
+    let certificate = DeletionCertificate {
+        body: row.body.clone(),
+        signature: row.signature.clone(),
+        key_id: row.key_id.clone(),
+    };
+    let kind = certificate_kind(Some(request.kind));
+    let identity = identity.unwrap_or_default();
+    let checked = check(key, identity, kind, &ack, &certificate, row.received_at);
+    if !checked.verified {
+        return Some(checked.rejection);
     }
+    (checked.certificate_id != row.certificate_id)
+        .then(|| "its certificate_id is not the one stored with it".into())
+}
+
+/// The rejection of a certificate that can no longer be checked (its body was removed when
+/// its request was forgotten), as history: when it was received and why it was rejected then,
+/// which the keys configured now may no longer explain.
+fn rejected_when_received(row: &CertificateRow) -> String {
+    format!(
+        "rejected when received at {}: {}; it cannot be checked again, as its body is no \
+         longer stored here, and no call sends a certificate again, so it stays rejected here \
+         even if the processor still holds it and the reason no longer applies",
+        dsrelay_runtime::clock::date_label(row.received_at),
+        row.rejection
+    )
 }
 
 /// Why a certificate stored as verified no longer is, if it is not.
@@ -433,7 +493,19 @@ impl CertificateService for Api {
                 .map(|c| {
                     let identity = self.processor_identity(&c.processor);
                     let key = keys.get(&c.processor);
-                    stored(c, &row, identity, key)
+                    let (shown, now_verified) = stored(c, &row, identity, key);
+                    if now_verified {
+                        // Its stored rejection still says otherwise, so say why it is shown
+                        // verified: the keys configured changed since it was received.
+                        tracing::info!(
+                            request_id = %row.id,
+                            processor = %shown.processor,
+                            subprocessor = %shown.subprocessor,
+                            "a deletion certificate rejected when received verifies under the \
+                             keys configured now; served verified"
+                        );
+                    }
+                    shown
                 })
                 .collect(),
         }))
@@ -674,6 +746,73 @@ mod tests {
             r.rejection
         );
         assert!(!r.rejection.contains("jane"), "{}", r.rejection);
+    }
+}
+
+/// Serving what forgetting left of a rejected certificate.
+#[cfg(test)]
+mod forgotten_tests {
+    use super::*;
+
+    fn request() -> RequestRow {
+        RequestRow {
+            id: "r-1".into(),
+            partner: "crm".into(),
+            idempotency_key: "k".into(),
+            body: None,
+            kind: RequestKind::Erasure,
+            state: dsrelay_proto::v1::RequestState::Completed,
+            received_at: 0,
+            due_at: 0,
+            extension_months: 0,
+            extension_reasons: "[]".into(),
+            trace_id: "0".repeat(32),
+            cancel_reason: None,
+            updated_at: 0,
+            finished_at: Some(0),
+            answered_at: Some(0),
+        }
+    }
+
+    /// Its body removed, a rejected certificate cannot be checked against the keys
+    /// configured now, whatever they are: its reason is served as history, with when it was
+    /// received, and says plainly that nothing can send it again. Before, the stored reason
+    /// was served as if current, naming a key configured then.
+    #[test]
+    fn a_forgotten_rejection_is_served_as_history() {
+        let key = KeyRing::new(
+            dsrelay_runtime::signing::SigningKey::generate().public_key(),
+            vec![],
+        )
+        .unwrap();
+        let row = CertificateRow {
+            processor: "p".into(),
+            subprocessor: "accounting".into(),
+            sequence: 1,
+            certificate_id: String::new(),
+            body: Vec::new(),
+            signature: Vec::new(),
+            key_id: String::new(),
+            verified: 0,
+            rejection: "signed with key sha256:94eb, not with the expected key sha256:ce76 \
+                        (its body, SHA-256 ab12, was removed when the request was forgotten)"
+                .into(),
+            received_at: 1_767_225_600_000,
+            ack_state: Some(TaskState::Completed as i32),
+        };
+        for key in [Some(&key), None] {
+            let (shown, now_verified) = stored(row.clone(), &request(), Some("id"), key);
+            assert!(!shown.verified && !now_verified);
+            assert_eq!(
+                shown.rejection,
+                "rejected when received at 2026-01-01T00:00:00Z: signed with key sha256:94eb, \
+                 not with the expected key sha256:ce76 (its body, SHA-256 ab12, was removed \
+                 when the request was forgotten); it cannot be checked again, as its body is \
+                 no longer stored here, and no call sends a certificate again, so it stays \
+                 rejected here even if the processor still holds it and the reason no longer \
+                 applies"
+            );
+        }
     }
 }
 
@@ -919,6 +1058,96 @@ mod served_tests {
     async fn a_revoked_key_leaves_what_was_stored_before_verified_on_postgres() {
         on_postgres(|url, dir| async move {
             a_revoked_key_leaves_what_was_stored_before_verified(&url, &dir).await;
+        })
+        .await;
+    }
+
+    /// The processor's key was configured wrong when its certificates arrived: both were
+    /// rejected ("not with the expected key"). Restarted with its right key, the one that
+    /// matches its acknowledgement is served verified, and the one whose body names another
+    /// task state than its acknowledgement stays rejected, saying so now. Before, the stored
+    /// rejection was served as if current, naming a key no longer configured.
+    async fn a_rejected_certificate_is_served_verified_once_its_key_is_configured(
+        database_url: &str,
+        dir: &Path,
+    ) {
+        let (right, wrong) = (SigningKey::generate(), SigningKey::generate());
+        let key_line = |k: &SigningKey| format!("public_key = {:?}\n", k.public_key().to_base64());
+        let registry = with_keys(dir, database_url, key_line(&wrong)).await;
+        let id = registry.submit(RequestKind::Erasure, "erasure").await;
+        let certified = |subprocessor: &str, claimed_state: &str, n: u64| {
+            let doc = right.sign(
+                to_canonical_json(&json!({
+                    "version": 1, "certificate_id": format!("c-{n}"), "kind": "erasure",
+                    "processor": dev_identity("processor", PROCESSOR), "request_id": id,
+                    "subprocessor": subprocessor, "task_state": claimed_state,
+                    "controller": "acme", "records_affected": 1, "erased": [], "retained": [],
+                    "completed_at": "2026-01-01T00:00:00.000Z",
+                    "issued_at": "2026-01-01T00:00:00.000Z",
+                }))
+                .unwrap(),
+            );
+            Acknowledgement {
+                request_id: id.clone(),
+                subprocessor: subprocessor.into(),
+                sequence: n,
+                state: TaskState::Completed as i32,
+                certificate: Some(DeletionCertificate {
+                    body: doc.body,
+                    signature: doc.signature,
+                    key_id: doc.key_id,
+                }),
+                ..Default::default()
+            }
+        };
+        let answer = registry
+            .acknowledge(vec![
+                certified("accounting", "COMPLETED", 1),
+                certified("mail", "NOT_FOUND", 2),
+            ])
+            .await;
+        assert_eq!(answer.applied, 2, "{answer:?}");
+        for c in list(&registry, &id).await {
+            assert!(
+                !c.verified && c.rejection.contains("not with the expected key"),
+                "{c:?}"
+            );
+        }
+        registry.stop().await;
+
+        let registry = with_keys(dir, database_url, key_line(&right)).await;
+        let shown = list(&registry, &id).await;
+        assert_eq!(shown.len(), 2, "{shown:?}");
+        for c in &shown {
+            match c.subprocessor.as_str() {
+                "accounting" => {
+                    assert!(c.verified, "{}", c.rejection);
+                    assert_eq!(c.rejection, "");
+                }
+                _ => {
+                    assert!(!c.verified, "{c:?}");
+                    assert_eq!(
+                        c.rejection,
+                        "its task_state is not \"COMPLETED\", as the acknowledgement says"
+                    );
+                }
+            }
+        }
+        registry.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rejected_certificate_is_served_verified_once_its_key_is_configured_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        a_rejected_certificate_is_served_verified_once_its_key_is_configured(&url, dir.path())
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rejected_certificate_is_served_verified_once_its_key_is_configured_on_postgres() {
+        on_postgres(|url, dir| async move {
+            a_rejected_certificate_is_served_verified_once_its_key_is_configured(&url, &dir).await;
         })
         .await;
     }

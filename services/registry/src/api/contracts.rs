@@ -20,7 +20,7 @@ use dsrelay_proto::{millis_from_timestamp, timestamp_from_millis};
 use dsrelay_runtime::clock::date_label;
 use dsrelay_runtime::grpc::CallerTrace;
 use dsrelay_runtime::identity::{
-    instant_violation, keyed_digest, request_id_violation, text_violation, FieldViolation,
+    instant_violation, keyed_digest, request_id_violation, FieldViolation,
 };
 use dsrelay_runtime::names::{unknown_name, PartyKind};
 use dsrelay_runtime::trace_context;
@@ -32,6 +32,7 @@ use crate::deadline::{contract_end_due_at, grace_ends_at, CONTRACT_END_DUE_DAYS}
 use crate::error::ApiError;
 use crate::fold::request_is_terminal;
 use crate::store::{ContractChange, ContractRow, DeliveryRow, Inserted, NewContract, NewRequest};
+use crate::validate::text_violation;
 
 use super::Api;
 

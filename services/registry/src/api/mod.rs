@@ -38,8 +38,12 @@ pub(crate) mod acknowledgement;
 mod audit;
 mod certificates;
 mod contracts;
+#[cfg(test)]
+mod hidden_tests;
 mod packages;
 mod partner;
+#[cfg(test)]
+mod text_tests;
 mod views;
 pub(crate) mod watch;
 
@@ -90,13 +94,15 @@ impl Api {
             })?)
     }
 
-    /// Loads a request the caller may see; another partner's request is NOT_FOUND.
+    /// Loads a request the caller may see; another partner's request is NOT_FOUND, answered
+    /// by the same read that answers for one that does not exist (the partner is part of its
+    /// key), so neither the answer nor its time tells them apart.
     async fn visible(&self, caller: &Caller, id: &str) -> Result<RequestRow, ApiError> {
         ApiError::ensure_valid(request_id_violation("request_id", id))?;
         let row = self
             .shared
             .store
-            .request(id)
+            .request_of(id, only_of(caller))
             .await?
             .ok_or_else(|| not_found(id))?;
         shown_to(caller, &row)?;
@@ -124,14 +130,15 @@ impl Api {
             .collect())
     }
 
-    /// The request `id` as `caller` may see it (NOT_FOUND for another partner's), its state,
-    /// deliveries and tasks read from one snapshot.
+    /// The request `id` as `caller` may see it (NOT_FOUND for another partner's, before
+    /// anything but the request's key is read: see [`Api::visible`]), its state, deliveries
+    /// and tasks read from one snapshot.
     async fn visible_view(&self, caller: &Caller, id: &str) -> Result<Request, ApiError> {
         ApiError::ensure_valid(request_id_violation("request_id", id))?;
         let (row, deliveries, tasks) = self
             .shared
             .store
-            .request_with_tasks(id)
+            .request_of_with_tasks(id, only_of(caller))
             .await?
             .ok_or_else(|| not_found(id))?;
         shown_to(caller, &row)?;
@@ -160,7 +167,15 @@ impl Api {
     }
 }
 
+/// The partner whose requests alone `caller` may see: a partner its own, an operator every
+/// one (`None`).
+fn only_of(caller: &Caller) -> Option<&str> {
+    (caller.role == Party::Partner).then_some(caller.name.as_str())
+}
+
 /// Operators see every request, a partner only its own: another partner's is NOT_FOUND.
+/// The reads of [`Api::visible`] already leave another partner's out; checked again after
+/// them, so that a change to a read cannot show one.
 fn shown_to(caller: &Caller, row: &RequestRow) -> Result<(), ApiError> {
     if caller.role == Party::Partner && caller.name != row.partner {
         return Err(not_found(&row.id));

@@ -508,6 +508,8 @@ impl Store {
             if before.is_none_or(|t| t.sequence < ack.sequence) {
                 let forgotten = view.forgotten.contains(&ack.request_id);
                 let previous = before.map(|t| (t.state, t.progress.clone()));
+                let was = previous.as_ref().map(|p| p.0);
+                super::failed::note_task(&mut tx, &ack.request_id, processor, was, ack);
                 if says_something_new(previous.as_ref(), ack) {
                     let detail =
                         ack.event_detail(processor, ack.attempt, "", &tx.text_key, forgotten);
@@ -1437,6 +1439,8 @@ pub(super) async fn apply_accepted(
             }
             let forgotten = view.forgotten.contains(a.request_id);
             let previous = before.map(|t| (t.state, t.progress.clone()));
+            let was = previous.as_ref().map(|p| p.0);
+            super::failed::note_task(tx, a.request_id, a.processor, was, &update);
             if update.sequence > 1 && says_something_new(previous.as_ref(), &update) {
                 events.push(NewEvent {
                     request_id: a.request_id.to_string(),
@@ -1627,6 +1631,7 @@ async fn write_request_states(
         Checked::Now => ", checked_at = $2",
         Checked::Unchanged => "",
     };
+    super::failed::note_requests(tx, changed).await?;
     for (state, ids) in by_state {
         let finished = request_is_terminal(state).then_some(now);
         for chunk in ids.chunks(tx.backend.rows_per_statement(1)) {

@@ -58,6 +58,10 @@ pub struct CertificateRow {
     /// When the registry stored it (its clock, milliseconds since the epoch): what decides
     /// whether a key revoked since still verifies it.
     pub received_at: i64,
+    /// The task state of the acknowledgement it came with (proto enum value), which a
+    /// rejected one is checked against again when served; `None` if that acknowledgement is
+    /// not stored.
+    pub ack_state: Option<i32>,
 }
 
 /// What forgetting leaves of a rejected certificate (`verified` false), as `(key_id,
@@ -196,7 +200,10 @@ impl Store {
     ) -> Result<Vec<CertificateRow>> {
         Ok(sqlx::query_as(
             "SELECT processor, subprocessor, sequence, certificate_id, body, signature, key_id, \
-             verified, rejection, received_at FROM certificates WHERE request_id = $1 \
+             verified, rejection, received_at, (SELECT a.state FROM acknowledgements a \
+             WHERE a.request_id = c.request_id AND a.processor = c.processor \
+             AND a.subprocessor = c.subprocessor AND a.sequence = c.sequence) AS ack_state \
+             FROM certificates c WHERE request_id = $1 \
              AND ($2 = '' OR processor = $2) AND ($3 = '' OR subprocessor = $3) \
              ORDER BY MIN(id) OVER (PARTITION BY processor, subprocessor), sequence, id",
         )

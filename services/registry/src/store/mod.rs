@@ -20,6 +20,7 @@
 //! - `certificates`: deletion certificates received with acknowledgements, and their
 //!   verdicts.
 //! - `events`: events and the audit-trail append.
+//! - `failed`: what turned FAILED in a transaction, logged at WARN once it commits.
 //! - `packages`: files and parts of return-of-data packages as stored, and their expiry.
 //! - `forget`: removing a finished request's raw identities, body and free text after its
 //!   dispute window.
@@ -54,6 +55,7 @@ mod certificates;
 mod chain;
 mod contracts;
 mod events;
+mod failed;
 mod forget;
 mod intake;
 mod outbox;
@@ -226,6 +228,7 @@ impl Store {
             text_key: self.text_key.clone(),
             receipt_keys: self.receipt_keys.clone(),
             processor_identities: self.processor_identities.clone(),
+            failed: Vec::new(),
         })
     }
 }
@@ -257,6 +260,8 @@ struct Tx {
     receipt_keys: Arc<ReceiptKeys>,
     /// See [`Store`]'s field.
     processor_identities: Arc<ProcessorIdentities>,
+    /// What turned FAILED in it, logged once it commits (`failed`).
+    failed: Vec<failed::Failed>,
 }
 
 impl Tx {
@@ -267,6 +272,7 @@ impl Tx {
 
     async fn commit(self) -> Result<()> {
         self.tx.commit().await?;
+        failed::log(&self.failed, &self.text_key);
         Ok(())
     }
 

@@ -38,6 +38,12 @@ impl Store {
         read_request(&self.db.reader, id).await
     }
 
+    /// The request `id` if `partner` submitted it (`None`: whoever did): another partner's
+    /// is `None`, read by the same one keyed statement as one that does not exist.
+    pub async fn request_of(&self, id: &str, partner: Option<&str>) -> Result<Option<RequestRow>> {
+        read_request_of(&self.db.reader, id, partner).await
+    }
+
     /// The request `partner` stored under `idempotency_key`, with its body hash, if any.
     pub async fn request_by_key(
         &self,
@@ -61,8 +67,20 @@ impl Store {
         &self,
         id: &str,
     ) -> Result<Option<(RequestRow, Vec<DeliveryRow>, Vec<TaskStatus>)>> {
+        self.request_of_with_tasks(id, None).await
+    }
+
+    /// [`Store::request_with_tasks`] for a reader who may only see `partner`'s requests
+    /// (`None`: every request). Another partner's request is `None` as one that does not
+    /// exist is, read by the same one keyed statement, and nothing else of it is read: what
+    /// a reader is refused takes no longer to refuse whatever the request holds.
+    pub async fn request_of_with_tasks(
+        &self,
+        id: &str,
+        partner: Option<&str>,
+    ) -> Result<Option<(RequestRow, Vec<DeliveryRow>, Vec<TaskStatus>)>> {
         let mut tx = self.snapshot().await?;
-        let Some(row) = read_request(&mut *tx, id).await? else {
+        let Some(row) = read_request_of(&mut *tx, id, partner).await? else {
             return Ok(None);
         };
         let deliveries = read_deliveries(&mut *tx, id).await?;
@@ -369,6 +387,25 @@ async fn read_request<'e>(
         "SELECT {REQUEST_COLUMNS} FROM requests WHERE id = $1"
     ))
     .bind(id)
+    .fetch_optional(db)
+    .await?)
+}
+
+/// [`Store::request_of`] through `db`: the partner is part of the key looked up, so another
+/// partner's request is never read.
+async fn read_request_of<'e>(
+    db: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    id: &str,
+    partner: Option<&str>,
+) -> Result<Option<RequestRow>> {
+    let Some(partner) = partner else {
+        return read_request(db, id).await;
+    };
+    Ok(sqlx::query_as(&format!(
+        "SELECT {REQUEST_COLUMNS} FROM requests WHERE id = $1 AND partner = $2"
+    ))
+    .bind(id)
+    .bind(partner)
     .fetch_optional(db)
     .await?)
 }
