@@ -513,7 +513,8 @@ pub enum Outcome {
         /// processor runs the erasure again then ([`Phase::RetentionExpired`]), which may keep
         /// part again with a later date. Not necessarily the end of the retention.
         until_ms: i64,
-        /// Records erased or anonymized now.
+        /// Records erased or anonymized now; kept records are not among them (they are
+        /// counted by the run that erases them).
         records_affected: i64,
         /// What was done and what is kept, without identity values.
         note: String,
@@ -588,7 +589,10 @@ impl Outcome {
 pub struct ErasedCount {
     /// Where: a table, a mailing list or audience.
     pub target: String,
-    /// What was done to the records: `deleted`, `anonymized`, `archived`, ...
+    /// What was done to the records: `deleted`, `anonymized`, `archived`, ...; or what was
+    /// not erased but listed beside it: `kept and stripped` (the SQL connector's rows kept
+    /// under an obligation, cleared of what it does not need) and `kept` (a contract end's
+    /// rows in tables never erased). Those are never in `records_affected`.
     pub action: String,
     /// How many records.
     pub count: i64,

@@ -447,10 +447,20 @@ impl Scoped<'_> {
         // (`earlier.erased`, which this call's reports go on from) for the certificate.
         let mut counts: Vec<ErasedCount> = Vec::new();
         let mut notes = Vec::new();
-        // The earlier call's records done are what its committed batches erased or
-        // anonymized: a batch reports only once committed, and its final report (which counts
-        // kept rows as done) is made as it answers, so a call cut off never recorded it.
-        let mut affected = i64::try_from(earlier.records_done).unwrap_or(i64::MAX);
+        // The earlier call's records done are what its committed batches erased, anonymized
+        // or kept and stripped: a batch reports only once committed, and its final report
+        // (which counts kept rows as done) is made as it answers, so a call cut off never
+        // recorded it. Its stripped rows are still held, so they are not among the rows it
+        // erased (`records_affected`); a progress recorded before they were listed apart
+        // cannot tell them from anonymized ones.
+        let earlier_stripped: i64 = (earlier.erased.iter())
+            .filter(|c| c.action == Action::KEPT_AND_STRIPPED)
+            .map(|c| c.count)
+            .fold(0, i64::saturating_add);
+        let mut affected = i64::try_from(earlier.records_done)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(earlier_stripped)
+            .max(0);
         // Recorded without its counts by table (by a processor from before they were
         // recorded): listed as one entry, which the certificate's note explains.
         if earlier.records_done > 0 && earlier.erased.is_empty() {
@@ -521,7 +531,7 @@ impl Scoped<'_> {
                     };
                     let table = rule.table.as_str();
                     let moves = work.moves_keys.as_ref().zip(returned);
-                    let anonymized = match &work.anonymize_kept {
+                    let stripped = match &work.anonymize_kept {
                         Some(update) => {
                             let old = moves.and_then(|(m, keys)| m.kept.as_ref().zip(Some(keys)));
                             match old {
@@ -569,11 +579,18 @@ impl Scoped<'_> {
                         records += u64::try_from(rows).unwrap_or(0);
                     }
                     add_count(&mut batch_counts, table, rule.action.done(), done);
-                    if anonymized > 0 {
-                        add_count(&mut batch_counts, table, "anonymized", anonymized);
+                    if stripped > 0 {
+                        add_count(
+                            &mut batch_counts,
+                            table,
+                            Action::KEPT_AND_STRIPPED,
+                            stripped,
+                        );
                     }
-                    affected = affected.saturating_add(done).saturating_add(anonymized);
-                    records += u64::try_from(done.saturating_add(anonymized)).unwrap_or(0);
+                    // Stripped rows are handled (the progress counts them) but still held:
+                    // they count as erased when a retention run deletes or anonymizes them.
+                    affected = affected.saturating_add(done);
+                    records += u64::try_from(done.saturating_add(stripped)).unwrap_or(0);
                 }
                 tx.commit()
                     .await

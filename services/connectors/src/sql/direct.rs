@@ -122,7 +122,11 @@ where
 }
 
 /// A connection to `path`, which reads only when `read_only`: `query_only` makes a write
-/// sent here by mistake fail instead of competing with the connector's writer.
+/// sent here by mistake fail instead of competing with the connector's writer. One that
+/// writes replaces the keys an earlier run recorded, so `secure_delete` zeroes what that
+/// frees, as on the connector's other connections ([`Db::connect`]).
+///
+/// [`Db::connect`]: dsrelay_runtime::store::Db::connect
 fn open(path: &Path, read_only: bool) -> Result<Connection, ConnectorError> {
     let conn = Connection::open_with_flags(
         path,
@@ -132,7 +136,7 @@ fn open(path: &Path, read_only: bool) -> Result<Connection, ConnectorError> {
     conn.busy_timeout(BUSY_TIMEOUT)
         .and_then(|()| match read_only {
             true => conn.execute_batch("PRAGMA query_only=ON;"),
-            false => Ok(()),
+            false => conn.execute_batch("PRAGMA secure_delete=ON;"),
         })
         .map_err(|e| classify(&format!("setting up {} to export", path.display()), &e))?;
     Ok(conn)

@@ -25,7 +25,10 @@ use crate::{ConnectorError, ErasedCount, ExportedFile};
 /// What an erasure did in one database; stored as JSON in the task's erasure receipt.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct ErasureReport {
-    /// How many rows were erased or anonymized.
+    /// How many rows were erased or anonymized: deleted, or anonymized by the table's
+    /// action. Kept rows stripped of what their obligation does not need are not among them
+    /// (they are counted when a later run erases them), so that the processor, which adds up
+    /// every run's count, counts each row once.
     pub(crate) records_affected: i64,
     /// A human-readable account of the work, safe to store and show: it never contains the
     /// subject's identity values.
@@ -34,8 +37,11 @@ pub(crate) struct ErasureReport {
     pub(crate) found: bool,
     /// Set when rows are kept under a legal obligation.
     pub(crate) retained: Option<RetentionReport>,
-    /// Rows erased per table and action, in the order the tables were handled; rows kept
-    /// under an obligation and stripped of what it does not need count as `anonymized`.
+    /// Rows erased per table and action (the table's `deleted` or `anonymized`), in the
+    /// order the tables were handled; rows kept under an obligation and stripped now of what
+    /// it does not need are listed apart as [`Action::KEPT_AND_STRIPPED`], never as erased.
+    /// Receipts stored before that listed them as `anonymized` and counted them in
+    /// `records_affected`; a replay answers them as stored.
     pub(crate) counts: Vec<ErasedCount>,
     /// When the subject's rows are only in `keep` tables (nothing deleted, anonymized or
     /// kept under `retain`): those tables with their rows. Nothing was erased, and the
@@ -260,24 +266,25 @@ impl<'a> Scoped<'a> {
                 }
                 None => 0,
             };
-            let anonymized = match &work.anonymize_kept {
+            let stripped = match &work.anonymize_kept {
                 Some(_) => rows_changed(&next().1),
                 None => 0,
             };
             let done = rows_changed(&next().1);
-            total = total.saturating_add(done).saturating_add(anonymized);
+            // Stripped rows are still held: they are counted when a later run erases them.
+            total = total.saturating_add(done);
             found |= done > 0 || kept > 0;
-            handled |= done > 0 || kept > 0 || anonymized > 0;
+            handled |= done > 0 || kept > 0 || stripped > 0;
             counts.push(ErasedCount {
                 target: table.to_string(),
                 action: rule.action.done().to_string(),
                 count: done,
             });
-            if anonymized > 0 {
+            if stripped > 0 {
                 counts.push(ErasedCount {
                     target: table.to_string(),
-                    action: "anonymized".to_string(),
-                    count: anonymized,
+                    action: Action::KEPT_AND_STRIPPED.to_string(),
+                    count: stripped,
                 });
             }
             tracing::debug!(
@@ -285,7 +292,7 @@ impl<'a> Scoped<'a> {
                 action = rule.action.done(),
                 rows = done,
                 kept,
-                anonymized,
+                stripped,
                 "sql rule applied"
             );
 
@@ -311,7 +318,9 @@ impl<'a> Scoped<'a> {
                     ));
                 }
                 if work.anonymize_kept.is_some() {
-                    note.push_str(&format!(" (anonymized {anonymized})"));
+                    note.push_str(&format!(
+                        " ({stripped} stripped now of what the obligation does not need)"
+                    ));
                 }
             }
             notes.push(note);

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use dsrelay_proto::v1::{IdentityType, RequestKind};
+use dsrelay_runtime::identity::text_violation;
 use serde::{Deserialize, Serialize};
 
 use super::retention::parse_month_day;
@@ -165,6 +166,11 @@ impl Action {
         }
     }
 
+    /// What [`crate::ErasedCount::action`] says of rows an obligation keeps that lost the
+    /// columns it does not need: kept, not erased, so not counted as erased or anonymized
+    /// (`records_affected`); counted there once, when a later run erases them.
+    pub(super) const KEPT_AND_STRIPPED: &'static str = "kept and stripped";
+
     /// The progressive, for error contexts ("deleting from invoices: ..."); an erasure only
     /// counts the subject's rows of a `keep` table.
     pub(super) fn doing(self) -> &'static str {
@@ -200,7 +206,8 @@ pub enum AnonymizeWith {
 #[serde(deny_unknown_fields)]
 pub struct Retention {
     /// The law or contract, as reported to the controller (e.g. "Kirjanpitolaki 1336/1997
-    /// 2:10 §").
+    /// 2:10 §") and listed in deletion certificates word for word: at most 1024 bytes,
+    /// without control characters other than tab and line breaks.
     pub basis: String,
     /// Whole years after the end of the fiscal year (1..=100).
     pub years: u32,
@@ -214,7 +221,8 @@ pub struct Retention {
     /// statements as written, so it is trusted operator configuration, never user input.
     #[serde(default, rename = "while", skip_serializing_if = "Option::is_none")]
     pub while_condition: Option<String>,
-    /// The basis reported for rows kept only by `while`; `basis` when left out.
+    /// The basis reported for rows kept only by `while`; `basis` when left out. Held to the
+    /// same limits as `basis`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub while_basis: Option<String>,
     /// Days until rows kept only by `while` are checked again (1..=3650).
@@ -232,6 +240,10 @@ fn default_fiscal_year_end() -> String {
 
 /// What the table of a contract end's returned rows adds to the receipts table's name.
 const RETURNED_SUFFIX: &str = "_returned";
+
+/// The most bytes a `retain` basis may have: the processor reports the bases in
+/// `Acknowledgement.legal_basis`, which holds at most this many and cuts a longer text.
+const MAX_BASIS: usize = 1024;
 
 fn default_recheck_days() -> u32 {
     DEFAULT_RECHECK_DAYS
@@ -588,6 +600,24 @@ fn validate_retention(at: &str, rule: &TableRule, retain: &Retention, out: &mut 
     {
         out.push(format!("{at}: retain while_basis must not be empty"));
     }
+    // A basis goes into acknowledgements and certificates as it is written here; the
+    // processor would cut a longer one and replace a control character with U+FFFD, so the
+    // certificate would no longer quote the law word for word.
+    let bases = [
+        ("basis", Some(&retain.basis)),
+        ("while_basis", retain.while_basis.as_ref()),
+    ];
+    for (key, basis) in bases {
+        let Some(basis) = basis else {
+            continue;
+        };
+        if let Some(v) = text_violation(key, basis, MAX_BASIS, false) {
+            out.push(format!(
+                "{at}: retain {} {}; write the law or contract as certificates should quote it",
+                v.field, v.rule
+            ));
+        }
+    }
     for column in &retain.keep_columns {
         if !rule.anonymize.contains_key(column) {
             out.push(format!(
@@ -702,6 +732,45 @@ mod tests {
         assert_eq!(retain.fiscal_year_end, "12-31");
         assert_eq!(retain.recheck_days, DEFAULT_RECHECK_DAYS);
         assert_eq!(config.validate(), Vec::<String>::new());
+    }
+
+    /// A basis goes into certificates word for word: one the processor would have to alter
+    /// (a control character it replaces, a length it cuts) is refused as the configuration
+    /// is loaded, naming the table and key; tab and line breaks pass, as they do there.
+    #[test]
+    fn a_basis_the_certificate_could_not_quote_is_refused() {
+        // Each basis as a TOML basic string's contents, its escapes as TOML reads them.
+        let config = |basis: &str, while_basis: &str| {
+            let text = format!(
+                "type = \"sql\"\nurl = \"sqlite::memory:\"\n[[tables]]\ntable = \"t\"\n\
+                 action = \"delete\"\nmatch = {{ email = \"email\" }}\n[tables.retain]\n\
+                 basis = \"{basis}\"\nyears = 1\nfrom_column = \"d\"\n\
+                 while = \"open = 1\"\nwhile_basis = \"{while_basis}\"\n"
+            );
+            toml::from_str::<crate::config::ConnectorConfig>(&text).unwrap()
+        };
+        let problems = config(r"Kirjanpitolaki\u0001 2:10 §", r"Perintälaki\u007F").validate();
+        assert_eq!(
+            problems,
+            [
+                "tables[0] (t): retain basis must not contain control characters (other than \
+                 tab and line breaks); write the law or contract as certificates should quote \
+                 it",
+                "tables[0] (t): retain while_basis must not contain control characters (other \
+                 than tab and line breaks); write the law or contract as certificates should \
+                 quote it",
+            ]
+        );
+        let long = "§".repeat(MAX_BASIS / 2 + 1);
+        assert_eq!(
+            config(&long, "b").validate(),
+            [
+                "tables[0] (t): retain basis must be at most 1024 bytes; write the law or \
+              contract as certificates should quote it"
+            ]
+        );
+        let fits = "x".repeat(MAX_BASIS);
+        assert_eq!(config(&fits, r"a\tb\r\nc").validate(), Vec::<String>::new());
     }
 
     #[test]

@@ -955,22 +955,23 @@ async fn erases_subject_by_email(url: String) {
     assert_eq!(
         out,
         ErasureReport {
-            records_affected: 7,
+            records_affected: 4,
             note: "contacts: deleted 2; \
                    invoices: deleted 1, kept 2, the first until the end of 2030-12-31 and \
-                   the last until the end of 2031-12-31 (anonymized 2); \
+                   the last until the end of 2031-12-31 (2 stripped now of what the \
+                   obligation does not need); \
                    ledger_entries: anonymized 1, kept 1 until the end of 2034-12-31; \
                    customers: deleted 0, kept 1 for the kept rows of invoices, \
-                   ledger_entries (anonymized 1)"
+                   ledger_entries (1 stripped now of what the obligation does not need)"
                 .into(),
             found: true,
             counts: [
                 ("contacts", "deleted", 2),
                 ("invoices", "deleted", 1),
-                ("invoices", "anonymized", 2),
+                ("invoices", "kept and stripped", 2),
                 ("ledger_entries", "anonymized", 1),
                 ("customers", "deleted", 0),
-                ("customers", "anonymized", 1),
+                ("customers", "kept and stripped", 1),
             ]
             .map(|(target, action, count)| crate::ErasedCount {
                 target: target.into(),
@@ -1079,10 +1080,10 @@ async fn erases_subject_by_email(url: String) {
         again.note,
         "contacts: deleted 0; \
          invoices: deleted 0, kept 2, the first until the end of 2030-12-31 and the last \
-         until the end of 2031-12-31 (anonymized 0); \
+         until the end of 2031-12-31 (0 stripped now of what the obligation does not need); \
          ledger_entries: anonymized 0, kept 1 until the end of 2034-12-31; \
          customers: deleted 0, kept 1 for the kept rows of invoices, ledger_entries \
-         (anonymized 0)"
+         (0 stripped now of what the obligation does not need)"
     );
     assert_eq!(others(&db).await, before);
 }
@@ -1102,15 +1103,17 @@ async fn erases_subject_by_customer_number(url: String) {
         )
         .await
         .unwrap();
-    assert_eq!(out.records_affected, 4);
+    // Contact 1 deleted; the kept and stripped invoices and customer row are still held.
+    assert_eq!(out.records_affected, 1);
     assert!(out.found);
     assert_eq!(
         out.note,
         "contacts: deleted 1; \
-         invoices: deleted 0, kept 2 until the end of 2030-12-31 (anonymized 2); \
+         invoices: deleted 0, kept 2 until the end of 2030-12-31 (2 stripped now of what \
+         the obligation does not need); \
          ledger_entries: anonymized 0, kept 1 until the end of 2034-12-31; \
          customers: deleted 0, kept 1 for the kept rows of invoices, ledger_entries \
-         (anonymized 1)"
+         (1 stripped now of what the obligation does not need)"
     );
     assert_eq!(
         out.retained,
@@ -1185,15 +1188,15 @@ async fn several_identities_of_one_subject_count_once(url: String) {
         )
         .await
         .unwrap();
-    assert_eq!(out.records_affected, 7);
+    assert_eq!(out.records_affected, 4);
     assert_eq!(
         out.note,
         "contacts: deleted 2; \
          invoices: deleted 1, kept 2, the first until the end of 2030-12-31 and the last \
-         until the end of 2031-12-31 (anonymized 2); \
+         until the end of 2031-12-31 (2 stripped now of what the obligation does not need); \
          ledger_entries: anonymized 1, kept 1 until the end of 2034-12-31; \
          customers: deleted 0, kept 1 for the kept rows of invoices, ledger_entries \
-         (anonymized 1)"
+         (1 stripped now of what the obligation does not need)"
     );
     assert_eq!(count(&db, &format!("{C} FROM customers")).await, 6);
     // Every identity column found her, so all of them stay until the end.
@@ -1354,11 +1357,16 @@ async fn retention_expires_in_stages(url: String) {
     // Now: the invoice of 2024 is the first kept row to be released, at the start of 2031.
     let (basis, until, affected, _) = retained(run(now(), Phase::Start).await);
     assert_eq!(basis, format!("{VOUCHERS}; {BOOKS}"));
-    assert_eq!((until, affected), (ms(2031, 1, 1), 7));
+    // Her 2 contacts, the 2023 invoice and the 2015 ledger entry; the kept and stripped
+    // rows are counted by the run that erases them.
+    assert_eq!((until, affected), (ms(2031, 1, 1), 4));
+    // The processor adds up every run's count into the task's records_affected.
+    let mut total = affected;
 
     // A moment before, the processor would not wake up; nothing is released yet.
     let (_, until, affected, _) = retained(run(until - 1, expired(until - 1)).await);
     assert_eq!((until, affected), (ms(2031, 1, 1), 0));
+    total += affected;
     assert_eq!(
         count(&db, &format!("{C} FROM invoices WHERE id = 102")).await,
         1
@@ -1369,6 +1377,7 @@ async fn retention_expires_in_stages(url: String) {
         retained(run(ms(2031, 1, 1), expired(ms(2031, 1, 1))).await);
     assert_eq!(basis, format!("{VOUCHERS}; {BOOKS}"));
     assert_eq!((until, affected), (ms(2032, 1, 1), 1));
+    total += affected;
     assert!(
         note.starts_with(
             "contacts: deleted 0; invoices: deleted 1, kept 1 until the end of 2031-12-31"
@@ -1386,15 +1395,16 @@ async fn retention_expires_in_stages(url: String) {
         retained(run(ms(2032, 1, 1), expired(ms(2032, 1, 1))).await);
     assert_eq!(basis, format!("{OPEN}; {BOOKS}"));
     assert_eq!((until, affected), (ms(2032, 1, 31), 0));
+    total += affected;
     assert!(
         note.contains(
             "invoices: deleted 0, kept 1 (1 while its retain condition holds, checked \
-             again on 2032-01-31) (anonymized 0)"
+             again on 2032-01-31) (0 stripped now of what the obligation does not need)"
         ),
         "{note}"
     );
-    let (_, until, _, _) = retained(run(ms(2032, 1, 31), expired(ms(2032, 1, 31))).await);
-    assert_eq!(until, ms(2032, 3, 1));
+    let (_, until, affected, _) = retained(run(ms(2032, 1, 31), expired(ms(2032, 1, 31))).await);
+    assert_eq!((until, affected), (ms(2032, 3, 1), 0));
     assert_eq!(
         count(&db, &format!("{C} FROM invoices WHERE id = 103")).await,
         1
@@ -1408,6 +1418,7 @@ async fn retention_expires_in_stages(url: String) {
     let (basis, until, affected, _) = retained(run(ms(2032, 3, 1), expired(ms(2032, 3, 1))).await);
     assert_eq!(basis, BOOKS);
     assert_eq!((until, affected), (ms(2035, 1, 1), 1));
+    total += affected;
     assert_eq!(
         count(&db, &format!("{C} FROM invoices WHERE customer_id = 1")).await,
         0
@@ -1440,6 +1451,9 @@ async fn retention_expires_in_stages(url: String) {
             .to_vec(),
         }
     );
+    // Every one of her 8 rows counted once over the runs (2 contacts, 3 invoices, 2 ledger
+    // entries, the customer row): none when it was kept and stripped, once when erased.
+    assert_eq!(total + 2, 8);
     assert_eq!(
         count(&db, &format!("{C} FROM customers WHERE id = 1")).await,
         0
@@ -2640,10 +2654,13 @@ async fn scopes_controllers_by_condition(url: String) {
         Outcome::Retained {
             legal_basis: format!("{VOUCHERS}; {BOOKS}"),
             until_ms: ms(2031, 1, 1),
-            records_affected: 7,
+            // Matti's contact: the invoices and customer rows are kept and stripped, still
+            // held, so not counted.
+            records_affected: 1,
             note: "customers and the tables found through it: 1 batch(es) of about 10000 \
-                   rows; contacts: deleted 1, invoices: deleted 0, invoices: anonymized 3, \
-                   ledger_entries: anonymized 0, customers: deleted 0, customers: anonymized 3; \
+                   rows; contacts: deleted 1, invoices: deleted 0, \
+                   invoices: kept and stripped 3, ledger_entries: anonymized 0, \
+                   customers: deleted 0, customers: kept and stripped 3; \
                    invoices: kept 5, the first until the end of 2030-12-31 and the last \
                    until the end of 2031-12-31; \
                    ledger_entries: kept 2 until the end of 2034-12-31"
@@ -2651,10 +2668,10 @@ async fn scopes_controllers_by_condition(url: String) {
             erased: erased_counts(&[
                 ("contacts", "deleted", 1),
                 ("invoices", "deleted", 0),
-                ("invoices", "anonymized", 3),
+                ("invoices", "kept and stripped", 3),
                 ("ledger_entries", "anonymized", 0),
                 ("customers", "deleted", 0),
-                ("customers", "anonymized", 3),
+                ("customers", "kept and stripped", 3),
             ]),
         }
     );
@@ -2691,6 +2708,7 @@ async fn scopes_controllers_by_condition(url: String) {
         legal_basis,
         until_ms,
         note,
+        records_affected: second,
         ..
     } = out
     else {
@@ -2721,7 +2739,16 @@ async fn scopes_controllers_by_condition(url: String) {
         None,
     );
     let (out, _) = run_bulk_watched(&connector, job, rx).await;
-    assert!(matches!(out, Outcome::Completed { .. }), "{out:?}");
+    let Outcome::Completed {
+        records_affected: third,
+        ..
+    } = out
+    else {
+        panic!("expected COMPLETED, got {out:?}");
+    };
+    // The processor adds up the runs: each of A's 11 rows once, when it was erased, never
+    // while it was kept and stripped.
+    assert_eq!(1 + second + third, 11, "{second} + {third}");
     assert_eq!(
         count(&db, &format!("{C} FROM customers WHERE tenant = 'a'")).await,
         0
@@ -2780,8 +2807,10 @@ async fn bulk_erasure_resumed_after_a_cut_off_call(url: String) {
 /// An erasure cut off after its first batch (customers 1 and 2), whose rows it anonymized or
 /// kept and stripped (the sample's retention rules) stay, then resumed from the progress it
 /// reported: the resumed call counts on from there to the rows and customers that existed,
-/// never those rows again, and the counts by table are what the two calls erased or
-/// anonymized. The cut-off call had its totals recorded before its first batch.
+/// never those rows again, and the counts by table are what the two calls erased,
+/// anonymized or kept and stripped; its records_affected counts the rows erased or
+/// anonymized, each once, and no kept and stripped row of either call. The cut-off call had
+/// its totals recorded before its first batch.
 async fn bulk_erasure_cut_off_after_a_batch_resumes_to_what_existed(url: String) {
     let (mut connector, db) = sample(&url).await;
     connector.batch_subjects = 2;
@@ -2879,13 +2908,13 @@ async fn bulk_erasure_cut_off_after_a_batch_resumes_to_what_existed(url: String)
             "deleted",
             before["customers"] - after["customers"],
         ),
-        ("customers", "anonymized", after["customers"]),
+        ("customers", "kept and stripped", after["customers"]),
         (
             "invoices",
             "deleted",
             before["invoices"] - after["invoices"],
         ),
-        ("invoices", "anonymized", after["invoices"]),
+        ("invoices", "kept and stripped", after["invoices"]),
         ("ledger_entries", "anonymized", anonymized_ledger),
     ];
     expected.sort();
@@ -2909,8 +2938,19 @@ async fn bulk_erasure_cut_off_after_a_batch_resumes_to_what_existed(url: String)
         .collect();
     let both = crate::sum_erased(&cut_off.erased, &batched);
     assert_eq!(sorted(&both), expected, "{again:?}");
-    let all: i64 = expected.iter().map(|(_, _, n)| n).sum();
-    assert_eq!(*records_affected, all, "{again:?}");
+    let erased: i64 = (expected.iter())
+        .filter(|(_, action, _)| action != "kept and stripped")
+        .map(|(_, _, n)| n)
+        .sum();
+    assert_eq!(*records_affected, erased, "{again:?}");
+    assert!(
+        cut_off
+            .erased
+            .iter()
+            .any(|c| c.action == "kept and stripped"),
+        "the cut-off call stripped kept rows, which the resumed call must not count: \
+         {cut_off:?}"
+    );
 }
 
 fn counts_of(p: &crate::BulkProgress) -> (u64, u64, u64, u64) {
@@ -3296,7 +3336,7 @@ async fn concurrent_calls_of_one_task_erase_once(url: String) {
         a.1 != b.1,
         "one erased, one answered from its receipt: {a:?} {b:?}"
     );
-    assert_eq!(a.0.records_affected, 7, "{a:?}");
+    assert_eq!(a.0.records_affected, 4, "{a:?}");
     let receipts = format!("{C} FROM {}", connector.config.receipts_table());
     assert_eq!(count(&db, &receipts).await, 1);
     assert_eq!(
@@ -3398,7 +3438,7 @@ async fn a_lost_answer_is_answered_from_the_receipt(url: String) {
             .await
             .unwrap(),
     );
-    assert_eq!((first.1, first.2), (ms(2031, 1, 1), 7));
+    assert_eq!((first.1, first.2), (ms(2031, 1, 1), 4));
     let kept = everything(&db).await;
     let again = retained(
         connector
@@ -3844,7 +3884,7 @@ async fn sqlite_erasures_arriving_together_share_a_commit_and_fail_alone() {
         0
     );
     let (maija, _) = maija.unwrap();
-    assert_eq!(maija.records_affected, 7, "{maija:?}");
+    assert_eq!(maija.records_affected, 4, "{maija:?}");
     // Their receipts were committed with them; the failed one left none.
     let again = scope
         .erase_once(
@@ -6820,4 +6860,52 @@ async fn bulk_batches_of_sqlite_blob_keys_cover_every_row() {
         }
     );
     assert_eq!(count(&db, &format!("{C} FROM members")).await, 0);
+}
+
+/// The byte-level side of a COMPLETED erasure on a SQLite holder: the connector's own
+/// connections run with `secure_delete`, so what its erasure deletes or overwrites is
+/// zeroed, not left in free space of the pages. Before a checkpoint the old pages are still
+/// in the file and the `-wal` holds the row as written (what docs/configuration.md says);
+/// once the holder checkpoints with TRUNCATE, none of the subject's values is in either.
+#[tokio::test]
+async fn an_erased_subject_leaves_no_bytes_in_a_checkpointed_sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("accounting.db");
+    let url = format!("sqlite://{}", file.display());
+    let (connector, db) = sample(&url).await;
+    let own = &connector.db.as_ref().unwrap().db;
+    let on: i64 = sqlx::query_scalar("PRAGMA secure_delete")
+        .fetch_one(&own.pool)
+        .await
+        .unwrap();
+    assert_eq!(on, 1, "the connector's writer zeroes what it frees");
+    let teemu = ident(
+        IdentityType::NationalId,
+        IdentityEncoding::Raw,
+        "111280-917A",
+    );
+    let out = connector
+        .scope("acme")
+        .unwrap()
+        .erase(&[teemu], now())
+        .await
+        .unwrap();
+    assert!(out.found && out.retained.is_none(), "{out:?}");
+    let needles = ["111280-917A", "+358405556666", "teemu.testaaja@example.fi"];
+    let holding = |path: &std::path::Path| {
+        let bytes = std::fs::read(path).unwrap_or_default();
+        needles
+            .iter()
+            .filter(|n| bytes.windows(n.len()).any(|w| w == n.as_bytes()))
+            .copied()
+            .collect::<Vec<_>>()
+    };
+    let wal = dir.path().join("accounting.db-wal");
+    assert!(
+        !holding(&file).is_empty() || !holding(&wal).is_empty(),
+        "before a checkpoint the holder's files still hold the rows as written"
+    );
+    exec(&db, "PRAGMA wal_checkpoint(TRUNCATE)").await;
+    assert_eq!(holding(&file), Vec::<&str>::new(), "in {}", file.display());
+    assert_eq!(holding(&wal), Vec::<&str>::new(), "in {}", wal.display());
 }

@@ -323,8 +323,8 @@ async fn a_kept_child_row_only_its_own_match_finds_keeps_the_column(url: String)
     assert_eq!(
         note,
         "contacts: deleted 1; invoices: deleted 1, kept 2, the first until the end of \
-         2030-12-31 and the last until the end of 2031-12-31 (anonymized 0); ledger_entries: \
-         anonymized 0; customers: deleted 0"
+         2030-12-31 and the last until the end of 2031-12-31 (0 stripped now of what the \
+         obligation does not need); ledger_entries: anonymized 0; customers: deleted 0"
     );
     assert_eq!(
         rows(&db, invoices).await,
@@ -400,7 +400,7 @@ async fn kept_child_rows_found_through_the_parent_lose_their_match_column() {
     assert!(
         note.contains(
             "invoices: deleted 1, kept 2, the first until the end of 2030-12-31 and the last \
-             until the end of 2031-12-31 (anonymized 2)"
+             until the end of 2031-12-31 (2 stripped now of what the obligation does not need)"
         ),
         "{note}"
     );
@@ -881,7 +881,10 @@ async fn sqlite_declared_types_are_read_by_every_path() {
         panic!("expected RETAINED, got {out:?}");
     };
     assert!(
-        note.starts_with("visits: deleted 1, kept 1 until the end of 2030-12-31 (anonymized 0)"),
+        note.starts_with(
+            "visits: deleted 1, kept 1 until the end of 2030-12-31 (0 stripped now of what \
+             the obligation does not need)"
+        ),
         "{note}"
     );
     assert!(records_affected > 1, "{out:?}");
@@ -952,7 +955,7 @@ async fn sqlite_declared_types_are_read_by_every_path() {
         panic!("expected RETAINED, got {out:?}");
     };
     assert!(
-        note.contains("visits: deleted 1, visits: anonymized 1, ")
+        note.contains("visits: deleted 1, visits: kept and stripped 1, ")
             && note.contains("; visits: kept 1 until the end of 2030-12-31; "),
         "{note}"
     );
