@@ -7,7 +7,8 @@
 //! the processor signs a deletion certificate for a COMPLETED erasure, so a stand-in that
 //! someone other than the benchmark's author reads answers [`NoopAnswer::NotFound`]: it holds
 //! no data of the subject, which is true of it. A contract end's bulk step answers likewise
-//! (COMPLETED with nothing counted, or NOT_FOUND: no data of the controller). Holding nothing,
+//! (COMPLETED with nothing counted, or NOT_FOUND: no data of the controller, which the
+//! processor ends NOT_FOUND with no deletion certificate). Holding nothing,
 //! it has nothing that could arrive after a return, so the erasure that follows one is not
 //! checked ([`crate::BulkJob::returned`]).
 
@@ -33,7 +34,8 @@ pub enum NoopAnswer {
     /// package gets no part from it, the recipient nothing), a rectification, restriction or
     /// objection has nothing to change. A contract end's bulk step answers NOT_FOUND too (no
     /// data of the controller): its export step delivers an empty part of the return, and its
-    /// erasure step ends COMPLETED with nothing erased, its certificate stating zero records.
+    /// erasure step ends the task NOT_FOUND with no deletion certificate, so that nothing
+    /// signed states a deletion no system made.
     NotFound,
 }
 

@@ -391,7 +391,17 @@ async fn the_store_matches_the_lease_token(database_url: &str, dir: &std::path::
         None
     );
     assert!(!store
-        .postpone(key, seq, mine, 0, now + 5_000, Some("late"), false, false)
+        .postpone(
+            key,
+            seq,
+            mine,
+            0,
+            now + 5_000,
+            Some("late"),
+            false,
+            false,
+            now
+        )
         .await
         .expect("postpone"));
     let task = &store.tasks("acme", "r-1").await.expect("tasks")[0];
@@ -539,6 +549,7 @@ async fn a_wake_up_during_a_claim_is_kept(database_url: &str, dir: &std::path::P
             None,
             false,
             false,
+            shared.clock.now_ms(),
         )
         .await
         .expect("postpone"));

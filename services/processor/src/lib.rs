@@ -63,6 +63,8 @@ pub mod config;
 #[cfg(test)]
 mod contract_certificate_tests;
 #[cfg(test)]
+mod contract_not_found_tests;
+#[cfg(test)]
 mod contract_progress_tests;
 #[cfg(test)]
 mod contract_retry_tests;

@@ -45,6 +45,9 @@ const FAILED_CALLS: usize = 2;
 #[derive(Clone, Default)]
 struct Adapter {
     executed: Arc<AtomicUsize>,
+    /// Refuse every Execute for good (PERMISSION_DENIED), as an adapter whose
+    /// `allowed_identities` leave the processor out does.
+    deny: bool,
 }
 
 #[tonic::async_trait]
@@ -62,6 +65,11 @@ impl SubprocessorAdapter for Adapter {
         &self,
         _: Request<ExecuteRequest>,
     ) -> Result<Response<ExecuteResponse>, Status> {
+        if self.deny {
+            return Err(Status::permission_denied(format!(
+                "this processor may not touch the data of {ADDRESS}"
+            )));
+        }
         if self.executed.fetch_add(1, Ordering::SeqCst) < FAILED_CALLS {
             return Err(Status::unavailable(format!(
                 "the row of {ADDRESS} is locked"
@@ -142,11 +150,15 @@ impl AcknowledgementService for Registry {
 
 impl Registry {
     fn completed(&self) -> bool {
+        self.got(TaskState::Completed)
+    }
+
+    fn got(&self, state: TaskState) -> bool {
         self.acks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .any(|a| a.state() == TaskState::Completed)
+            .any(|a| a.state() == state)
     }
 }
 
@@ -333,6 +345,123 @@ async fn holders_and_registries_stay_out_of_the_logs_on_sqlite() {
 async fn holders_and_registries_stay_out_of_the_logs_on_postgres() {
     crate::test_postgres::on_postgres(|u, d| async move {
         holders_and_registries_stay_out_of_the_logs(&u, &d).await
+    })
+    .await;
+}
+
+/// A task that fails for good runs again only on an operator's retry, so it is logged at
+/// WARN, once, with the reason withheld and the commands that show it and retry the task.
+/// Before, it was logged only as `task step done state="TASK_STATE_FAILED"` at INFO, with no
+/// reason and nothing saying what to do.
+async fn a_task_that_fails_for_good_is_logged_with_what_to_run(
+    database_url: &str,
+    dir: &std::path::Path,
+) {
+    let logs = captured_logs();
+    let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
+    let adapter = Adapter {
+        deny: true,
+        ..Default::default()
+    };
+    let (adapter_port, stop_adapter) = serve(
+        dsrelay_runtime::server::builder(pki.files("adapter").server_config().expect("tls"))
+            .expect("server")
+            .add_service(SubprocessorAdapterServer::new(adapter.clone())),
+    )
+    .await;
+    let registry = Registry::default();
+    let (registry_port, stop_registry) = serve(
+        dsrelay_runtime::server::builder(pki.files("registry").server_config().expect("tls"))
+            .expect("server")
+            .add_service(AcknowledgementServiceServer::new(registry.clone())),
+    )
+    .await;
+    let app = App::build(config(dir, database_url, adapter_port, registry_port))
+        .await
+        .expect("app");
+    let shared = app.shared();
+    let id = format!("fail-{:016x}", fastrand::u64(..));
+    let now = shared.clock.now_ms();
+    let req = DeliverRequest {
+        request_id: id.clone(),
+        kind: RequestKind::Erasure as i32,
+        identities: vec![SubjectIdentity {
+            r#type: IdentityType::Email as i32,
+            encoding: IdentityEncoding::Raw as i32,
+            value: ADDRESS.into(),
+            label: String::new(),
+        }],
+        due_at: Some(timestamp_from_millis(now + 600_000)),
+        ..Default::default()
+    };
+    shared
+        .store
+        .accept("acme", &req, &["newsletter".to_string()], None, now)
+        .await
+        .expect("accept");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (shutdown, shutdown_rx) = oneshot::channel::<()>();
+    let run = tokio::spawn(app.run_with_admin(listener, None, async move {
+        let _ = shutdown_rx.await;
+    }));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !registry.got(TaskState::Failed) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the registry got no FAILED:\n{}",
+            logs.text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.send(()).expect("run waits for shutdown");
+    run.await.expect("joined").expect("run");
+    let _ = stop_adapter.send(());
+    let _ = stop_registry.send(());
+
+    let reason: String = sqlx::query_scalar("SELECT reason FROM tasks")
+        .fetch_one(&shared.store.db().pool)
+        .await
+        .expect("the one task");
+    assert!(reason.contains(ADDRESS), "{reason}");
+    let text = logs.text();
+    let leak = text.lines().find(|l| l.contains(LOCAL_PART));
+    assert!(leak.is_none(), "a log line quotes the holder: {leak:?}");
+    let failed = logged(&logs, "task failed; it runs again only when", Some(&id));
+    assert_eq!(failed.len(), 1, "{failed:#?}\n{text}");
+    let line = &failed[0];
+    assert_eq!(line["level"], "WARN", "{line}");
+    let fields = &line["fields"];
+    assert_eq!(fields["subprocessor"], "newsletter", "{line}");
+    assert_eq!(fields["request_id"], id.as_str(), "{line}");
+    let withheld = format!("{} bytes withheld, keyed hash ", reason.len());
+    let shown = fields["reason"].as_str().unwrap_or_default();
+    assert!(shown.starts_with(&withheld), "{line}");
+    assert_eq!(
+        fields["read_with"], "dsrctl tasks list --state failed --output json",
+        "{line}"
+    );
+    let retry = fields["retry_with"].as_str().unwrap_or_default();
+    assert!(
+        retry.starts_with(&format!("dsrctl tasks retry acme {id} newsletter --note ")),
+        "{line}"
+    );
+    assert!(
+        logged(&logs, "connector failed; will retry", Some(&id)).is_empty(),
+        "a permanent failure is not retried:\n{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_fails_for_good_is_logged_with_what_to_run_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/processor.db", dir.path().display());
+    a_task_that_fails_for_good_is_logged_with_what_to_run(&url, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_fails_for_good_is_logged_with_what_to_run_on_postgres() {
+    crate::test_postgres::on_postgres(|u, d| async move {
+        a_task_that_fails_for_good_is_logged_with_what_to_run(&u, &d).await
     })
     .await;
 }

@@ -524,8 +524,15 @@ fn to_proto(r: ManualRow) -> ManualTask {
         scope: body.scope,
         parameters: body.parameters,
         state: r.task.state as i32,
-        instructions: r.task.note.clone(),
-        waiting_since: Some(timestamp_from_millis(r.task.updated_at)),
+        // Only the manual connector hands a task to an operator, and its note then is the
+        // work order: its kind's lead and the configured text (`dsrelay_connectors::manual`).
+        // Any other note is evidence, or what a holder said, and stays in `evidence`.
+        instructions: if r.task.state == TaskState::WaitingForOperator {
+            r.task.note.clone()
+        } else {
+            String::new()
+        },
+        waiting_since: r.waiting_since.map(timestamp_from_millis),
         due_at: Some(timestamp_from_millis(r.due_at)),
         evidence: Some(Evidence {
             records_affected: r.task.records_affected,
@@ -921,6 +928,7 @@ mod tests {
             request: None,
             due_at: 0,
             last_error: String::new(),
+            waiting_since: Some(1_000 + i as i64),
         }
     }
 
@@ -1166,6 +1174,113 @@ mod tests {
     }
 
     on_both!(a_retried_task_shows_the_holder_s_words_and_its_attempts);
+
+    /// Claims and runs `shared`'s tasks due an hour from now, the clock moved there first.
+    async fn an_hour_later(shared: &Arc<Shared>) -> usize {
+        shared.clock.advance(3_600_000);
+        let jobs = (shared.store.claim_tasks(shared.clock.now_ms(), 10, 30_000))
+            .await
+            .expect("claim");
+        let n = jobs.len();
+        for job in jobs {
+            crate::runner::run_task(shared, job).await.expect("step");
+        }
+        n
+    }
+
+    /// The one task listed in `state`.
+    async fn listed(shared: &Arc<Shared>, dir: &std::path::Path, state: TaskState) -> ManualTask {
+        let (mut client, stop) = serve(shared, dir).await;
+        let listed = client
+            .list_manual_tasks(ListManualTasksRequest {
+                states: vec![state as i32],
+                ..Default::default()
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        let _ = stop.send(());
+        assert_eq!(listed.tasks.len(), 1, "{listed:?}");
+        listed.tasks.into_iter().next().expect("one task")
+    }
+
+    /// A task retried while its holder keeps failing has no instructions (no connector
+    /// configuration gives any but the manual one's), and waits since its first failed
+    /// attempt, however many acknowledged and unacknowledged retries follow. Before, its
+    /// instructions were its failure's reason, and `waiting_since` the time of its last
+    /// change.
+    async fn a_retried_task_waits_since_its_first_failure(
+        database_url: &str,
+        dir: &std::path::Path,
+    ) {
+        let app = with_erasure(dir, database_url, LOCKED_HOLDER, "r-waits").await;
+        let shared = app.shared();
+        // The clock runs: the first failure is recorded between these two readings.
+        let before = shared.clock.now_ms() + 3_600_000;
+        assert_eq!(an_hour_later(&shared).await, 1);
+        let first = before..=shared.clock.now_ms();
+        // Attempts 2 (acknowledged) and 3 (only put off).
+        assert_eq!(an_hour_later(&shared).await, 1);
+        assert_eq!(an_hour_later(&shared).await, 1);
+        let task = listed(&shared, dir, TaskState::InProgress).await;
+        assert_eq!(task.attempts, 3, "{task:?}");
+        assert!(!task.reason.is_empty(), "{task:?}");
+        assert_eq!(task.instructions, "", "{task:?}");
+        assert!(waited_since(&task, first), "{task:?}");
+    }
+
+    /// Whether `task` waits since a time in `range` (ms).
+    fn waited_since(task: &ManualTask, range: std::ops::RangeInclusive<i64>) -> bool {
+        task.waiting_since
+            .as_ref()
+            .is_some_and(|t| range.contains(&(t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)))
+    }
+
+    /// What the manual connector hands an operator.
+    const WORK_ORDER: &str = "ERASURE: delete the subject's data held here. Here: cabinet B2";
+
+    /// A task handed to its operator shows the work order as its instructions and waits
+    /// since the hand-over; confirmed, it waits no more and has none.
+    async fn a_task_for_its_operator_shows_its_work_order_since_the_hand_over(
+        database_url: &str,
+        dir: &std::path::Path,
+    ) {
+        let by_hand = Answers(|_| {
+            Ok(dsrelay_connectors::Outcome::WaitingForOperator {
+                note: WORK_ORDER.into(),
+            })
+        });
+        let app = with_erasure(dir, database_url, by_hand, "r-by-hand").await;
+        let shared = app.shared();
+        let before = shared.clock.now_ms() + 3_600_000;
+        assert_eq!(an_hour_later(&shared).await, 1);
+        let handed_over = before..=shared.clock.now_ms();
+        shared.clock.advance(60_000);
+        let task = listed(&shared, dir, TaskState::WaitingForOperator).await;
+        assert_eq!(task.instructions, WORK_ORDER, "{task:?}");
+        assert!(waited_since(&task, handed_over), "{task:?}");
+        let (mut client, stop) = serve(&shared, dir).await;
+        client
+            .complete_manual_task(CompleteManualTaskRequest {
+                task: task.task.clone(),
+                not_found: false,
+                records_affected: 2,
+                evidence_note: "shredded folder 17".into(),
+            })
+            .await
+            .expect("complete");
+        let _ = stop.send(());
+        let task = listed(&shared, dir, TaskState::Completed).await;
+        assert_eq!(task.instructions, "", "{task:?}");
+        assert_eq!(task.waiting_since, None, "{task:?}");
+        let note = task.evidence.map(|e| e.note).unwrap_or_default();
+        assert!(note.starts_with("shredded folder 17"), "{note}");
+    }
+
+    on_both!(
+        a_retried_task_waits_since_its_first_failure,
+        a_task_for_its_operator_shows_its_work_order_since_the_hand_over,
+    );
 
     /// Keeps the subject's invoices until the call's own time (so the retention run is due
     /// at once), then fails that run for good.

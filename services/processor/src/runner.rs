@@ -61,7 +61,7 @@ use dsrelay_connectors::{
     BulkJob, BulkOp, BulkProgress, Connector, ConnectorError, ExportSink, Outcome, Phase,
     ProgressReporter, Task,
 };
-use dsrelay_proto::v1::{ContractPhase, DeliverRequest, RequestKind};
+use dsrelay_proto::v1::{ContractPhase, DeliverRequest, RequestKind, TaskState};
 use dsrelay_runtime::clock::date_label;
 use dsrelay_runtime::log_text::withheld;
 use dsrelay_runtime::trace_context;
@@ -1109,6 +1109,7 @@ async fn postpone(
             error,
             unless_cancelled,
             no_call,
+            shared.clock.now_ms(),
         )
         .await?;
     if !held && !unless_cancelled {
@@ -1161,6 +1162,9 @@ async fn record_move(
             records = t.records_affected,
             "task step done"
         );
+        if t.state == TaskState::Failed {
+            failed_for_good(shared, &job.task.key, &t.reason);
+        }
         if call_at.is_none() {
             shared.ack_wakeup.notify_one();
         }
@@ -1178,6 +1182,27 @@ async fn record_move(
         );
     }
     Ok(moved)
+}
+
+/// Logs a task that has just been recorded FAILED, from any step (a permanent error, given
+/// up at the due date, an export that cannot be delivered): it runs again only when an
+/// operator retries it, so the line says so at WARN, like the transient failures before it,
+/// and names the commands that show the reason in full and retry the task. The reason may
+/// quote the holder, so the line shows it withheld.
+pub(crate) fn failed_for_good(shared: &Shared, key: &crate::store::TaskKey, reason: &str) {
+    tracing::warn!(
+        controller = %key.controller,
+        request_id = %key.request_id,
+        subprocessor = %key.subprocessor,
+        reason = %withheld(shared.log_key(), reason),
+        read_with = "dsrctl tasks list --state failed --output json",
+        retry_with = %format!(
+            "dsrctl tasks retry {} {} {} --note \"what was fixed\"",
+            key.controller, key.request_id, key.subprocessor
+        ),
+        "task failed; it runs again only when an operator retries it once the cause is fixed \
+         (the task's reason in full: read_with; then retry_with)"
+    );
 }
 
 /// A contract-end step's key at its holder. The export keeps the task's id (its pages are

@@ -2058,6 +2058,7 @@ fn bulk_ran(
         },
         uncounted: uncounted.clone(),
     };
+    let erased_before = recorded.records_done;
     let progress = step_counts(op, &phase, (&recorded, task.call_started), progress);
     let step = ContractStep::at(phase_of(op), progress.clone());
     let doing = Doing::bulk(op, &phase, progress.clone());
@@ -2118,6 +2119,21 @@ fn bulk_ran(
             contract: done,
             ..Default::default()
         },
+        // The holder holds nothing of the controller, and nothing is known to have been
+        // erased there (no retention run's earlier count, no earlier call's recorded or
+        // possibly uncounted work): NOT_FOUND, which gets no deletion certificate, as a
+        // certificate of zero records would be taken for the holder's proof of deletion.
+        (BulkOp::Erase, Outcome::NotFound { note })
+            if earlier == 0 && erased_before == 0 && uncounted.is_none() =>
+        {
+            Transition {
+                state: TaskState::NotFound,
+                confirmed: true,
+                note,
+                contract: done,
+                ..Default::default()
+            }
+        }
         (BulkOp::Erase, Outcome::NotFound { note }) => Transition {
             state: TaskState::Completed,
             records_affected: earlier,
@@ -4470,6 +4486,42 @@ mod tests {
             moved(bulk(&returning, BulkOp::Export, Phase::Start, Ok(kept))).state,
             Failed
         );
+    }
+
+    /// A holder that answers a contract end's erasure NOT_FOUND (a no-op stand-in that
+    /// holds nothing) ends the task NOT_FOUND, which gets no deletion certificate. Before, it
+    /// ended COMPLETED with a certificate stating zero records, which an auditor takes for
+    /// the holder's proof of deletion. Where something is known to have been erased (an
+    /// earlier call's recorded progress, a retention run's earlier count) it stays COMPLETED.
+    #[test]
+    fn a_contract_end_erasure_of_nothing_held_is_not_found() {
+        let deleting = contract_task(InProgress, ContractPhase::Deleting);
+        let none = || {
+            Ok(Outcome::NotFound {
+                note: "holds no data of controller acme".into(),
+            })
+        };
+        let t = moved(bulk(&deleting, BulkOp::Erase, Phase::Start, none()));
+        assert_eq!((t.state, t.records_affected), (NotFound, 0));
+        assert_eq!(t.contract.map(|c| c.phase), Some(ContractPhase::Done));
+        assert_eq!(
+            crate::certificates::certifies(RequestKind::ContractEnd as i64, t.state),
+            None
+        );
+        // An earlier call erased 3 records as far as its progress was recorded.
+        let event = Event::BulkRan {
+            op: BulkOp::Erase,
+            phase: Phase::Start,
+            result: none(),
+            progress: BulkProgress::default(),
+            earlier: BulkProgress {
+                records_done: 3,
+                records_total: 3,
+                ..Default::default()
+            },
+        };
+        let t = moved(decide(&deleting, event, &ctx()));
+        assert_eq!(t.state, Completed);
     }
 
     /// A return never confirmed is deleted at the end of the grace period, as a contract

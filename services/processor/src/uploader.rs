@@ -522,6 +522,7 @@ async fn record_delivery(
         } else {
             (store.upload_finished(claim, sequence, t, Some(delivered), now, attempts)).await?
         };
+        log_if_failed(shared, job, t, &finish);
         if retired(shared, &finish) {
             return Ok(true);
         }
@@ -652,6 +653,7 @@ async fn record_unless_marked(
     let finish = (shared.store)
         .upload_finished_unless_marked(claim, at.0, Some(&t), None, now, at.1)
         .await?;
+    log_if_failed(shared, job, Some(&t), &finish);
     settled(shared, job, &finish, now).await
 }
 
@@ -685,7 +687,17 @@ async fn retire(
         .store
         .upload_finished(job.claim(), sequence, t, delivered, now, attempts)
         .await?;
+    log_if_failed(shared, job, t, &finish);
     settled(shared, job, &finish, now).await
+}
+
+/// Logs the task as failed for good ([`crate::runner::failed_for_good`]) when `finish`
+/// recorded `t` and `t` failed it.
+fn log_if_failed(shared: &Shared, job: &UploadJob, t: Option<&Transition>, finish: &UploadFinish) {
+    let recorded = matches!(finish, UploadFinish::Retired { sequence: Some(_) });
+    if let Some(t) = t.filter(|t| recorded && t.state == TaskState::Failed) {
+        crate::runner::failed_for_good(shared, &job.key, &t.reason);
+    }
 }
 
 /// Whether `finish` retired the upload (by this call or another uploader's), waking the

@@ -17,6 +17,7 @@ mod claims;
 mod compose;
 mod connectors;
 mod contract_end;
+mod contract_end_not_found;
 mod contract_package_changed;
 mod contract_retry;
 mod contracts_processor;

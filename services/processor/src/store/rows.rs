@@ -176,6 +176,9 @@ pub struct ManualRow {
     /// The words of the last attempt that failed and was retried; empty when none did (or
     /// the request was forgotten).
     pub last_error: String,
+    /// When the task's current wait began (ms; migration 0028 says which steps set and
+    /// clear it); `None` while it does not wait.
+    pub waiting_since: Option<i64>,
 }
 
 /// A claimed acknowledgement.
@@ -333,7 +336,7 @@ pub(super) const JOINED_SELECT: &str = "SELECT t.controller, t.request_id, t.sub
     t.legal_basis, t.retain_until, t.updated_at, t.handle, t.transfer_receipt, t.contract_phase, \
     t.subjects_done, t.subjects_total, t.records_done, t.records_total, t.scheduled_at, \
     t.cancel_requested_at, t.call_started_at, t.erased_done, r.body, r.due_at, r.traceparent, \
-    t.last_error \
+    t.last_error, t.waiting_since \
     FROM tasks t JOIN requests r ON r.controller = t.controller AND r.request_id = t.request_id";
 
 /// A task row with the columns of its request that the runner and operators need.
@@ -387,6 +390,7 @@ pub(super) struct OperatorRecord {
     #[sqlx(flatten)]
     joined: JoinedRecord,
     last_error: Option<String>,
+    waiting_since: Option<i64>,
 }
 
 impl From<OperatorRecord> for ManualRow {
@@ -396,6 +400,7 @@ impl From<OperatorRecord> for ManualRow {
             due_at: r.joined.due_at,
             task: r.joined.task.into(),
             last_error: r.last_error.unwrap_or_default(),
+            waiting_since: r.waiting_since,
         }
     }
 }

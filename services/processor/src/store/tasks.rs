@@ -801,6 +801,8 @@ impl Store {
     /// and a note of an earlier call cut off ([`TaskRow::call_started_at`]) stays: the call
     /// that follows is still made as interrupted, and a cancellation meanwhile still waits
     /// for what the cut-off call did. Otherwise the note is cleared: the call answered.
+    ///
+    /// The task waits from `now` on, unless it was waiting already (`waiting_since`).
     #[allow(clippy::too_many_arguments)]
     pub async fn postpone(
         &self,
@@ -812,6 +814,7 @@ impl Store {
         error: Option<&str>,
         unless_cancelled: bool,
         no_call: bool,
+        now: i64,
     ) -> Result<bool> {
         let unmarked = if unless_cancelled {
             " AND cancel_requested_at IS NULL"
@@ -823,6 +826,7 @@ impl Store {
              ELSE next_attempt_at END, lease_until = 0, \
              call_started_at = CASE WHEN $9 = 1 THEN call_started_at END, \
              attempts = CASE WHEN $9 = 1 AND attempts > 0 THEN attempts - 1 ELSE attempts END, \
+             waiting_since = COALESCE(waiting_since, $10), \
              last_error = COALESCE($2, last_error) WHERE controller = $3 AND request_id = $4 \
              AND subprocessor = $5 AND sequence = $6 AND lease_owner = $7{unmarked}"
         ))
@@ -835,6 +839,7 @@ impl Store {
         .bind(lease_owner)
         .bind(claimed_at)
         .bind(i64::from(no_call))
+        .bind(now)
         .execute(&self.db.pool)
         .await?
         .rows_affected();
@@ -1352,6 +1357,22 @@ impl StepWrite {
         } else {
             ""
         };
+        // A step that ends without an outcome leaves the task waiting: for its operator, a
+        // retry (or an unreachable holder: `error`), or a time it is looked at again. A new
+        // hand-over to the operator begins a new wait; the other waits go on from the first.
+        let waiting = match t.state {
+            TaskState::WaitingForOperator => format!(
+                "waiting_since = CASE WHEN state <> {} THEN $9 ELSE COALESCE(waiting_since, $9) \
+                 END",
+                TaskState::WaitingForOperator as i32
+            ),
+            TaskState::Pending | TaskState::InProgress
+                if t.error.is_some() || t.next_attempt_at.is_some_and(|at| at > now) =>
+            {
+                "waiting_since = COALESCE(waiting_since, $9)".to_string()
+            }
+            _ => "waiting_since = NULL".to_string(),
+        };
         // A contract end's new phase counts its own attempts: the claim whose step starts it
         // and goes on to call the holder (`$18`, the hold) makes its first, a step that leaves
         // the task to a later claim none. Carried over, the erasure after a return read
@@ -1371,7 +1392,7 @@ impl StepWrite {
              records_done = COALESCE($23, records_done), \
              records_total = COALESCE($24, records_total), \
              scheduled_at = COALESCE($25, scheduled_at), call_started_at = $26, \
-             erased_done = COALESCE(${erased}, erased_done){discard} \
+             erased_done = COALESCE(${erased}, erased_done){discard}, {waiting} \
              WHERE controller = $11 AND request_id = $12 AND subprocessor = $13 AND sequence = $14\
              {held}{unmarked}{due} RETURNING contract_phase, subjects_done, subjects_total, records_done, \
              records_total, scheduled_at, attempts",
