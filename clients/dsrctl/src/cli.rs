@@ -860,7 +860,10 @@ pub struct SubmitArgs {
     #[arg(long, value_name = "HEX", group = "identities", value_parser = parse_md5)]
     pub md5_email: Vec<String>,
 
-    /// Limit the request to a data category (repeatable; none means all data).
+    /// Limit the request to a data category (repeatable; none means all data). It chooses
+    /// the holders: only those holding one of the categories get the request, and each of
+    /// them acts on all it holds of the subject unless its connector scopes (the adapter is
+    /// handed the categories, a manual task's work order shows them).
     #[arg(long = "category", value_name = "CATEGORY")]
     pub categories: Vec<String>,
 

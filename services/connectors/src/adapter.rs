@@ -604,6 +604,10 @@ impl Connector for AdapterConnector {
         })
     }
 
+    fn scopes_by_category(&self) -> bool {
+        true
+    }
+
     fn scoped_controllers(&self) -> Option<Vec<String>> {
         self.controllers
             .as_ref()

@@ -629,6 +629,14 @@ pub trait Connector: Send + Sync {
         None
     }
 
+    /// Whether the connector hands a request's category scope to the holder, which then
+    /// answers for those categories only (the adapter protocol's `ExecuteRequest.scope`).
+    /// The others act on, and export, all they hold of the subject, so their export files
+    /// are labelled with every category the subprocessor holds, not only the requested ones.
+    fn scopes_by_category(&self) -> bool {
+        false
+    }
+
     /// Takes one step of a contract end over all of `job.controller`'s data at this holder,
     /// with a few statements or batched calls, never one call per subject. Connectors that
     /// cannot do it refuse.

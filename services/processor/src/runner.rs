@@ -906,9 +906,11 @@ async fn call(
     Ok(result)
 }
 
-/// The task's export folder, for the categories its holder holds of those `requested` (of
-/// all, when none are), emptied first: whatever an earlier run of the task left goes, its
-/// files are replaced, never added to.
+/// The task's export folder, emptied first: whatever an earlier run of the task left goes,
+/// its files are replaced, never added to. Its files are labelled with the categories the
+/// holder holds of those `requested` (all, when none are) only when the connector hands the
+/// scope to the holder ([`Connector::scopes_by_category`]); the others export all they hold
+/// of the subject, which every category the holder holds then describes.
 async fn export_sink(
     shared: &Shared,
     key: &crate::store::TaskKey,
@@ -920,6 +922,8 @@ async fn export_sink(
         .iter()
         .find(|s| s.name == key.subprocessor)
         .map_or(&[][..], |s| &s.categories[..]);
+    let scoped = (shared.connectors.get(&key.subprocessor)).is_some_and(|c| c.scopes_by_category());
+    let requested = if scoped { requested } else { &[][..] };
     let sink = exports::sink(&shared.config.data_dir, key, held, requested);
     if let Err(e) = exports::reset(&sink).await {
         return Err(ConnectorError::Permanent(format!(
@@ -1246,3 +1250,7 @@ mod discard_tests;
 #[cfg(test)]
 #[path = "returned_tests.rs"]
 mod returned_tests;
+
+#[cfg(test)]
+#[path = "export_label_tests.rs"]
+mod export_label_tests;
