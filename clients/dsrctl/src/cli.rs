@@ -471,12 +471,25 @@ pub enum CertificateCommand {
     /// Fetch a request's deletion certificate from the registry and write it to a file
     /// (JSON: body, the signed canonical JSON as text; signature, base64; key_id). With
     /// several tasks certified, name one with --processor and --subprocessor; a task with a
-    /// follow-up gives its latest. Exits 1 without writing when the registry rejected it.
+    /// follow-up gives its latest, unless --certificate-id names another (`certificate list`
+    /// lists them). Exits 1 without writing when the registry rejected it.
     Get(CertificateGetArgs),
+    /// List a request's deletion certificates as the registry holds them: each task's
+    /// together, oldest first in the order its processor issued them, with the certificate
+    /// id, processor, subprocessor, the task state it goes with, the certificate it follows,
+    /// when it was issued, and the registry's verdict. A task whose retained data is erased
+    /// later has several: each later one `follows` (names the certificate_id of) the one
+    /// before it, so the first states what was kept and under which legal basis, and the
+    /// last what the task ended with. The state, follows and issued_at columns are read
+    /// from the body as stored, unchecked; `certificate get --certificate-id` fetches one
+    /// and `certificate verify` checks it.
+    List(CertificateListArgs),
     /// Check a certificate file offline against the processor's public key, given with
     /// --public-key PUBKEY (or --key PUBKEY: verify connects to nothing, so it names no TLS
-    /// key here), and print what it certifies; exits 1 when any byte of it was changed or
-    /// another key signed it. A revoked key (`revoked_public_keys`) is not checked here: the
+    /// key here), and print what it certifies; exits 1 when any byte of it was changed,
+    /// another key signed it, or the signed body is not a deletion certificate as
+    /// proto/dsrelay/v1/certificate.proto defines it (exactly the keys of its version 1 or
+    /// 2, each of its type and range). A revoked key (`revoked_public_keys`) is not checked here: the
     /// file does not hold when the registry received it, so revocations are applied by the
     /// registry only (`certificate get` refuses what it reads as rejected).
     Verify(CertificateVerifyArgs),
@@ -496,9 +509,30 @@ pub struct CertificateGetArgs {
     #[arg(long)]
     pub subprocessor: Option<String>,
 
+    /// The certificate with this id (as `certificate list` shows it), rather than the
+    /// latest of its task: e.g. the first of a task whose retained data was erased later,
+    /// which the latest names in `follows`.
+    #[arg(long, value_name = "CERT_ID")]
+    pub certificate_id: Option<String>,
+
     /// The file to write (replaced if it exists).
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+}
+
+/// Arguments of `dsrctl certificate list`.
+#[derive(Debug, Clone, Args)]
+pub struct CertificateListArgs {
+    /// The request id.
+    pub id: String,
+
+    /// Only this processor's certificates (its name at the registry).
+    #[arg(long)]
+    pub processor: Option<String>,
+
+    /// Only this subprocessor's certificates.
+    #[arg(long)]
+    pub subprocessor: Option<String>,
 }
 
 /// Arguments of `dsrctl certificate verify`.

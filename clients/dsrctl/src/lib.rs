@@ -124,11 +124,15 @@ impl Failure {
                     }
                     source = err.source();
                 }
-                format!(
+                let mut text = format!(
                     "error: {}: cannot reach the {server} at {endpoint}: {}",
                     code_name(status.code()),
                     causes.join(": ")
-                )
+                );
+                if endpoint.starts_with("https://") && closed_by_peer(status) {
+                    text.push_str(&refused_certificate_hint(server));
+                }
+                text
             }
             Self::Rpc { status, .. } => {
                 format!("error: {}: {}", code_name(status.code()), status.message())
@@ -141,6 +145,85 @@ impl Failure {
         };
         table::clean(&text)
     }
+}
+
+/// True when the connection was made and then closed or broken from the other end before
+/// the call had its answer: tonic's CANCELLED for a call that a closed connection never
+/// sent, a write to or read from a connection the peer closed, or a TLS alert from the peer
+/// about this client's certificate.
+///
+/// A service that refuses a client certificate does one of these under TLS 1.3: the client
+/// finishes its side of the handshake before the server has checked the certificate, so the
+/// server's alert reaches it, if at all, after it began to send the call. A refused TCP
+/// connection, a failed name lookup and this client's own refusal of the server's
+/// certificate are not matched.
+fn closed_by_peer(status: &tonic::Status) -> bool {
+    if status.code() == tonic::Code::Cancelled {
+        return true;
+    }
+    // h2 keeps only the kind and the text of the I/O error that broke its connection, and
+    // hands on a new one made of them: an alert under it is known by its text.
+    let io_closed = |err: &std::io::Error| {
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::UnexpectedEof
+        ) || err
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .is_some_and(is_certificate_alert)
+            || (err.kind() == std::io::ErrorKind::InvalidData
+                && CERTIFICATE_ALERTS.iter().any(|alert| {
+                    err.to_string() == rustls::Error::AlertReceived(*alert).to_string()
+                }))
+    };
+    let h2_closed = |err: &h2::Error| err.get_io().is_some_and(io_closed);
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        let closed = err.downcast_ref::<std::io::Error>().is_some_and(io_closed)
+            || err.downcast_ref::<h2::Error>().is_some_and(h2_closed)
+            || (err.downcast_ref::<rustls::Error>()).is_some_and(is_certificate_alert);
+        if closed {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// The alerts a peer sends about this client's certificate. DecryptError is one: a rustls
+/// server sends it for a certificate whose issuer has the name of a CA it trusts but did not
+/// sign it (another development CA, say).
+const CERTIFICATE_ALERTS: [rustls::AlertDescription; 9] = [
+    rustls::AlertDescription::BadCertificate,
+    rustls::AlertDescription::UnsupportedCertificate,
+    rustls::AlertDescription::CertificateRevoked,
+    rustls::AlertDescription::CertificateExpired,
+    rustls::AlertDescription::CertificateUnknown,
+    rustls::AlertDescription::CertificateRequired,
+    rustls::AlertDescription::UnknownCA,
+    rustls::AlertDescription::AccessDenied,
+    rustls::AlertDescription::DecryptError,
+];
+
+/// True for one of [`CERTIFICATE_ALERTS`] received from the peer.
+fn is_certificate_alert(err: &rustls::Error) -> bool {
+    matches!(err, rustls::Error::AlertReceived(alert) if CERTIFICATE_ALERTS.contains(alert))
+}
+
+/// What to check when [`closed_by_peer`]: the service's log knows why, this client cannot,
+/// so it names the likely cause without claiming it.
+fn refused_certificate_hint(server: &str) -> String {
+    format!(
+        "; the connection closed before the {server} answered, which is what a {server} that \
+         refuses this client's certificate does: check that the certificate (--cert) was \
+         issued by the CA the {server} trusts and is not itself a CA certificate, that today \
+         is within its validity dates, that it is not on the {server}'s revocation list, and \
+         that its identity is one the {server} accepts (the {server}'s log says why it closed \
+         the connection)"
+    )
 }
 
 /// Runs `cli` in this process's environment, printing to stdout and stderr; the exit status

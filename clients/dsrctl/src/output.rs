@@ -17,7 +17,7 @@ use dsrelay_sdk::proto::{
 use serde::Serialize;
 
 use crate::cli::OutputFormat;
-use crate::table::{clean, Table};
+use crate::table::{clean, show_hidden, Table};
 
 /// A point in time: RFC 3339 in UTC, to the second in tables and exact in JSON.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -643,7 +643,11 @@ impl RequestView {
                 .join(", ")
         };
         h.row(["identities", identities.as_str()]);
-        let categories = if self.data_categories.is_empty() {
+        // Forgetting empties the stored scope too: an empty list then says nothing of what
+        // the request covered.
+        let categories = if self.identities_forgotten {
+            "forgotten".to_string()
+        } else if self.data_categories.is_empty() {
             "all".to_string()
         } else {
             self.data_categories.join(", ")
@@ -1025,7 +1029,9 @@ pub(crate) fn emit<T: Render>(
     compact: bool,
 ) -> std::io::Result<()> {
     match format {
-        OutputFormat::Table => out.write_all(value.to_table().as_bytes())?,
+        // Cells are cleaned as they are added; this also catches text a view wrote around
+        // its tables. JSON keeps the text as the server sent it.
+        OutputFormat::Table => out.write_all(show_hidden(&value.to_table()).as_bytes())?,
         OutputFormat::Json => {
             if compact {
                 serde_json::to_writer(&mut *out, value)?;
@@ -1063,6 +1069,62 @@ mod tests {
         assert!(row.ends_with(line), "{table}");
         let json = serde_json::to_value(&view).expect("json");
         assert_eq!(json["return_unconfirmed"], line, "{json}");
+    }
+
+    /// Forgetting empties the stored scope: `get` then says the categories were forgotten,
+    /// not that the request covered all of them.
+    #[test]
+    fn a_forgotten_requests_categories_are_not_shown_as_all() {
+        let row = |r: &Request| {
+            let table = RequestView::from(r).to_table();
+            let row = (table.lines())
+                .find(|l| l.starts_with("categories "))
+                .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "));
+            row.unwrap_or_else(|| panic!("no categories row:\n{table}"))
+        };
+        let mut request = Request {
+            request_id: "r-1".into(),
+            kind: RequestKind::Erasure as i32,
+            ..Default::default()
+        };
+        assert_eq!(row(&request), "all");
+        request.scope = Some(Scope {
+            data_categories: vec!["contact".into(), "billing".into()],
+        });
+        assert_eq!(row(&request), "contact, billing");
+        let forgotten = Request {
+            identities_forgotten: true,
+            scope: None,
+            ..request
+        };
+        assert_eq!(row(&forgotten), "forgotten");
+    }
+
+    /// Table output shows format characters wherever the text sits; JSON keeps them.
+    #[test]
+    fn table_output_shows_format_characters_and_json_keeps_them() {
+        let note = "paid\u{202E}5102 ,lirpA";
+        let request = Request {
+            request_id: "r-\u{200B}1".into(),
+            kind: RequestKind::Erasure as i32,
+            note: note.into(),
+            ..Default::default()
+        };
+        let view = RequestView::from(&request);
+        let mut table = Vec::new();
+        emit(&mut table, OutputFormat::Table, &view, false).expect("table");
+        let table = String::from_utf8(table).expect("utf-8");
+        assert!(table.contains("paid<U+202E>5102 ,lirpA"), "{table}");
+        assert!(table.contains("r-<U+200B>1"), "{table}");
+        assert!(
+            !table.contains('\u{202E}') && !table.contains('\u{200B}'),
+            "{table}"
+        );
+        let mut json = Vec::new();
+        emit(&mut json, OutputFormat::Json, &view, false).expect("json");
+        let json: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        assert_eq!(json["note"], note);
+        assert_eq!(json["request_id"], "r-\u{200B}1");
     }
 
     /// Every event type fits its column, so the columns after it line up whatever the type.

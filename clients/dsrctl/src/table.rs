@@ -87,12 +87,54 @@ fn display(cell: &str) -> &str {
     }
 }
 
-/// Replaces control characters (newlines, tabs, escape sequences) with spaces: cells hold
-/// text from the server, which must neither break the layout nor drive the terminal.
+/// Text from a server made safe for a terminal: control characters (newlines, tabs, escape
+/// sequences) become spaces, so that it neither breaks the layout nor drives the terminal;
+/// invisible format characters ([`is_hidden`]) are shown as their code point (`<U+202E>`),
+/// so that they cannot reorder or hide what is shown.
 pub fn clean(text: &str) -> String {
-    text.chars()
+    let flat: String = text
+        .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
+        .collect();
+    show_hidden(&flat)
+}
+
+/// `text` with every invisible format character ([`is_hidden`]) shown as its code point,
+/// its line breaks kept: what a whole rendered table or block passes through before it is
+/// printed, so that text that reached it without [`clean`] is shown as safely.
+pub fn show_hidden(text: &str) -> String {
+    if !text.chars().any(is_hidden) {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if is_hidden(c) {
+            out.push_str(&format!("<U+{:04X}>", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Characters a terminal does not show as themselves but that change what is shown around
+/// them: bidirectional overrides, embeddings, isolates and marks (a right-to-left override
+/// prints `exe.txt` as `txt.exe`), zero-width spaces and joiners, invisible operators, the
+/// byte order mark, line and paragraph separators, interlinear annotation marks and tag
+/// characters.
+fn is_hidden(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{E0000}'..='\u{E007F}'
+    )
 }
 
 /// `text` cut to at most `max` characters for a table cell, saying where the rest is (long
@@ -133,6 +175,31 @@ mod tests {
         );
         assert!(!t.is_empty());
         assert_eq!(Table::new(["A"]).render(), "A\n");
+    }
+
+    #[test]
+    fn format_characters_are_shown_by_their_code_point() {
+        // A right-to-left override would show "invoice\u{202E}fdp.exe" as "invoiceexe.pdf".
+        assert_eq!(clean("invoice\u{202E}fdp.exe"), "invoice<U+202E>fdp.exe");
+        for (c, shown) in [
+            ('\u{200B}', "<U+200B>"),
+            ('\u{200F}', "<U+200F>"),
+            ('\u{2060}', "<U+2060>"),
+            ('\u{2064}', "<U+2064>"),
+            ('\u{2066}', "<U+2066>"),
+            ('\u{2069}', "<U+2069>"),
+            ('\u{202A}', "<U+202A>"),
+            ('\u{FEFF}', "<U+FEFF>"),
+            ('\u{E0041}', "<U+E0041>"),
+        ] {
+            assert_eq!(clean(&format!("a{c}b")), format!("a{shown}b"));
+        }
+        assert_eq!(show_hidden("a\n\u{202E}b\n"), "a\n<U+202E>b\n");
+        // Letters of any script, and a tab, are not format characters.
+        assert_eq!(clean("Käyttäjä שלום\tx"), "Käyttäjä שלום x");
+        let mut t = Table::new(["NOTE", "X"]);
+        t.row(["\u{2066}ok\u{2069}", "1"]);
+        assert_eq!(t.render(), "NOTE                X\n<U+2066>ok<U+2069>  1\n");
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //! - [`pki`]: the generated development PKI, with each processor's and registry's signing
 //!   key and the CA's revocation list.
 //! - [`signing`]: canonical JSON signed with Ed25519 (deletion certificates); key files.
+//! - [`certificate_body`]: what a deletion certificate's body must be (certificate.proto):
+//!   the check every reader of a signed body makes before saying what it certifies.
 //! - [`slots`]: places counted per key (a caller, an identity), given back when dropped.
 //! - [`store`]: one sqlx handle over SQLite or PostgreSQL, with per-backend migrations.
 //! - [`backoff`]: retry spacing for the outboxes.
@@ -53,6 +55,7 @@
 
 pub mod audit;
 pub mod backoff;
+pub mod certificate_body;
 pub mod clock;
 pub mod config;
 pub mod direct_io;

@@ -5,8 +5,9 @@
 //! prescribes. So whoever holds the document can check it with nothing but the public key,
 //! and two signers of the same content produce the same bytes.
 //!
-//! Keys are files: the private key as PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`, mode 0600),
-//! the public key as SPKI PEM (`-----BEGIN PUBLIC KEY-----`) beside it. A public key may also
+//! Keys are files: the private key as PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`, mode 0600;
+//! written as version 1, read as version 1 or 2), the public key as SPKI PEM
+//! (`-----BEGIN PUBLIC KEY-----`) beside it. A public key may also
 //! be given as the standard base64 of its 32 raw bytes. A key's id is `sha256:` and the hex
 //! SHA-256 of those 32 bytes, so a signed document names the key that checks it.
 //!
@@ -190,7 +191,9 @@ impl SigningKey {
         }
     }
 
-    /// Reads a PKCS#8 PEM private key.
+    /// Reads a PKCS#8 PEM private key: version 1 (the private key alone, as [`Self::to_pem`]
+    /// writes it) or version 2 (with the public key, as this crate wrote it before), whose
+    /// public key must belong to the private key.
     pub fn from_pem(pem: &str) -> Result<Self> {
         Ok(Self {
             key: ed25519_dalek::SigningKey::from_pkcs8_pem(pem)
@@ -205,10 +208,15 @@ impl SigningKey {
         Self::from_pem(&pem).with_context(|| format!("signing key {}", path.display()))
     }
 
-    /// The private key as PKCS#8 PEM.
+    /// The private key as PKCS#8 version 1 PEM (RFC 8410: the private key alone), the form
+    /// OpenSSL 3 and Python's `cryptography` read; ed25519-dalek's own encoding adds the
+    /// public key (version 2), which they refuse.
     pub fn to_pem(&self) -> Result<String> {
-        Ok(self
-            .key
+        let bytes = ed25519_dalek::pkcs8::KeypairBytes {
+            secret_key: self.key.to_bytes(),
+            public_key: None,
+        };
+        Ok(bytes
             .to_pkcs8_pem(Default::default())
             .map_err(|e| anyhow::anyhow!("encoding the signing key: {e}"))?
             .to_string())
@@ -745,6 +753,61 @@ mod tests {
         assert_eq!(back, doc);
         assert!(public.verify(&back).is_ok());
         assert!(Signed::from_file_json("{\"body\": \"{}\"}").is_err());
+    }
+
+    /// A key file as this crate wrote it before it wrote version 1: PKCS#8 version 2, with
+    /// the public key (`SigningKey::to_pem` of the key whose 32 bytes are all 7).
+    const V2_PEM: &str = "-----BEGIN PRIVATE KEY-----
+MFECAQEwBQYDK2VwBCIEIAcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcH
+gSEA6kpsY+KcUgq+9VB7Ey7F+ZVHdq6+vnuSQh7qaRRG0iw=
+-----END PRIVATE KEY-----
+";
+
+    /// The DER inside a PEM's base64 lines.
+    fn der(pem: &str) -> Vec<u8> {
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        BASE64.decode(body).unwrap()
+    }
+
+    #[test]
+    fn key_files_are_pkcs8_version_1_and_version_2_files_still_load() {
+        let seven = SigningKey {
+            key: ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]),
+        };
+        // RFC 8410 section 10.3: SEQUENCE { INTEGER 0, { id-Ed25519 }, OCTET STRING {
+        // OCTET STRING (32 bytes) } }, and nothing after the private key.
+        let mut v1 = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        v1.extend_from_slice(&[7u8; 32]);
+        let pem = seven.to_pem().unwrap();
+        assert_eq!(der(&pem), v1, "{pem}");
+        assert_eq!(
+            SigningKey::from_pem(&pem).unwrap().public_key(),
+            seven.public_key()
+        );
+
+        // Version 2 (INTEGER 1, and the public key after the private key) still loads.
+        assert_eq!(der(V2_PEM)[2..5], [0x02, 0x01, 0x01]);
+        let old = SigningKey::from_pem(V2_PEM).unwrap();
+        assert_eq!(old.public_key(), seven.public_key());
+        assert_eq!(
+            old.public_key().key_id(),
+            "sha256:fe812c12f3ab4ce6ac5db69ac352f906cb1b11ef43fb33e252ef7ff552263889"
+        );
+        let doc = old.sign(b"{}".to_vec());
+        assert!(seven.public_key().verify(&doc).is_ok());
+
+        // A version 2 file whose public key is not the private key's is no key.
+        let mut mismatched = der(V2_PEM);
+        let last = mismatched.len() - 1;
+        mismatched[last] ^= 1;
+        let mismatched = format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            BASE64.encode(mismatched)
+        );
+        assert!(SigningKey::from_pem(&mismatched).is_err());
     }
 
     #[test]

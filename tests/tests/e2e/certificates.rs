@@ -312,6 +312,42 @@ async fn with_the_wrong_public_key_the_registry_does_not_present_an_erasure_as_c
         "{}",
         trace.stdout
     );
+
+    // Once the request is forgotten, the rejected certificate's id went with its body:
+    // `get` names the task, not an empty id.
+    let registry_clock = pair.registry.clock().expect("in-process registry");
+    registry_clock.advance(31 * 24 * 3_600_000);
+    wait_until(&mut crm, &id, Duration::from_secs(20), |r| {
+        r.identities_forgotten
+    })
+    .await;
+    let list = certificates(&pair, "partner-crm", &id, "accounting")
+        .await
+        .expect("kept as rejected");
+    assert_eq!(list[0].certificate_id, "", "{list:#?}");
+    let run = dsrctl(
+        &pair,
+        "partner-crm",
+        &[
+            "certificate",
+            "get",
+            &id,
+            "--subprocessor",
+            "accounting",
+            "--out",
+            out.to_str().expect("utf-8"),
+        ],
+    )
+    .await;
+    run.expect_code(1);
+    assert!(
+        run.stderr.contains(&format!(
+            "the registry rejected a certificate of {PROCESSOR}/accounting: "
+        )),
+        "{}",
+        run.stderr
+    );
+    assert!(!out.exists());
     pair.stop().await;
 }
 
@@ -384,5 +420,165 @@ async fn retained_data_erased_later_gets_a_follow_up_certificate() {
     assert_eq!(body["task_state"], "COMPLETED");
     assert_eq!(body["follows"], all[all.len() - 2].certificate_id.as_str());
     assert_eq!(body["retained"], serde_json::json!([]));
+    follow_ups_are_listed_fetched_by_id_and_verified(&pair, &id, &all).await;
     pair.stop().await;
+}
+
+/// `dsrctl certificate list` shows each certificate of the task `all` (the registry's list)
+/// with the one it follows; `certificate get --certificate-id` fetches each, the first (the
+/// RETAINED step with its legal basis) included, and `certificate verify` accepts each.
+async fn follow_ups_are_listed_fetched_by_id_and_verified(
+    pair: &crate::harness::TestPair,
+    id: &str,
+    all: &[StoredCertificate],
+) {
+    let listed = dsrctl(
+        pair,
+        "partner-crm",
+        &[
+            "--output",
+            "json",
+            "certificate",
+            "list",
+            id,
+            "--subprocessor",
+            "accounting",
+        ],
+    )
+    .await
+    .json();
+    let rows = listed["certificates"].as_array().expect("certificates");
+    let ids: Vec<&str> = rows
+        .iter()
+        .map(|r| r["certificate_id"].as_str().expect("id"))
+        .collect();
+    let want: Vec<&str> = all.iter().map(|c| c.certificate_id.as_str()).collect();
+    assert_eq!(ids, want, "{listed}");
+    assert_eq!(rows[0]["task_state"], "RETAINED", "{listed}");
+    assert_eq!(rows[0]["follows"], "", "{listed}");
+    for pair_of in rows.windows(2) {
+        assert_eq!(
+            pair_of[1]["follows"], pair_of[0]["certificate_id"],
+            "{listed}"
+        );
+    }
+    assert_eq!(rows[rows.len() - 1]["task_state"], "COMPLETED", "{listed}");
+    assert!(rows.iter().all(|r| r["verified_by_registry"] == true));
+    assert!(rows
+        .iter()
+        .all(|r| r["issued_at"].as_str().is_some_and(|t| t.ends_with('Z'))));
+    let table = dsrctl(pair, "partner-crm", &["certificate", "list", id]).await;
+    let first_line = table
+        .ok()
+        .lines()
+        .find(|l| l.starts_with(ids[0]))
+        .expect("the first certificate's row")
+        .to_string();
+    assert!(first_line.contains("RETAINED"), "{}", table.stdout);
+    assert!(
+        table.stdout.contains("FOLLOWS")
+            && table
+                .stdout
+                .contains(&format!("COMPLETED  {}", ids[ids.len() - 2])),
+        "{}",
+        table.stdout
+    );
+
+    let key = pair.pki().signing_public_key("processor");
+    let key_arg = key.to_str().expect("utf-8 path");
+    for (i, cert_id) in ids.iter().enumerate() {
+        let file = pair.dir().join(format!("accounting-{i}.json"));
+        let file_arg = file.to_str().expect("utf-8 path");
+        let got = dsrctl(
+            pair,
+            "partner-crm",
+            &[
+                "--output",
+                "json",
+                "certificate",
+                "get",
+                id,
+                "--certificate-id",
+                cert_id,
+                "--out",
+                file_arg,
+            ],
+        )
+        .await
+        .json();
+        assert_eq!(got["certificate_id"], *cert_id, "{got}");
+        let verified = dsrctl(
+            pair,
+            "partner-crm",
+            &[
+                "--output",
+                "json",
+                "certificate",
+                "verify",
+                file_arg,
+                "--key",
+                key_arg,
+            ],
+        )
+        .await
+        .json();
+        assert_eq!(verified["verified"], true);
+        assert_eq!(verified["certificate"]["certificate_id"], *cert_id);
+        assert_eq!(verified["certificate"]["task_state"], rows[i]["task_state"]);
+    }
+    let first = pair.dir().join("accounting-0.json");
+    let text = dsrctl(
+        pair,
+        "partner-crm",
+        &[
+            "certificate",
+            "verify",
+            first.to_str().expect("utf-8"),
+            "--key",
+            key_arg,
+        ],
+    )
+    .await;
+    assert!(
+        text.ok().contains("state         RETAINED") && text.stdout.contains("Kirjanpitolaki"),
+        "{}",
+        text.stdout
+    );
+    // Without an id, the latest; an id not among the request's is a usage error.
+    let latest = dsrctl(
+        pair,
+        "partner-crm",
+        &[
+            "--output",
+            "json",
+            "certificate",
+            "get",
+            id,
+            "--subprocessor",
+            "accounting",
+            "--out",
+            pair.dir().join("latest.json").to_str().expect("utf-8"),
+        ],
+    )
+    .await
+    .json();
+    assert_eq!(latest["certificate_id"], ids[ids.len() - 1]);
+    let missing = pair.dir().join("missing.json");
+    let run = dsrctl(
+        pair,
+        "partner-crm",
+        &[
+            "certificate",
+            "get",
+            id,
+            "--certificate-id",
+            "0193a1f0-0000-7000-8000-000000000000",
+            "--out",
+            missing.to_str().expect("utf-8"),
+        ],
+    )
+    .await;
+    run.expect_code(2);
+    assert!(run.stderr.contains("certificate list"), "{}", run.stderr);
+    assert!(!missing.exists());
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use dsrelay_proto::v1::{GetRequest, RequestState, TaskState};
 use dsrelay_registry::deadline::due_at;
+use dsrelay_runtime::pki::{dev_identity, DevCa};
 use dsrelay_runtime::store::now_ms;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
@@ -906,7 +907,7 @@ async fn connection_problems_exit_1() {
     assert!(
         run.stderr.starts_with(&format!(
             "error: UNAVAILABLE: cannot reach the registry at {UNREACHABLE}"
-        )),
+        )) && !run.stderr.contains("certificate"),
         "{}",
         run.stderr
     );
@@ -958,6 +959,61 @@ async fn connection_problems_exit_1() {
     // The right registry, for contrast.
     let run = run_with(endpoint(s), REGISTRY_IDENTITY).await;
     run.ok();
+    pair.stop().await;
+}
+
+/// The registry closes a connection whose client certificate it refuses as soon as it sees
+/// that certificate, which under TLS 1.3 is after the client finished its handshake: the
+/// client sees the connection close, or the registry's alert, depending on when it wrote.
+/// dsrctl says what to check either way; a refused TCP connection
+/// (`connection_problems_exit_1`) keeps the network wording.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_certificate_is_named_as_a_likely_cause() {
+    let pair = spawn_pair(PairOptions::default()).await.expect("pair");
+    let s = &pair;
+    let dir = s.dir().join("refused");
+    std::fs::create_dir_all(&dir).expect("dir");
+    // A configured partner's identity, issued by a CA the registry does not trust; and the
+    // registry's own CA presented as if it were a party's certificate.
+    let rogue = DevCa::generate("dsrelay development CA").expect("rogue ca");
+    let leaf = rogue
+        .issue("dsrelay rogue party", &dev_identity("partner", "crm"))
+        .expect("rogue leaf");
+    std::fs::write(dir.join("rogue.pem"), leaf.cert_pem).expect("cert");
+    std::fs::write(dir.join("rogue.key"), leaf.key_pem).expect("key");
+    let ca_as_leaf = (s.pki().ca(), s.pki().ca().with_extension("key"));
+    for (what, cert, key) in [
+        ("another CA's", dir.join("rogue.pem"), dir.join("rogue.key")),
+        ("the CA's own", ca_as_leaf.0, ca_as_leaf.1),
+    ] {
+        let mut cmd = command(s.dir());
+        cmd.arg("--endpoint")
+            .arg(endpoint(s))
+            .arg("--ca")
+            .arg(s.pki().ca())
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .args(["--server-identity", REGISTRY_IDENTITY, "list"]);
+        let run = output(cmd).await;
+        run.expect_code(1);
+        let expected = "the connection closed before the registry answered, which is what \
+                        a registry that refuses this client's certificate does";
+        assert!(
+            run.stderr.starts_with("error: ")
+                && run
+                    .stderr
+                    .contains(&format!("cannot reach the registry at {}: ", endpoint(s)))
+                && run.stderr.contains(expected)
+                && run.stderr.contains("issued by the CA the registry trusts")
+                && run.stderr.contains("revocation list"),
+            "{what} certificate: {}",
+            run.stderr
+        );
+    }
+    // The party's own certificate, for contrast.
+    dsrctl(s, "partner-crm", &["list"]).await.ok();
     pair.stop().await;
 }
 

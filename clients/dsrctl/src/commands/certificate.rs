@@ -1,9 +1,11 @@
-//! `dsrctl certificate get` and `dsrctl certificate verify`: deletion certificates.
+//! `dsrctl certificate get`, `list` and `verify`: deletion certificates.
 //!
 //! `get` fetches a request's certificate from the registry and writes it as a file
 //! ([`Signed::to_file_json`]: `body`, the signed canonical JSON as text; `signature`,
-//! base64; `key_id`). `verify` checks such a file offline against the processor's public
-//! key and prints what it certifies.
+//! base64; `key_id`). `list` shows every certificate of a request, so that an earlier one a
+//! follow-up names can be fetched by its id. `verify` checks such a file offline against
+//! the processor's public key, and that its body is a deletion certificate
+//! ([`dsrelay_runtime::certificate_body`]), and prints what it certifies.
 
 use std::collections::{BTreeSet, HashSet};
 use std::fmt::Write as _;
@@ -12,50 +14,38 @@ use std::path::Path;
 use anyhow::{anyhow, Context};
 use dsrelay_processor::certificates::{CertificateBody, ContractEndFacts};
 use dsrelay_proto::v1::StoredCertificate;
+use dsrelay_runtime::certificate_body;
 use dsrelay_runtime::signing::{PublicKey, Signed};
 
-use crate::cli::{CertificateGetArgs, CertificateVerifyArgs, OutputFormat};
+use serde::Serialize;
+
+use crate::cli::{CertificateGetArgs, CertificateListArgs, CertificateVerifyArgs, OutputFormat};
 use crate::commands::{Io, Registry};
-use crate::output::retention_words;
+use crate::output::{emit, retention_words, Render};
+use crate::table::Table;
 use crate::Failure;
 
-/// Fetches the latest certificate of one task of the request and writes it to `--out`.
-/// Refuses (exit 1, no file) one the registry rejected: it certifies nothing.
+/// Fetches the certificate `--certificate-id` names, or else the latest of one task of the
+/// request, and writes it to `--out`. Refuses (exit 1, no file) one the registry rejected:
+/// it certifies nothing.
 pub(crate) async fn get(
     registry: &Registry,
     args: &CertificateGetArgs,
     io: &mut Io<'_>,
 ) -> Result<u8, Failure> {
-    let list = registry
-        .client
-        .list_certificates(
-            &args.id,
-            args.processor.clone().unwrap_or_default(),
-            args.subprocessor.clone().unwrap_or_default(),
-        )
-        .await
-        .map_err(|s| registry.failed(s))?;
-    let tasks: BTreeSet<(&str, &str)> = list
-        .iter()
-        .map(|c| (c.processor.as_str(), c.subprocessor.as_str()))
-        .collect();
-    if tasks.len() > 1 {
-        let names: Vec<String> = tasks.iter().map(|(p, s)| format!("{p}/{s}")).collect();
-        return Err(Failure::Usage(format!(
-            "certificates of {} tasks match ({}); name one with --processor and --subprocessor",
-            tasks.len(),
-            names.join(", ")
-        )));
-    }
-    let Some(stored) = latest(&list) else {
-        return Err(Failure::Certificate(anyhow!(
-            "the registry sent no certificate"
-        )));
+    let list = fetch(registry, &args.id, &args.processor, &args.subprocessor).await?;
+    let stored = match &args.certificate_id {
+        Some(wanted) => named(&list, wanted)?,
+        None => only_task_latest(&list)?,
     };
     if !stored.verified {
+        let which = match stored.certificate_id.as_str() {
+            // Its id went with its body when the request was forgotten, or it had none.
+            "" => "a certificate".to_string(),
+            id => format!("the certificate {id}"),
+        };
         return Err(Failure::Certificate(anyhow!(
-            "the registry rejected the certificate {} of {}/{}: {}; it certifies nothing",
-            stored.certificate_id,
+            "the registry rejected {which} of {}/{}: {}; it certifies nothing",
             stored.processor,
             stored.subprocessor,
             stored.rejection
@@ -91,6 +81,154 @@ pub(crate) async fn get(
             args.out.display()
         )?,
     }
+    Ok(0)
+}
+
+/// The request's certificates the registry lists, narrowed as the flags say.
+async fn fetch(
+    registry: &Registry,
+    request_id: &str,
+    processor: &Option<String>,
+    subprocessor: &Option<String>,
+) -> Result<Vec<StoredCertificate>, Failure> {
+    registry
+        .client
+        .list_certificates(
+            request_id,
+            processor.clone().unwrap_or_default(),
+            subprocessor.clone().unwrap_or_default(),
+        )
+        .await
+        .map_err(|s| registry.failed(s))
+}
+
+/// The certificate of `list` whose id is `wanted`.
+fn named<'a>(
+    list: &'a [StoredCertificate],
+    wanted: &str,
+) -> Result<&'a StoredCertificate, Failure> {
+    if wanted.is_empty() {
+        return Err(Failure::Usage(
+            "--certificate-id is empty; `dsrctl certificate list` shows the ids".into(),
+        ));
+    }
+    list.iter()
+        .find(|c| c.certificate_id == wanted)
+        .ok_or_else(|| {
+            Failure::Usage(format!(
+                "no certificate {wanted} among the {} the registry listed for this request \
+                 (and --processor/--subprocessor); `dsrctl certificate list` shows their ids",
+                list.len()
+            ))
+        })
+}
+
+/// The latest certificate of the one task `list` holds certificates of.
+fn only_task_latest(list: &[StoredCertificate]) -> Result<&StoredCertificate, Failure> {
+    let tasks: BTreeSet<(&str, &str)> = list
+        .iter()
+        .map(|c| (c.processor.as_str(), c.subprocessor.as_str()))
+        .collect();
+    if tasks.len() > 1 {
+        let names: Vec<String> = tasks.iter().map(|(p, s)| format!("{p}/{s}")).collect();
+        return Err(Failure::Usage(format!(
+            "certificates of {} tasks match ({}); name one with --processor and --subprocessor",
+            tasks.len(),
+            names.join(", ")
+        )));
+    }
+    latest(list).ok_or_else(|| Failure::Certificate(anyhow!("the registry sent no certificate")))
+}
+
+/// One row of `certificate list`: the registry's record of a certificate and what its body
+/// says of its place in the task's sequence (read from the body as stored, unchecked).
+#[derive(Debug, Serialize)]
+struct ListedCertificate {
+    certificate_id: String,
+    processor: String,
+    subprocessor: String,
+    /// The body's `task_state`; empty when the body cannot be read (or was removed).
+    task_state: String,
+    /// The body's `follows`: the certificate this one follows up; empty on a task's first.
+    follows: String,
+    /// The body's `issued_at`.
+    issued_at: String,
+    verified_by_registry: bool,
+    /// Why the registry rejected it; empty when it did not.
+    rejection: String,
+}
+
+/// The rows of `certificate list`, in the registry's order.
+#[derive(Debug, Serialize)]
+struct CertificateListView {
+    request_id: String,
+    certificates: Vec<ListedCertificate>,
+}
+
+impl Render for CertificateListView {
+    fn to_table(&self) -> String {
+        let mut t = Table::new([
+            "CERTIFICATE",
+            "PROCESSOR",
+            "SUBPROCESSOR",
+            "STATE",
+            "FOLLOWS",
+            "ISSUED",
+            "REGISTRY",
+        ]);
+        for c in &self.certificates {
+            let verdict = match c.verified_by_registry {
+                true => "verified".to_string(),
+                false => format!("rejected: {}", c.rejection),
+            };
+            t.row([
+                c.certificate_id.clone(),
+                c.processor.clone(),
+                c.subprocessor.clone(),
+                c.task_state.clone(),
+                c.follows.clone(),
+                c.issued_at.clone(),
+                verdict,
+            ]);
+        }
+        t.render()
+    }
+}
+
+/// Lists the request's certificates in the registry's order: each task's together, oldest
+/// first.
+pub(crate) async fn list(
+    registry: &Registry,
+    args: &CertificateListArgs,
+    io: &mut Io<'_>,
+) -> Result<u8, Failure> {
+    let list = fetch(registry, &args.id, &args.processor, &args.subprocessor).await?;
+    let certificates = list
+        .into_iter()
+        .map(|c| {
+            let body = c
+                .certificate
+                .as_ref()
+                .and_then(|d| serde_json::from_slice::<serde_json::Value>(&d.body).ok())
+                .unwrap_or_default();
+            let text = |key: &str| body.get(key).and_then(|v| v.as_str()).unwrap_or_default();
+            ListedCertificate {
+                task_state: text("task_state").to_string(),
+                follows: text("follows").to_string(),
+                issued_at: text("issued_at").to_string(),
+                certificate_id: c.certificate_id,
+                processor: c.processor,
+                subprocessor: c.subprocessor,
+                verified_by_registry: c.verified,
+                rejection: c.rejection,
+            }
+        })
+        .collect();
+    let view = CertificateListView {
+        request_id: args.id.clone(),
+        certificates,
+    };
+    emit(io.out, io.format, &view, false)?;
     Ok(0)
 }
 
@@ -144,6 +282,15 @@ pub(crate) fn verify(
     let value = key.verify(&doc).map_err(|e| {
         Failure::Certificate(anyhow!("{} does not verify: {e}", args.file.display()))
     })?;
+    // The key may sign other documents too (the processor's audit checkpoints, with the
+    // development setup's keys): only a body as certificate.proto defines it certifies.
+    let body: CertificateBody = certificate_body::check(&value).map_err(|e| {
+        Failure::Certificate(anyhow!(
+            "{} is signed by key {}, but not a deletion certificate: {e}",
+            args.file.display(),
+            doc.key_id
+        ))
+    })?;
     match io.format {
         OutputFormat::Json => {
             let out = serde_json::json!({
@@ -153,18 +300,12 @@ pub(crate) fn verify(
             });
             writeln!(io.out, "{out}")?;
         }
-        OutputFormat::Table => {
-            let described = match serde_json::from_value::<CertificateBody>(value.clone()) {
-                Ok(body) => describe(&body),
-                // A body of a later version: still signed, shown as it is.
-                Err(_) => serde_json::to_string_pretty(&value).unwrap_or_default() + "\n",
-            };
-            write!(
-                io.out,
-                "verified: signed by key {}\n{described}",
-                doc.key_id
-            )?;
-        }
+        OutputFormat::Table => write!(
+            io.out,
+            "verified: signed by key {}\n{}",
+            doc.key_id,
+            describe(&body)
+        )?,
     }
     Ok(0)
 }

@@ -103,6 +103,9 @@ pub(crate) async fn dispatch(cli: &Cli, env: &Environment, io: &mut Io<'_>) -> R
         Command::Certificate(CertificateCommand::Get(args)) => {
             certificate::get(&Registry::connect(cli, env)?, args, io).await
         }
+        Command::Certificate(CertificateCommand::List(args)) => {
+            certificate::list(&Registry::connect(cli, env)?, args, io).await
+        }
         // Offline: needs no registry.
         Command::Receipt(ReceiptCommand::Verify(args)) => {
             receipt::verify(args, cli.connection.key.as_deref(), io)
