@@ -118,23 +118,21 @@ pub fn show_hidden(text: &str) -> String {
 }
 
 /// Characters a terminal does not show as themselves but that change what is shown around
-/// them: bidirectional overrides, embeddings, isolates and marks (a right-to-left override
-/// prints `exe.txt` as `txt.exe`), zero-width spaces and joiners, invisible operators, the
-/// byte order mark, line and paragraph separators, interlinear annotation marks and tag
-/// characters.
+/// them: every Unicode format character ([`dsrelay_runtime::unicode::is_format_character`]:
+/// bidirectional overrides, embeddings, isolates and marks, zero width spaces, invisible
+/// operators, the byte order mark, interlinear annotation marks, tag characters), and the
+/// line and paragraph separators. Unlike free text ([`dsrelay_runtime::identity::refused_in_text`])
+/// a table shows the joiners too: in a cell they can only hide that two values differ. The
+/// separators are not format characters, but a terminal may break a line at them, and a
+/// cell must stay on its line. U+2065 and the tag block's unassigned code points are not
+/// format characters yet either, but a terminal draws them as nothing, so two cells holding
+/// them would look the same.
 fn is_hidden(c: char) -> bool {
-    matches!(
-        c,
-        '\u{00AD}'
-            | '\u{061C}'
-            | '\u{180E}'
-            | '\u{200B}'..='\u{200F}'
-            | '\u{2028}'..='\u{202E}'
-            | '\u{2060}'..='\u{206F}'
-            | '\u{FEFF}'
-            | '\u{FFF9}'..='\u{FFFB}'
-            | '\u{E0000}'..='\u{E007F}'
-    )
+    dsrelay_runtime::unicode::is_format_character(c)
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{2065}' | '\u{E0000}'..='\u{E007F}'
+        )
 }
 
 /// `text` cut to at most `max` characters for a table cell, saying where the rest is (long
@@ -200,6 +198,38 @@ mod tests {
         let mut t = Table::new(["NOTE", "X"]);
         t.row(["\u{2066}ok\u{2069}", "1"]);
         assert_eq!(t.render(), "NOTE                X\n<U+2066>ok<U+2069>  1\n");
+    }
+
+    /// The terminal's set is the runtime's format characters, the joiners free text allows
+    /// among them, and the line and paragraph separators.
+    #[test]
+    fn the_terminal_shows_every_format_character_and_the_separators() {
+        for c in [
+            '\u{200C}',
+            '\u{200D}',
+            '\u{2028}',
+            '\u{2029}',
+            '\u{0600}',
+            '\u{E0001}',
+            '\u{2065}',
+            '\u{E0000}',
+            '\u{E007F}',
+        ] {
+            assert_eq!(
+                clean(&format!("a{c}b")),
+                format!("a<U+{:04X}>b", u32::from(c))
+            );
+        }
+        for u in 0..=u32::from(char::MAX) {
+            let Some(c) = char::from_u32(u) else { continue };
+            if dsrelay_runtime::unicode::is_format_character(c) {
+                assert!(is_hidden(c), "U+{u:04X}");
+            }
+        }
+        // Next to the separators, and a character that shows nothing but is no format one.
+        for c in ['\u{2027}', '\u{202F}', '\u{3164}'] {
+            assert_eq!(clean(&format!("a{c}b")), format!("a{c}b"));
+        }
     }
 
     #[test]

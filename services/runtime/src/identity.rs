@@ -9,6 +9,8 @@ use md5::Md5;
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
+use crate::unicode::{is_default_ignorable, is_format_character};
+
 /// At most this many identities per request.
 pub const MAX_IDENTITIES: usize = 16;
 /// At most this many bytes per identity value.
@@ -67,53 +69,6 @@ pub fn instant_violation(
     })
 }
 
-/// A character that shows nothing: Unicode's default ignorable code points (a text shows
-/// them only where it has to, and no font draws them), such as the soft hyphen, the zero
-/// width spaces, joiners and the word joiner, the left-to-right and right-to-left marks,
-/// embeddings and isolates, the invisible mathematical operators, the byte order mark, the
-/// Hangul fillers, the variation selectors and the tag characters.
-fn invisible(c: char) -> bool {
-    matches!(
-        c,
-        '\u{00AD}'
-            | '\u{034F}'
-            | '\u{061C}'
-            | '\u{115F}'..='\u{1160}'
-            | '\u{17B4}'..='\u{17B5}'
-            | '\u{180B}'..='\u{180F}'
-            | '\u{200B}'..='\u{200F}'
-            | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{206F}'
-            | '\u{3164}'
-            | '\u{FE00}'..='\u{FE0F}'
-            | '\u{FEFF}'
-            | '\u{FFA0}'
-            | '\u{FFF0}'..='\u{FFF8}'
-            | '\u{1BCA0}'..='\u{1BCA3}'
-            | '\u{1D173}'..='\u{1D17A}'
-            | '\u{E0000}'..='\u{E0FFF}'
-    )
-}
-
-/// A format character (Unicode general category Cf) that [`invisible`] leaves out: the
-/// Arabic, Syriac and Kaithi marks written before a number, the interlinear annotation
-/// characters and the Egyptian hieroglyph format controls. They shape how other characters
-/// show and stand for nothing on their own.
-fn format_character(c: char) -> bool {
-    matches!(
-        c,
-        '\u{0600}'..='\u{0605}'
-            | '\u{06DD}'
-            | '\u{070F}'
-            | '\u{0890}'..='\u{0891}'
-            | '\u{08E2}'
-            | '\u{FFF9}'..='\u{FFFB}'
-            | '\u{110BD}'
-            | '\u{110CD}'
-            | '\u{13430}'..='\u{1343F}'
-    )
-}
-
 /// Checks a free-text field: its length (a required one not blank), and no control
 /// characters other than tab and line breaks (NUL cannot be stored in PostgreSQL text, and
 /// the others only hide things from the people who read these texts).
@@ -125,7 +80,11 @@ pub fn text_violation(
 ) -> Option<FieldViolation> {
     // Blank is what a reader sees: white space and the invisible characters (a zero width
     // space, say) that `trim` keeps.
-    if required && value.chars().all(|c| c.is_whitespace() || invisible(c)) {
+    if required
+        && value
+            .chars()
+            .all(|c| c.is_whitespace() || is_default_ignorable(c))
+    {
         return Some(FieldViolation::new(
             field,
             format!("is required (1 to {max} bytes of text)"),
@@ -162,41 +121,15 @@ pub fn text_violation(
     None
 }
 
-/// A Unicode format character (general category Cf, as of Unicode 15.1) that free text may
-/// not hold: the bidirectional marks, embeddings, overrides and isolates, the zero width
-/// space and word joiner, the invisible operators, the byte order mark, the soft hyphen, the
-/// tag characters, and the marks some scripts write before a number. These texts are read by
-/// operators and partners; a right-to-left override or an isolate reorders what the reader
-/// sees (a name shown reversed, a reason appearing to say something else), and a zero width
-/// space makes two different texts look the same. The zero width non-joiner and joiner
-/// (U+200C, U+200D) are allowed: Persian and Indic names and emoji sequences need them, and
-/// they neither reorder nor hide a text. An identity refuses them too ([`invisible`]).
+/// A Unicode format character ([`is_format_character`]) that free text may not hold: all of
+/// them but the zero width non-joiner and joiner. These texts are read by operators and
+/// partners; a right-to-left override or an isolate reorders what the reader sees (a name
+/// shown reversed, a reason appearing to say something else), and a zero width space makes
+/// two different texts look the same. The non-joiner and joiner (U+200C, U+200D) are allowed:
+/// Persian and Indic names and emoji sequences need them, and they neither reorder nor hide a
+/// text. An identity refuses them too ([`is_default_ignorable`]).
 pub fn refused_in_text(c: char) -> bool {
-    matches!(
-        c,
-        '\u{00AD}'
-            | '\u{0600}'..='\u{0605}'
-            | '\u{061C}'
-            | '\u{06DD}'
-            | '\u{070F}'
-            | '\u{0890}'..='\u{0891}'
-            | '\u{08E2}'
-            | '\u{180E}'
-            | '\u{200B}'
-            | '\u{200E}'..='\u{200F}'
-            | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{2064}'
-            | '\u{2066}'..='\u{206F}'
-            | '\u{FEFF}'
-            | '\u{FFF9}'..='\u{FFFB}'
-            | '\u{110BD}'
-            | '\u{110CD}'
-            | '\u{13430}'..='\u{1343F}'
-            | '\u{1BCA0}'..='\u{1BCA3}'
-            | '\u{1D173}'..='\u{1D17A}'
-            | '\u{E0001}'
-            | '\u{E0020}'..='\u{E007F}'
-    )
+    is_format_character(c) && !matches!(c, '\u{200C}' | '\u{200D}')
 }
 
 /// At most this many bytes in a request id.
@@ -354,7 +287,10 @@ fn raw_rule_violation(ty: IdentityType, value: &str) -> Option<String> {
     }
     // A byte order mark a CSV export left, or a zero width space pasted along: the value no
     // longer equals the one a holder's records hold, and every holder answers NOT_FOUND.
-    if let Some(c) = value.chars().find(|&c| invisible(c) || format_character(c)) {
+    if let Some(c) = value
+        .chars()
+        .find(|&c| is_default_ignorable(c) || is_format_character(c))
+    {
         return Some(format!(
             "contains an invisible or format character (U+{:04X}), so it would match no \
              record written without it: remove it",

@@ -30,6 +30,8 @@
 //! - [`resumable_hash`]: SHA-256 whose progress is saved and taken up again, so a receiver
 //!   that resumes a file hashes only what came after.
 //! - [`identity`]: subject identity validation, normalisation and hashing.
+//! - [`unicode`]: which characters are Unicode format characters and which show nothing,
+//!   for every check and display of text that must not hide or reorder what a reader sees.
 //! - [`log_text`]: what log lines show of text from outside a service (another party's
 //!   status message, a holder's error): its length and a keyed hash, never its words.
 //! - [`names`]: the answer to a listing filtered by a processor's or controller's name that
@@ -84,6 +86,7 @@ pub mod trace_context;
 pub mod transfer_manifest;
 pub mod transfer_receipt;
 pub mod trust;
+pub mod unicode;
 pub mod worker;
 
 /// Resolves on SIGINT or SIGTERM, for graceful shutdown in `main`.
