@@ -17,8 +17,22 @@ const VERSIONS: [u64; 2] = [1, 2];
 
 /// `body` read as a deletion certificate into the caller's type `T` (the processor's
 /// `CertificateBody`, or `serde_json::Value`), or the first way it is not one (naming the
-/// key and what certificate.proto allows there).
+/// key and what certificate.proto allows there, and quoting the value found there).
 pub fn check<T: DeserializeOwned>(body: &Value) -> Result<T, String> {
+    checked(body, true)
+}
+
+/// [`check`], but its message quotes none of the body's text: it names keys only as
+/// certificate.proto spells them (a key it does not define is not named), item indices, and
+/// what is allowed, never a value found. For a reason kept long after the check, such as the
+/// registry's rejection of a certificate (kept until its request is forgotten, and in the
+/// audit trail for ever), which must not carry personal data a body may hold.
+pub fn check_quoting_nothing<T: DeserializeOwned>(body: &Value) -> Result<T, String> {
+    checked(body, false)
+}
+
+/// [`check`] (`quote`: messages quote the values found) or [`check_quoting_nothing`].
+fn checked<T: DeserializeOwned>(body: &Value, quote: bool) -> Result<T, String> {
     if !body.is_object() {
         return Err("the body is not a JSON object".into());
     }
@@ -27,7 +41,10 @@ pub fn check<T: DeserializeOwned>(body: &Value) -> Result<T, String> {
         Some(v) => v
             .as_u64()
             .filter(|v| VERSIONS.contains(v))
-            .ok_or_else(|| format!("its version is {v}, not 1 or 2"))?,
+            .ok_or_else(|| match quote {
+                true => format!("its version is {v}, not 1 or 2"),
+                false => "its version is not 1 or 2".to_string(),
+            })?,
     };
     let mut required = vec![
         "version",
@@ -47,7 +64,7 @@ pub fn check<T: DeserializeOwned>(body: &Value) -> Result<T, String> {
     if version == 2 {
         required.push("contract_end");
     }
-    let top = Place::top(body, &required, &["uncounted", "follows"], version)?;
+    let top = Place::top(body, &required, &["uncounted", "follows"], version, quote)?;
     let kind = top.one_of("kind", &["erasure", "contract_end"])?;
     if version == 2 && kind != "contract_end" {
         return Err(format!(
@@ -63,8 +80,12 @@ pub fn check<T: DeserializeOwned>(body: &Value) -> Result<T, String> {
     top.count("records_affected")?;
     for (i, item) in top.array("erased")?.iter().enumerate() {
         let e = top.item("erased", i, item, &["target", "action", "count"], &[])?;
-        e.name("target")?;
-        e.name("action")?;
+        // Strings, possibly empty: the processor signs an adapter's BulkErasedCount as the
+        // adapter answered it (clipped, never refused), and proto3 sends an unset target or
+        // action as "", so every processor since the adapter connector's ExecuteBulk signs
+        // such an entry when an adapter leaves one out.
+        e.text("target")?;
+        e.text("action")?;
         e.count("count")?;
     }
     for (i, item) in top.array("retained")?.iter().enumerate() {
@@ -77,7 +98,7 @@ pub fn check<T: DeserializeOwned>(body: &Value) -> Result<T, String> {
         )?;
         r.name("subprocessor")?;
         r.text("legal_basis")?;
-        r.time("until")?;
+        r.until("until")?;
     }
     if let Some(u) = top.child(
         "uncounted",
@@ -101,7 +122,11 @@ pub fn check<T: DeserializeOwned>(body: &Value) -> Result<T, String> {
     )? {
         contract_end(&end)?;
     }
-    serde_json::from_value(body.clone()).map_err(|e| format!("it cannot be read: {e}"))
+    serde_json::from_value(body.clone()).map_err(|e| match quote {
+        true => format!("it cannot be read: {e}"),
+        // serde's words may quote the value it could not read.
+        false => "it cannot be read as the caller's certificate type".to_string(),
+    })
 }
 
 /// Checks a version 2 body's `contract_end` object.
@@ -180,6 +205,8 @@ struct Place<'a> {
     map: &'a Map<String, Value>,
     /// Its path from the body (`contract_end.returned`); empty for the body itself.
     path: String,
+    /// Whether messages quote the values found ([`check`]) or not ([`check_quoting_nothing`]).
+    quote: bool,
 }
 
 impl<'a> Place<'a> {
@@ -190,6 +217,7 @@ impl<'a> Place<'a> {
         required: &[&str],
         optional: &[&str],
         version: u64,
+        quote: bool,
     ) -> Result<Self, String> {
         let map = body.as_object().ok_or("the body is not a JSON object")?;
         for key in required {
@@ -205,14 +233,15 @@ impl<'a> Place<'a> {
                         .to_string()
                 }
                 key => format!(
-                    "the body has the key {key:?}, which a version {version} certificate \
-                     does not have"
+                    "the body has {}, which a version {version} certificate does not have",
+                    key_named(key, quote)
                 ),
             });
         }
         Ok(Self {
             map,
             path: String::new(),
+            quote,
         })
     }
 
@@ -233,7 +262,7 @@ impl<'a> Place<'a> {
     ) -> Result<Option<Place<'a>>, String> {
         match self.map.get(key) {
             None => Ok(None),
-            Some(v) => Place::nested(self.field(key), v, required, optional).map(Some),
+            Some(v) => Place::nested(self.field(key), v, required, optional, self.quote).map(Some),
         }
     }
 
@@ -251,6 +280,7 @@ impl<'a> Place<'a> {
             value,
             required,
             optional,
+            self.quote,
         )
     }
 
@@ -259,6 +289,7 @@ impl<'a> Place<'a> {
         value: &'a Value,
         required: &[&str],
         optional: &[&str],
+        quote: bool,
     ) -> Result<Place<'a>, String> {
         let map = value
             .as_object()
@@ -270,10 +301,11 @@ impl<'a> Place<'a> {
         }
         if let Some(key) = unknown(map, required, optional) {
             return Err(format!(
-                "its {path} has the key {key:?}, which certificate.proto does not define there"
+                "its {path} has {}, which certificate.proto does not define there",
+                key_named(key, quote)
             ));
         }
-        Ok(Place { map, path })
+        Ok(Place { map, path, quote })
     }
 
     /// The value of a key this object is known to hold, or `null` for an optional one.
@@ -304,8 +336,9 @@ impl<'a> Place<'a> {
         }
         let allowed: Vec<String> = allowed.iter().map(|a| format!("{a:?}")).collect();
         Err(format!(
-            "its {} is {text:?}, not {}",
+            "its {} is {}not {}",
             self.field(key),
+            self.found(&format!("{text:?}")),
             allowed.join(" or ")
         ))
     }
@@ -317,8 +350,9 @@ impl<'a> Place<'a> {
         match uuid::Uuid::try_parse(text) {
             Ok(id) if id.hyphenated().to_string() == text => Ok(()),
             _ => Err(format!(
-                "its {} is {text:?}, not a UUID (lowercase, with hyphens)",
-                self.field(key)
+                "its {} is {}not a UUID (lowercase, with hyphens)",
+                self.field(key),
+                self.found(&format!("{text:?}"))
             )),
         }
     }
@@ -335,8 +369,9 @@ impl<'a> Place<'a> {
         let value = self.value(key);
         value.as_u64().ok_or_else(|| {
             format!(
-                "its {} is {value}, not an integer of at least 0",
-                self.field(key)
+                "its {} is {}not an integer of at least 0",
+                self.field(key),
+                self.found(&value.to_string())
             )
         })
     }
@@ -362,10 +397,96 @@ impl<'a> Place<'a> {
                 Ok(())
             }
             _ => Err(format!(
-                "its {} is {text:?}, not a UTC time of the form 2025-01-01T00:00:00.000Z",
-                self.field(key)
+                "its {} is {}not a UTC time of the form 2025-01-01T00:00:00.000Z",
+                self.field(key),
+                self.found(&format!("{text:?}"))
             )),
         }
+    }
+
+    /// A `retained` item's `until`: a [`Place::time`], or what the processor's `rfc3339`
+    /// writes for an instant outside the years 0000 to 9999 (a signed year of more digits,
+    /// `+10000-01-01T00:00:00.000Z`) or beyond chrono's range (`""`). Processors from the
+    /// first certificates until the adapter connector refused an adapter's RETAINED date
+    /// outside the years 2000 to 9999 kept any date the adapter gave (a "forever" such as the
+    /// largest Timestamp included) and signed it in those forms in `retained`.
+    fn until(&self, key: &str) -> Result<(), String> {
+        let Err(e) = self.time(key) else {
+            return Ok(());
+        };
+        let text = self.text(key)?;
+        let far = (text.starts_with('+') || text.starts_with('-'))
+            && text
+                .parse::<DateTime<Utc>>()
+                .is_ok_and(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true) == text);
+        match text.is_empty() || far {
+            true => Ok(()),
+            false => Err(e),
+        }
+    }
+
+    /// `found` and a comma, for a message saying what a key holds when [`Place::quote`]; else
+    /// nothing.
+    fn found(&self, found: &str) -> String {
+        match self.quote {
+            true => format!("{found}, "),
+            false => String::new(),
+        }
+    }
+}
+
+/// Every key name certificate.proto defines, at any place of a body: a message may name
+/// one of these even when it quotes nothing of the body, as it is certificate.proto's word.
+const DEFINED_KEYS: [&str; 40] = [
+    "version",
+    "certificate_id",
+    "kind",
+    "processor",
+    "controller",
+    "request_id",
+    "subprocessor",
+    "task_state",
+    "records_affected",
+    "erased",
+    "retained",
+    "completed_at",
+    "issued_at",
+    "uncounted",
+    "follows",
+    "contract_end",
+    "target",
+    "action",
+    "count",
+    "legal_basis",
+    "until",
+    "reason",
+    "records",
+    "subjects",
+    "earlier_records",
+    "earlier_subjects",
+    "choice",
+    "effective_at",
+    "grace_ends_at",
+    "returned",
+    "to",
+    "recipient",
+    "part",
+    "confirmation",
+    "manifest_sha256",
+    "files",
+    "bytes",
+    "delivered_at",
+    "state",
+    "at",
+];
+
+/// How a message names a key a place does not allow: quoted when `quote`, or when
+/// certificate.proto defines it elsewhere; otherwise not at all (its name is the body's
+/// text, which may be anything).
+fn key_named(key: &str, quote: bool) -> String {
+    match quote || DEFINED_KEYS.contains(&key) {
+        true => format!("the key {key:?}"),
+        false => "a key not named here (its name is the body's text)".to_string(),
     }
 }
 
@@ -525,5 +646,105 @@ mod tests {
         extra["contract_end"]["returned"]["part"]["note"] = json!("x");
         assert!(refused(extra).contains(r#"contract_end.returned.part has the key "note""#));
         assert_eq!(refused(json!([1])), "the body is not a JSON object");
+    }
+
+    /// Shapes older processors signed that the rules above would otherwise refuse: an
+    /// adapter's erased count without a target or action (proto3's ""), and a `retained`
+    /// date an adapter gave beyond the years 0000 to 9999 or beyond chrono's range, which the
+    /// processor's `rfc3339` wrote with a signed year or as "". Each is still a certificate;
+    /// the same forms elsewhere are not.
+    #[test]
+    fn shapes_older_processors_signed_are_certificates() {
+        let mut unnamed = erasure();
+        unnamed["erased"] = json!([{"target": "", "action": "", "count": 5}]);
+        check(&unnamed).expect("an adapter's count without target or action");
+        // What processors before the adapter's date rule wrote for these `until`s.
+        let far = |ms: i64| {
+            chrono::TimeZone::timestamp_millis_opt(&Utc, ms)
+                .single()
+                .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
+                .unwrap_or_default()
+        };
+        let beyond = far(253_402_300_800_000);
+        assert_eq!(beyond, "+10000-01-01T00:00:00.000Z");
+        assert_eq!(far(i64::MAX), "");
+        for until in [beyond.as_str(), "", "-0001-01-01T00:00:00.000Z"] {
+            let mut forever = erasure();
+            forever["retained"][0]["until"] = json!(until);
+            check(&forever).unwrap_or_else(|e| panic!("{until:?}: {e}"));
+        }
+        for until in [
+            "+10000-01-01T00:00:00Z",
+            "+2025-01-01T00:00:00.000Z",
+            "soon",
+        ] {
+            let mut odd = erasure();
+            odd["retained"][0]["until"] = json!(until);
+            assert!(refused(odd).contains("retained[0].until"), "{until}");
+        }
+        let mut issued = erasure();
+        issued["issued_at"] = json!("");
+        assert!(refused(issued).contains("its issued_at"));
+        let mut unnamed_place = erasure();
+        unnamed_place["retained"][0]["subprocessor"] = json!("");
+        assert_eq!(
+            refused(unnamed_place),
+            "its retained[0].subprocessor is empty"
+        );
+    }
+
+    /// The message of [`check_quoting_nothing`] names the key and the rule as [`check`]'s
+    /// does, but no value found in the body, nor a key name certificate.proto does not
+    /// define.
+    #[test]
+    fn a_message_quoting_nothing_names_the_key_and_the_rule_only() {
+        const TEXT: &str = "jane.doe@example.org";
+        let quiet = |body: Value| {
+            let e = check_quoting_nothing::<Value>(&body).expect_err("not a certificate");
+            assert!(!e.contains("jane"), "{e}");
+            e
+        };
+        let with = |key: &str, value: Value| {
+            let mut body = erasure();
+            body[key] = value;
+            quiet(body)
+        };
+        assert_eq!(with("version", json!(TEXT)), "its version is not 1 or 2");
+        assert_eq!(
+            with("task_state", json!(TEXT)),
+            r#"its task_state is not "COMPLETED" or "RETAINED""#
+        );
+        assert_eq!(
+            with("records_affected", json!(-7)),
+            "its records_affected is not an integer of at least 0"
+        );
+        assert_eq!(
+            with("certificate_id", json!(TEXT)),
+            "its certificate_id is not a UUID (lowercase, with hyphens)"
+        );
+        assert_eq!(
+            with("issued_at", json!(TEXT)),
+            "its issued_at is not a UTC time of the form 2025-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            with(TEXT, json!(1)),
+            "the body has a key not named here (its name is the body's text), which a \
+             version 1 certificate does not have"
+        );
+        assert_eq!(
+            with("records", json!(1)),
+            r#"the body has the key "records", which a version 1 certificate does not have"#
+        );
+        let mut nested = erasure();
+        nested["erased"][0][TEXT] = json!(1);
+        assert_eq!(
+            quiet(nested),
+            "its erased[0] has a key not named here (its name is the body's text), which \
+             certificate.proto does not define there"
+        );
+        let mut end = contract_end();
+        end["contract_end"]["choice"] = json!(TEXT);
+        assert!(quiet(end).starts_with("its contract_end.choice is not \"NONE\""));
+        check_quoting_nothing::<Read>(&erasure()).expect("a certificate");
     }
 }

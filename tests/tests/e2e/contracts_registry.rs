@@ -826,7 +826,7 @@ async fn delivery_update_and_progress(backend: Backend) {
     // With a certificate of kind contract_end, signed with the processor's key.
     let key = SigningKey::load(&pair.pki().signing_key("processor")).expect("signing key");
     let body = serde_json::json!({
-        "version": 1, "certificate_id": format!("c-{id}"), "kind": "contract_end",
+        "version": 1, "certificate_id": uuid::Uuid::new_v4().to_string(), "kind": "contract_end",
         "processor": dev_identity("processor", PROCESSOR), "request_id": id,
         "subprocessor": "accounting", "task_state": "COMPLETED", "controller": "controller",
         "records_affected": 40, "erased": [], "retained": [],

@@ -5,13 +5,14 @@
 //! `public_key`, or one of its `previous_public_keys` (the certificate's `key_id` says which;
 //! so a key rotation leaves what was signed before it verified), or one of its
 //! `revoked_public_keys` if it arrived before that key's `revoked_at` (by the registry's
-//! clock: its body's dates are the key holder's to forge), its body is canonical JSON, and
-//! the body names the same processor
-//! (identity), request, subprocessor and task state as the acknowledgement it came with,
-//! and the kind its request calls for: `erasure` for an ERASURE (and any other request),
-//! `contract_end` for a CONTRACT_END, with a body version the registry knows: 1 for either
-//! kind, 2 only for a contract_end, whose body then states the contract end's terms and
-//! return in a `contract_end` object (at least its `choice`). One that fails is still
+//! clock: its body's dates are the key holder's to forge), its body is canonical JSON and a
+//! deletion certificate as certificate.proto defines it (the rules `dsrctl certificate
+//! verify` applies, [`certificate_body`]: exactly the keys of its version, each of its type
+//! and range; version 1 for either kind, 2 only for a contract_end, whose body then states
+//! the contract end's terms and return in a `contract_end` object), and the body names the
+//! same processor (identity), request, subprocessor and task state as the acknowledgement
+//! it came with, and the kind its request calls for: `erasure` for an ERASURE (and any
+//! other request), `contract_end` for a CONTRACT_END. One that fails is still
 //! stored, as rejected with why (in words that quote none of the body's text), so that an
 //! operator sees it until the request
 //! is forgotten (which removes what it carries: `store::forget`); the task's state change is
@@ -30,6 +31,7 @@ use dsrelay_proto::v1::{
     Acknowledgement, CertificateList, DeletionCertificate, ListCertificatesRequest, RequestKind,
     StoredCertificate, TaskState,
 };
+use dsrelay_runtime::certificate_body;
 use dsrelay_runtime::identity::FieldViolation;
 use dsrelay_runtime::signing::{KeyRing, Signed, VerifyError};
 use tonic::{Response, Status};
@@ -40,18 +42,16 @@ use crate::validate::text_violation;
 
 use super::Api;
 
-/// The body fields the registry checks against the acknowledgement.
-#[derive(Debug)]
+/// The body fields the registry checks against the acknowledgement, read from a body that
+/// [`certificate_body`] found to be a certificate.
+#[derive(Debug, serde::Deserialize)]
 struct Claims {
-    version: u64,
     certificate_id: String,
     kind: String,
     processor: String,
     request_id: String,
     subprocessor: String,
     task_state: String,
-    /// The body has a `contract_end` object naming a `choice` (version 2's addition).
-    contract_end: bool,
 }
 
 /// The certificate kind a task of a request of `kind` is certified with.
@@ -148,35 +148,19 @@ pub(crate) fn check(
     }
 }
 
-/// The claims of a signed body, or why it is no deletion certificate (naming the key, never
-/// quoting its value: see [`signature_rejection`]).
+/// The claims of a signed body, or why it is no deletion certificate: the rules
+/// `dsrctl certificate verify` applies ([`certificate_body`]: exactly the keys of its
+/// version, each of its type and range, as certificate.proto defines them), so the registry
+/// calls verified no body that dsrctl refuses. The reason names the key and the rule, never
+/// a value of the body nor a key name certificate.proto does not define (see
+/// [`signature_rejection`]).
 fn claims(body: &serde_json::Value) -> Result<Claims, String> {
-    let text = |key: &str| -> Result<String, String> {
-        body.get(key)
-            .and_then(serde_json::Value::as_str)
-            .map(str::to_string)
-            .ok_or_else(|| {
-                format!("the body is not a deletion certificate: its {key} is missing or no string")
-            })
-    };
-    let version = body
-        .get("version")
-        .and_then(serde_json::Value::as_u64)
-        .ok_or("the body is not a deletion certificate: its version is missing or no number")?;
-    Ok(Claims {
-        version,
-        certificate_id: text("certificate_id")?,
-        kind: text("kind")?,
-        processor: text("processor")?,
-        request_id: text("request_id")?,
-        subprocessor: text("subprocessor")?,
-        task_state: text("task_state")?,
-        contract_end: body
-            .get("contract_end")
-            .and_then(|c| c.get("choice"))
-            .is_some_and(serde_json::Value::is_string),
-    })
+    certificate_body::check_quoting_nothing(body).map_err(|e| format!("{NOT_A_CERTIFICATE}: {e}"))
 }
+
+/// How a rejection by [`claims`] begins.
+const NOT_A_CERTIFICATE: &str =
+    "the body is not a deletion certificate as certificate.proto defines it";
 
 /// The `certificate_id` `body` carries, read without checking the signature.
 fn claimed_id(body: &[u8]) -> Option<String> {
@@ -189,7 +173,8 @@ fn id_in(body: &serde_json::Value) -> Option<String> {
 }
 
 /// The first way `claims` disagree with what the registry expects, if any. Names the field
-/// and the registry's value, never the body's (see [`signature_rejection`]).
+/// and the registry's value, never the body's (see [`signature_rejection`]). The body's
+/// version and what it needs of the kind were checked by [`claims`].
 fn mismatch(claims: &Claims, expected: &Expected<'_>) -> Option<String> {
     let pairs = [
         ("kind", claims.kind.as_str(), Some(expected.kind)),
@@ -202,20 +187,6 @@ fn mismatch(claims: &Claims, expected: &Expected<'_>) -> Option<String> {
         ),
         ("task_state", &claims.task_state, expected.task_state),
     ];
-    match claims.version {
-        1 => {}
-        2 if claims.kind != "contract_end" => {
-            return Some("version 2 is known only for a contract_end certificate".into());
-        }
-        2 if !claims.contract_end => {
-            return Some("its version 2 body has no contract_end object with a choice".into());
-        }
-        2 => {}
-        v => return Some(format!("version {v} is not known here")),
-    }
-    if claims.certificate_id.is_empty() {
-        return Some("the certificate has no certificate_id".into());
-    }
     pairs
         .iter()
         .find_map(|(field, got, want)| want.filter(|want| got != want).map(|w| (field, w)))
@@ -255,8 +226,8 @@ impl Api {
                 let checked = check(key, identity, kind, a, c, now);
                 if !checked.verified {
                     // The rejection is the registry's words; it quotes nothing of the body
-                    // but its version (a number) and a key id that is one: the values it
-                    // names are the acknowledgement's own, logged here too.
+                    // but key names certificate.proto defines and a key id that is one: the
+                    // values it names are the acknowledgement's own, logged here too.
                     tracing::warn!(
                         processor,
                         request_id = %a.request_id,
@@ -438,7 +409,13 @@ fn recheck(
         task_state: None,
     };
     let problem = match claims(&value) {
-        Err(e) => Some(e),
+        // Stored as verified before the registry applied certificate.proto's rules whole,
+        // or changed in the store since: not a certificate whatever task it is stored with.
+        Err(e) => {
+            return Some(format!(
+                "the stored body fails the check made as it is served: {e}"
+            ))
+        }
         Ok(c) if c.certificate_id != row.certificate_id => {
             Some("its certificate_id is not the one stored with it".into())
         }
@@ -531,6 +508,8 @@ mod tests {
     use serde_json::json;
 
     const ID: &str = "spiffe://dsrelay.dev/processor/p";
+    /// A certificate id as the processor writes one.
+    const CID: &str = "0193a1f0-7c3e-7d5a-9b1e-2f4c6a8e0b12";
 
     /// [`super::check`] of a certificate received at the epoch (no key here is revoked).
     fn check(
@@ -554,7 +533,7 @@ mod tests {
 
     fn body() -> serde_json::Value {
         json!({
-            "version": 1, "certificate_id": "c-1", "kind": "erasure", "processor": ID,
+            "version": 1, "certificate_id": CID, "kind": "erasure", "processor": ID,
             "request_id": "r-1", "subprocessor": "accounting", "task_state": "COMPLETED",
             "controller": "acme", "records_affected": 2, "erased": [], "retained": [],
             "completed_at": "2026-01-01T00:00:00.000Z", "issued_at": "2026-01-01T00:00:00.000Z",
@@ -576,12 +555,12 @@ mod tests {
         let public = KeyRing::new(key.public_key(), vec![]).unwrap();
         let good = check(Some(&public), ID, "erasure", &ack(), &signed(&key, body()));
         assert!(good.verified, "{}", good.rejection);
-        assert_eq!(good.certificate_id, "c-1");
+        assert_eq!(good.certificate_id, CID);
 
         let other = KeyRing::new(SigningKey::generate().public_key(), vec![]).unwrap();
         let r = check(Some(&other), ID, "erasure", &ack(), &signed(&key, body()));
         assert!(!r.verified && r.rejection.contains("not with the expected key"));
-        assert_eq!(r.certificate_id, "c-1");
+        assert_eq!(r.certificate_id, CID);
 
         let r = check(None, ID, "erasure", &ack(), &signed(&key, body()));
         assert!(!r.verified && r.rejection.contains("no public_key"));
@@ -678,21 +657,23 @@ mod tests {
         assert!(r.verified, "{}", r.rejection);
 
         let r = check_end(contract_end(2));
-        assert!(
-            !r.verified && r.rejection.contains("no contract_end object"),
-            "{}",
-            r.rejection
+        assert_eq!(
+            r.rejection,
+            format!("{NOT_A_CERTIFICATE}: the body has no contract_end")
         );
         let mut erasure = v2;
         erasure["kind"] = json!("erasure");
         let r = check(Some(&public), ID, "erasure", &ack(), &signed(&key, erasure));
         assert!(
-            !r.verified && r.rejection.contains("only for a contract_end"),
+            !r.verified && r.rejection.contains("only a contract_end certificate has"),
             "{}",
             r.rejection
         );
         let r = check_end(contract_end(3));
-        assert_eq!(r.rejection, "version 3 is not known here");
+        assert_eq!(
+            r.rejection,
+            format!("{NOT_A_CERTIFICATE}: its version is not 1 or 2")
+        );
     }
 
     #[test]
@@ -746,6 +727,130 @@ mod tests {
             r.rejection
         );
         assert!(!r.rejection.contains("jane"), "{}", r.rejection);
+    }
+    /// A signed body that is not a certificate as certificate.proto defines it (one that
+    /// `dsrctl certificate verify` refuses) is rejected, with a reason naming the key and the
+    /// rule and quoting nothing of the body. Before, the registry compared only the claims it
+    /// checks against the acknowledgement, and verified such a body.
+    #[test]
+    fn a_body_outside_certificate_proto_is_rejected_naming_the_key() {
+        const TEXT: &str = "jane.doe@example.org";
+        let key = SigningKey::generate();
+        let public = KeyRing::new(key.public_key(), vec![]).unwrap();
+        let rejected = |b: serde_json::Value| {
+            let r = check(Some(&public), ID, "erasure", &ack(), &signed(&key, b));
+            assert!(!r.verified, "{}", r.rejection);
+            assert!(!r.rejection.contains("jane"), "{}", r.rejection);
+            let why = r.rejection.strip_prefix(NOT_A_CERTIFICATE);
+            why.expect(&r.rejection)[2..].to_string()
+        };
+        let with = |key: &str, value: serde_json::Value| {
+            let mut b = body();
+            b[key] = value;
+            rejected(b)
+        };
+        assert_eq!(
+            with("records", json!(1)),
+            r#"the body has the key "records", which a version 1 certificate does not have"#
+        );
+        assert_eq!(
+            with(TEXT, json!(TEXT)),
+            "the body has a key not named here (its name is the body's text), which a \
+             version 1 certificate does not have"
+        );
+        let count = "its records_affected is not an integer of at least 0";
+        for records in [json!(-1), json!(TEXT), json!(null)] {
+            assert_eq!(with("records_affected", records), count);
+        }
+        // Canonical JSON has integers only, so a fraction signed as it is fails before.
+        let mut fraction = body();
+        fraction["records_affected"] = json!(2.5);
+        let doc = key.sign(serde_json::to_vec(&fraction).unwrap());
+        let c = DeletionCertificate {
+            body: doc.body,
+            signature: doc.signature,
+            key_id: doc.key_id,
+        };
+        let r = check(Some(&public), ID, "erasure", &ack(), &c);
+        assert!(!r.verified && !r.rejection.is_empty());
+        let mut undated = body();
+        undated.as_object_mut().unwrap().remove("issued_at");
+        assert_eq!(rejected(undated), "the body has no issued_at");
+        assert_eq!(with("erased", json!(TEXT)), "its erased is not an array");
+        assert_eq!(
+            with("completed_at", json!(TEXT)),
+            "its completed_at is not a UTC time of the form 2025-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            with(
+                "erased",
+                json!([{"target": "t", "action": "deleted", "count": 1, TEXT: 1}])
+            ),
+            "its erased[0] has a key not named here (its name is the body's text), which \
+             certificate.proto does not define there"
+        );
+        assert_eq!(
+            with("certificate_id", json!(TEXT)),
+            "its certificate_id is not a UUID (lowercase, with hyphens)"
+        );
+        assert_eq!(with("controller", json!("")), "its controller is empty");
+    }
+
+    /// Every shape of body a processor of this code has signed is verified: the first
+    /// erasure certificates (without uncounted), a follow-up, a contract end of version 1
+    /// (before version 2), uncounted before and after it had earlier_records, an adapter's
+    /// erased count without target or action, a retained date an adapter gave beyond the
+    /// years 0000 to 9999 (written "" or with a signed year), and version 2's contract ends.
+    #[test]
+    fn every_shape_a_processor_signed_is_verified() {
+        let key = SigningKey::generate();
+        let public = KeyRing::new(key.public_key(), vec![]).unwrap();
+        let verified = |kind: &str, b: serde_json::Value| {
+            let r = check(Some(&public), ID, kind, &ack(), &signed(&key, b.clone()));
+            assert!(r.verified, "{b}: {}", r.rejection);
+        };
+        verified("erasure", body());
+        let mut follow_up = body();
+        follow_up["follows"] = json!("0193a1f0-7c3e-7d5a-9b1e-2f4c6a8e0b11");
+        follow_up["erased"] = json!([{"target": "customers", "action": "deleted", "count": 1},
+            {"target": "invoices", "action": "kept and stripped", "count": 3}]);
+        follow_up["retained"] = json!([{"subprocessor": "accounting",
+            "legal_basis": "Kirjanpitolaki 2:10 §", "until": "2031-01-01T00:00:00.000Z"}]);
+        verified("erasure", follow_up.clone());
+        let mut v1_end = follow_up.clone();
+        v1_end["kind"] = json!("contract_end");
+        v1_end["uncounted"] = json!({"reason": "an earlier call was cut off",
+            "records": 40_000, "subjects": 10_000});
+        verified("contract_end", v1_end.clone());
+        v1_end["uncounted"]["earlier_records"] = json!(4);
+        v1_end["uncounted"]["earlier_subjects"] = json!(1);
+        v1_end["erased"] = json!([{"target": "", "action": "", "count": 2}]);
+        verified("contract_end", v1_end);
+        for until in ["", "+10000-01-01T00:00:00.000Z"] {
+            let mut forever = follow_up.clone();
+            forever["retained"][0]["until"] = json!(until);
+            verified("erasure", forever);
+        }
+        let mut v2 = body();
+        v2["version"] = json!(2);
+        v2["kind"] = json!("contract_end");
+        let terms = |choice: &str| {
+            json!({"choice": choice, "effective_at": "2026-01-01T00:00:00.000Z",
+                "grace_ends_at": "2026-02-01T00:00:00.000Z"})
+        };
+        for choice in ["NONE", "DELETE"] {
+            v2["contract_end"] = terms(choice);
+            verified("contract_end", v2.clone());
+        }
+        v2["contract_end"] = terms("RETURN_THEN_DELETE");
+        v2["contract_end"]["returned"] = json!({"to": "recipient", "recipient": "archive-oy",
+            "part": {"manifest_sha256": "ab".repeat(32), "files": 2, "bytes": 150,
+                "delivered_at": "2026-01-02T00:00:00.000Z"},
+            "confirmation": {"state": "GRACE_PERIOD_ENDED", "at": "2026-02-01T00:00:00.000Z"}});
+        verified("contract_end", v2.clone());
+        v2["contract_end"]["returned"] =
+            json!({"to": "registry", "confirmation": {"state": "CONFIRMED"}});
+        verified("contract_end", v2);
     }
 }
 
@@ -844,7 +949,7 @@ mod served_tests {
         let id = registry.submit(RequestKind::Erasure, "erasure").await;
         let body = |records: i64| {
             to_canonical_json(&json!({
-                "version": 1, "certificate_id": "c-1", "kind": "erasure",
+                "version": 1, "certificate_id": certificate_id(1), "kind": "erasure",
                 "processor": dev_identity("processor", PROCESSOR), "request_id": id,
                 "subprocessor": "accounting", "task_state": "COMPLETED", "controller": "acme",
                 "records_affected": records, "erased": [], "retained": [],
@@ -910,7 +1015,7 @@ mod served_tests {
         let certified = |key: &SigningKey, subprocessor: &str, n: u64| {
             let doc = key.sign(
                 to_canonical_json(&json!({
-                    "version": 1, "certificate_id": format!("c-{n}"), "kind": "erasure",
+                    "version": 1, "certificate_id": certificate_id(n), "kind": "erasure",
                     "processor": dev_identity("processor", PROCESSOR), "request_id": id,
                     "subprocessor": subprocessor, "task_state": "COMPLETED",
                     "controller": "acme", "records_affected": 1, "erased": [], "retained": [],
@@ -992,7 +1097,7 @@ mod served_tests {
         let certified = |key: &SigningKey, subprocessor: &str, n: u64| {
             let doc = key.sign(
                 to_canonical_json(&json!({
-                    "version": 1, "certificate_id": format!("c-{n}"), "kind": "erasure",
+                    "version": 1, "certificate_id": certificate_id(n), "kind": "erasure",
                     "processor": dev_identity("processor", PROCESSOR), "request_id": id,
                     "subprocessor": subprocessor, "task_state": "COMPLETED",
                     "controller": "acme", "records_affected": 1, "erased": [], "retained": [],
@@ -1078,7 +1183,7 @@ mod served_tests {
         let certified = |subprocessor: &str, claimed_state: &str, n: u64| {
             let doc = right.sign(
                 to_canonical_json(&json!({
-                    "version": 1, "certificate_id": format!("c-{n}"), "kind": "erasure",
+                    "version": 1, "certificate_id": certificate_id(n), "kind": "erasure",
                     "processor": dev_identity("processor", PROCESSOR), "request_id": id,
                     "subprocessor": subprocessor, "task_state": claimed_state,
                     "controller": "acme", "records_affected": 1, "erased": [], "retained": [],
@@ -1103,7 +1208,7 @@ mod served_tests {
         let answer = registry
             .acknowledge(vec![
                 certified("accounting", "COMPLETED", 1),
-                certified("mail", "NOT_FOUND", 2),
+                certified("mail", "RETAINED", 2),
             ])
             .await;
         assert_eq!(answer.applied, 2, "{answer:?}");
@@ -1150,6 +1255,157 @@ mod served_tests {
             a_rejected_certificate_is_served_verified_once_its_key_is_configured(&url, &dir).await;
         })
         .await;
+    }
+
+    /// Signed bodies that are not certificates as certificate.proto defines them (an
+    /// unknown key, a negative records_affected, no issued_at) are stored and served as
+    /// rejected, each with a reason naming the key; a well-formed one and an older
+    /// processor's shape are verified. A body stored as verified that fails these rules (as
+    /// one stored before the registry applied them could) is served as rejected, saying so.
+    /// Before, all of them were stored and served as verified.
+    async fn a_body_outside_certificate_proto_is_stored_rejected(database_url: &str, dir: &Path) {
+        let key = SigningKey::generate();
+        let registry =
+            Registry::start(dir, database_url, Some(&key.public_key().to_base64())).await;
+        let id = registry.submit(RequestKind::Erasure, "erasure").await;
+        let body = |n: u64, subprocessor: &str| {
+            json!({
+                "version": 1, "certificate_id": certificate_id(n), "kind": "erasure",
+                "processor": dev_identity("processor", PROCESSOR), "request_id": id,
+                "subprocessor": subprocessor, "task_state": "COMPLETED", "controller": "acme",
+                "records_affected": 1, "erased": [], "retained": [],
+                "completed_at": "2026-01-01T00:00:00.000Z",
+                "issued_at": "2026-01-01T00:00:00.000Z",
+            })
+        };
+        let certified = |n: u64, body: serde_json::Value| {
+            let doc = key.sign(to_canonical_json(&body).unwrap());
+            Acknowledgement {
+                request_id: id.clone(),
+                subprocessor: body["subprocessor"].as_str().unwrap().into(),
+                sequence: n,
+                state: TaskState::Completed as i32,
+                certificate: Some(DeletionCertificate {
+                    body: doc.body,
+                    signature: doc.signature,
+                    key_id: doc.key_id,
+                }),
+                ..Default::default()
+            }
+        };
+        let mut unknown = body(2, "mail");
+        unknown["records"] = json!(5);
+        let mut negative = body(3, "crm");
+        negative["records_affected"] = json!(-4);
+        let mut undated = body(4, "billing");
+        undated.as_object_mut().unwrap().remove("issued_at");
+        // An adapter's count without target or action, and a retained date beyond the year
+        // 9999, as processors signed them before the adapter's dates were held to a range.
+        let mut older = body(5, "archive");
+        older["erased"] = json!([{"target": "", "action": "", "count": 1}]);
+        older["retained"] = json!([{"subprocessor": "archive", "legal_basis": "law",
+            "until": ""}]);
+        let answer = registry
+            .acknowledge(vec![
+                certified(1, body(1, "accounting")),
+                certified(2, unknown),
+                certified(3, negative),
+                certified(4, undated),
+                certified(5, older),
+            ])
+            .await;
+        assert_eq!(answer.applied, 5, "{answer:?}");
+        let expected = |subprocessor: &str| match subprocessor {
+            "mail" => {
+                r#"the body has the key "records", which a version 1 certificate does not have"#
+            }
+            "crm" => "its records_affected is not an integer of at least 0",
+            "billing" => "the body has no issued_at",
+            _ => "",
+        };
+        let shown = list(&registry, &id).await;
+        assert_eq!(shown.len(), 5, "{shown:?}");
+        for c in &shown {
+            match expected(&c.subprocessor) {
+                "" => assert!(c.verified, "{}: {}", c.subprocessor, c.rejection),
+                why => {
+                    assert!(!c.verified, "{c:?}");
+                    assert_eq!(c.rejection, format!("{NOT_A_CERTIFICATE}: {why}"));
+                }
+            }
+        }
+        // What is stored says the same as what is served.
+        let db = Db::connect(database_url).await.unwrap();
+        let stored: Vec<(String, i64, String)> = sqlx::query_as(
+            "SELECT subprocessor, verified, rejection FROM certificates WHERE request_id = $1 \
+             ORDER BY subprocessor",
+        )
+        .bind(id.as_str())
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(stored.len(), 5, "{stored:?}");
+        for (subprocessor, verified, rejection) in &stored {
+            match expected(subprocessor) {
+                "" => assert_eq!((*verified, rejection.as_str()), (1, ""), "{subprocessor}"),
+                why => {
+                    assert_eq!(*verified, 0, "{subprocessor}");
+                    assert_eq!(*rejection, format!("{NOT_A_CERTIFICATE}: {why}"));
+                }
+            }
+        }
+
+        // The verified one's body and signature replaced by a body the processor's key
+        // signed with an unknown key in it, as one stored verified before these rules were
+        // applied would be.
+        let mut extra = body(1, "accounting");
+        extra["note"] = json!("jane.doe@example.org");
+        let doc = key.sign(to_canonical_json(&extra).unwrap());
+        sqlx::query(
+            "UPDATE certificates SET body = $1, signature = $2 WHERE request_id = $3 \
+             AND subprocessor = 'accounting'",
+        )
+        .bind(doc.body)
+        .bind(doc.signature)
+        .bind(id.as_str())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let shown = list(&registry, &id).await;
+        let accounting = shown
+            .iter()
+            .find(|c| c.subprocessor == "accounting")
+            .unwrap();
+        assert!(!accounting.verified, "{accounting:?}");
+        assert_eq!(
+            accounting.rejection,
+            format!(
+                "the stored body fails the check made as it is served: {NOT_A_CERTIFICATE}: \
+                 the body has a key not named here (its name is the body's text), which a \
+                 version 1 certificate does not have"
+            )
+        );
+        registry.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_body_outside_certificate_proto_is_stored_rejected_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        a_body_outside_certificate_proto_is_stored_rejected(&url, dir.path()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_body_outside_certificate_proto_is_stored_rejected_on_postgres() {
+        on_postgres(|url, dir| async move {
+            a_body_outside_certificate_proto_is_stored_rejected(&url, &dir).await;
+        })
+        .await;
+    }
+
+    /// Certificate id `n` (a UUID, as the processor writes one).
+    fn certificate_id(n: u64) -> String {
+        format!("0193a1f0-7c3e-7d5a-9b1e-{n:012x}")
     }
 
     /// Every certificate of request `id`, as the partner sees them.
