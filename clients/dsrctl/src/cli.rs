@@ -897,7 +897,8 @@ pub struct SubmitArgs {
     /// Limit the request to a data category (repeatable; none means all data). It chooses
     /// the holders: only those holding one of the categories get the request, and each of
     /// them acts on all it holds of the subject unless its connector scopes (the adapter is
-    /// handed the categories, a manual task's work order shows them).
+    /// handed the categories, a manual task's work order shows them, a sql holder acts only
+    /// on the tables configured with one of them).
     #[arg(long = "category", value_name = "CATEGORY")]
     pub categories: Vec<String>,
 

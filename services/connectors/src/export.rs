@@ -144,6 +144,21 @@ impl ExportSink {
         &self.categories
     }
 
+    /// This sink, its files labelled with those of `categories` it labels with: for a
+    /// connector that knows which categories each file holds (a SQL table's `categories`),
+    /// so that a file names only what it holds, never a category the processor did not give.
+    /// The folder and the watcher are the same.
+    pub fn narrowed_to(&self, categories: &[String]) -> Self {
+        Self {
+            dir: self.dir.clone(),
+            categories: (self.categories.iter())
+                .filter(|c| categories.contains(c))
+                .cloned()
+                .collect(),
+            watcher: self.watcher.clone(),
+        }
+    }
+
     /// Removes whatever an earlier run left in the folder and creates it empty, so that a
     /// re-run of a task replaces its files rather than adding to them.
     pub async fn reset(&self) -> std::io::Result<()> {
@@ -974,6 +989,24 @@ mod tests {
     /// file); its growth says
     /// how far the file is written and ends with the finished file's size and digest. A
     /// file abandoned unfinished closes its growth without an end.
+    /// A narrowed sink labels its files with the categories both it and its origin name,
+    /// in the origin's order, in the same folder; the origin keeps its own labels.
+    #[tokio::test]
+    async fn a_narrowed_sink_labels_only_what_both_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = vec!["billing".to_string(), "contact".into(), "marketing".into()];
+        let sink = ExportSink::new(dir.path().join("task"), all.clone());
+        sink.reset().await.unwrap();
+        let asked = ["marketing".to_string(), "health".into(), "billing".into()];
+        let narrowed = sink.narrowed_to(&asked);
+        assert_eq!(narrowed.categories(), ["billing", "marketing"]);
+        assert_eq!(narrowed.dir(), sink.dir());
+        let file = narrowed.file("t.json", JSON).await.unwrap().finish().await;
+        assert_eq!(file.unwrap().categories, ["billing", "marketing"]);
+        assert_eq!(sink.categories(), all);
+        assert!(sink.narrowed_to(&["health".into()]).categories().is_empty());
+    }
+
     #[tokio::test]
     async fn a_watched_sink_hands_over_its_blocks_and_reports_the_end() {
         let dir = tempfile::tempdir().unwrap();

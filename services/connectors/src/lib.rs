@@ -631,8 +631,10 @@ pub trait Connector: Send + Sync {
 
     /// Whether the connector hands a request's category scope to the holder, which then
     /// answers for those categories only (the adapter protocol's `ExecuteRequest.scope`).
-    /// The others act on, and export, all they hold of the subject, so their export files
-    /// are labelled with every category the subprocessor holds, not only the requested ones.
+    /// For the others the processor labels export files with every category the
+    /// subprocessor holds, not only the requested ones; such a connector that knows what
+    /// each file holds (the `sql` connector, by its tables' `categories`) narrows that label
+    /// per file itself ([`ExportSink::narrowed_to`]).
     fn scopes_by_category(&self) -> bool {
         false
     }

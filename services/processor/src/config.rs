@@ -462,6 +462,25 @@ impl Config {
             for e in s.connector.validate() {
                 errors.push(format!("subprocessors[{i}].connector: {e}"));
             }
+            // A table's categories say which requests reach it and label its export files:
+            // one the subprocessor does not hold would never be asked for, and would label
+            // files with a category the controller does not know it there.
+            if let ConnectorConfig::Sql(sql) = &s.connector {
+                for (j, table) in sql.tables.iter().enumerate() {
+                    for c in table.categories.iter().flatten() {
+                        if !s.categories.contains(c) {
+                            errors.push(format!(
+                                "subprocessors[{i}].connector: tables[{j}] ({}): category \
+                                 {c:?} is not one of subprocessor {}'s categories ({}); add it \
+                                 there or name one of those",
+                                table.table,
+                                s.name,
+                                s.categories.join(", ")
+                            ));
+                        }
+                    }
+                }
+            }
         }
         if self.data_dir.as_os_str().is_empty() {
             errors.push("data_dir: must not be empty".into());
@@ -857,6 +876,47 @@ mod tests {
         for key in ["admin_listen", "acks.batch_size", "tls.ca"] {
             assert!(err.0.iter().any(|e| e.starts_with(key)), "{key}: {err}");
         }
+    }
+
+    /// A SQL table's categories must be the subprocessor's: the processor refuses to start
+    /// naming the table and the category, and takes those it holds.
+    #[test]
+    fn a_sql_table_category_the_subprocessor_does_not_hold_is_refused() {
+        let text = |categories: &str| {
+            format!(
+                "[[controllers]]\nname = \"acme\"\nidentity = \"spiffe://a\"\n\
+                 registry_endpoint = \"https://a:1\"\n\
+                 [[subprocessors]]\nname = \"accounting\"\n\
+                 categories = [\"contact\", \"invoicing\"]\n\
+                 [subprocessors.connector]\ntype = \"sql\"\nurl = \"sqlite://books.db\"\n\
+                 [[subprocessors.connector.tables]]\ntable = \"customers\"\n\
+                 action = \"delete\"\nmatch = {{ email = \"email\" }}\n\
+                 categories = {categories}\n"
+            )
+        };
+        let (_dir, file) = folder(&text("[\"contact\", \"billing\"]"));
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert_eq!(
+            err.0,
+            [
+                "subprocessors[0].connector: tables[0] (customers): category \"billing\" is not \
+              one of subprocessor accounting's categories (contact, invoicing); add it there \
+              or name one of those"
+            ],
+            "{err}"
+        );
+        // The connector's own rules are reported the same way.
+        let (_dir, file) = folder(&text("[]"));
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(
+            err.0[0].starts_with(
+                "subprocessors[0].connector: tables[0] (customers): categories must not be empty"
+            ),
+            "{err}"
+        );
+        let (_dir, file) = folder(&text("[\"invoicing\", \"contact\"]"));
+        Config::load_from(Some(&file), env(&[])).unwrap();
     }
 
     #[test]

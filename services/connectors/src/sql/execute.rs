@@ -147,7 +147,15 @@ impl<'a> Scoped<'a> {
         task_key: Option<&str>,
     ) -> Result<(ErasureReport, bool), ConnectorError> {
         if let Some(writer) = self.writer {
-            return writer.erase(raw, now_ms, task_key, self.condition).await;
+            return writer
+                .erase(
+                    raw,
+                    now_ms,
+                    task_key,
+                    self.condition,
+                    self.narrowed.cloned(),
+                )
+                .await;
         }
         let mut tx = self.begin().await?;
         let erased = self.erase_in(&mut tx, raw, now_ms, task_key).await;
@@ -197,7 +205,12 @@ impl<'a> Scoped<'a> {
         now_ms: i64,
         task_key: Option<&str>,
     ) -> Result<(ErasureReport, bool), ConnectorError> {
-        let plan = plan_erasure(self.config, self.subject(raw), now_ms);
+        let mut plan = plan_erasure(self.config, self.subject(raw), now_ms);
+        // An out-of-scope parent only leads to its in-scope children: its rows are not the
+        // erasure's to count or report.
+        if let Some(n) = self.narrowed {
+            plan.retain(|step| !n.lookup_only.contains(&step.rule.table));
+        }
         let statements = erasure_statements(&plan);
         let (ran, sent) = run_erasure(tx, self.db.backend, &statements, now_ms).await?;
         tracing::debug!(
@@ -738,7 +751,9 @@ impl ReadTx for Transaction<'_, Any> {
 /// A table's two export files, `<table>.json` and `<table>.csv`, opened at its first row.
 pub(super) struct TableFiles<'a> {
     rule: &'a TableRule,
-    sink: &'a ExportSink,
+    /// The task's sink, labelling this table's files with the table's `categories` when it
+    /// names them.
+    sink: ExportSink,
     open: Option<(JsonArrayWriter, CsvWriter)>,
     count: u64,
     /// Each column's key as it opens its member of a row's JSON object: `{"id":`, then
@@ -758,6 +773,10 @@ impl<'a> TableFiles<'a> {
                 key
             })
             .collect();
+        let sink = match &rule.categories {
+            Some(categories) => sink.narrowed_to(categories),
+            None => sink.clone(),
+        };
         Self {
             rule,
             sink,
@@ -771,7 +790,7 @@ impl<'a> TableFiles<'a> {
     /// Appends one row, `values` in the order of the rule's `export` columns: to the JSON
     /// file an object of the columns in that order, to the CSV file a record.
     pub(super) async fn push(&mut self, values: &[Cell<'_>]) -> Result<(), ConnectorError> {
-        let (rule, sink) = (self.rule, self.sink);
+        let (rule, sink) = (self.rule, &self.sink);
         let (json, csv) = match &mut self.open {
             Some(w) => w,
             None => {

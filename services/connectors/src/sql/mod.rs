@@ -115,6 +115,59 @@
 //!   is the controller's. Connected when the connector starts, as `url` is; the top-level
 //!   `url` is not opened when every controller has a database of its own.
 //!
+//! # Data categories
+//!
+//! A table rule may name the data categories the table holds (`categories`, each one of the
+//! subprocessor's, which the processor checks at start); a table without them holds every
+//! category of its subprocessor, so a configuration naming none behaves as if there were no
+//! categories. A task whose request is scoped to categories ([`Task::categories`]; empty
+//! means all) sees only the tables holding one of them, for every kind of request (ERASURE
+//! and its [`Phase::RetentionExpired`] runs, RETURN_OF_DATA, TRANSFER, RECTIFICATION,
+//! RESTRICTION, OBJECTION): the others' rows are neither changed, nor exported, nor
+//! counted, and the answer's note, or its refusal's reason, ends by naming them (`left out
+//! by the request's categories (marketing): customers, invoices`). A child table in scope
+//! is still found through its out-of-scope `parent`, whose matched rows are then only read.
+//! A corrected field mapped only in out-of-scope tables is not corrected, and named as
+//! mapped only outside the request's categories (a RECTIFICATION naming no other field is
+//! refused so). A scope no table holds is [`Outcome::Refused`], naming the scope and each
+//! table's categories, as is one whose tables are not configured for the request's kind
+//! (an erasure there is neither completed nor answered not found: the holder never looked).
+//!
+//! A scoped request that would change rows of an out-of-scope table is refused before it
+//! touches anything, its reason naming the tables (and columns):
+//! - an erasure that deletes from a table that an out-of-scope table's rule hangs off
+//!   (`parent`; the delete would leave those rows pointing at nothing, or fail on their
+//!   foreign key), or from which a foreign key's own `ON DELETE CASCADE`, `SET NULL` or
+//!   `SET DEFAULT` reaches an out-of-scope table (followed through cascades, also through
+//!   tables the rules do not name);
+//! - a request that updates a column an out-of-scope table's foreign key references with
+//!   `ON UPDATE CASCADE`, `SET NULL` or `SET DEFAULT` (followed through the columns each
+//!   such action changes, also in tables the rules do not name): the columns an erasure
+//!   anonymizes (an `anonymize` table's, and those a `delete` table's kept rows are
+//!   stripped of), a RECTIFICATION's `rectify` columns of the fields it corrects, a
+//!   RESTRICTION's `restrict_column`, an OBJECTION's `suppress_column`. Only the columns a
+//!   key references count: a key referencing `id` does not stop a correction of `email`.
+//!
+//! The foreign keys are read from the catalog at each such request; the refusal is decided
+//! from the rules and the catalog, not from the subject's rows: a request of the categories
+//! together, or of all, carries it out. Database triggers are not followed: a trigger that
+//! changes another table's rows when a table in scope changes is invisible here, so tables
+//! that triggers link must be given the same categories. An ON DELETE `SET NULL` or
+//! `SET DEFAULT` into a table in scope is not followed on into that table's own `ON UPDATE`
+//! keys either.
+//!
+//! A table's export files are labelled with its categories; for a scoped request, with its
+//! categories met with the request's, whether or not some other table is out of scope (and
+//! never with a category the processor does not label with). A table's configured `export`
+//! columns all go out whichever of its categories were asked, as the rules do not say which
+//! column holds which category. A table without categories keeps the label the processor
+//! gives every file (every category the subprocessor holds). A contract end is not scoped:
+//! it works on every table, its files labelled with each table's categories.
+//!
+//! A retention-expired re-run of a scoped erasure narrows under the configuration current
+//! when it runs: changing a table's `categories` between the first run and the re-run
+//! changes which tables the re-run erases.
+//!
 //! # Contract ends
 //!
 //! [`Connector::run_bulk`] works on all of the controller's rows: the top-level tables' rows
@@ -307,6 +360,8 @@
 //! # Layout
 //! - `rules`: the configuration ([`SqlConnectorConfig`], [`TableRule`], [`Action`],
 //!   [`Retention`], ...) and its validation.
+//! - `categories`: a request's category scope: the tables it acts on, those it only reads,
+//!   and the requests it refuses (see Data categories).
 //! - `retention`: the retention calendar: when a dated row is released, in Rust and as a date
 //!   SQL compares, and what a table keeps of the subject's rows.
 //! - `plan`: the statements a request runs, built from the rules and the identities (pure).
@@ -337,6 +392,9 @@ use crate::{BoxFuture, BulkJob, Connector, ConnectorError, Outcome, Phase, Task}
 
 mod bulk;
 mod cascades;
+mod categories;
+#[cfg(test)]
+mod category_tests;
 mod direct;
 #[cfg(test)]
 mod discard_tests;
@@ -398,6 +456,7 @@ mod open_tests {
     }
 }
 
+use categories::Narrowed;
 use execute::{ErasureReport, WorkReport};
 pub use receipt::DEFAULT_RECEIPTS_TABLE;
 pub use rules::{
@@ -444,6 +503,9 @@ pub(crate) struct Scoped<'a> {
     writer: Option<&'a Arc<ErasureWriter>>,
     /// The types of the columns the rules name in `db`.
     types: &'a ColumnTypes,
+    /// For a request scoped to categories that leave tables out: the rules it sees, of
+    /// which `config` is the configuration, and the tables it only reads.
+    narrowed: Option<&'a Arc<Narrowed>>,
 }
 
 /// Opens the holder's database at `url`. [`Db::connect`] creates a missing SQLite file and
@@ -563,6 +625,7 @@ impl SqlConnector {
                     condition,
                     writer: d.writer.as_ref(),
                     types: &d.types,
+                    narrowed: None,
                 })
                 .ok_or_else(|| format!("no database is connected for controller {controller:?}"))
         };
@@ -585,6 +648,190 @@ impl SqlConnector {
             Some(_) => scoped(self.own.get(controller), None),
         }
     }
+
+    /// [`Connector::run`] once the controller's database and the request's category scope
+    /// are known (`scope.config` is what the scope sees): the scope's refusals, then the
+    /// request itself. The caller adds the scope's note.
+    async fn run_in(&self, task: &Task, scope: Scoped<'_>) -> Result<Outcome, ConnectorError> {
+        let kind = task.kind;
+        let config = scope.config;
+        if let Some(n) = scope.narrowed {
+            if !config.supports(kind) {
+                return Ok(Outcome::Refused {
+                    reason: format!(
+                        "the sql connector is not configured for {} in the tables of the \
+                         request's categories ({}): {}",
+                        crate::kind_label(kind),
+                        n.requested.join(", "),
+                        (config.tables.iter())
+                            .filter(|t| !n.lookup_only.contains(&t.table))
+                            .map(|t| t.table.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                });
+            }
+            // Decided from the rules and the catalog before anything is written. A
+            // rectification's columns depend on its fields, checked below.
+            let refusal = match kind {
+                RequestKind::Erasure if !n.left_out.is_empty() => {
+                    let read = |e: sqlx::Error| {
+                        execute::classify("reading the database's foreign keys", &e)
+                    };
+                    let deletes = categories::delete_actions(scope.db).await.map_err(read)?;
+                    let updates = categories::update_actions(scope.db).await.map_err(read)?;
+                    categories::erasure_conflicts(
+                        scope.db.backend,
+                        &self.config,
+                        n,
+                        &deletes,
+                        &updates,
+                    )
+                }
+                RequestKind::Restriction | RequestKind::Objection => {
+                    update_refusal(&scope, kind, &[]).await?
+                }
+                _ => None,
+            };
+            if let Some(reason) = refusal {
+                return Ok(Outcome::Refused { reason });
+            }
+        }
+        let ids = &task.identities;
+        // Worked out once and handed to every step, which searches by these alone. Without
+        // an identity its match columns take there is nothing to search by, and only the
+        // partner can give one: the holder refuses the input, which no operator here
+        // could fix.
+        let raw = match plan::matched_identities(config, ids) {
+            Ok(raw) => raw,
+            Err(reason) => {
+                let reason = match plan::unsearched(config, scope.types, ids) {
+                    Some(extra) => format!("{reason}; {extra}"),
+                    None => reason,
+                };
+                return Ok(Outcome::Refused { reason });
+            }
+        };
+        let outcome = match (&task.phase, kind) {
+            (Phase::Confirm { .. }, _) => Err(ConnectorError::Permanent(
+                "the sql connector finishes its work in one run; there is nothing to confirm"
+                    .into(),
+            )),
+            (Phase::Start | Phase::RetentionExpired { .. }, RequestKind::Erasure) => {
+                // Each run at a retain-until date erases what that date released; its
+                // retry would find it gone and report 0 records for the run, which the
+                // processor adds to the task's count.
+                let key = match task.phase {
+                    Phase::RetentionExpired { until_ms } => {
+                        receipt::retention_key(&task.task_id, until_ms)
+                    }
+                    _ => task.task_id.clone(),
+                };
+                let (mut report, earlier) = scope.erase_once(&raw, task.now_ms, Some(&key)).await?;
+                if earlier {
+                    report.note = format!(
+                        "erased by an earlier attempt of this task whose answer was lost: {}",
+                        report.note
+                    );
+                }
+                Ok(erasure_outcome(report, &task.phase))
+            }
+            (Phase::RetentionExpired { .. }, _) => Err(ConnectorError::Permanent(format!(
+                "only erasures keep data under retention, not {}",
+                crate::kind_label(kind)
+            ))),
+            (Phase::Start, RequestKind::ReturnOfData | RequestKind::Transfer) => {
+                Ok(work_outcome(scope.export(&raw, task.export_sink()?).await?))
+            }
+            (Phase::Start, RequestKind::Rectification) => {
+                // The fields a holder has are a matter of its configuration, decided
+                // before the subject is looked up: a request naming none of them is
+                // refused whether or not the subject is here.
+                let corrections = &task.parameters.corrections;
+                let left_out = (scope.narrowed)
+                    .filter(|n| !n.left_out.is_empty())
+                    .map(|n| (&*self.config, n.requested.as_slice()));
+                match plan::check_corrections(config, corrections, left_out)? {
+                    Err(reason) => Ok(Outcome::Refused { reason }),
+                    Ok(corrections) => {
+                        let fields: Vec<&str> =
+                            corrections.mapped.iter().map(|(f, _)| *f).collect();
+                        if let Some(reason) = update_refusal(&scope, kind, &fields).await? {
+                            return Ok(Outcome::Refused { reason });
+                        }
+                        let (mut report, earlier) = scope
+                            .rectify(&raw, &corrections, task.now_ms, Some(&task.task_id))
+                            .await?;
+                        if earlier {
+                            report.note = format!(
+                                "corrected by an earlier attempt of this task whose \
+                                 answer was lost: {}",
+                                report.note
+                            );
+                        }
+                        Ok(work_outcome(report))
+                    }
+                }
+            }
+            (Phase::Start, RequestKind::Restriction) => Ok(work_outcome(
+                scope
+                    .restrict(&raw, task.parameters.lift_restriction)
+                    .await?,
+            )),
+            (Phase::Start, RequestKind::Objection) => Ok(work_outcome(scope.suppress(&raw).await?)),
+            (Phase::Start, RequestKind::ContractEnd) => Ok(Outcome::Refused {
+                reason: "a contract end is not a task of one subject".into(),
+            }),
+            (Phase::Start, RequestKind::Unspecified) => Ok(Outcome::Refused {
+                reason: "the request kind is unspecified".into(),
+            }),
+        };
+        // An answer about the subject says what it did not search by; an erasure's
+        // refusal (rows only in `keep` tables) is one.
+        let outcome = match (plan::unsearched(config, scope.types, ids), outcome?) {
+            (Some(extra), Outcome::Refused { reason }) if kind == RequestKind::Erasure => {
+                Outcome::Refused {
+                    reason: format!("{reason}; {extra}"),
+                }
+            }
+            (Some(extra), outcome) => outcome.with_note_added(&extra),
+            (None, outcome) => outcome,
+        };
+        Ok(outcome)
+    }
+}
+
+/// Why a scoped request of `kind` writing the columns [`categories::written_columns`] names
+/// (a rectification's for its `corrected` fields) must not run, when it must not: it would
+/// change an out-of-scope table's rows through a foreign key's `ON UPDATE` action. `None`
+/// without a scope leaving tables out, or when nothing is written.
+async fn update_refusal(
+    scope: &Scoped<'_>,
+    kind: RequestKind,
+    corrected: &[&str],
+) -> Result<Option<String>, ConnectorError> {
+    let Some(n) = scope.narrowed.filter(|n| !n.left_out.is_empty()) else {
+        return Ok(None);
+    };
+    let written = categories::written_columns(n, kind, corrected);
+    if written.is_empty() {
+        return Ok(None);
+    }
+    let actions = (categories::update_actions(scope.db).await)
+        .map_err(|e| execute::classify("reading the database's foreign keys", &e))?;
+    let what = match kind {
+        RequestKind::Rectification => ("a rectification", "rectification"),
+        RequestKind::Restriction => ("a restriction", "restriction"),
+        RequestKind::Objection => ("an objection", "objection"),
+        _ => ("an erasure", "erasure"),
+    };
+    Ok(categories::update_conflicts(
+        scope.db.backend,
+        n,
+        &written,
+        &actions,
+        what,
+    ))
 }
 
 impl Connector for SqlConnector {
@@ -611,103 +858,30 @@ impl Connector for SqlConnector {
                 Ok(scope) => scope,
                 Err(reason) => return Ok(Outcome::Refused { reason }),
             };
-            let ids = &task.identities;
-            // Worked out once and handed to every step, which searches by these alone. Without
-            // an identity its match columns take there is nothing to search by, and only the
-            // partner can give one: the holder refuses the input, which no operator here
-            // could fix.
-            let raw = match plan::matched_identities(&self.config, ids) {
-                Ok(raw) => raw,
-                Err(reason) => {
-                    let reason = match plan::unsearched(&self.config, scope.types, ids) {
-                        Some(extra) => format!("{reason}; {extra}"),
-                        None => reason,
-                    };
-                    return Ok(Outcome::Refused { reason });
-                }
+            let narrowed = match categories::narrow(&self.config, &task.categories) {
+                Ok(narrowed) => narrowed.map(Arc::new),
+                Err(reason) => return Ok(Outcome::Refused { reason }),
             };
-            let outcome = match (&task.phase, kind) {
-                (Phase::Confirm { .. }, _) => Err(ConnectorError::Permanent(
-                    "the sql connector finishes its work in one run; there is nothing to confirm"
-                        .into(),
-                )),
-                (Phase::Start | Phase::RetentionExpired { .. }, RequestKind::Erasure) => {
-                    // Each run at a retain-until date erases what that date released; its
-                    // retry would find it gone and report 0 records for the run, which the
-                    // processor adds to the task's count.
-                    let key = match task.phase {
-                        Phase::RetentionExpired { until_ms } => {
-                            receipt::retention_key(&task.task_id, until_ms)
-                        }
-                        _ => task.task_id.clone(),
-                    };
-                    let (mut report, earlier) =
-                        scope.erase_once(&raw, task.now_ms, Some(&key)).await?;
-                    if earlier {
-                        report.note = format!(
-                            "erased by an earlier attempt of this task whose answer was lost: {}",
-                            report.note
-                        );
-                    }
-                    Ok(erasure_outcome(report, &task.phase))
-                }
-                (Phase::RetentionExpired { .. }, _) => Err(ConnectorError::Permanent(format!(
-                    "only erasures keep data under retention, not {}",
-                    crate::kind_label(kind)
-                ))),
-                (Phase::Start, RequestKind::ReturnOfData | RequestKind::Transfer) => {
-                    Ok(work_outcome(scope.export(&raw, task.export_sink()?).await?))
-                }
-                (Phase::Start, RequestKind::Rectification) => {
-                    // The fields a holder has are a matter of its configuration, decided
-                    // before the subject is looked up: a request naming none of them is
-                    // refused whether or not the subject is here.
-                    let corrections = &task.parameters.corrections;
-                    match plan::check_corrections(&self.config, corrections)? {
-                        Err(reason) => Ok(Outcome::Refused { reason }),
-                        Ok(corrections) => {
-                            let (mut report, earlier) = scope
-                                .rectify(&raw, &corrections, task.now_ms, Some(&task.task_id))
-                                .await?;
-                            if earlier {
-                                report.note = format!(
-                                    "corrected by an earlier attempt of this task whose \
-                                     answer was lost: {}",
-                                    report.note
-                                );
-                            }
-                            Ok(work_outcome(report))
-                        }
-                    }
-                }
-                (Phase::Start, RequestKind::Restriction) => Ok(work_outcome(
-                    scope
-                        .restrict(&raw, task.parameters.lift_restriction)
-                        .await?,
-                )),
-                (Phase::Start, RequestKind::Objection) => {
-                    Ok(work_outcome(scope.suppress(&raw).await?))
-                }
-                (Phase::Start, RequestKind::ContractEnd) => Ok(Outcome::Refused {
-                    reason: "a contract end is not a task of one subject".into(),
-                }),
-                (Phase::Start, RequestKind::Unspecified) => Ok(Outcome::Refused {
-                    reason: "the request kind is unspecified".into(),
-                }),
-            };
-            // An answer about the subject says what it did not search by; an erasure's
-            // refusal (rows only in `keep` tables) is one.
-            Ok(
-                match (plan::unsearched(&self.config, scope.types, ids), outcome?) {
-                    (Some(extra), Outcome::Refused { reason }) if kind == RequestKind::Erasure => {
-                        Outcome::Refused {
-                            reason: format!("{reason}; {extra}"),
-                        }
-                    }
-                    (Some(extra), outcome) => outcome.with_note_added(&extra),
-                    (None, outcome) => outcome,
+            let scope = match &narrowed {
+                Some(n) => Scoped {
+                    config: &n.config,
+                    narrowed: Some(n),
+                    ..scope
                 },
-            )
+                None => scope,
+            };
+            let outcome = self.run_in(task, scope).await?;
+            // What the scope left out is said beside what was done, and beside a refusal,
+            // so that a reader of the certificate knows which tables were not looked at.
+            Ok(match narrowed.as_ref().and_then(|n| n.note()) {
+                Some(left_out) => match outcome {
+                    Outcome::Refused { reason } => Outcome::Refused {
+                        reason: format!("{reason}; {left_out}"),
+                    },
+                    outcome => outcome.with_note_added(&left_out),
+                },
+                None => outcome,
+            })
         })
     }
 

@@ -1290,9 +1290,15 @@ pub(super) struct Corrections<'a> {
 /// can change, and the configuration alone says so, whether or not the subject is here. A
 /// permanent error for no corrections or a field corrected twice (Submit lets neither
 /// through).
+///
+/// For a request scoped to categories, `config` holds the tables of its scope and
+/// `left_out` the whole configuration with the requested categories: a field that only
+/// tables outside the scope map is named so (a rectification of their categories corrects
+/// it), not as one no table maps.
 pub(super) fn check_corrections<'a>(
     config: &'a SqlConnectorConfig,
     corrections: &'a [FieldCorrection],
+    left_out: Option<(&SqlConnectorConfig, &[String])>,
 ) -> Result<Result<Corrections<'a>, String>, ConnectorError> {
     if corrections.is_empty() {
         return Err(ConnectorError::Permanent(
@@ -1306,11 +1312,30 @@ pub(super) fn check_corrections<'a>(
         .collect();
     let mut out: Vec<(&'a str, &'a str)> = Vec::with_capacity(corrections.len());
     let mut unknown = Vec::new();
+    // Fields only out-of-scope tables map, and those tables.
+    let mut outside = Vec::new();
+    let mut outside_tables: Vec<&str> = Vec::new();
     for c in corrections {
         let field = c.field.trim();
         // The configuration's spelling: fields are lowercase there.
         let Some(&known) = mapped.iter().find(|m| m.eq_ignore_ascii_case(field)) else {
-            unknown.push(format!("{field:?}"));
+            let elsewhere: Vec<&str> = left_out
+                .iter()
+                .flat_map(|(full, _)| &full.tables)
+                .filter(|t| t.rectify.keys().any(|k| k.eq_ignore_ascii_case(field)))
+                .map(|t| t.table.as_str())
+                .collect();
+            match elsewhere.is_empty() {
+                true => unknown.push(format!("{field:?}")),
+                false => {
+                    outside.push(format!("{field:?}"));
+                    for t in elsewhere {
+                        if !outside_tables.contains(&t) {
+                            outside_tables.push(t);
+                        }
+                    }
+                }
+            }
             continue;
         };
         if out.iter().any(|(f, _)| *f == known) {
@@ -1321,28 +1346,60 @@ pub(super) fn check_corrections<'a>(
         out.push((known, c.new_value.as_str()));
     }
     let known: Vec<&str> = mapped.into_iter().collect();
+    let categories = left_out.map(|(_, c)| c.join(", ")).unwrap_or_default();
+    let only_outside = (!outside.is_empty()).then(|| {
+        format!(
+            "mapped only in tables outside the request's categories ({categories}): {}",
+            outside_tables.join(", ")
+        )
+    });
     if out.is_empty() {
+        let mut parts = Vec::new();
+        if !unknown.is_empty() {
+            parts.push(format!(
+                "no table maps the corrected field(s) {}",
+                unknown.join(", ")
+            ));
+        }
+        if let Some(only_outside) = &only_outside {
+            parts.push(format!(
+                "the corrected field(s) {} are {only_outside}; ask for a rectification of \
+                 their categories",
+                outside.join(", ")
+            ));
+        }
+        let can = if known.is_empty() {
+            "nothing".to_string()
+        } else {
+            known.join(", ")
+        };
+        let holder = match left_out {
+            Some(_) => "the tables of the request's categories",
+            None => "this database",
+        };
         return Ok(Err(format!(
-            "no table maps the corrected field(s) {}; this database can correct {}",
-            unknown.join(", "),
-            if known.is_empty() {
-                "nothing".to_string()
-            } else {
-                known.join(", ")
-            }
+            "{}; {holder} can correct {can}",
+            parts.join("; ")
         )));
     }
-    let unmapped = (!unknown.is_empty()).then(|| {
-        format!(
+    let mut notes = Vec::new();
+    if !unknown.is_empty() {
+        notes.push(format!(
             "not corrected: {} (no table of this database maps it; map it in a table's \
              rectify of the connector configuration; mapped: {})",
             unknown.join(", "),
             known.join(", ")
-        )
-    });
+        ));
+    }
+    if let Some(only_outside) = only_outside {
+        notes.push(format!(
+            "not corrected: {} ({only_outside})",
+            outside.join(", ")
+        ));
+    }
     Ok(Ok(Corrections {
         mapped: out,
-        unmapped,
+        unmapped: (!notes.is_empty()).then(|| notes.join("; ")),
     }))
 }
 

@@ -119,6 +119,14 @@ pub struct TableRule {
     /// A legal obligation to keep the rows for a while (see the module documentation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retain: Option<Retention>,
+    /// The data categories the table holds (`["invoicing"]`), each one of the
+    /// subprocessor's; left out, the table holds every category of its subprocessor. A
+    /// request scoped to categories acts on, and exports, only the tables holding one of
+    /// them, and each table's export files are labelled with its own categories (for a
+    /// scoped request, those of them it asked for; see the module documentation). Not
+    /// empty, no category twice, each 1 to 64 bytes of text without control characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub categories: Option<Vec<String>>,
 }
 
 /// How a child table's rows hang off its parent's.
@@ -365,6 +373,9 @@ impl SqlConnectorConfig {
             }
             if let Some(retain) = &rule.retain {
                 validate_retention(&at, rule, retain, &mut out);
+            }
+            if let Some(categories) = &rule.categories {
+                validate_categories(&at, categories, &mut out);
             }
         }
         out
@@ -693,6 +704,34 @@ pub(super) fn check_condition(condition: &str) -> Result<(), ConditionError> {
     Ok(())
 }
 
+/// The most bytes a table's data category may have, as the registry allows in a scope.
+pub(super) const MAX_CATEGORY: usize = 64;
+
+/// A table's `categories`: named once each, by the rules a request's scope follows, so that a
+/// scope can meet them; an empty list would put the table in no request's scope, where
+/// leaving `categories` out puts it in every one.
+fn validate_categories(at: &str, categories: &[String], out: &mut Vec<String>) {
+    if categories.is_empty() {
+        out.push(format!(
+            "{at}: categories must not be empty; list the data categories the table holds, \
+             or leave categories out for a table holding every category of its subprocessor"
+        ));
+    }
+    for (i, category) in categories.iter().enumerate() {
+        if let Some(v) = text_violation("category", category, MAX_CATEGORY, true) {
+            out.push(format!(
+                "{at}: categories[{i}] {category:?} {}; name a data category of the \
+                 subprocessor",
+                v.rule
+            ));
+        } else if categories[..i].contains(category) {
+            out.push(format!(
+                "{at}: categories[{i}] {category:?} is listed twice; list each category once"
+            ));
+        }
+    }
+}
+
 /// Whether `name` may be spliced into SQL (quoted): `[A-Za-z_][A-Za-z0-9_]*`, at most 63
 /// characters (PostgreSQL's limit).
 pub(super) fn is_identifier(name: &str) -> bool {
@@ -878,6 +917,7 @@ mod tests {
             restrict_column: None,
             suppress_column: None,
             retain: config.tables[2].retain.clone(),
+            categories: None,
         });
         let problems = config.validate();
         let expect = [

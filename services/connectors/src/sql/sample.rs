@@ -40,6 +40,7 @@ pub fn sample_config(url: &str) -> SqlConnectorConfig {
         restrict_column: None,
         suppress_column: None,
         retain: None,
+        categories: None,
     };
     let books = |basis: &str, years: u32, from_column: &str| Retention {
         basis: s(basis),

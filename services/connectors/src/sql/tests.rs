@@ -427,6 +427,7 @@ async fn a_contract_end_names_the_keep_tables_it_leaves(url: String) {
         restrict_column: None,
         suppress_column: None,
         retain: None,
+        categories: None,
     });
     let connector = SqlConnector::connect(config).await.unwrap();
     let (job, rx) = bulk_job("acme", crate::BulkOp::Erase, Phase::Start, now(), None);
@@ -484,6 +485,7 @@ async fn rows_of_a_keep_table_are_found_and_left(url: String) {
         restrict_column: None,
         suppress_column: None,
         retain: None,
+        categories: None,
     });
     let connector = SqlConnector::connect(config).await.unwrap();
     let erasure = |who: &str, request: &str, phase: Phase| Task {
@@ -4986,6 +4988,7 @@ fn cascade_rule(table: &str, action: Action, top: bool) -> TableRule {
         restrict_column: None,
         suppress_column: None,
         retain: None,
+        categories: None,
     }
 }
 

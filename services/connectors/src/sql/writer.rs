@@ -23,7 +23,7 @@ use super::execute::{classify, ErasureReport};
 use super::plan::Identity;
 use super::receipt;
 use super::schema::ColumnTypes;
-use super::{Scoped, SqlConnectorConfig};
+use super::{Narrowed, Scoped, SqlConnectorConfig};
 use crate::ConnectorError;
 
 /// Erasures per transaction at most.
@@ -38,6 +38,8 @@ pub(super) struct QueuedErasure {
     now_ms: i64,
     task_key: Option<String>,
     condition: Option<String>,
+    /// The rules of a request scoped to categories that leave tables out.
+    narrowed: Option<Arc<Narrowed>>,
     answer: oneshot::Sender<anyhow::Result<Erased>>,
 }
 
@@ -94,6 +96,7 @@ impl ErasureWriter {
         now_ms: i64,
         task_key: Option<&str>,
         condition: Option<&str>,
+        narrowed: Option<Arc<Narrowed>>,
     ) -> Erased {
         let (answer, answered) = oneshot::channel();
         let queued = QueuedErasure {
@@ -101,6 +104,7 @@ impl ErasureWriter {
             now_ms,
             task_key: task_key.map(str::to_string),
             condition: condition.map(str::to_string),
+            narrowed,
             answer,
         };
         if self.queue.push(queued) {
@@ -140,11 +144,12 @@ impl ErasureWriter {
         let mut answers = Vec::with_capacity(batch.len());
         for q in batch {
             let scoped = Scoped {
-                config: &self.config,
+                config: q.narrowed.as_ref().map_or(&*self.config, |n| &n.config),
                 db: &self.db,
                 condition: q.condition.as_deref(),
                 writer: None,
                 types: &self.types,
+                narrowed: q.narrowed.as_ref(),
             };
             savepoint(&mut tx, "SAVEPOINT erasure").await?;
             match scoped

@@ -99,6 +99,7 @@ impl Holder {
                 restrict_column: None,
                 suppress_column: None,
                 retain: None,
+                categories: None,
             }],
             controllers: Default::default(),
             receipts_table: None,
