@@ -980,6 +980,25 @@ pub struct ListArgs {
     #[arg(long)]
     pub overdue: bool,
 
+    /// Only requests still open (RECEIVED, DISPATCHED, IN_PROGRESS or FAILED) that fall due
+    /// within DURATION from now, overdue ones included: what on-call must act on before its
+    /// due date passes. A number and a unit, s, m, h, d or w, e.g. 30m, 72h, 7d, or several,
+    /// 1d12h. Sent as the instant now plus DURATION, which the next-page line prints as
+    /// --due-before to page on with.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        value_parser = parse_duration,
+        conflicts_with_all = ["due_before", "page_token"]
+    )]
+    pub due_within: Option<chrono::Duration>,
+
+    /// Only requests still open (RECEIVED, DISPATCHED, IN_PROGRESS or FAILED) due before
+    /// TIME, overdue ones included: RFC 3339, e.g. 2027-01-01T00:00:00Z or
+    /// 2027-01-01T00:00:00+02:00, or a date alone, 2027-01-01, for 00:00 UTC that day.
+    #[arg(long, value_name = "TIME", value_parser = parse_instant)]
+    pub due_before: Option<chrono::DateTime<chrono::Utc>>,
+
     /// Only requests about this e-mail address, in any case (repeatable; any of the
     /// identities given). Each identity flag matches a request submitted with the same flag.
     #[arg(long, value_name = "ADDRESS")]
@@ -1173,6 +1192,53 @@ fn parse_instant(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
         "not a date and time ({why}): give RFC 3339, e.g. 2027-01-01T00:00:00Z or \
          2027-01-01T00:00:00+02:00, or a date alone, e.g. 2027-01-01, for 00:00 UTC that day"
     ))
+}
+
+/// A span of time as `--due-within` takes it: one or more numbers each followed by a unit,
+/// `s`, `m`, `h`, `d` (24 hours) or `w` (7 days), e.g. `72h`, `7d`, `1d12h`; more than zero and
+/// at most 100 years, so that now plus it is still a date the registry takes.
+pub(crate) fn parse_duration(s: &str) -> Result<chrono::Duration, String> {
+    const FORMS: &str = "give a number and a unit (s, m, h, d or w), e.g. 30m, 72h, 7d or 1d12h";
+    let mut total: i64 = 0;
+    let mut digits = String::new();
+    for c in s.trim().chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit: i64 = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3_600,
+            'd' => 86_400,
+            'w' => 7 * 86_400,
+            _ => return Err(format!("{c:?} is not a unit: {FORMS}")),
+        };
+        if digits.is_empty() {
+            return Err(format!(
+                "{s:?} has a unit without a number before it: {FORMS}"
+            ));
+        }
+        let n: i64 = digits
+            .parse()
+            .map_err(|_| format!("{s:?} is too long: at most 100 years"))?;
+        digits.clear();
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(|| format!("{s:?} is too long: at most 100 years"))?;
+    }
+    if !digits.is_empty() {
+        return Err(format!("{s:?} ends without a unit: {FORMS}"));
+    }
+    if total == 0 {
+        return Err(format!("must be more than nothing: {FORMS}"));
+    }
+    const MAX_SECONDS: i64 = 100 * 366 * 86_400;
+    if total > MAX_SECONDS {
+        return Err(format!("{s:?} is too long: at most 100 years"));
+    }
+    Ok(chrono::Duration::seconds(total))
 }
 
 fn parse_sha256(s: &str) -> Result<String, String> {

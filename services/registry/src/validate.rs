@@ -7,8 +7,8 @@ use dsrelay_proto::v1::{
     SubmitRequest,
 };
 use dsrelay_runtime::identity::{
-    identity_in_note, submit_identity_violations, validate_identities, FieldViolation,
-    MAX_REQUEST_ID,
+    identity_in_note, instant_violation, submit_identity_violations, validate_identities,
+    FieldViolation, MAX_REQUEST_ID,
 };
 use sha2::{Digest, Sha256};
 
@@ -298,19 +298,34 @@ pub(crate) struct ListArguments {
     pub before: Option<(i64, String)>,
     /// The filters' digest ([`list_filter_digest`]), which the next page's token carries.
     pub filters: String,
+    /// Only open requests due before this many milliseconds since the epoch
+    /// ([`due_before_ms`]): `due_before`, when it was sent.
+    pub due_before: Option<i64>,
 }
 
-/// A digest of a List's filters (states as a set, kind, overdue_only), carried in its page
-/// tokens so that a token is refused with filters other than its page's: the position it
-/// holds is one in that listing, and in another it would skip or repeat requests unseen.
+/// `due_before` in milliseconds, rounded up: a request due at a whole millisecond is before
+/// the instant sent exactly when it is before this (one due at 1,001 ms is before 1,001.5 ms,
+/// so 1,001.5 ms is 1,002).
+pub(crate) fn due_before_ms(t: &dsrelay_proto::prost_types::Timestamp) -> i64 {
+    dsrelay_proto::millis_from_timestamp(t).saturating_add(i64::from(t.nanos % 1_000_000 != 0))
+}
+
+/// A digest of a List's filters (states as a set, kind, overdue_only, due_before to the
+/// millisecond), carried in its page tokens so that a token is refused with filters other
+/// than its page's: the position it holds is one in that listing, and in another it would
+/// skip or repeat requests unseen. Without due_before the text is what it was before that
+/// filter existed, so tokens a registry gave before still continue their listing.
 pub(crate) fn list_filter_digest(r: &ListRequestsRequest) -> String {
     let mut states = r.states.clone();
     states.sort_unstable();
     states.dedup();
-    let text = format!(
+    let mut text = format!(
         "states={states:?};kind={};overdue_only={}",
         r.kind, r.overdue_only
     );
+    if let Some(t) = &r.due_before {
+        text.push_str(&format!(";due_before={}", due_before_ms(t)));
+    }
     hex::encode(&Sha256::digest(text.as_bytes())[..8])
 }
 
@@ -362,6 +377,23 @@ pub(crate) fn list_arguments(
             format!("{} is not a request kind", r.kind),
         ));
     }
+    let due_before = match &r.due_before {
+        Some(t) => match instant_violation("due_before", t) {
+            Some(v) => {
+                violations.push(FieldViolation::new(
+                    v.field,
+                    format!(
+                        "{}: send the instant requests are to fall due before, e.g. now plus \
+                         72 hours",
+                        v.rule
+                    ),
+                ));
+                None
+            }
+            None => Some(due_before_ms(t)),
+        },
+        None => None,
+    };
     // A token is [`page_token`]'s, as a previous page made it; its id goes into SQL, so it
     // is held to the rules of an id (PostgreSQL refuses NUL in text).
     let filters = list_filter_digest(r);
@@ -389,8 +421,9 @@ pub(crate) fn list_arguments(
         } else if token_filters.is_some_and(|t| t != filters) {
             violations.push(FieldViolation::new(
                 "page_token",
-                "belongs to a List with other filters (states, kind or overdue_only): send \
-                 the filters of the page that gave it, or start again without a token",
+                "belongs to a List with other filters (states, kind, overdue_only or \
+                 due_before): send the filters of the page that gave it, or start again \
+                 without a token",
             ));
         }
         parsed
@@ -400,6 +433,7 @@ pub(crate) fn list_arguments(
             page_size,
             before,
             filters,
+            due_before,
         })
     } else {
         Err(violations)
@@ -1336,6 +1370,7 @@ mod properties {
                 page_size,
                 page_token,
                 identities: Vec::new(),
+                due_before: None,
             };
             match list_arguments(&r) {
                 Ok(a) => {

@@ -24,6 +24,7 @@ mod contracts_processor;
 mod contracts_registry;
 mod download;
 mod dsrctl_cli;
+mod dsrctl_due_soon;
 mod durability;
 mod erasure;
 mod exports;

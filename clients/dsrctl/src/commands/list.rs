@@ -8,13 +8,15 @@ use dsrelay_sdk::{hashed_identity, identity, other_identity};
 use serde::Serialize;
 use tokio_stream::StreamExt;
 
+use chrono::{DateTime, SecondsFormat, Utc};
+
 use crate::cli::ListArgs;
 use crate::commands::{Io, Registry};
 use crate::output::{emit, ListView, Render, RequestView};
 use crate::Failure;
 
-/// The List body for these flags.
-pub(crate) fn list_request(args: &ListArgs) -> ListRequestsRequest {
+/// The List body for these flags, `--due-within` counted from `now`.
+pub(crate) fn list_request(args: &ListArgs, now: DateTime<Utc>) -> ListRequestsRequest {
     ListRequestsRequest {
         states: args
             .states
@@ -28,7 +30,27 @@ pub(crate) fn list_request(args: &ListArgs) -> ListRequestsRequest {
         page_size: args.limit.unwrap_or(0),
         page_token: args.page_token.clone().unwrap_or_default(),
         identities: identities(args),
+        due_before: due_before(args, now)
+            .map(|t| dsrelay_proto::timestamp_from_millis(t.timestamp_millis())),
     }
+}
+
+/// The instant `--due-before` names, or `--due-within` after `now`, to the millisecond the
+/// registry compares due dates in.
+fn due_before(args: &ListArgs, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let at = match (args.due_before, args.due_within) {
+        (Some(at), _) => at,
+        // Beyond chrono's dates the registry refuses the instant (after the year 9999), as a
+        // silently dropped filter would list every request.
+        (None, Some(within)) => now
+            .checked_add_signed(within)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC),
+        (None, None) => return None,
+    };
+    // Rounded up, as the registry rounds: a due date at the millisecond the instant falls in
+    // is before it.
+    let part = at.timestamp_subsec_nanos() % 1_000_000 != 0;
+    DateTime::from_timestamp_millis(at.timestamp_millis().saturating_add(i64::from(part)))
 }
 
 /// The identities of the flags, built as `dsrctl submit` builds them (the registry matches
@@ -62,18 +84,28 @@ fn identities(args: &ListArgs) -> Vec<SubjectIdentity> {
 }
 
 /// What `list` prints: the page, and in the table the filters when none matched, since a
-/// bare header reads as output cut short. JSON is the page alone.
+/// bare header reads as output cut short. JSON is the page, and with `--due-within` or
+/// `--due-before` the instant sent (`due_before`), which a script pages on with as
+/// `--due-before` beside `--page-token`.
 #[derive(Debug, Serialize)]
-#[serde(transparent)]
 struct ListOutput {
+    #[serde(flatten)]
     view: ListView,
+    /// The instant the list was asked for, as `--due-before` takes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    due_before: Option<String>,
     /// The filter flags given, as typed (`--state failed`, `--overdue`).
     #[serde(skip)]
     filters: Vec<String>,
+    /// The `--due-before` that pages on after `--due-within`: its token carries the instant
+    /// sent, which the same flag run again would move.
+    #[serde(skip)]
+    page_on_due_before: Option<String>,
 }
 
-/// The filter flags of `args`, as they are typed.
-fn filters(args: &ListArgs) -> Vec<String> {
+/// The filter flags of `args`, as they are typed; `--due-within` as the instant it was sent
+/// as (`now` plus it).
+fn filters(args: &ListArgs, now: DateTime<Utc>) -> Vec<String> {
     let name = |v: Option<clap::builder::PossibleValue>| {
         v.map(|v| v.get_name().to_string()).unwrap_or_default()
     };
@@ -87,6 +119,9 @@ fn filters(args: &ListArgs) -> Vec<String> {
     }
     if args.overdue {
         given.push("--overdue".into());
+    }
+    if let Some(at) = due_before(args, now) {
+        given.push(format!("--due-before {}", instant_flag(at)));
     }
     // Named without their values: what is printed may be pasted into a ticket or a chat, and
     // the subject's identities do not belong there.
@@ -105,17 +140,40 @@ fn filters(args: &ListArgs) -> Vec<String> {
     given
 }
 
+/// An instant as `--due-before` takes it back, to the millisecond.
+fn instant_flag(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+impl ListOutput {
+    /// The line naming the next page; after `--due-within` with the `--due-before` its token
+    /// needs.
+    fn next_page(&self) -> String {
+        match &self.page_on_due_before {
+            Some(at) if !self.view.next_page_token.is_empty() => self.view.next_page().replacen(
+                "next page: ",
+                &format!("next page: --due-before {at} "),
+                1,
+            ),
+            _ => self.view.next_page(),
+        }
+    }
+}
+
 impl Render for ListOutput {
     fn to_table(&self) -> String {
         if !self.view.requests.is_empty() {
-            return self.view.to_table();
+            let page = self.view.to_table();
+            let line = self.view.next_page();
+            let rows = page.strip_suffix(line.as_str()).unwrap_or(&page);
+            return rows.to_string() + &self.next_page();
         }
         let none = if self.filters.is_empty() {
             "no requests\n".to_string()
         } else {
             format!("no request matched {}\n", self.filters.join(" "))
         };
-        none + &self.view.next_page()
+        none + &self.next_page()
     }
 }
 
@@ -125,7 +183,8 @@ pub(crate) async fn run(
     args: &ListArgs,
     io: &mut Io<'_>,
 ) -> Result<u8, Failure> {
-    let request = list_request(args);
+    let now = Utc::now();
+    let request = list_request(args, now);
     let view = if args.all {
         let mut pages = std::pin::pin!(registry.client.list_pages(request));
         let mut requests = Vec::new();
@@ -150,7 +209,9 @@ pub(crate) async fn run(
     };
     let output = ListOutput {
         view,
-        filters: filters(args),
+        filters: filters(args, now),
+        due_before: due_before(args, now).map(instant_flag),
+        page_on_due_before: args.due_within.and(due_before(args, now)).map(instant_flag),
     };
     emit(io.out, io.format, &output, false)?;
     Ok(0)
@@ -162,6 +223,11 @@ mod tests {
     use crate::cli::{Cli, Command};
     use clap::Parser;
 
+    /// The instant the tests list at: 2026-12-07T09:00:00.250Z.
+    fn now() -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(1_796_634_000_250).expect("an instant")
+    }
+
     fn parse(args: &[&str]) -> ListArgs {
         let argv = ["dsrctl", "list"].iter().chain(args).copied();
         match Cli::try_parse_from(argv).unwrap().command {
@@ -172,19 +238,22 @@ mod tests {
 
     #[test]
     fn filters_map_to_the_request() {
-        let r = list_request(&parse(&[
-            "--state",
-            "failed",
-            "--state",
-            "in-progress",
-            "--kind",
-            "return-of-data",
-            "--overdue",
-            "--limit",
-            "20",
-            "--page-token",
-            "p2",
-        ]));
+        let r = list_request(
+            &parse(&[
+                "--state",
+                "failed",
+                "--state",
+                "in-progress",
+                "--kind",
+                "return-of-data",
+                "--overdue",
+                "--limit",
+                "20",
+                "--page-token",
+                "p2",
+            ]),
+            now(),
+        );
         assert_eq!(
             r.states,
             [RequestState::Failed as i32, RequestState::InProgress as i32]
@@ -194,7 +263,10 @@ mod tests {
         assert_eq!(r.page_size, 20);
         assert_eq!(r.page_token, "p2");
 
-        assert_eq!(list_request(&parse(&[])), ListRequestsRequest::default());
+        assert_eq!(
+            list_request(&parse(&[]), now()),
+            ListRequestsRequest::default()
+        );
     }
 
     /// The identity flags are `dsrctl submit`'s, parsed as it parses them, into the
@@ -253,7 +325,7 @@ mod tests {
             "k".into(),
         )
         .unwrap();
-        let r = list_request(&args);
+        let r = list_request(&args, now());
         assert_eq!(r.identities, submitted.identities);
         let typed: Vec<(IdentityType, IdentityEncoding, &str, &str)> = r
             .identities
@@ -300,7 +372,9 @@ mod tests {
                 requests,
                 next_page_token: next.into(),
             },
-            filters: filters(&parse(args)),
+            filters: filters(&parse(args), now()),
+            due_before: None,
+            page_on_due_before: None,
         }
     }
 
@@ -326,5 +400,177 @@ mod tests {
         });
         let some = output(&["--overdue"], vec![one], "");
         assert!(some.to_table().starts_with("ID "), "{}", some.to_table());
+    }
+}
+
+#[cfg(test)]
+mod due_tests {
+    use super::*;
+    use crate::cli::{parse_duration, Cli, Command};
+    use clap::Parser;
+
+    const NOW_MS: i64 = 1_796_634_000_250;
+
+    fn now() -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(NOW_MS).expect("an instant")
+    }
+
+    fn parse(args: &[&str]) -> Result<ListArgs, clap::Error> {
+        let argv = ["dsrctl", "list"].iter().chain(args).copied();
+        Cli::try_parse_from(argv).map(|c| match c.command {
+            Command::List(a) => a,
+            other => panic!("parsed as {other:?}"),
+        })
+    }
+
+    fn due_before_ms(args: &[&str]) -> Option<i64> {
+        let r = list_request(&parse(args).expect("valid flags"), now());
+        r.due_before
+            .map(|t| dsrelay_proto::millis_from_timestamp(&t))
+    }
+
+    /// `--due-within` sends now plus the span, `--due-before` its instant, each to the
+    /// millisecond, with the other filters as they are.
+    #[test]
+    fn due_flags_send_the_instant() {
+        let hour = 3_600_000;
+        assert_eq!(
+            due_before_ms(&["--due-within", "72h"]),
+            Some(NOW_MS + 72 * hour)
+        );
+        assert_eq!(
+            due_before_ms(&["--due-within", "7d"]),
+            Some(NOW_MS + 168 * hour)
+        );
+        assert_eq!(
+            due_before_ms(&["--due-within", "30m"]),
+            Some(NOW_MS + hour / 2)
+        );
+        assert_eq!(
+            due_before_ms(&["--due-within", "1d12h"]),
+            Some(NOW_MS + 36 * hour)
+        );
+        assert_eq!(
+            due_before_ms(&["--due-before", "2027-01-01T00:00:00.5+02:00"]),
+            Some(1_798_754_400_500)
+        );
+        assert_eq!(
+            due_before_ms(&["--due-before", "2027-01-01"]),
+            Some(1_798_761_600_000)
+        );
+        assert_eq!(due_before_ms(&[]), None);
+        // Below the millisecond rounded up, as the registry rounds: a request due at
+        // .000 is before .0005.
+        assert_eq!(
+            due_before_ms(&["--due-before", "2027-01-01T00:00:00.0005Z"]),
+            Some(1_798_761_600_001)
+        );
+        let r = list_request(
+            &parse(&[
+                "--due-within",
+                "72h",
+                "--state",
+                "failed",
+                "--kind",
+                "erasure",
+                "--overdue",
+            ])
+            .expect("valid flags"),
+            now(),
+        );
+        assert_eq!(r.states, [RequestState::Failed as i32]);
+        assert_eq!(r.kind, RequestKind::Erasure as i32);
+        assert!(r.overdue_only);
+    }
+
+    /// The two flags conflict, and `--due-within` takes no page token (its instant moves on
+    /// each run, and the token carries the one it was given for).
+    #[test]
+    fn due_flags_conflict_with_each_other_and_a_token() {
+        for args in [
+            &["--due-within", "72h", "--due-before", "2027-01-01"][..],
+            &["--due-within", "72h", "--page-token", "v2.x.1_r"],
+        ] {
+            let e = parse(args).expect_err("conflicting flags");
+            assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict, "{e}");
+        }
+        assert!(parse(&["--due-before", "2027-01-01", "--page-token", "v2.x.1_r"]).is_ok());
+    }
+
+    #[test]
+    fn durations_take_units_and_say_what_they_take() {
+        assert_eq!(parse_duration("45s"), Ok(chrono::Duration::seconds(45)));
+        assert_eq!(parse_duration("2w"), Ok(chrono::Duration::days(14)));
+        for bad in [
+            "",
+            "72",
+            "h",
+            "0h",
+            "3x",
+            "-1h",
+            "1.5h",
+            "99999999999999999999h",
+            "36600000d",
+        ] {
+            let e = parse_duration(bad).expect_err(bad);
+            assert!(
+                e.contains("e.g. 30m, 72h") || e.contains("at most 100 years"),
+                "{bad:?}: {e}"
+            );
+            assert!(parse(&["--due-within", bad]).is_err(), "{bad:?}");
+        }
+    }
+
+    /// After `--due-within` the next-page line names the `--due-before` the token was made
+    /// for, and a listing that found nothing names the instant it asked about.
+    #[test]
+    fn the_next_page_line_pages_on_with_the_instant_sent() {
+        let args = parse(&["--due-within", "72h"]).expect("valid flags");
+        let at = "2026-12-10T09:00:00.250Z";
+        let one = RequestView::from(&dsrelay_sdk::proto::Request {
+            request_id: "r-1".into(),
+            ..Default::default()
+        });
+        let page = ListOutput {
+            view: ListView {
+                requests: vec![one],
+                next_page_token: "v2.abc.1_r-1".into(),
+            },
+            filters: filters(&args, now()),
+            due_before: Some(at.into()),
+            page_on_due_before: Some(at.into()),
+        };
+        let table = page.to_table();
+        assert!(table.starts_with("ID "), "{table}");
+        assert!(
+            table.ends_with(&format!(
+                "next page: --due-before {at} --page-token v2.abc.1_r-1\n"
+            )),
+            "{table}"
+        );
+        assert_eq!(table.matches("next page").count(), 1, "{table}");
+        // JSON names the instant too, for a script to page on with.
+        let json = serde_json::to_value(&page).expect("json");
+        assert_eq!(json["due_before"], at, "{json}");
+        assert_eq!(json["next_page_token"], "v2.abc.1_r-1", "{json}");
+        let none = ListOutput {
+            view: ListView {
+                requests: vec![],
+                next_page_token: String::new(),
+            },
+            filters: filters(&args, now()),
+            due_before: Some(at.into()),
+            page_on_due_before: Some(at.into()),
+        };
+        assert_eq!(
+            none.to_table(),
+            format!("no request matched --due-before {at}\n")
+        );
+        // Every request shows its due date.
+        assert!(page
+            .to_table()
+            .lines()
+            .next()
+            .is_some_and(|h| h.contains("DUE")));
     }
 }

@@ -250,6 +250,7 @@ impl RequestService for Api {
             page_size,
             before,
             filters,
+            due_before,
         } = arguments;
         let filter = ListFilter {
             partner: (caller.role == Party::Partner).then(|| caller.name.clone()),
@@ -262,7 +263,12 @@ impl RequestService for Api {
         let mut rows = self
             .shared
             .store
-            .list_about(&filter, &identities.hashes, self.shared.clock.now_ms())
+            .list_about(
+                &filter,
+                &identities.hashes,
+                due_before,
+                self.shared.clock.now_ms(),
+            )
             .await
             .map_err(ApiError::from)?;
         let more = rows.len() > page_size as usize;
@@ -1015,6 +1021,8 @@ fn dead_letter_cursor(token: &str) -> Option<DeadLetterCursor> {
 mod actor_tests;
 #[cfg(test)]
 mod chain_tests;
+#[cfg(test)]
+mod due_list_tests;
 #[cfg(test)]
 mod identity_list_tests;
 

@@ -2,7 +2,7 @@
 //! tasks and events, and pages of the audit trail.
 
 use anyhow::Result;
-use dsrelay_proto::v1::{RequestKind, RequestState, TaskState, TaskStatus};
+use dsrelay_proto::v1::{RequestKind, TaskState, TaskStatus};
 use dsrelay_runtime::audit;
 
 use super::rows::{TaskRow, REQUEST_COLUMNS, TASK_COLUMNS};
@@ -214,88 +214,24 @@ impl Store {
 
     /// Requests matching `f`, newest first.
     pub async fn list(&self, f: &ListFilter, now: i64) -> Result<Vec<RequestRow>> {
-        self.list_about(f, &[], now).await
+        self.list_about(f, &[], None, now).await
     }
 
     /// Requests matching `f` that hold one of `identity_hashes` (keyed identity hashes, as
     /// `requests.identity_hashes` holds them), newest first; with none given, every request
     /// matching `f`. The hashes are looked up in `request_identity_hashes` (migration 0021),
     /// which holds each request's, so a subject's few requests are read by key, not found by
-    /// reading every request (or every one of a partner's).
+    /// reading every request (or every one of a partner's). With `due_before` (milliseconds
+    /// since the epoch), only open requests due before it, found through `requests_open_by_due`
+    /// (migration 0022): one range of due dates per open state.
     pub async fn list_about(
         &self,
         f: &ListFilter,
         identity_hashes: &[String],
+        due_before: Option<i64>,
         now: i64,
     ) -> Result<Vec<RequestRow>> {
-        // Built by hand rather than with sqlx's QueryBuilder: through the `Any` driver that
-        // writes `?` placeholders, which PostgreSQL does not accept.
-        let mut binds = Vec::new();
-        let param = |b: Bind, binds: &mut Vec<Bind>| {
-            binds.push(b);
-            format!("${}", binds.len())
-        };
-        // The page's ids first, the columns of those rows after: `REQUEST_COLUMNS` holds a
-        // subquery (`answered_at`) that SQLite, sorting, would otherwise compute for every
-        // matching row before applying the LIMIT.
-        let mut sql = if identity_hashes.is_empty() {
-            "SELECT requests.id FROM requests WHERE 1 = 1".to_string()
-        } else {
-            let list: Vec<String> = identity_hashes
-                .iter()
-                .map(|h| param(Bind::Text(h.clone()), &mut binds))
-                .collect();
-            // The subject's few requests found by the hashes' key, then read by id. SQLite,
-            // whose tables are never analyzed, otherwise walks the index of a partner or of
-            // states and tests every request it finds against the hashes; its CROSS JOIN
-            // keeps the hashes the outer loop (PostgreSQL plans the join by its own costs).
-            format!(
-                "SELECT requests.id FROM (SELECT DISTINCT request_id \
-                 FROM request_identity_hashes WHERE hash IN ({})) AS about \
-                 CROSS JOIN requests WHERE requests.id = about.request_id",
-                list.join(", ")
-            )
-        };
-        if let Some(p) = &f.partner {
-            let n = param(Bind::Text(p.clone()), &mut binds);
-            sql.push_str(&format!(" AND partner = {n}"));
-        }
-        if !f.states.is_empty() {
-            let list: Vec<String> = f
-                .states
-                .iter()
-                .map(|s| param(Bind::I64(i64::from(*s)), &mut binds))
-                .collect();
-            sql.push_str(&format!(" AND state IN ({})", list.join(", ")));
-        }
-        if let Some(k) = f.kind {
-            let n = param(Bind::I64(i64::from(k)), &mut binds);
-            sql.push_str(&format!(" AND kind = {n}"));
-        }
-        if f.overdue_only {
-            let n = param(Bind::I64(now), &mut binds);
-            sql.push_str(&format!(
-                " AND due_at < {n} AND state IN ({}, {}, {}, {})",
-                RequestState::Received as i32,
-                RequestState::Dispatched as i32,
-                RequestState::InProgress as i32,
-                RequestState::Failed as i32
-            ));
-        }
-        if let Some((at, id)) = &f.before {
-            let a = param(Bind::I64(*at), &mut binds);
-            let a2 = param(Bind::I64(*at), &mut binds);
-            let i = param(Bind::Text(id.clone()), &mut binds);
-            sql.push_str(&format!(
-                " AND (received_at < {a} OR (received_at = {a2} AND id < {i}))"
-            ));
-        }
-        let n = param(Bind::I64(f.limit), &mut binds);
-        sql.push_str(&format!(" ORDER BY received_at DESC, id DESC LIMIT {n}"));
-        let sql = format!(
-            "SELECT {REQUEST_COLUMNS} FROM requests WHERE id IN ({sql}) \
-             ORDER BY received_at DESC, id DESC"
-        );
+        let (sql, binds) = list_statement(f, identity_hashes, due_before, now);
         let mut q = sqlx::query_as(&sql);
         for b in binds {
             q = match b {
@@ -376,6 +312,85 @@ impl Store {
         self.chain_audit().await?;
         audit::table::entries(&self.db.reader, after_seq, limit).await
     }
+}
+
+/// The statement of [`Store::list_about`] and the values of its placeholders, in order.
+fn list_statement(
+    f: &ListFilter,
+    identity_hashes: &[String],
+    due_before: Option<i64>,
+    now: i64,
+) -> (String, Vec<Bind>) {
+    // Built by hand rather than with sqlx's QueryBuilder: through the `Any` driver that
+    // writes `?` placeholders, which PostgreSQL does not accept.
+    let mut binds = Vec::new();
+    let param = |b: Bind, binds: &mut Vec<Bind>| {
+        binds.push(b);
+        format!("${}", binds.len())
+    };
+    // The page's ids first, the columns of those rows after: `REQUEST_COLUMNS` holds a
+    // subquery (`answered_at`) that SQLite, sorting, would otherwise compute for every
+    // matching row before applying the LIMIT.
+    let mut sql = if identity_hashes.is_empty() {
+        "SELECT requests.id FROM requests WHERE 1 = 1".to_string()
+    } else {
+        let list: Vec<String> = identity_hashes
+            .iter()
+            .map(|h| param(Bind::Text(h.clone()), &mut binds))
+            .collect();
+        // The subject's few requests found by the hashes' key, then read by id. SQLite,
+        // whose tables are never analyzed, otherwise walks the index of a partner or of
+        // states and tests every request it finds against the hashes; its CROSS JOIN
+        // keeps the hashes the outer loop (PostgreSQL plans the join by its own costs).
+        format!(
+            "SELECT requests.id FROM (SELECT DISTINCT request_id \
+             FROM request_identity_hashes WHERE hash IN ({})) AS about \
+             CROSS JOIN requests WHERE requests.id = about.request_id",
+            list.join(", ")
+        )
+    };
+    if let Some(p) = &f.partner {
+        let n = param(Bind::Text(p.clone()), &mut binds);
+        sql.push_str(&format!(" AND partner = {n}"));
+    }
+    if !f.states.is_empty() {
+        let list: Vec<String> = f
+            .states
+            .iter()
+            .map(|s| param(Bind::I64(i64::from(*s)), &mut binds))
+            .collect();
+        sql.push_str(&format!(" AND state IN ({})", list.join(", ")));
+    }
+    if let Some(k) = f.kind {
+        let n = param(Bind::I64(i64::from(k)), &mut binds);
+        sql.push_str(&format!(" AND kind = {n}"));
+    }
+    let open = crate::fold::OPEN_STATES
+        .map(|s| (s as i32).to_string())
+        .join(", ");
+    if f.overdue_only {
+        let n = param(Bind::I64(now), &mut binds);
+        sql.push_str(&format!(" AND due_at < {n} AND state IN ({open})"));
+    }
+    if let Some(due_before) = due_before {
+        let n = param(Bind::I64(due_before), &mut binds);
+        sql.push_str(&format!(" AND due_at < {n} AND state IN ({open})"));
+    }
+    if let Some((at, id)) = &f.before {
+        let a = param(Bind::I64(*at), &mut binds);
+        let a2 = param(Bind::I64(*at), &mut binds);
+        let i = param(Bind::Text(id.clone()), &mut binds);
+        sql.push_str(&format!(
+            " AND (received_at < {a} OR (received_at = {a2} AND id < {i}))"
+        ));
+    }
+    let n = param(Bind::I64(f.limit), &mut binds);
+    sql.push_str(&format!(" ORDER BY received_at DESC, id DESC LIMIT {n}"));
+    let sql = format!(
+        "SELECT {REQUEST_COLUMNS} FROM requests WHERE id IN ({sql}) \
+         ORDER BY received_at DESC, id DESC"
+    );
+    (sql, binds)
 }
 
 /// One request, if it exists, through `db` (the pool, or a snapshot's transaction).
@@ -486,4 +501,138 @@ pub(super) async fn read_tasks_of<'e>(
             .push(TaskStatus::from(k.row));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod due_plan_tests {
+    //! List by due date reads the open requests' due dates through their index (migration
+    //! 0022), not every request: checked on the plan each database makes for its statement.
+
+    use dsrelay_proto::v1::RequestKind;
+    use dsrelay_runtime::store::{Backend, Db};
+    use sqlx::Row;
+
+    use super::{list_statement, Bind, ListFilter};
+    use crate::store::{NewRequest, Store, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+    use crate::test_postgres::on_postgres;
+
+    /// Requests stored besides the seed, one in 500 of them open.
+    const MANY: i64 = 5_000;
+
+    /// The plan's lines for List with `due_before` over [`MANY`] requests, most of them
+    /// answered long ago.
+    async fn due_plan(url: &str) -> String {
+        let db = Db::connect(url).await.expect("connect");
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+            .await
+            .expect("migrate");
+        let store = Store::new(db, b"test key");
+        store
+            .insert_request(&NewRequest {
+                id: "seed".into(),
+                partner: "crm".into(),
+                idempotency_key: "seed".into(),
+                body_hash: "hash".into(),
+                body: Vec::new(),
+                identity_hashes: "[\"h\"]".into(),
+                kind: RequestKind::Erasure as i32,
+                received_at: 0,
+                due_at: 1,
+                trace_id: "0".repeat(32),
+                traceparent: None,
+                processors: Vec::new(),
+            })
+            .await
+            .expect("the seed request");
+        let db = &store.db;
+        let (columns, series) = match db.backend {
+            Backend::Sqlite => (
+                "SELECT name FROM pragma_table_info('requests')",
+                format!(
+                    "(WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s \
+                     WHERE n < {MANY}) SELECT n FROM s) AS g"
+                ),
+            ),
+            Backend::Postgres => (
+                "SELECT CAST(column_name AS TEXT) FROM information_schema.columns \
+                 WHERE table_name = 'requests' AND table_schema = current_schema()",
+                format!("generate_series(1, {MANY}) AS g(n)"),
+            ),
+        };
+        let columns: Vec<String> = sqlx::query_scalar(columns)
+            .fetch_all(&db.pool)
+            .await
+            .expect("the columns of requests");
+        let values: Vec<String> = columns
+            .iter()
+            .map(|c| match c.as_str() {
+                "id" => "'r' || g.n".to_string(),
+                "idempotency_key" => "'k' || g.n".to_string(),
+                "received_at" => "g.n".to_string(),
+                "due_at" => "g.n * 1000".to_string(),
+                "state" => "CASE WHEN g.n % 500 = 0 THEN 1 ELSE 4 END".to_string(),
+                other => format!("requests.{other}"),
+            })
+            .collect();
+        sqlx::query(&format!(
+            "INSERT INTO requests ({}) SELECT {} FROM requests, {series} \
+             WHERE requests.id = 'seed'",
+            columns.join(", "),
+            values.join(", ")
+        ))
+        .execute(&db.pool)
+        .await
+        .expect("many requests");
+        let explain = match db.backend {
+            // As the registry runs it: SQLite's tables are never analyzed.
+            Backend::Sqlite => "EXPLAIN QUERY PLAN",
+            Backend::Postgres => {
+                sqlx::query("ANALYZE requests")
+                    .execute(&db.pool)
+                    .await
+                    .expect("analyze");
+                "EXPLAIN"
+            }
+        };
+        let filter = ListFilter {
+            limit: 51,
+            ..Default::default()
+        };
+        let (sql, binds) = list_statement(&filter, &[], Some(MANY * 500), MANY * 1000);
+        let explained = format!("{explain} {sql}");
+        let mut q = sqlx::query(&explained);
+        for b in binds {
+            q = match b {
+                Bind::I64(v) => q.bind(v),
+                Bind::Text(v) => q.bind(v),
+            };
+        }
+        let rows = q.fetch_all(&db.pool).await.expect("the plan");
+        let column = match db.backend {
+            Backend::Sqlite => "detail",
+            Backend::Postgres => "QUERY PLAN",
+        };
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(column).expect("a plan line"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[tokio::test]
+    async fn due_before_reads_the_open_requests_index_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        let plan = due_plan(&url).await;
+        assert!(plan.contains("requests_open_by_due"), "{plan}");
+    }
+
+    #[tokio::test]
+    async fn due_before_reads_the_open_requests_index_on_postgres() {
+        on_postgres(|url, _| async move {
+            let plan = due_plan(&url).await;
+            assert!(plan.contains("requests_open_by_due"), "{plan}");
+            assert!(!plan.contains("Seq Scan on requests"), "{plan}");
+        })
+        .await;
+    }
 }
