@@ -234,6 +234,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Ok(env) => env,
         Err(err) => return report(&Failure::Setup(err), &mut stderr),
     };
+    commands::name_hint_program(env.cwd());
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -58,6 +58,7 @@ impl Pair {
             .args(endpoint)
             .stdin(Stdio::null());
         clear_settings(&mut cmd);
+        support::as_installed(&mut cmd);
         cmd.output().expect("running dsrctl")
     }
 

@@ -447,6 +447,16 @@ impl Registry {
                 cmd.env_remove(name);
             }
         }
+        // Installed: PATH finds this binary by its name, so the commands it suggests start
+        // with `dsrctl` (without, they start with its path: see
+        // `a_hint_starts_dsrctl_by_its_path_where_path_does_not_find_it`).
+        let exe = std::path::Path::new(env!("CARGO_BIN_EXE_dsrctl"));
+        let folder = exe.parent().expect("the binary's folder").to_path_buf();
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let path =
+            std::env::join_paths(std::iter::once(folder).chain(std::env::split_paths(&path)))
+                .expect("PATH");
+        cmd.env("PATH", path);
         cmd
     }
 
@@ -1453,6 +1463,37 @@ async fn a_contract_watch_outlasts_a_registry_restart() {
     assert_eq!(run.code, Some(2), "{run:?}");
     assert!(run.stderr.contains("NOT_FOUND"), "{run:?}");
     assert!(!run.stderr.contains("asking again"), "{run:?}");
+}
+
+/// A dsrctl that PATH does not find by its name suggests commands that start with its
+/// path, which run as printed; before, they started with `dsrctl`, which that shell could
+/// not find.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hint_starts_dsrctl_by_its_path_where_path_does_not_find_it() {
+    let registry = Registry::start(Answers {
+        events: vec![
+            event(1, RequestState::Received),
+            event(2, RequestState::Failed),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let mut cmd = registry.command(&["watch", "r-1"]);
+    cmd.env("PATH", "/nonexistent");
+    let out = cmd.output().await.expect("running dsrctl");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let exe = std::fs::canonicalize(env!("CARGO_BIN_EXE_dsrctl")).expect("the binary");
+    let exe = exe.display().to_string();
+    assert!(
+        !exe.contains(' ') && !exe.contains('\''),
+        "a path a shell takes as it is: {exe}"
+    );
+    for words in [
+        format!("`{exe} get r-1 "),
+        format!("`{exe} watch r-1 --follow "),
+    ] {
+        assert!(stderr.contains(&words), "{words:?} in {stderr}");
+    }
 }
 
 /// A watch that ends at FAILED says what to read, who retries the task and how to follow

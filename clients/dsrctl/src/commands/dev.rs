@@ -424,6 +424,14 @@ impl Programs {
     }
 }
 
+/// How commands printed for this process start dsrctl ([`Programs::new`] of this process's
+/// binary, folder and PATH).
+pub(crate) fn this_dsrctl(cwd: &Path) -> String {
+    let exe = std::env::current_exe().and_then(std::fs::canonicalize).ok();
+    let path = std::env::var_os("PATH");
+    Programs::new(exe.as_deref(), cwd, path.as_deref()).dsrctl
+}
+
 /// `name` when PATH (`path`) finds `exe` by it, else `exe`'s path, as one shell word.
 fn named_or_path(exe: &Path, name: &str, path: Option<&OsStr>) -> String {
     let on_path = path.is_some_and(|path| {

@@ -1,17 +1,42 @@
 //! The `dsrctl` commands that messages suggest running next.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use crate::cli::ConnectionArgs;
 
-/// Prints a suggested `dsrctl` command so that it works as printed: with the connection
-/// flags the user gave on the command line, without which it would ask another registry (or
-/// find no certificate). What the environment or a config file set needs no repeating: the
-/// same shell has it. None of these flags carries a secret: `--key` names a file.
-#[derive(Debug, Clone, Default)]
+/// How this run's hints start dsrctl, when [`name_program`] set it: `dsrctl` until then.
+static PROGRAM: OnceLock<String> = OnceLock::new();
+
+/// Names the program the hints start, as `dev up`'s printed commands do: `cargo run -q -p
+/// dsrctl --` for a dsrctl cargo built in the workspace the command runs in, `dsrctl` when
+/// PATH finds this very binary by that name, else its path. Set once, by [`crate::run`];
+/// later calls change nothing.
+pub(crate) fn name_program(program: String) {
+    let _ = PROGRAM.set(program);
+}
+
+/// Prints a suggested `dsrctl` command so that it works as printed: started as this run was
+/// ([`name_program`]), with the connection flags the user gave on the command line, without
+/// which it would ask another registry (or find no certificate). What the environment or a
+/// config file set needs no repeating: the same shell has it. None of these flags carries a
+/// secret: `--key` names a file.
+#[derive(Debug, Clone)]
 pub(crate) struct Hint {
+    /// How the command starts dsrctl, as shell words ([`name_program`]).
+    program: String,
     /// ` --flag value` for each connection flag given, quoted for a POSIX shell.
     flags: String,
+}
+
+/// The hint for a run given no connection flags.
+impl Default for Hint {
+    fn default() -> Self {
+        Self {
+            program: PROGRAM.get().map_or("dsrctl", String::as_str).to_string(),
+            flags: String::new(),
+        }
+    }
 }
 
 impl Hint {
@@ -34,12 +59,16 @@ impl Hint {
                 flags.push_str(&format!(" {flag} {}", shell_word(&value)));
             }
         }
-        Self { flags }
+        Self {
+            flags,
+            ..Self::default()
+        }
     }
 
-    /// `dsrctl` with `words` (quoted where a shell needs it) and the connection flags.
+    /// The program ([`name_program`]) with `words` (quoted where a shell needs it) and the
+    /// connection flags.
     pub(crate) fn command(&self, words: &[&str]) -> String {
-        let mut out = String::from("dsrctl");
+        let mut out = self.program.clone();
         for word in words {
             out.push(' ');
             out.push_str(&shell_word(word));
@@ -99,6 +128,15 @@ mod tests {
             "dsrctl download 'c 1' --out DIR --endpoint https://registry.example:50051 \
              --config 'it'\\''s.toml' --ca 'my pki/ca.pem' --cert op.pem --key op.key \
              --crl crl.pem --server-identity spiffe://dsrelay.dev/registry/controller"
+        );
+        // Started by its path (not found by name on PATH): the path leads, as one word.
+        let by_path = Hint {
+            program: shell_word("/opt/dsr tools/dsrctl"),
+            ..hint(&["dsrctl", "--endpoint", "https://r:1", "get", "r-1"])
+        };
+        assert_eq!(
+            by_path.command(&["get", "r-1"]),
+            "'/opt/dsr tools/dsrctl' get r-1 --endpoint https://r:1"
         );
         assert_eq!(shell_word(""), "''");
         assert_eq!(shell_word("a;b"), "'a;b'");

@@ -31,6 +31,12 @@ mod watch;
 
 pub(crate) use hint::Hint;
 
+/// Makes the commands this run's messages suggest start dsrctl as `dev up`'s printed commands
+/// do, by name only where PATH finds this binary so (see [`hint::name_program`]).
+pub(crate) fn name_hint_program(cwd: &std::path::Path) {
+    hint::name_program(dev::this_dsrctl(cwd));
+}
+
 /// Where a command writes, and in which format.
 pub(crate) struct Io<'a> {
     /// Results.

@@ -45,6 +45,18 @@ pub(crate) fn clear_settings(cmd: &mut Command) {
     }
 }
 
+/// Runs `cmd` as if dsrctl were installed: PATH finds this binary by its name first, so the
+/// commands it suggests start with `dsrctl`, as they do for a user who installed it.
+#[allow(dead_code)] // Not every test binary that includes this module suggests commands.
+pub(crate) fn as_installed(cmd: &mut Command) {
+    let exe = Path::new(env!("CARGO_BIN_EXE_dsrctl"));
+    let folder = exe.parent().expect("the binary's folder").to_path_buf();
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let path = std::env::join_paths(std::iter::once(folder).chain(std::env::split_paths(&path)))
+        .expect("PATH");
+    cmd.env("PATH", path);
+}
+
 /// Starts `dsrctl dev up` with `args` in `cwd` and returns what it printed up to its last
 /// line, once both services listen.
 pub(crate) fn dev_up(cwd: &Path, args: &[&str]) -> (DevUp, Vec<String>) {
