@@ -1,7 +1,9 @@
-//! The holder database's `ON DELETE CASCADE` foreign keys, read from its catalog in one
-//! query ([`read`]): by each step of a contract end's erasure after a return, for the keys
-//! of the rows they take, and when the connector connects, to refuse one that would delete
-//! rows the rules keep ([`problems`]).
+//! The holder database's foreign keys, read from its catalog in one query
+//! ([`ForeignKeys::read`]) by each caller when it needs them: a scoped request, for the keys
+//! whose `ON DELETE` or `ON UPDATE` action would change an out-of-scope table's rows
+//! ([`super::categories`]); each step of a contract end's erasure after a return, for the
+//! keys of the rows its `ON DELETE CASCADE` keys take; and the connector when it connects,
+//! to refuse such a cascade that would delete rows the rules keep ([`problems`]).
 //!
 //! A cascade deletes the rows whose foreign key refers to a deleted row whatever the rules
 //! say of them: from a table an erasure deletes from, onto rows it leaves in place (a `keep`
@@ -19,80 +21,180 @@ use std::collections::{BTreeSet, VecDeque};
 
 use dsrelay_runtime::store::{Backend, Db};
 
+use super::categories::{DeleteAction, UpdateAction};
 use super::plan::Cascade;
 use super::rules::{Action, AnonymizeWith, ParentLink, SqlConnectorConfig, TableRule};
 use super::schema::lookup_name;
 
-/// Every foreign key of the database whose `ON DELETE CASCADE` deletes rows of its child
-/// table with a row of its parent, the tables named as the catalog names them. On
-/// PostgreSQL a table the statements find by its name (the first of the name on the search
-/// path) is named so, any other by its schema too (`audit.log`), so that no rule's plain
-/// name reads as it; a partitioned table's key is read once, on it, as the rules name it. On
-/// SQLite, every table of the main database. A table's key on itself is included. A key
-/// whose columns cannot all be paired with its parent's is left out.
-pub(super) async fn read(db: &Db) -> Result<Vec<Cascade>, sqlx::Error> {
-    let sql = match db.backend {
-        // A key naming no columns refers to the parent's primary key ("to" is NULL).
-        Backend::Sqlite => {
-            "SELECT m.name, CAST(f.id AS TEXT), f.\"table\", f.\"from\", \
-             COALESCE(f.\"to\", (SELECT p.name FROM pragma_table_info(f.\"table\") p \
-             WHERE p.pk = f.seq + 1)) \
-             FROM sqlite_master m JOIN pragma_foreign_key_list(m.name) f \
-             WHERE m.type = 'table' AND upper(f.on_delete) = 'CASCADE' \
-             ORDER BY m.name, f.id, f.seq"
+/// A foreign key's action that changes its child's rows when the referenced row is deleted
+/// or its referenced columns change ([`ForeignKeys::delete_actions`],
+/// [`ForeignKeys::update_actions`]); the others (`NO ACTION`, `RESTRICT`) refuse instead.
+const CHANGING: [&str; 3] = ["CASCADE", "SET NULL", "SET DEFAULT"];
+
+/// One foreign key of the database as its catalog describes it ([`ForeignKeys::read`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ForeignKey {
+    child: String,
+    parent: String,
+    /// The child's columns in key order.
+    columns: Vec<String>,
+    /// The parent's column each of `columns` references; `None` where a SQLite key naming
+    /// no parent column has no declared primary-key column at that position (a key to the
+    /// parent's rowid, or to a primary key of fewer columns).
+    parent_columns: Vec<Option<String>>,
+    /// Its `ON DELETE` and `ON UPDATE` actions, in capitals (`CASCADE`, `SET NULL`, `SET
+    /// DEFAULT`, `RESTRICT`, `NO ACTION`).
+    on_delete: String,
+    on_update: String,
+}
+
+/// Every foreign key of the database, read from its catalog in one query, from which the
+/// erasure's cascades and a scoped request's conflicts are each taken.
+#[derive(Debug, Clone)]
+pub(crate) struct ForeignKeys(Vec<ForeignKey>);
+
+impl ForeignKeys {
+    /// Every foreign key of `db`, the tables named as the catalog names them. On PostgreSQL
+    /// a table the statements find by its name (the first of the name on the search path)
+    /// is named so, any other by its schema too (`audit.log`), so that no rule's plain name
+    /// reads as it; a partitioned table's key is read once, on it, as the rules name it. On
+    /// SQLite, every table of the main database, and a key naming no parent column refers
+    /// to the parent's primary key, whose columns are read in its order. A table's key on
+    /// itself is included. In the order of the catalog's key ids (on SQLite, per child table
+    /// by name).
+    pub(crate) async fn read(db: &Db) -> Result<Self, sqlx::Error> {
+        let sql = match db.backend {
+            // A key naming no columns refers to the parent's primary key ("to" is NULL).
+            Backend::Sqlite => {
+                "SELECT m.name, CAST(f.id AS BIGINT), f.\"table\", f.\"from\", \
+                 COALESCE(f.\"to\", (SELECT p.name FROM pragma_table_info(f.\"table\") p \
+                 WHERE p.pk = f.seq + 1)), upper(f.on_delete), upper(f.on_update) \
+                 FROM sqlite_master m JOIN pragma_foreign_key_list(m.name) f \
+                 WHERE m.type = 'table' \
+                 ORDER BY m.name, f.id, f.seq"
+            }
+            // PostgreSQL copies a partitioned table's key onto each partition, and a key
+            // referring to a partitioned table into one referring to each partition
+            // (`conparentid`, the key copied): the copies name partitions, which no rule
+            // names, for rows the key covers.
+            Backend::Postgres => {
+                "SELECT CASE WHEN to_regclass(quote_ident(cc.relname)) = cc.oid \
+                 THEN CAST(cc.relname AS TEXT) \
+                 ELSE quote_ident(cn.nspname) || '.' || quote_ident(cc.relname) END, \
+                 CAST(c.oid AS BIGINT), \
+                 CASE WHEN to_regclass(quote_ident(pc.relname)) = pc.oid \
+                 THEN CAST(pc.relname AS TEXT) \
+                 ELSE quote_ident(pn.nspname) || '.' || quote_ident(pc.relname) END, \
+                 CAST(a.attname AS TEXT), CAST(pa.attname AS TEXT), \
+                 CASE c.confdeltype WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL' \
+                 WHEN 'd' THEN 'SET DEFAULT' WHEN 'r' THEN 'RESTRICT' ELSE 'NO ACTION' END, \
+                 CASE c.confupdtype WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL' \
+                 WHEN 'd' THEN 'SET DEFAULT' WHEN 'r' THEN 'RESTRICT' ELSE 'NO ACTION' END \
+                 FROM pg_catalog.pg_constraint c \
+                 CROSS JOIN LATERAL unnest(c.conkey, c.confkey) WITH ORDINALITY \
+                 AS k(child_no, parent_no, ord) \
+                 JOIN pg_catalog.pg_class cc ON cc.oid = c.conrelid \
+                 JOIN pg_catalog.pg_namespace cn ON cn.oid = cc.relnamespace \
+                 JOIN pg_catalog.pg_class pc ON pc.oid = c.confrelid \
+                 JOIN pg_catalog.pg_namespace pn ON pn.oid = pc.relnamespace \
+                 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid \
+                 AND a.attnum = k.child_no \
+                 JOIN pg_catalog.pg_attribute pa ON pa.attrelid = c.confrelid \
+                 AND pa.attnum = k.parent_no \
+                 WHERE c.contype = 'f' AND c.conparentid = 0 \
+                 ORDER BY c.oid, k.ord"
+            }
+        };
+        type Link = (String, i64, String, String, Option<String>, String, String);
+        let links: Vec<Link> = sqlx::query_as(sql).fetch_all(&db.pool).await?;
+        let mut keys: Vec<((String, i64), ForeignKey)> = Vec::new();
+        for (child, id, parent, column, parent_column, on_delete, on_update) in links {
+            // SQLite numbers the keys per table.
+            let this = (child.clone(), id);
+            match keys.last_mut() {
+                Some((k, key)) if *k == this => {
+                    key.columns.push(column);
+                    key.parent_columns.push(parent_column);
+                }
+                _ => keys.push((
+                    this,
+                    ForeignKey {
+                        child,
+                        parent,
+                        columns: vec![column],
+                        parent_columns: vec![parent_column],
+                        on_delete,
+                        on_update,
+                    },
+                )),
+            }
         }
-        // PostgreSQL copies a partitioned table's key onto each partition, and a key referring
-        // to a partitioned table into one referring to each partition (`conparentid`, the key
-        // copied): the copies name partitions, which no rule names, for rows the key covers.
-        Backend::Postgres => {
-            "SELECT CASE WHEN to_regclass(quote_ident(cc.relname)) = cc.oid \
-             THEN CAST(cc.relname AS TEXT) \
-             ELSE quote_ident(cn.nspname) || '.' || quote_ident(cc.relname) END, \
-             CAST(c.oid AS TEXT), \
-             CASE WHEN to_regclass(quote_ident(pc.relname)) = pc.oid \
-             THEN CAST(pc.relname AS TEXT) \
-             ELSE quote_ident(pn.nspname) || '.' || quote_ident(pc.relname) END, \
-             CAST(a.attname AS TEXT), CAST(pa.attname AS TEXT) \
-             FROM pg_catalog.pg_constraint c \
-             CROSS JOIN LATERAL unnest(c.conkey, c.confkey) WITH ORDINALITY \
-             AS k(child_no, parent_no, ord) \
-             JOIN pg_catalog.pg_class cc ON cc.oid = c.conrelid \
-             JOIN pg_catalog.pg_namespace cn ON cn.oid = cc.relnamespace \
-             JOIN pg_catalog.pg_class pc ON pc.oid = c.confrelid \
-             JOIN pg_catalog.pg_namespace pn ON pn.oid = pc.relnamespace \
-             JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid \
-             AND a.attnum = k.child_no \
-             JOIN pg_catalog.pg_attribute pa ON pa.attrelid = c.confrelid \
-             AND pa.attnum = k.parent_no \
-             WHERE c.contype = 'f' AND c.confdeltype = 'c' AND c.conparentid = 0 \
-             ORDER BY c.oid, k.ord"
-        }
-    };
-    type Link = (String, String, String, String, Option<String>);
-    let links: Vec<Link> = sqlx::query_as(sql).fetch_all(&db.pool).await?;
-    let mut cascades: Vec<Cascade> = Vec::new();
-    let mut last = None;
-    for (child, id, parent, column, parent_column) in links {
-        // SQLite numbers the keys per table.
-        let this = (child.clone(), id);
-        if last.as_ref() != Some(&this) {
-            last = Some(this);
-            cascades.push(Cascade {
-                child,
-                columns: Vec::new(),
-                parent,
-                parent_columns: Vec::new(),
-            });
-        }
-        if let Some(c) = cascades.last_mut() {
-            c.columns.push(column);
-            c.parent_columns.extend(parent_column);
-        }
+        Ok(Self(keys.into_iter().map(|(_, key)| key).collect()))
     }
-    // A key naming no parent column (SQLite's, to the parent's primary key) has fewer
-    // parent columns than columns: it is not read as a cascade of known columns.
-    cascades.retain(|c| c.columns.len() == c.parent_columns.len());
-    Ok(cascades)
+
+    /// The keys whose `ON DELETE CASCADE` deletes rows of their child table with a row of
+    /// their parent. A key whose columns cannot all be paired with its parent's is left
+    /// out: it is not a cascade of known columns.
+    pub(crate) fn cascading_deletes(&self) -> Vec<Cascade> {
+        (self.0.iter())
+            .filter(|k| k.on_delete == "CASCADE")
+            .filter_map(|k| {
+                Some(Cascade {
+                    child: k.child.clone(),
+                    columns: k.columns.clone(),
+                    parent: k.parent.clone(),
+                    parent_columns: k.parent_columns.iter().cloned().collect::<Option<_>>()?,
+                })
+            })
+            .collect()
+    }
+
+    /// The keys whose `ON DELETE` action changes their child's rows ([`CHANGING`]), one per
+    /// child table, parent table and action, in that order.
+    pub(crate) fn delete_actions(&self) -> Vec<DeleteAction> {
+        let mut out: Vec<DeleteAction> = (self.0.iter())
+            .filter(|k| CHANGING.contains(&k.on_delete.as_str()))
+            .map(|k| DeleteAction {
+                child: k.child.clone(),
+                parent: k.parent.clone(),
+                action: k.on_delete.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.child, &a.parent, &a.action).cmp(&(&b.child, &b.parent, &b.action)));
+        out.dedup();
+        out
+    }
+
+    /// The keys whose `ON UPDATE` action changes their child's rows ([`CHANGING`]), by child
+    /// table, with the columns whose parent column is known: one referencing a table without
+    /// a declared primary key (its rowid, which no statement writes) is left out.
+    pub(crate) fn update_actions(&self) -> Vec<UpdateAction> {
+        let mut out: Vec<UpdateAction> = (self.0.iter())
+            .filter(|k| CHANGING.contains(&k.on_update.as_str()))
+            .filter_map(|k| {
+                let (child_columns, parent_columns): (Vec<String>, Vec<String>) =
+                    (k.columns.iter().zip(&k.parent_columns))
+                        .filter_map(|(c, p)| Some((c.clone(), p.clone()?)))
+                        .unzip();
+                (!child_columns.is_empty()).then(|| UpdateAction {
+                    child: k.child.clone(),
+                    child_columns,
+                    parent: k.parent.clone(),
+                    parent_columns,
+                    action: k.on_update.clone(),
+                })
+            })
+            .collect();
+        // Stable: a table's keys stay in the catalog's order.
+        out.sort_by(|a, b| a.child.cmp(&b.child));
+        out
+    }
+}
+
+/// Every foreign key of `db` whose `ON DELETE CASCADE` deletes rows of its child table with
+/// a row of its parent ([`ForeignKeys::read`], [`ForeignKeys::cascading_deletes`]).
+pub(super) async fn read(db: &Db) -> Result<Vec<Cascade>, sqlx::Error> {
+    Ok(ForeignKeys::read(db).await?.cascading_deletes())
 }
 
 /// Of `cascades` ([`read`]), those between two tables `config` lists (not a table's key on
@@ -352,4 +454,106 @@ fn describe(f: &Finding<'_>, child: Option<String>) -> String {
         f.why,
         fix.join(", or ")
     )
+}
+
+#[cfg(test)]
+mod foreign_key_tests {
+    //! The three views of one catalog read, on a schema with a key of each kind.
+
+    use dsrelay_runtime::store::{Backend, Db};
+
+    use super::super::categories::{DeleteAction, UpdateAction};
+    use super::super::plan::Cascade;
+    use super::super::tests::{exec, fresh_postgres_database, on_both_backends};
+    use super::ForeignKeys;
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Each key's actions and columns reach the view they belong to: a key naming no parent
+    /// column resolves to the parent's primary key in its order (a composite one too), a
+    /// table's key on itself is kept, and on SQLite a key to a table without a declared
+    /// primary key is a delete action only (neither a cascade of known columns nor an update
+    /// action).
+    async fn one_read_gives_each_view_its_keys(url: String) {
+        let db = Db::connect(&url).await.unwrap();
+        for sql in [
+            "CREATE TABLE p (id BIGINT PRIMARY KEY, code TEXT UNIQUE)",
+            "CREATE TABLE pair (a BIGINT, b BIGINT, PRIMARY KEY (a, b))",
+            "CREATE TABLE c1 (id BIGINT PRIMARY KEY, \
+             p_id BIGINT REFERENCES p (id) ON DELETE CASCADE ON UPDATE SET NULL)",
+            "CREATE TABLE c2 (id BIGINT PRIMARY KEY, \
+             p_code TEXT REFERENCES p (code) ON DELETE SET NULL ON UPDATE CASCADE, \
+             p_id BIGINT REFERENCES p ON DELETE RESTRICT)",
+            "CREATE TABLE c3 (id BIGINT PRIMARY KEY, x BIGINT, y BIGINT, \
+             FOREIGN KEY (y, x) REFERENCES pair ON DELETE SET DEFAULT ON UPDATE CASCADE)",
+            "CREATE TABLE tree (id BIGINT PRIMARY KEY, \
+             up BIGINT REFERENCES tree (id) ON DELETE CASCADE)",
+        ] {
+            exec(&db, sql).await;
+        }
+        let sqlite = db.backend == Backend::Sqlite;
+        if sqlite {
+            exec(&db, "CREATE TABLE loose (code TEXT)").await;
+            exec(
+                &db,
+                "CREATE TABLE c4 (id BIGINT PRIMARY KEY, \
+                 code TEXT REFERENCES loose ON DELETE CASCADE ON UPDATE CASCADE)",
+            )
+            .await;
+        }
+        let keys = ForeignKeys::read(&db).await.unwrap();
+
+        let mut cascades = keys.cascading_deletes();
+        cascades.sort_by(|a, b| a.child.cmp(&b.child));
+        let cascade = |child: &str, columns, parent: &str, parent_columns| Cascade {
+            child: child.to_string(),
+            columns: strings(columns),
+            parent: parent.to_string(),
+            parent_columns: strings(parent_columns),
+        };
+        assert_eq!(
+            cascades,
+            [
+                cascade("c1", &["p_id"], "p", &["id"]),
+                cascade("tree", &["up"], "tree", &["id"]),
+            ]
+        );
+
+        let delete = |child: &str, parent: &str, action: &str| DeleteAction {
+            child: child.to_string(),
+            parent: parent.to_string(),
+            action: action.to_string(),
+        };
+        let mut deletes = vec![
+            delete("c1", "p", "CASCADE"),
+            delete("c2", "p", "SET NULL"),
+            delete("c3", "pair", "SET DEFAULT"),
+        ];
+        if sqlite {
+            deletes.push(delete("c4", "loose", "CASCADE"));
+        }
+        deletes.push(delete("tree", "tree", "CASCADE"));
+        assert_eq!(keys.delete_actions(), deletes);
+
+        let update =
+            |child: &str, columns, parent: &str, parent_columns, action: &str| UpdateAction {
+                child: child.to_string(),
+                child_columns: strings(columns),
+                parent: parent.to_string(),
+                parent_columns: strings(parent_columns),
+                action: action.to_string(),
+            };
+        assert_eq!(
+            keys.update_actions(),
+            [
+                update("c1", &["p_id"], "p", &["id"], "SET NULL"),
+                update("c2", &["p_code"], "p", &["code"], "CASCADE"),
+                update("c3", &["y", "x"], "pair", &["a", "b"], "CASCADE"),
+            ]
+        );
+    }
+
+    on_both_backends!(one_read_gives_each_view_its_keys);
 }

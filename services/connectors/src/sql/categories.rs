@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use dsrelay_proto::v1::RequestKind;
-use dsrelay_runtime::store::{Backend, Db};
+use dsrelay_runtime::store::Backend;
 
 use super::plan::anonymize_written;
 use super::rules::{Action, SqlConnectorConfig, TableRule};
@@ -126,7 +126,8 @@ pub(crate) fn narrow(
 }
 
 /// A foreign key's `ON DELETE` action that changes the child's rows, with its tables as the
-/// catalog names them.
+/// catalog names them ([`super::cascades::ForeignKeys::delete_actions`]). A table's key on
+/// itself is included; the conflicts ignore it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct DeleteAction {
     pub(crate) child: String,
@@ -135,52 +136,10 @@ pub(crate) struct DeleteAction {
     pub(crate) action: String,
 }
 
-/// Every foreign key of `db` whose `ON DELETE` action changes its child's rows (CASCADE, SET
-/// NULL, SET DEFAULT), read from the catalog in one query. A table's key on itself is
-/// included; the caller ignores it.
-pub(crate) async fn delete_actions(db: &Db) -> Result<Vec<DeleteAction>, sqlx::Error> {
-    let sql = match db.backend {
-        Backend::Sqlite => {
-            "SELECT DISTINCT m.name, f.\"table\", upper(f.on_delete) \
-             FROM sqlite_master m JOIN pragma_foreign_key_list(m.name) f \
-             WHERE m.type = 'table' \
-             AND upper(f.on_delete) IN ('CASCADE', 'SET NULL', 'SET DEFAULT') \
-             ORDER BY 1, 2"
-        }
-        // As `cascades::read` names them: a table the statements find by its plain name so,
-        // any other with its schema; a partition's copies of a key are left out.
-        Backend::Postgres => {
-            "SELECT DISTINCT CASE WHEN to_regclass(quote_ident(cc.relname)) = cc.oid \
-             THEN CAST(cc.relname AS TEXT) \
-             ELSE quote_ident(cn.nspname) || '.' || quote_ident(cc.relname) END, \
-             CASE WHEN to_regclass(quote_ident(pc.relname)) = pc.oid \
-             THEN CAST(pc.relname AS TEXT) \
-             ELSE quote_ident(pn.nspname) || '.' || quote_ident(pc.relname) END, \
-             CASE c.confdeltype WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL' \
-             ELSE 'SET DEFAULT' END \
-             FROM pg_catalog.pg_constraint c \
-             JOIN pg_catalog.pg_class cc ON cc.oid = c.conrelid \
-             JOIN pg_catalog.pg_namespace cn ON cn.oid = cc.relnamespace \
-             JOIN pg_catalog.pg_class pc ON pc.oid = c.confrelid \
-             JOIN pg_catalog.pg_namespace pn ON pn.oid = pc.relnamespace \
-             WHERE c.contype = 'f' AND c.confdeltype IN ('c', 'n', 'd') \
-             AND c.conparentid = 0 ORDER BY 1, 2"
-        }
-    };
-    let rows: Vec<(String, String, String)> = sqlx::query_as(sql).fetch_all(&db.pool).await?;
-    Ok(rows
-        .into_iter()
-        .map(|(child, parent, action)| DeleteAction {
-            child,
-            parent,
-            action,
-        })
-        .collect())
-}
-
 /// A foreign key whose `ON UPDATE` action changes its child's rows when a column it
 /// references changes, with its tables as the catalog names them and its columns in key
-/// order (`child_columns[i]` references `parent_columns[i]`).
+/// order (`child_columns[i]` references `parent_columns[i]`)
+/// ([`super::cascades::ForeignKeys::update_actions`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct UpdateAction {
     pub(crate) child: String,
@@ -189,73 +148,6 @@ pub(crate) struct UpdateAction {
     pub(crate) parent_columns: Vec<String>,
     /// `CASCADE`, `SET NULL` or `SET DEFAULT`.
     pub(crate) action: String,
-}
-
-/// Every foreign key of `db` whose `ON UPDATE` action changes its child's rows (CASCADE, SET
-/// NULL, SET DEFAULT), read from the catalog in one query, tables named as
-/// [`delete_actions`] names them. A SQLite key naming no parent columns references the
-/// parent's primary key, whose columns are read in its order; one referencing a table
-/// without a declared primary key (its rowid, which no statement writes) is left out.
-pub(crate) async fn update_actions(db: &Db) -> Result<Vec<UpdateAction>, sqlx::Error> {
-    let sql = match db.backend {
-        Backend::Sqlite => {
-            "SELECT m.name, CAST(f.id AS BIGINT), f.\"table\", f.\"from\", \
-             COALESCE(f.\"to\", (SELECT p.name FROM pragma_table_info(f.\"table\") p \
-             WHERE p.pk = f.seq + 1)), upper(f.on_update) \
-             FROM sqlite_master m JOIN pragma_foreign_key_list(m.name) f \
-             WHERE m.type = 'table' \
-             AND upper(f.on_update) IN ('CASCADE', 'SET NULL', 'SET DEFAULT') \
-             ORDER BY 1, 2, f.seq"
-        }
-        Backend::Postgres => {
-            "SELECT CASE WHEN to_regclass(quote_ident(cc.relname)) = cc.oid \
-             THEN CAST(cc.relname AS TEXT) \
-             ELSE quote_ident(cn.nspname) || '.' || quote_ident(cc.relname) END, \
-             CAST(c.oid AS BIGINT), \
-             CASE WHEN to_regclass(quote_ident(pc.relname)) = pc.oid \
-             THEN CAST(pc.relname AS TEXT) \
-             ELSE quote_ident(pn.nspname) || '.' || quote_ident(pc.relname) END, \
-             CAST(ca.attname AS TEXT), CAST(pa.attname AS TEXT), \
-             CASE c.confupdtype WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL' \
-             ELSE 'SET DEFAULT' END \
-             FROM pg_catalog.pg_constraint c \
-             JOIN pg_catalog.pg_class cc ON cc.oid = c.conrelid \
-             JOIN pg_catalog.pg_namespace cn ON cn.oid = cc.relnamespace \
-             JOIN pg_catalog.pg_class pc ON pc.oid = c.confrelid \
-             JOIN pg_catalog.pg_namespace pn ON pn.oid = pc.relnamespace \
-             CROSS JOIN LATERAL unnest(c.conkey, c.confkey) WITH ORDINALITY AS k(ck, pk, n) \
-             JOIN pg_catalog.pg_attribute ca ON ca.attrelid = c.conrelid AND ca.attnum = k.ck \
-             JOIN pg_catalog.pg_attribute pa ON pa.attrelid = c.confrelid AND pa.attnum = k.pk \
-             WHERE c.contype = 'f' AND c.confupdtype IN ('c', 'n', 'd') \
-             AND c.conparentid = 0 ORDER BY 1, 2, k.n"
-        }
-    };
-    type Row = (String, i64, String, String, Option<String>, String);
-    let rows: Vec<Row> = sqlx::query_as(sql).fetch_all(&db.pool).await?;
-    let mut keys: Vec<((String, i64), UpdateAction)> = Vec::new();
-    for (child, id, parent, from, to, action) in rows {
-        let Some(to) = to else {
-            continue;
-        };
-        let key = (child.clone(), id);
-        match keys.last_mut() {
-            Some((k, a)) if *k == key => {
-                a.child_columns.push(from);
-                a.parent_columns.push(to);
-            }
-            _ => keys.push((
-                key,
-                UpdateAction {
-                    child,
-                    child_columns: vec![from],
-                    parent,
-                    parent_columns: vec![to],
-                    action,
-                },
-            )),
-        }
-    }
-    Ok(keys.into_iter().map(|(_, a)| a).collect())
 }
 
 /// The columns of in-scope tables a scoped request of `kind` may write, per table (as the

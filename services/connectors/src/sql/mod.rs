@@ -678,14 +678,13 @@ impl SqlConnector {
                     let read = |e: sqlx::Error| {
                         execute::classify("reading the database's foreign keys", &e)
                     };
-                    let deletes = categories::delete_actions(scope.db).await.map_err(read)?;
-                    let updates = categories::update_actions(scope.db).await.map_err(read)?;
+                    let keys = cascades::ForeignKeys::read(scope.db).await.map_err(read)?;
                     categories::erasure_conflicts(
                         scope.db.backend,
                         &self.config,
                         n,
-                        &deletes,
-                        &updates,
+                        &keys.delete_actions(),
+                        &keys.update_actions(),
                     )
                 }
                 RequestKind::Restriction | RequestKind::Objection => {
@@ -817,8 +816,9 @@ async fn update_refusal(
     if written.is_empty() {
         return Ok(None);
     }
-    let actions = (categories::update_actions(scope.db).await)
-        .map_err(|e| execute::classify("reading the database's foreign keys", &e))?;
+    let actions = (cascades::ForeignKeys::read(scope.db).await)
+        .map_err(|e| execute::classify("reading the database's foreign keys", &e))?
+        .update_actions();
     let what = match kind {
         RequestKind::Rectification => ("a rectification", "rectification"),
         RequestKind::Restriction => ("a restriction", "restriction"),
