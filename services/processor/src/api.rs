@@ -13,7 +13,7 @@ use dsrelay_proto::v1::subprocessor::MatchableIdentity;
 use dsrelay_proto::v1::{
     CancelDeliveryRequest, ContractEnd, ContractEndChoice, DeliverRequest, DeliverResponse,
     ExtendDueDateRequest, GetStatusRequest, ListSubprocessorsRequest, RequestKind, Subprocessor,
-    SubprocessorList, TaskList, TransferRecipient, UpdateContractEndRequest,
+    SubprocessorList, TaskList, TaskState, TransferRecipient, UpdateContractEndRequest,
 };
 use dsrelay_runtime::grpc::{self, Authorizer, CallerTrace, ServiceName};
 use dsrelay_runtime::identity::{
@@ -346,6 +346,21 @@ impl ProcessorService for Api {
             .tasks(&controller, &r.request_id)
             .await
             .map_err(ApiError::from)?;
+        // The registry reads these states here, so a dead letter of one of these tasks at
+        // or below its reported sequence no longer needs an operator. Failing to record
+        // that keeps the dead letter counted; it does not withhold the answer.
+        let reported: Vec<(&str, i64, TaskState)> = tasks
+            .iter()
+            .map(|t| (t.key.subprocessor.as_str(), t.sequence, t.state))
+            .collect();
+        let now = self.shared.clock.now_ms();
+        if let Err(e) = store
+            .status_answered(&controller, &r.request_id, &reported, now)
+            .await
+        {
+            let error = format!("{e:#}");
+            tracing::warn!(request_id = %r.request_id, %error, "recording GetStatus's answer failed");
+        }
         Ok(Response::new(TaskList {
             request_id: r.request_id,
             tasks: tasks.iter().map(|t| t.to_status()).collect(),

@@ -13,6 +13,10 @@
 //! | `dsrelay_subprocessor_unreachable` | gauge | `subprocessor` |
 //! | `dsrelay_subprocessor_unreachable_since_seconds` | gauge | `subprocessor` |
 //!
+//! `dsrelay_processor_acks_dead_lettered` counts dead letters not superseded: one whose task
+//! GetStatus has since reported at its sequence or later is still listed (marked) by
+//! ListDeadLetters, but the registry has read that state, so it needs no operator.
+//!
 //! The two `unreachable` gauges are read from this process's marks ([`crate::breaker`]) when
 //! scraped, not from the store: each replica shows its own, and a restart clears them.
 
@@ -192,7 +196,9 @@ pub(crate) async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
         &mut gauges,
         "dsrelay_processor_acks_dead_lettered",
         "Acknowledgements parked after acks.max_rejections rejections by their registry: \
-         not sent until an operator requeues them (dsrctl tasks dead-letters).",
+         not sent until an operator requeues them (dsrctl tasks dead-letters). Superseded ones \
+         (their task's state, at their sequence or later, read by the registry through \
+         GetStatus since) are not counted.",
     )
     .set(&[], dead as f64);
     let names = shared.config.subprocessors.iter().map(|s| s.name.as_str());

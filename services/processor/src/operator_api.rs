@@ -858,6 +858,7 @@ impl ProcessorOperatorService for OperatorApi {
                     last_rejection: d.last_rejection,
                     rejected_at: Some(timestamp_from_millis(d.rejected_at)),
                     dead_lettered_at: Some(timestamp_from_millis(d.dead_lettered_at)),
+                    superseded_at: d.superseded_at.map(timestamp_from_millis),
                 })
                 .collect(),
         }))

@@ -318,6 +318,9 @@ struct DeadLetterView {
     last_rejection: String,
     rejected_at: Option<Time>,
     dead_lettered_at: Option<Time>,
+    /// When the processor reported this task's state, at this sequence or later, to the
+    /// registry's GetStatus after the letter was parked: requeueing it is not needed.
+    superseded_at: Option<Time>,
 }
 
 impl From<&DeadLetter> for DeadLetterView {
@@ -333,6 +336,7 @@ impl From<&DeadLetter> for DeadLetterView {
             last_rejection: d.last_rejection.clone(),
             rejected_at: Time::from_proto(d.rejected_at.as_ref()),
             dead_lettered_at: Time::from_proto(d.dead_lettered_at.as_ref()),
+            superseded_at: Time::from_proto(d.superseded_at.as_ref()),
         }
     }
 }
@@ -355,6 +359,7 @@ impl Render for DeadLetterListView {
             "SEQ",
             "REJECTIONS",
             "SINCE",
+            "SUPERSEDED",
             "LAST REJECTION",
         ]);
         for v in &self.dead_letters {
@@ -368,6 +373,8 @@ impl Render for DeadLetterListView {
                 v.dead_lettered_at
                     .map(|d| d.to_string())
                     .unwrap_or_default(),
+                // Empty: still needs an operator; a time: the registry has read the state.
+                v.superseded_at.map(|d| d.to_string()).unwrap_or_default(),
                 clean(&v.last_rejection),
             ]);
         }
@@ -745,6 +752,48 @@ mod tests {
         let ids: Vec<i64> = result.unwrap().iter().map(|d| d.id).collect();
         assert_eq!(ids, [1, 2, 5]);
         assert_eq!(asked, [0, 2]);
+    }
+
+    /// A superseded dead letter shows when the registry read its task's state, in the table
+    /// and in JSON; one not superseded shows nothing there.
+    #[test]
+    fn a_superseded_dead_letter_is_marked() {
+        let at = |seconds| Some(dsrelay_proto::prost_types::Timestamp { seconds, nanos: 0 });
+        let letters = [
+            DeadLetter {
+                id: 1,
+                dead_lettered_at: at(1_700_000_000),
+                superseded_at: at(1_700_000_600),
+                ..Default::default()
+            },
+            DeadLetter {
+                id: 2,
+                dead_lettered_at: at(1_700_000_000),
+                ..Default::default()
+            },
+        ];
+        let view = DeadLetterListView {
+            dead_letters: letters.iter().map(DeadLetterView::from).collect(),
+        };
+        let table = view.to_table();
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].contains("SUPERSEDED"), "{table}");
+        assert!(lines[1].contains("2023-11-14T22:23:20Z"), "{table}");
+        assert!(!lines[2].contains("2023-11-14T22:23:20Z"), "{table}");
+        let json = serde_json::to_value(&view).expect("json");
+        let superseded: Vec<&serde_json::Value> = json["dead_letters"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|d| &d["superseded_at"])
+            .collect();
+        assert_eq!(
+            superseded,
+            [
+                &serde_json::json!("2023-11-14T22:23:20Z"),
+                &serde_json::Value::Null
+            ]
+        );
     }
 
     #[tokio::test]

@@ -3,11 +3,13 @@
 //! rejects is retried with backoff (the registry may be fixed) and, after
 //! `acks.max_rejections` rejections, dead-lettered: kept, never sent again until an operator
 //! requeues it. A dead letter does not stop its request from being forgotten; forgetting
-//! removes its free text (see `store::forget`).
+//! removes its free text (see `store::forget`). A dead letter whose task GetStatus has since
+//! reported at its sequence or later is marked superseded ([`Store::status_answered`]): the
+//! registry has read that state, so it stays listed but no longer counts as needing action.
 
 use anyhow::Result;
 use dsrelay_proto::prost::Message;
-use dsrelay_proto::v1::{Acknowledgement, ProcessorAuditEvent};
+use dsrelay_proto::v1::{Acknowledgement, ProcessorAuditEvent, TaskState};
 use dsrelay_runtime::store::placeholders;
 use sqlx::AnyConnection;
 
@@ -355,13 +357,69 @@ impl Store {
         Ok(true)
     }
 
+    /// Records that GetStatus answered `controller`'s request `request_id` at `now` with
+    /// `reported`, each task's (subprocessor, sequence, state): every dead letter of those
+    /// tasks parked by then whose sequence is at or below the one reported for its task is
+    /// marked superseded with that answer, unless an earlier answer marked it already.
+    /// Returns how many were marked. Dead letters are few, so the answer's usual case (none
+    /// for the request) is one read, and takes no write lock.
+    pub async fn status_answered(
+        &self,
+        controller: &str,
+        request_id: &str,
+        reported: &[(&str, i64, TaskState)],
+        now: i64,
+    ) -> Result<u64> {
+        let parked: Vec<(i64, String, i64)> = sqlx::query_as(
+            "SELECT id, subprocessor, sequence FROM ack_outbox \
+             WHERE dead_lettered_at IS NOT NULL AND sent_at IS NULL AND superseded_at IS NULL \
+             AND controller = $1 AND request_id = $2",
+        )
+        .bind(controller)
+        .bind(request_id)
+        .fetch_all(&self.db.reader)
+        .await?;
+        let superseded: Vec<(i64, i64, TaskState)> = parked
+            .iter()
+            .filter_map(|(id, subprocessor, sequence)| {
+                let (_, seq, state) = reported
+                    .iter()
+                    .find(|(s, ..)| *s == subprocessor.as_str())?;
+                (seq >= sequence).then_some((*id, *seq, *state))
+            })
+            .collect();
+        if superseded.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.db.pool.begin().await?;
+        let mut marked = 0;
+        for (id, sequence, state) in superseded {
+            // Matched again under the write: a row requeued (or marked) since the read is
+            // left as it now is.
+            marked += sqlx::query(
+                "UPDATE ack_outbox SET superseded_at = $1, superseded_sequence = $2, \
+                 superseded_state = $3 WHERE id = $4 AND dead_lettered_at IS NOT NULL \
+                 AND sent_at IS NULL AND superseded_at IS NULL AND sequence <= $2",
+            )
+            .bind(now)
+            .bind(sequence)
+            .bind(state as i32)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(marked)
+    }
+
     /// Dead-lettered acknowledgements with an id above `after_id`, oldest first, at most
-    /// `limit`.
+    /// `limit`, superseded ones included (marked).
     pub async fn dead_letters(&self, limit: i64, after_id: i64) -> Result<Vec<DeadLetter>> {
         let rows = sqlx::query(
             "SELECT id, controller, request_id, subprocessor, sequence, \
              CAST(rejections AS BIGINT) AS rejections, \
-             last_error, rejected_at, dead_lettered_at FROM ack_outbox \
+             last_error, rejected_at, dead_lettered_at, superseded_at FROM ack_outbox \
              WHERE dead_lettered_at IS NOT NULL AND sent_at IS NULL AND id > $2 \
              ORDER BY id LIMIT $1",
         )
@@ -385,16 +443,18 @@ impl Store {
                     dead_lettered_at: r
                         .try_get::<Option<i64>, _>("dead_lettered_at")?
                         .unwrap_or(0),
+                    superseded_at: r.try_get("superseded_at")?,
                 })
             })
             .collect()
     }
 
-    /// How many acknowledgements are dead-lettered.
+    /// How many dead-lettered acknowledgements still need an operator: superseded ones
+    /// ([`DeadLetter::superseded_at`]) are not counted.
     pub async fn dead_letter_count(&self) -> Result<i64> {
         Ok(sqlx::query_scalar(
             "SELECT CAST(COUNT(*) AS BIGINT) FROM ack_outbox \
-             WHERE dead_lettered_at IS NOT NULL AND sent_at IS NULL",
+             WHERE dead_lettered_at IS NOT NULL AND sent_at IS NULL AND superseded_at IS NULL",
         )
         .fetch_one(&self.db.reader)
         .await?)
@@ -402,12 +462,14 @@ impl Store {
 
     /// Puts dead-lettered acknowledgement `id` back in the queue, to be sent at once with a
     /// fresh count of rejections, in the name of the operator `by`. Returns false when no
-    /// such dead letter exists.
+    /// such dead letter exists. A superseded one is requeued too (sending it again is
+    /// harmless); its mark goes, so parked again it counts until a later answer supersedes it.
     pub async fn requeue_dead_letter(&self, id: i64, by: &str, now: i64) -> Result<bool> {
         let mut tx = self.begin_audited().await?;
         let row: Option<(String, String, String, i64)> = sqlx::query_as(
             "UPDATE ack_outbox SET dead_lettered_at = NULL, rejections = 0, attempts = 0, \
-             next_attempt_at = $1, lease_until = 0 \
+             next_attempt_at = $1, lease_until = 0, superseded_at = NULL, \
+             superseded_sequence = NULL, superseded_state = NULL \
              WHERE id = $2 AND dead_lettered_at IS NOT NULL AND sent_at IS NULL \
              RETURNING controller, request_id, subprocessor, sequence",
         )
@@ -452,11 +514,356 @@ pub struct DeadLetter {
     pub rejected_at: i64,
     /// When it was parked (ms).
     pub dead_lettered_at: i64,
+    /// When GetStatus, answering after it was parked, reported its task at its sequence or
+    /// later (ms): the registry has read that state, so requeueing it is not needed. `None`
+    /// while no such answer was given.
+    pub superseded_at: Option<i64>,
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{AckJob, Handoff, MAX_HANDED};
+    use dsrelay_proto::v1::{DeliverRequest, RequestKind, TaskState};
+    use dsrelay_runtime::store::Db;
+
+    use super::{AckJob, DeadLetter, Handoff, Store, MAX_HANDED};
+    use crate::store::{Transition, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+
+    /// A store with request `r-1` of `acme` delivered to `s0` and `s1`, both tasks COMPLETED
+    /// (sequence 2), and every acknowledgement queued for them dead-lettered at 5.
+    async fn dead_lettered(url: &str) -> Store {
+        let db = Db::connect(url).await.expect("connect");
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+            .await
+            .expect("migrate");
+        let store = Store::new(db, b"test key");
+        let req = DeliverRequest {
+            request_id: "r-1".into(),
+            kind: RequestKind::Erasure as i32,
+            ..Default::default()
+        };
+        let subprocessors = ["s0".to_string(), "s1".to_string()];
+        store
+            .accept("acme", &req, &subprocessors, None, 1)
+            .await
+            .expect("accept");
+        let done = Transition {
+            state: TaskState::Completed,
+            ..Default::default()
+        };
+        for job in store.claim_tasks(2, 10, 60_000).await.expect("claim") {
+            let t = &job.task;
+            let step = store.transition_leased(
+                &t.key,
+                t.sequence,
+                &job.lease_owner,
+                &done,
+                3,
+                1,
+                None,
+                false,
+            );
+            assert_eq!(step.await.expect("step"), Some(2));
+        }
+        park_all(&store, 5).await;
+        store
+    }
+
+    /// Claims every acknowledgement due and has the registry reject each once, with
+    /// `max_rejections` 1: each is dead-lettered at `now`.
+    async fn park_all(store: &Store, now: i64) {
+        // The service's store hands its steps' acknowledgements to its sender, leased.
+        let (mut acks, _) = store.take_handed_acks(100);
+        acks.extend(
+            store
+                .claim_acks(now, 100, 60_000)
+                .await
+                .expect("claim acks"),
+        );
+        assert!(!acks.is_empty());
+        for a in acks {
+            let rejected = store.ack_rejected(
+                (a.id, &a.lease_owner),
+                now,
+                "INVALID_ARGUMENT: test",
+                now,
+                1,
+            );
+            assert!(rejected.await.expect("rejected"));
+        }
+    }
+
+    /// The dead letters listed, as (subprocessor, sequence, superseded at), in id order.
+    async fn listed(store: &Store) -> Vec<(String, i64, Option<i64>)> {
+        let letters: Vec<DeadLetter> = store.dead_letters(100, 0).await.expect("list");
+        letters
+            .into_iter()
+            .map(|d| (d.subprocessor, d.sequence, d.superseded_at))
+            .collect()
+    }
+
+    /// A dead letter counts until GetStatus reports its task at its sequence or later; an
+    /// answer at an earlier sequence, about another task, another request or another
+    /// controller leaves it as it is. Superseded, it is still listed, with the time of the
+    /// answer that superseded it (a later answer does not move it), and its count drops.
+    async fn a_status_answer_supersedes_the_dead_letters_it_reports_past(
+        url: &str,
+        _: &std::path::Path,
+    ) {
+        let store = dead_lettered(url).await;
+        let before = listed(&store).await;
+        assert!(before.iter().all(|(_, _, at)| at.is_none()), "{before:?}");
+        assert!(
+            before.iter().any(|(s, seq, _)| s == "s0" && *seq == 2),
+            "{before:?}"
+        );
+        assert!(
+            before.iter().any(|(s, seq, _)| s == "s1" && *seq == 2),
+            "{before:?}"
+        );
+        let all = before.len() as i64;
+        assert_eq!(store.dead_letter_count().await.expect("count"), all);
+
+        // Not these tasks, or not far enough.
+        let high = [
+            ("s0", 9, TaskState::Completed),
+            ("s1", 9, TaskState::Completed),
+        ];
+        for (controller, request) in [("other", "r-1"), ("acme", "r-2")] {
+            let marked = store.status_answered(controller, request, &high, 10).await;
+            assert_eq!(marked.expect("answered"), 0);
+        }
+        let early = [("s0", 1, TaskState::Pending)];
+        store
+            .status_answered("acme", "r-1", &early, 10)
+            .await
+            .expect("answered");
+        let after_early = listed(&store).await;
+        for (s, seq, at) in &after_early {
+            // Only s0's letters at sequence 1 (its creation's, if one was queued) go.
+            let wanted = (s == "s0" && *seq <= 1).then_some(10);
+            assert_eq!(*at, wanted, "{after_early:?}");
+        }
+        let early_marked = after_early.iter().filter(|(.., at)| at.is_some()).count() as i64;
+        assert_eq!(
+            store.dead_letter_count().await.expect("count"),
+            all - early_marked
+        );
+
+        // s0 reported at its sequence: all of s0's letters are superseded, s1's are not.
+        let s0 = [("s0", 2, TaskState::Completed)];
+        let marked = store
+            .status_answered("acme", "r-1", &s0, 20)
+            .await
+            .expect("answered");
+        let after = listed(&store).await;
+        assert_eq!(after.len(), before.len(), "nothing is hidden");
+        for (s, seq, at) in &after {
+            let wanted = match (s.as_str(), *seq) {
+                ("s0", 1) => Some(10),
+                ("s0", _) => Some(20),
+                _ => None,
+            };
+            assert_eq!(*at, wanted, "{after:?}");
+        }
+        let s0_count = after.iter().filter(|(s, ..)| s == "s0").count() as i64;
+        assert_eq!(marked as i64, s0_count - early_marked);
+        assert_eq!(
+            store.dead_letter_count().await.expect("count"),
+            all - s0_count
+        );
+        // What the answer reported is what is recorded.
+        let recorded: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT superseded_sequence, CAST(superseded_state AS BIGINT) FROM ack_outbox \
+             WHERE subprocessor = 's0' AND sequence = 2",
+        )
+        .fetch_all(&store.db.pool)
+        .await
+        .expect("read");
+        assert_eq!(recorded, [(2, TaskState::Completed as i64)]);
+        store.db.pool.close().await;
+    }
+
+    /// A dead letter parked after an answer is not superseded by it: a superseded one
+    /// requeued (which still works) and parked again counts, unmarked, until the next answer.
+    async fn a_dead_letter_parked_after_the_answer_is_not_superseded_by_it(
+        url: &str,
+        _: &std::path::Path,
+    ) {
+        let store = dead_lettered(url).await;
+        let both = [
+            ("s0", 2, TaskState::Completed),
+            ("s1", 2, TaskState::Completed),
+        ];
+        store
+            .status_answered("acme", "r-1", &both, 10)
+            .await
+            .expect("answered");
+        assert_eq!(store.dead_letter_count().await.expect("count"), 0);
+        let letters = store.dead_letters(100, 0).await.expect("list");
+        let again = letters
+            .iter()
+            .find(|d| d.subprocessor == "s1" && d.sequence == 2)
+            .expect("s1's completion");
+        assert_eq!(again.superseded_at, Some(10));
+        assert!(store
+            .requeue_dead_letter(again.id, "op", 30)
+            .await
+            .expect("requeue"));
+        park_all(&store, 40).await;
+        let parked = store.dead_letters(100, 0).await.expect("list");
+        let parked = parked
+            .iter()
+            .find(|d| d.id == again.id)
+            .expect("parked again");
+        assert_eq!((parked.dead_lettered_at, parked.superseded_at), (40, None));
+        assert_eq!(store.dead_letter_count().await.expect("count"), 1);
+        // The next answer supersedes it again.
+        store
+            .status_answered("acme", "r-1", &both, 50)
+            .await
+            .expect("answered");
+        let parked = store.dead_letters(100, 0).await.expect("list");
+        let parked = parked.iter().find(|d| d.id == again.id).expect("listed");
+        assert_eq!(parked.superseded_at, Some(50));
+        assert_eq!(store.dead_letter_count().await.expect("count"), 0);
+        store.db.pool.close().await;
+    }
+
+    /// Through the real services over mutual TLS: a dead letter counts in the gauge and is
+    /// listed unmarked; once the registry's GetStatus has read its task at its sequence, it
+    /// is still listed, marked with the time of that answer, and the gauge drops to 0.
+    async fn get_status_marks_dead_letters_listed_by_the_operator_api(
+        database_url: &str,
+        dir: &std::path::Path,
+    ) {
+        use dsrelay_proto::millis_from_timestamp;
+        use dsrelay_proto::v1::processor_operator_service_client::ProcessorOperatorServiceClient;
+        use dsrelay_proto::v1::processor_operator_service_server::ProcessorOperatorServiceServer;
+        use dsrelay_proto::v1::processor_service_client::ProcessorServiceClient;
+        use dsrelay_proto::v1::processor_service_server::ProcessorServiceServer;
+        use dsrelay_proto::v1::{GetStatusRequest, ListDeadLettersRequest};
+        use dsrelay_runtime::pki::{dev_identity, DevPki};
+
+        let mut config = crate::contract_tests::config(dir, database_url, &["acme"]);
+        config.controllers[0].identity = dev_identity("registry", "controller");
+        config.operators = vec![dev_identity("operator", "ops")];
+        let app = crate::App::with_connectors(config, Default::default())
+            .await
+            .expect("app");
+        let shared = app.shared();
+        let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
+        let server_tls = pki.files("processor").server_config().expect("server tls");
+        let router = dsrelay_runtime::server::builder(server_tls)
+            .expect("server")
+            .add_service(ProcessorServiceServer::new(crate::api::Api::new(
+                shared.clone(),
+            )))
+            .add_service(ProcessorOperatorServiceServer::new(
+                crate::operator_api::OperatorApi::new(shared.clone()),
+            ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(dsrelay_runtime::server::serve(router, listener, async {
+            let _ = stopped.await;
+        }));
+        let channel = |as_who: &str| {
+            let tls = pki.files(as_who).client_config().expect("client tls");
+            dsrelay_runtime::tls::channel(
+                &format!("https://localhost:{port}"),
+                Some(dev_identity("processor", "payroll-bureau")),
+                &tls,
+            )
+            .expect("channel")
+        };
+        let mut registry = ProcessorServiceClient::new(channel("registry"));
+        let operator = ProcessorOperatorServiceClient::new(channel("operator"));
+        let gauge = || async {
+            let text = crate::metrics::render(&shared, shared.clock.now_ms())
+                .await
+                .expect("metrics");
+            let value = text
+                .lines()
+                .find_map(|l| l.strip_prefix("dsrelay_processor_acks_dead_lettered "));
+            value.expect("the gauge").parse::<f64>().expect("a number")
+        };
+
+        let now = shared.clock.now_ms();
+        let req = DeliverRequest {
+            request_id: "r-dead".into(),
+            kind: RequestKind::Erasure as i32,
+            ..Default::default()
+        };
+        (shared.store)
+            .accept("acme", &req, &["crm".to_string()], None, now)
+            .await
+            .expect("accept");
+        let done = Transition {
+            state: TaskState::Completed,
+            ..Default::default()
+        };
+        for job in shared
+            .store
+            .claim_tasks(now, 10, 60_000)
+            .await
+            .expect("claim")
+        {
+            let t = &job.task;
+            let step = (shared.store).transition_leased(
+                &t.key,
+                t.sequence,
+                &job.lease_owner,
+                &done,
+                now,
+                1,
+                None,
+                false,
+            );
+            assert_eq!(step.await.expect("step"), Some(2));
+        }
+        park_all(&shared.store, now).await;
+        let list = || {
+            let mut operator = operator.clone();
+            async move {
+                let asked = operator.list_dead_letters(ListDeadLettersRequest::default());
+                asked
+                    .await
+                    .expect("ListDeadLetters")
+                    .into_inner()
+                    .dead_letters
+            }
+        };
+        let letters = list().await;
+        assert_eq!(letters.len(), 1, "{letters:?}");
+        assert_eq!(letters[0].superseded_at, None);
+        assert_eq!(gauge().await, 1.0);
+
+        let before = shared.clock.now_ms();
+        let status = registry
+            .get_status(GetStatusRequest {
+                request_id: "r-dead".into(),
+            })
+            .await
+            .expect("GetStatus")
+            .into_inner();
+        let after = shared.clock.now_ms();
+        assert_eq!(status.tasks[0].sequence, letters[0].sequence);
+        let letters = list().await;
+        assert_eq!(letters.len(), 1, "still listed: {letters:?}");
+        let at = letters[0].superseded_at.as_ref().map(millis_from_timestamp);
+        let at = at.expect("marked superseded");
+        assert!((before..=after).contains(&at), "{at} in {before}..={after}");
+        assert_eq!(gauge().await, 0.0);
+        let _ = stop.send(());
+    }
+
+    on_both!(
+        get_status_marks_dead_letters_listed_by_the_operator_api,
+        a_status_answer_supersedes_the_dead_letters_it_reports_past,
+        a_dead_letter_parked_after_the_answer_is_not_superseded_by_it,
+    );
 
     fn job(id: i64) -> AckJob {
         AckJob {
