@@ -770,6 +770,11 @@ pub(crate) struct ListView {
 
 impl ListView {
     fn table(&self) -> String {
+        self.rows() + &self.next_page()
+    }
+
+    /// The requests as a table, without the next page's line.
+    pub(crate) fn rows(&self) -> String {
         let mut t = Table::new(["ID", "KIND", "STATE", "RECEIVED", "DUE", "OVERDUE"]);
         for r in &self.requests {
             t.row([
@@ -781,15 +786,24 @@ impl ListView {
                 yes_no(r.overdue).to_string(),
             ]);
         }
-        t.render() + &self.next_page()
+        t.render()
     }
 
     /// The line naming the next page's token; empty on the last page.
     pub(crate) fn next_page(&self) -> String {
+        self.next_page_with("")
+    }
+
+    /// [`Self::next_page`] with `flags` (each followed by a space) before the token: those a
+    /// page token needs that the command as typed would send otherwise.
+    pub(crate) fn next_page_with(&self, flags: &str) -> String {
         if self.next_page_token.is_empty() {
             return String::new();
         }
-        format!("next page: --page-token {}\n", clean(&self.next_page_token))
+        format!(
+            "next page: {flags}--page-token {}\n",
+            clean(&self.next_page_token)
+        )
     }
 }
 

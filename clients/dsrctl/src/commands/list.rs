@@ -150,12 +150,8 @@ impl ListOutput {
     /// needs.
     fn next_page(&self) -> String {
         match &self.page_on_due_before {
-            Some(at) if !self.view.next_page_token.is_empty() => self.view.next_page().replacen(
-                "next page: ",
-                &format!("next page: --due-before {at} "),
-                1,
-            ),
-            _ => self.view.next_page(),
+            Some(at) => self.view.next_page_with(&format!("--due-before {at} ")),
+            None => self.view.next_page(),
         }
     }
 }
@@ -163,10 +159,7 @@ impl ListOutput {
 impl Render for ListOutput {
     fn to_table(&self) -> String {
         if !self.view.requests.is_empty() {
-            let page = self.view.to_table();
-            let line = self.view.next_page();
-            let rows = page.strip_suffix(line.as_str()).unwrap_or(&page);
-            return rows.to_string() + &self.next_page();
+            return self.view.rows() + &self.next_page();
         }
         let none = if self.filters.is_empty() {
             "no requests\n".to_string()
