@@ -13,7 +13,7 @@ use dsrelay_proto::v1::subprocessor::MatchableIdentity;
 use dsrelay_proto::v1::{
     CancelDeliveryRequest, ContractEnd, ContractEndChoice, DeliverRequest, DeliverResponse,
     ExtendDueDateRequest, GetStatusRequest, ListSubprocessorsRequest, RequestKind, Subprocessor,
-    SubprocessorList, TaskList, TaskState, TransferRecipient, UpdateContractEndRequest,
+    SubprocessorList, TaskList, TransferRecipient, UpdateContractEndRequest,
 };
 use dsrelay_runtime::grpc::{self, Authorizer, CallerTrace, ServiceName};
 use dsrelay_runtime::identity::{
@@ -349,9 +349,9 @@ impl ProcessorService for Api {
         // The registry reads these states here, so a dead letter of one of these tasks at
         // or below its reported sequence no longer needs an operator. Failing to record
         // that keeps the dead letter counted; it does not withhold the answer.
-        let reported: Vec<(&str, i64, TaskState)> = tasks
+        let reported: Vec<(&str, i64)> = tasks
             .iter()
-            .map(|t| (t.key.subprocessor.as_str(), t.sequence, t.state))
+            .map(|t| (t.key.subprocessor.as_str(), t.sequence))
             .collect();
         let now = self.shared.clock.now_ms();
         if let Err(e) = store

@@ -9,7 +9,7 @@
 
 use anyhow::Result;
 use dsrelay_proto::prost::Message;
-use dsrelay_proto::v1::{Acknowledgement, ProcessorAuditEvent, TaskState};
+use dsrelay_proto::v1::{Acknowledgement, ProcessorAuditEvent};
 use dsrelay_runtime::store::placeholders;
 use sqlx::AnyConnection;
 
@@ -358,7 +358,7 @@ impl Store {
     }
 
     /// Records that GetStatus answered `controller`'s request `request_id` at `now` with
-    /// `reported`, each task's (subprocessor, sequence, state): every dead letter of those
+    /// `reported`, each task's (subprocessor, sequence): every dead letter of those
     /// tasks parked by then whose sequence is at or below the one reported for its task is
     /// marked superseded with that answer, unless an earlier answer marked it already.
     /// Returns how many were marked. Dead letters are few, so the answer's usual case (none
@@ -367,7 +367,7 @@ impl Store {
         &self,
         controller: &str,
         request_id: &str,
-        reported: &[(&str, i64, TaskState)],
+        reported: &[(&str, i64)],
         now: i64,
     ) -> Result<u64> {
         let parked: Vec<(i64, String, i64)> = sqlx::query_as(
@@ -379,13 +379,11 @@ impl Store {
         .bind(request_id)
         .fetch_all(&self.db.reader)
         .await?;
-        let superseded: Vec<(i64, i64, TaskState)> = parked
+        let superseded: Vec<(i64, i64)> = parked
             .iter()
             .filter_map(|(id, subprocessor, sequence)| {
-                let (_, seq, state) = reported
-                    .iter()
-                    .find(|(s, ..)| *s == subprocessor.as_str())?;
-                (seq >= sequence).then_some((*id, *seq, *state))
+                let (_, seq) = reported.iter().find(|(s, _)| *s == subprocessor.as_str())?;
+                (seq >= sequence).then_some((*id, *seq))
             })
             .collect();
         if superseded.is_empty() {
@@ -393,17 +391,16 @@ impl Store {
         }
         let mut tx = self.db.pool.begin().await?;
         let mut marked = 0;
-        for (id, sequence, state) in superseded {
+        for (id, sequence) in superseded {
             // Matched again under the write: a row requeued (or marked) since the read is
             // left as it now is.
             marked += sqlx::query(
-                "UPDATE ack_outbox SET superseded_at = $1, superseded_sequence = $2, \
-                 superseded_state = $3 WHERE id = $4 AND dead_lettered_at IS NOT NULL \
-                 AND sent_at IS NULL AND superseded_at IS NULL AND sequence <= $2",
+                "UPDATE ack_outbox SET superseded_at = $1 WHERE id = $3 \
+                 AND dead_lettered_at IS NOT NULL AND sent_at IS NULL \
+                 AND superseded_at IS NULL AND sequence <= $2",
             )
             .bind(now)
             .bind(sequence)
-            .bind(state as i32)
             .bind(id)
             .execute(&mut *tx)
             .await?
@@ -468,8 +465,7 @@ impl Store {
         let mut tx = self.begin_audited().await?;
         let row: Option<(String, String, String, i64)> = sqlx::query_as(
             "UPDATE ack_outbox SET dead_lettered_at = NULL, rejections = 0, attempts = 0, \
-             next_attempt_at = $1, lease_until = 0, superseded_at = NULL, \
-             superseded_sequence = NULL, superseded_state = NULL \
+             next_attempt_at = $1, lease_until = 0, superseded_at = NULL \
              WHERE id = $2 AND dead_lettered_at IS NOT NULL AND sent_at IS NULL \
              RETURNING controller, request_id, subprocessor, sequence",
         )
@@ -624,15 +620,12 @@ mod tests {
         assert_eq!(store.dead_letter_count().await.expect("count"), all);
 
         // Not these tasks, or not far enough.
-        let high = [
-            ("s0", 9, TaskState::Completed),
-            ("s1", 9, TaskState::Completed),
-        ];
+        let high = [("s0", 9), ("s1", 9)];
         for (controller, request) in [("other", "r-1"), ("acme", "r-2")] {
             let marked = store.status_answered(controller, request, &high, 10).await;
             assert_eq!(marked.expect("answered"), 0);
         }
-        let early = [("s0", 1, TaskState::Pending)];
+        let early = [("s0", 1)];
         store
             .status_answered("acme", "r-1", &early, 10)
             .await
@@ -650,7 +643,7 @@ mod tests {
         );
 
         // s0 reported at its sequence: all of s0's letters are superseded, s1's are not.
-        let s0 = [("s0", 2, TaskState::Completed)];
+        let s0 = [("s0", 2)];
         let marked = store
             .status_answered("acme", "r-1", &s0, 20)
             .await
@@ -671,15 +664,6 @@ mod tests {
             store.dead_letter_count().await.expect("count"),
             all - s0_count
         );
-        // What the answer reported is what is recorded.
-        let recorded: Vec<(i64, i64)> = sqlx::query_as(
-            "SELECT superseded_sequence, CAST(superseded_state AS BIGINT) FROM ack_outbox \
-             WHERE subprocessor = 's0' AND sequence = 2",
-        )
-        .fetch_all(&store.db.pool)
-        .await
-        .expect("read");
-        assert_eq!(recorded, [(2, TaskState::Completed as i64)]);
         store.db.pool.close().await;
     }
 
@@ -690,10 +674,7 @@ mod tests {
         _: &std::path::Path,
     ) {
         let store = dead_lettered(url).await;
-        let both = [
-            ("s0", 2, TaskState::Completed),
-            ("s1", 2, TaskState::Completed),
-        ];
+        let both = [("s0", 2), ("s1", 2)];
         store
             .status_answered("acme", "r-1", &both, 10)
             .await
