@@ -439,12 +439,8 @@ mod tests {
         let reads = async {
             let got = store.request_with_tasks("r1").await.unwrap();
             let filter = crate::store::ListFilter {
-                partner: None,
-                states: vec![],
-                kind: None,
-                overdue_only: false,
-                before: None,
                 limit: 10,
+                ..Default::default()
             };
             let listed = store.list(&filter, 0).await.unwrap();
             let events = store.events("r1").await.unwrap();

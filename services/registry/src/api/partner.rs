@@ -257,18 +257,14 @@ impl RequestService for Api {
             states: r.states.clone(),
             kind: (r.kind != 0).then_some(r.kind),
             overdue_only: r.overdue_only,
+            due_before,
             before,
             limit: i64::from(page_size) + 1,
         };
         let mut rows = self
             .shared
             .store
-            .list_about(
-                &filter,
-                &identities.hashes,
-                due_before,
-                self.shared.clock.now_ms(),
-            )
+            .list_about(&filter, &identities.hashes, self.shared.clock.now_ms())
             .await
             .map_err(ApiError::from)?;
         let more = rows.len() > page_size as usize;

@@ -18,8 +18,11 @@ pub struct ListFilter {
     pub states: Vec<i32>,
     /// Only this kind (proto enum value).
     pub kind: Option<i32>,
-    /// Only overdue ones.
+    /// Only overdue ones: open and due before the `now` the list is read at.
     pub overdue_only: bool,
+    /// Only open ones due before this instant (milliseconds since the epoch), found through
+    /// `requests_open_by_due` (migration 0022): one range of due dates per open state.
+    pub due_before: Option<i64>,
     /// Only those older than this (received_at, id) position.
     pub before: Option<(i64, String)>,
     /// At most this many.
@@ -214,24 +217,21 @@ impl Store {
 
     /// Requests matching `f`, newest first.
     pub async fn list(&self, f: &ListFilter, now: i64) -> Result<Vec<RequestRow>> {
-        self.list_about(f, &[], None, now).await
+        self.list_about(f, &[], now).await
     }
 
     /// Requests matching `f` that hold one of `identity_hashes` (keyed identity hashes, as
     /// `requests.identity_hashes` holds them), newest first; with none given, every request
     /// matching `f`. The hashes are looked up in `request_identity_hashes` (migration 0021),
     /// which holds each request's, so a subject's few requests are read by key, not found by
-    /// reading every request (or every one of a partner's). With `due_before` (milliseconds
-    /// since the epoch), only open requests due before it, found through `requests_open_by_due`
-    /// (migration 0022): one range of due dates per open state.
+    /// reading every request (or every one of a partner's).
     pub async fn list_about(
         &self,
         f: &ListFilter,
         identity_hashes: &[String],
-        due_before: Option<i64>,
         now: i64,
     ) -> Result<Vec<RequestRow>> {
-        let (sql, binds) = list_statement(f, identity_hashes, due_before, now);
+        let (sql, binds) = list_statement(f, identity_hashes, now);
         let mut q = sqlx::query_as(&sql);
         for b in binds {
             q = match b {
@@ -315,12 +315,7 @@ impl Store {
 }
 
 /// The statement of [`Store::list_about`] and the values of its placeholders, in order.
-fn list_statement(
-    f: &ListFilter,
-    identity_hashes: &[String],
-    due_before: Option<i64>,
-    now: i64,
-) -> (String, Vec<Bind>) {
+fn list_statement(f: &ListFilter, identity_hashes: &[String], now: i64) -> (String, Vec<Bind>) {
     // Built by hand rather than with sqlx's QueryBuilder: through the `Any` driver that
     // writes `?` placeholders, which PostgreSQL does not accept.
     let mut binds = Vec::new();
@@ -368,12 +363,13 @@ fn list_statement(
     let open = crate::fold::OPEN_STATES
         .map(|s| (s as i32).to_string())
         .join(", ");
-    if f.overdue_only {
-        let n = param(Bind::I64(now), &mut binds);
-        sql.push_str(&format!(" AND due_at < {n} AND state IN ({open})"));
-    }
-    if let Some(due_before) = due_before {
-        let n = param(Bind::I64(due_before), &mut binds);
+    // Overdue is due before `now`; with `due_before` as well, the smaller bound holds both.
+    let due_bound = match (f.overdue_only.then_some(now), f.due_before) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    if let Some(bound) = due_bound {
+        let n = param(Bind::I64(bound), &mut binds);
         sql.push_str(&format!(" AND due_at < {n} AND state IN ({open})"));
     }
     if let Some((at, id)) = &f.before {
@@ -596,9 +592,10 @@ mod due_plan_tests {
         };
         let filter = ListFilter {
             limit: 51,
+            due_before: Some(MANY * 500),
             ..Default::default()
         };
-        let (sql, binds) = list_statement(&filter, &[], Some(MANY * 500), MANY * 1000);
+        let (sql, binds) = list_statement(&filter, &[], MANY * 1000);
         let explained = format!("{explain} {sql}");
         let mut q = sqlx::query(&explained);
         for b in binds {
@@ -632,6 +629,107 @@ mod due_plan_tests {
             let plan = due_plan(&url).await;
             assert!(plan.contains("requests_open_by_due"), "{plan}");
             assert!(!plan.contains("Seq Scan on requests"), "{plan}");
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod due_filter_tests {
+    //! `overdue_only` and `due_before` together: the requests both select, through the one
+    //! clause holding the smaller bound.
+
+    use dsrelay_proto::v1::RequestKind;
+    use dsrelay_runtime::store::Db;
+
+    use super::{list_statement, ListFilter};
+    use crate::store::{CancelOutcome, NewRequest, Store, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+    use crate::test_postgres::on_postgres;
+
+    /// The ids `f` lists at `now`, sorted.
+    async fn ids(store: &Store, f: &ListFilter, now: i64) -> Vec<String> {
+        let mut ids: Vec<String> = store
+            .list(f, now)
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    async fn both_filters_list_the_intersection(url: &str) {
+        let db = Db::connect(url).await.expect("connect");
+        db.migrate(&SQLITE_MIGRATIONS, &POSTGRES_MIGRATIONS)
+            .await
+            .expect("migrate");
+        let store = Store::new(db, b"test key");
+        for (id, due_at) in [("a", 100), ("b", 200), ("c", 300), ("d", 400), ("x", 50)] {
+            store
+                .insert_request(&NewRequest {
+                    id: id.into(),
+                    partner: "crm".into(),
+                    idempotency_key: id.into(),
+                    body_hash: "hash".into(),
+                    body: Vec::new(),
+                    identity_hashes: "[\"h\"]".into(),
+                    kind: RequestKind::Erasure as i32,
+                    received_at: 0,
+                    due_at,
+                    trace_id: "0".repeat(32),
+                    traceparent: None,
+                    // A delivery not yet accepted, which a cancellation stops.
+                    processors: vec!["p1".into()],
+                })
+                .await
+                .expect("a request");
+        }
+        // Due earliest but no longer open: neither filter lists it.
+        assert!(matches!(
+            store.cancel("x", "withdrawn", 10).await.expect("cancel"),
+            CancelOutcome::Cancelled
+        ));
+        let filter = |overdue_only: bool, due_before: Option<i64>| ListFilter {
+            overdue_only,
+            due_before,
+            limit: 10,
+            ..Default::default()
+        };
+        // Each bound the smaller in turn, and both equal.
+        for (now, due_before, expected) in [
+            (350, 250, &["a", "b"][..]),
+            (250, 350, &["a", "b"][..]),
+            (150, 350, &["a"][..]),
+            (300, 300, &["a", "b"][..]),
+            (450, 90, &[][..]),
+        ] {
+            let overdue = ids(&store, &filter(true, None), now).await;
+            let due = ids(&store, &filter(false, Some(due_before)), now).await;
+            let both = ids(&store, &filter(true, Some(due_before)), now).await;
+            let intersection: Vec<String> = overdue
+                .iter()
+                .filter(|id| due.contains(id))
+                .cloned()
+                .collect();
+            assert_eq!(both, intersection, "now {now}, due_before {due_before}");
+            assert_eq!(both, expected, "now {now}, due_before {due_before}");
+            let (sql, _) = list_statement(&filter(true, Some(due_before)), &[], now);
+            assert_eq!(sql.matches("due_at <").count(), 1, "{sql}");
+        }
+    }
+
+    #[tokio::test]
+    async fn overdue_and_due_before_list_the_intersection_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        both_filters_list_the_intersection(&url).await;
+    }
+
+    #[tokio::test]
+    async fn overdue_and_due_before_list_the_intersection_on_postgres() {
+        on_postgres(|url, _| async move {
+            both_filters_list_the_intersection(&url).await;
         })
         .await;
     }
