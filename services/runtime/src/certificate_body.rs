@@ -46,25 +46,13 @@ fn checked<T: DeserializeOwned>(body: &Value, quote: bool) -> Result<T, String> 
                 false => "its version is not 1 or 2".to_string(),
             })?,
     };
-    let mut required = vec![
-        "version",
-        "certificate_id",
-        "kind",
-        "processor",
-        "controller",
-        "request_id",
-        "subprocessor",
-        "task_state",
-        "records_affected",
-        "erased",
-        "retained",
-        "completed_at",
-        "issued_at",
-    ];
+    let mut required = KEYS.body.required.to_vec();
+    let mut optional = KEYS.body.optional.to_vec();
     if version == 2 {
-        required.push("contract_end");
+        required.extend(KEYS.body_v2.required);
+        optional.extend(KEYS.body_v2.optional);
     }
-    let top = Place::top(body, &required, &["uncounted", "follows"], version, quote)?;
+    let top = Place::top(body, &required, &optional, version, quote)?;
     let kind = top.one_of("kind", &["erasure", "contract_end"])?;
     if version == 2 && kind != "contract_end" {
         return Err(format!(
@@ -79,7 +67,7 @@ fn checked<T: DeserializeOwned>(body: &Value, quote: bool) -> Result<T, String> 
     top.one_of("task_state", &["COMPLETED", "RETAINED"])?;
     top.count("records_affected")?;
     for (i, item) in top.array("erased")?.iter().enumerate() {
-        let e = top.item("erased", i, item, &["target", "action", "count"], &[])?;
+        let e = top.item("erased", i, item, &KEYS.erased)?;
         // Strings, possibly empty: the processor signs an adapter's BulkErasedCount as the
         // adapter answered it (clipped, never refused), and proto3 sends an unset target or
         // action as "", so every processor since the adapter connector's ExecuteBulk signs
@@ -89,22 +77,12 @@ fn checked<T: DeserializeOwned>(body: &Value, quote: bool) -> Result<T, String> 
         e.count("count")?;
     }
     for (i, item) in top.array("retained")?.iter().enumerate() {
-        let r = top.item(
-            "retained",
-            i,
-            item,
-            &["subprocessor", "legal_basis", "until"],
-            &[],
-        )?;
+        let r = top.item("retained", i, item, &KEYS.retained)?;
         r.name("subprocessor")?;
         r.text("legal_basis")?;
         r.until("until")?;
     }
-    if let Some(u) = top.child(
-        "uncounted",
-        &["reason", "records", "subjects"],
-        &["earlier_records", "earlier_subjects"],
-    )? {
+    if let Some(u) = top.child("uncounted", &KEYS.uncounted)? {
         u.text("reason")?;
         for key in ["records", "subjects", "earlier_records", "earlier_subjects"] {
             u.count_if_present(key)?;
@@ -115,11 +93,7 @@ fn checked<T: DeserializeOwned>(body: &Value, quote: bool) -> Result<T, String> 
     }
     top.time("completed_at")?;
     top.time("issued_at")?;
-    if let Some(end) = top.child(
-        "contract_end",
-        &["choice", "effective_at", "grace_ends_at"],
-        &["returned"],
-    )? {
+    if let Some(end) = top.child("contract_end", &KEYS.contract_end)? {
         contract_end(&end)?;
     }
     serde_json::from_value(body.clone()).map_err(|e| match quote {
@@ -134,7 +108,7 @@ fn contract_end(end: &Place<'_>) -> Result<(), String> {
     let choice = end.one_of("choice", &["NONE", "DELETE", "RETURN_THEN_DELETE"])?;
     end.time("effective_at")?;
     end.time("grace_ends_at")?;
-    let returned = end.child("returned", &["to", "confirmation"], &["recipient", "part"])?;
+    let returned = end.child("returned", &KEYS.returned)?;
     let Some(returned) = returned else {
         if choice == "RETURN_THEN_DELETE" {
             return Err("its contract_end has no returned, which RETURN_THEN_DELETE has".into());
@@ -158,11 +132,7 @@ fn contract_end(end: &Place<'_>) -> Result<(), String> {
         }
         _ => {}
     }
-    if let Some(part) = returned.child(
-        "part",
-        &["manifest_sha256", "files", "bytes"],
-        &["delivered_at"],
-    )? {
+    if let Some(part) = returned.child("part", &KEYS.part)? {
         let digest = part.text("manifest_sha256")?;
         if digest.len() != 64
             || !digest
@@ -181,7 +151,7 @@ fn contract_end(end: &Place<'_>) -> Result<(), String> {
         }
     }
     let confirmation = returned
-        .child("confirmation", &["state"], &["at"])?
+        .child("confirmation", &KEYS.confirmation)?
         .ok_or("its contract_end.returned has no confirmation")?;
     let state = confirmation.one_of("state", &["CONFIRMED", "GRACE_PERIOD_ENDED"])?;
     match confirmation.map.contains_key("at") {
@@ -253,53 +223,40 @@ impl<'a> Place<'a> {
         }
     }
 
-    /// The object under `key` with exactly these keys, or `None` when `key` is absent.
-    fn child(
-        &self,
-        key: &str,
-        required: &[&str],
-        optional: &[&str],
-    ) -> Result<Option<Place<'a>>, String> {
+    /// The object under `key` with the keys `keys` allows, or `None` when `key` is absent.
+    fn child(&self, key: &str, keys: &Keys) -> Result<Option<Place<'a>>, String> {
         match self.map.get(key) {
             None => Ok(None),
-            Some(v) => Place::nested(self.field(key), v, required, optional, self.quote).map(Some),
+            Some(v) => Place::nested(self.field(key), v, keys, self.quote).map(Some),
         }
     }
 
-    /// Item `i` of the array under `key`: an object with exactly these keys.
+    /// Item `i` of the array under `key`: an object with the keys `keys` allows.
     fn item(
         &self,
         key: &str,
         i: usize,
         value: &'a Value,
-        required: &[&str],
-        optional: &[&str],
+        keys: &Keys,
     ) -> Result<Place<'a>, String> {
-        Place::nested(
-            format!("{}[{i}]", self.field(key)),
-            value,
-            required,
-            optional,
-            self.quote,
-        )
+        Place::nested(format!("{}[{i}]", self.field(key)), value, keys, self.quote)
     }
 
     fn nested(
         path: String,
         value: &'a Value,
-        required: &[&str],
-        optional: &[&str],
+        keys: &Keys,
         quote: bool,
     ) -> Result<Place<'a>, String> {
         let map = value
             .as_object()
             .ok_or_else(|| format!("its {path} is not an object"))?;
-        for key in required {
+        for key in keys.required {
             if !map.contains_key(*key) {
                 return Err(format!("its {path} has no {key}"));
             }
         }
-        if let Some(key) = unknown(map, required, optional) {
+        if let Some(key) = unknown(map, keys.required, keys.optional) {
             return Err(format!(
                 "its {path} has {}, which certificate.proto does not define there",
                 key_named(key, quote)
@@ -435,56 +392,127 @@ impl<'a> Place<'a> {
     }
 }
 
-/// Every key name certificate.proto defines, at any place of a body: a message may name
-/// one of these even when it quotes nothing of the body, as it is certificate.proto's word.
-const DEFINED_KEYS: [&str; 40] = [
-    "version",
-    "certificate_id",
-    "kind",
-    "processor",
-    "controller",
-    "request_id",
-    "subprocessor",
-    "task_state",
-    "records_affected",
-    "erased",
-    "retained",
-    "completed_at",
-    "issued_at",
-    "uncounted",
-    "follows",
-    "contract_end",
-    "target",
-    "action",
-    "count",
-    "legal_basis",
-    "until",
-    "reason",
-    "records",
-    "subjects",
-    "earlier_records",
-    "earlier_subjects",
-    "choice",
-    "effective_at",
-    "grace_ends_at",
-    "returned",
-    "to",
-    "recipient",
-    "part",
-    "confirmation",
-    "manifest_sha256",
-    "files",
-    "bytes",
-    "delivered_at",
-    "state",
-    "at",
-];
+/// The keys of one place of a body: those it must have, and those it may have.
+struct Keys {
+    required: &'static [&'static str],
+    optional: &'static [&'static str],
+}
+
+/// The keys of every place of a body, as certificate.proto defines them.
+struct BodyKeys {
+    /// The body itself, of either version.
+    body: Keys,
+    /// What a version 2 body has besides [`BodyKeys::body`]'s.
+    body_v2: Keys,
+    /// Each item of `erased`.
+    erased: Keys,
+    /// Each item of `retained`.
+    retained: Keys,
+    uncounted: Keys,
+    contract_end: Keys,
+    /// `contract_end.returned`.
+    returned: Keys,
+    /// `contract_end.returned.part`.
+    part: Keys,
+    /// `contract_end.returned.confirmation`.
+    confirmation: Keys,
+}
+
+impl BodyKeys {
+    /// Every place's keys. The pattern names every field, so a place added to
+    /// [`BodyKeys`] does not compile until it is listed here too.
+    fn places(&self) -> [&Keys; 9] {
+        let BodyKeys {
+            body,
+            body_v2,
+            erased,
+            retained,
+            uncounted,
+            contract_end,
+            returned,
+            part,
+            confirmation,
+        } = self;
+        [
+            body,
+            body_v2,
+            erased,
+            retained,
+            uncounted,
+            contract_end,
+            returned,
+            part,
+            confirmation,
+        ]
+    }
+}
+
+const KEYS: BodyKeys = BodyKeys {
+    body: Keys {
+        required: &[
+            "version",
+            "certificate_id",
+            "kind",
+            "processor",
+            "controller",
+            "request_id",
+            "subprocessor",
+            "task_state",
+            "records_affected",
+            "erased",
+            "retained",
+            "completed_at",
+            "issued_at",
+        ],
+        optional: &["uncounted", "follows"],
+    },
+    body_v2: Keys {
+        required: &["contract_end"],
+        optional: &[],
+    },
+    erased: Keys {
+        required: &["target", "action", "count"],
+        optional: &[],
+    },
+    retained: Keys {
+        required: &["subprocessor", "legal_basis", "until"],
+        optional: &[],
+    },
+    uncounted: Keys {
+        required: &["reason", "records", "subjects"],
+        optional: &["earlier_records", "earlier_subjects"],
+    },
+    contract_end: Keys {
+        required: &["choice", "effective_at", "grace_ends_at"],
+        optional: &["returned"],
+    },
+    returned: Keys {
+        required: &["to", "confirmation"],
+        optional: &["recipient", "part"],
+    },
+    part: Keys {
+        required: &["manifest_sha256", "files", "bytes"],
+        optional: &["delivered_at"],
+    },
+    confirmation: Keys {
+        required: &["state"],
+        optional: &["at"],
+    },
+};
+
+/// Whether certificate.proto defines `key` at any place of a body: a message may name such
+/// a key even when it quotes nothing of the body, as it is certificate.proto's word.
+fn defined(key: &str) -> bool {
+    KEYS.places()
+        .iter()
+        .any(|p| p.required.contains(&key) || p.optional.contains(&key))
+}
 
 /// How a message names a key a place does not allow: quoted when `quote`, or when
 /// certificate.proto defines it elsewhere; otherwise not at all (its name is the body's
 /// text, which may be anything).
 fn key_named(key: &str, quote: bool) -> String {
-    match quote || DEFINED_KEYS.contains(&key) {
+    match quote || defined(key) {
         true => format!("the key {key:?}"),
         false => "a key not named here (its name is the body's text)".to_string(),
     }
@@ -746,5 +774,41 @@ mod tests {
         end["contract_end"]["choice"] = json!(TEXT);
         assert!(quiet(end).starts_with("its contract_end.choice is not \"NONE\""));
         check_quoting_nothing::<Read>(&erasure()).expect("a certificate");
+    }
+
+    /// Every key the checks allow at some place is one a message quoting nothing names, and
+    /// certificate.proto's description of the body names it; a key no place allows is not
+    /// named. Each place lists a key once, as required or optional, not both.
+    #[test]
+    fn the_keys_a_message_names_are_those_of_the_places() {
+        let proto = include_str!("../../../proto/dsrelay/v1/certificate.proto");
+        // The key as a word of the proto's text, not part of a longer name.
+        let described = |key: &str| {
+            let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+            proto.match_indices(key).any(|(at, _)| {
+                !proto[..at].ends_with(word) && !proto[at + key.len()..].starts_with(word)
+            })
+        };
+        for place in KEYS.places() {
+            let keys: Vec<&str> = place
+                .required
+                .iter()
+                .chain(place.optional)
+                .copied()
+                .collect();
+            for (i, key) in keys.iter().enumerate() {
+                assert!(!keys[..i].contains(key), "{key} twice in one place");
+                assert!(defined(key), "{key}");
+                assert_eq!(key_named(key, false), format!("the key {key:?}"));
+                assert!(described(key), "certificate.proto does not describe {key}");
+            }
+        }
+        for key in ["seq", "hash", "note", "jane.doe@example.org", "", "Version"] {
+            assert!(!defined(key), "{key}");
+            assert_eq!(
+                key_named(key, false),
+                "a key not named here (its name is the body's text)"
+            );
+        }
     }
 }
