@@ -98,13 +98,19 @@ pub fn text_violation(
         };
         return Some(FieldViolation::new(field, rule));
     }
-    if value
+    if let Some(c) = value
         .chars()
-        .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+        .find(|&c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
     {
+        // Named, as a format character is: most are invisible, and a caller that does not
+        // know which one it sent cannot find it in a long text.
         return Some(FieldViolation::new(
             field,
-            "must not contain control characters (other than tab and line breaks)",
+            format!(
+                "must not contain control characters (other than tab and line breaks): \
+                 found U+{:04X}",
+                u32::from(c)
+            ),
         ));
     }
     if let Some(c) = value.chars().find(|&c| refused_in_text(c)) {
@@ -1125,6 +1131,31 @@ mod tests {
         for text in ["\u{0645}\u{200C}\u{06CC}", "👨\u{200D}👩", "ok ✔\u{FE0F}"] {
             assert_eq!(text_violation("note", text, 64, true), None, "{text}");
         }
+    }
+
+    /// Free text refuses a control character other than tab and line breaks naming its code
+    /// point, as registry.proto promises: BEL, DEL and NEL (a C1 control) are as invisible as
+    /// a format character. The first one of a text is named.
+    #[test]
+    fn free_text_refuses_control_characters_naming_the_code_point() {
+        for (c, named) in [
+            ('\u{0007}', "U+0007"),
+            ('\u{007F}', "U+007F"),
+            ('\u{0085}', "U+0085"),
+        ] {
+            let v =
+                text_violation("note", &format!("a{c}b{c}\u{0001}"), 64, false).expect("refused");
+            assert_eq!(v.field, "note");
+            assert_eq!(
+                v.rule,
+                format!(
+                    "must not contain control characters (other than tab and line breaks): \
+                     found {named}"
+                ),
+                "{c:?}"
+            );
+        }
+        assert_eq!(text_violation("note", "a\tb\r\nc", 64, true), None);
     }
 
     /// A byte order mark a CSV export left before an address: accepted, the request

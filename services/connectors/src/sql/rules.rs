@@ -793,11 +793,11 @@ mod tests {
             problems,
             [
                 "tables[0] (t): retain basis must not contain control characters (other than \
-                 tab and line breaks); write the law or contract as certificates should quote \
-                 it",
+                 tab and line breaks): found U+0001; write the law or contract as certificates \
+                 should quote it",
                 "tables[0] (t): retain while_basis must not contain control characters (other \
-                 than tab and line breaks); write the law or contract as certificates should \
-                 quote it",
+                 than tab and line breaks): found U+007F; write the law or contract as \
+                 certificates should quote it",
             ]
         );
         let long = "§".repeat(MAX_BASIS / 2 + 1);
