@@ -514,7 +514,7 @@ pub(crate) struct RequestView {
     pub(crate) follow_up_deliveries: Vec<DeliveryView>,
     pub(crate) tasks: Vec<TaskView>,
     /// A contract end's returned data deleted without a confirmation, in the words of
-    /// [`crate::commands::contracts::unconfirmed_return`]: the request carries no terms, so
+    /// `commands::contracts::unconfirmed_return`: the request carries no terms, so
     /// only `get` sets it, from the contract end.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) return_unconfirmed: Option<String>,

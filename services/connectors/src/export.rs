@@ -353,7 +353,7 @@ pub struct Block {
 /// cache, as the registry writes package files (`packages/direct.rs` there says why: on the
 /// virtual machines measured, copying into page cache pages costs several times a memory
 /// copy); the last, partial block goes through the page cache. A block's buffer comes back
-/// for the next blocks once the write and the watcher are done with it ([`Lent`]).
+/// for the next blocks once the write and the watcher are done with it (`Lent`).
 #[derive(Debug)]
 pub struct ExportWriter {
     /// The file through the page cache: the last block, and the syncs.
@@ -678,7 +678,7 @@ impl CsvWriter {
 const FORMULA_STARTS: [u8; 6] = [b'=', b'+', b'-', b'@', b'\t', b'\r'];
 
 /// `text` as a CSV field, with a `'` before it when it begins with one of
-/// [`FORMULA_STARTS`]: a package's CSV files are meant to be opened in a spreadsheet, which
+/// `FORMULA_STARTS`: a package's CSV files are meant to be opened in a spreadsheet, which
 /// would otherwise run `=HYPERLINK(...)` typed into a name field by whoever filled it in. The
 /// spreadsheet shows the text without the quote; a program reading the file sees it. A
 /// signed plain number (`-12.50`, `+358401234567`) is left as it is: a spreadsheet reads it

@@ -20,8 +20,9 @@
 //! Transitions and postponements match the token too, so a step that ends after its lease
 //! was taken records nothing over the new holder's work.
 //!
-//! When the service stops (its [`Stop`] turns true) no task is claimed any more; steps in
-//! flight get `shutdown_grace_ms` to finish. A step still calling its holder then is
+//! When the service stops (its [`Stop`](dsrelay_runtime::host::Stop) turns true) no task is
+//! claimed any more; steps in flight get `shutdown_grace_ms` to finish. A step still
+//! calling its holder then is
 //! abandoned like one whose lease was lost, and its lease released on the spot
 //! ([`Store::release_lease`](crate::store::Store::release_lease)) so that another replica
 //! claims the task at once instead of waiting `tasks.lease_ms`; the call having been noted,

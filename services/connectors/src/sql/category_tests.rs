@@ -45,15 +45,10 @@ fn rule(table: &str, categories: Option<&[&str]>, export: &[&str]) -> TableRule 
     TableRule {
         table: table.into(),
         action: Action::Delete,
-        parent: None,
         match_columns: BTreeMap::from([("email".to_string(), "email".to_string())]),
-        anonymize: BTreeMap::new(),
         export: strings(export),
-        rectify: BTreeMap::new(),
-        restrict_column: None,
-        suppress_column: None,
-        retain: None,
         categories: categories.map(strings),
+        ..Default::default()
     }
 }
 

@@ -134,8 +134,9 @@ impl<'a> Scoped<'a> {
             .expect("a test gives a matchable identity")
     }
 
-    /// [`Scoped::erase`] under the receipt of `task_key`, when given: the erasure stores its
-    /// report under the key in the receipt table, in its own transaction. When an earlier
+    /// The erasure of the subject known by `raw` as of `now_ms` (what the tests' `erase`
+    /// runs) under the receipt of `task_key`, when given: the erasure stores its report under
+    /// the key in the receipt table, in its own transaction. When an earlier
     /// call committed under the key, this call's work is rolled back and the earlier report
     /// is returned, with `true`. On SQLite the erasure shares a transaction with those
     /// queued beside it ([`super::writer`]), in a savepoint of its own; on PostgreSQL it has
@@ -546,7 +547,8 @@ impl<'a> Scoped<'a> {
     }
 
     /// Fails with a permanent error naming `field` when `value` is not one of the type of
-    /// `rule`'s `column`, which a rectification casts it to ([`ColumnType::written`]). Checked
+    /// `rule`'s `column`, which a rectification casts it to
+    /// ([`super::schema::ColumnType::written`]). Checked
     /// alone, so that the error says which field it was and never carries the value, as the
     /// database's own message would.
     async fn check_value(

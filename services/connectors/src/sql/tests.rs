@@ -419,15 +419,9 @@ async fn a_contract_end_names_the_keep_tables_it_leaves(url: String) {
     config.tables.push(TableRule {
         table: "consents".into(),
         action: Action::Keep,
-        parent: None,
         match_columns: [("email".to_string(), "email".to_string())].into(),
-        anonymize: Default::default(),
         export: vec!["email".into(), "given_on".into()],
-        rectify: Default::default(),
-        restrict_column: None,
-        suppress_column: None,
-        retain: None,
-        categories: None,
+        ..Default::default()
     });
     let connector = SqlConnector::connect(config).await.unwrap();
     let (job, rx) = bulk_job("acme", crate::BulkOp::Erase, Phase::Start, now(), None);
@@ -475,17 +469,10 @@ async fn rows_of_a_keep_table_are_found_and_left(url: String) {
     config.tables.push(TableRule {
         table: "consents".into(),
         action: Action::Keep,
-        parent: None,
         match_columns: [("email".to_string(), "email".to_string())]
             .into_iter()
             .collect(),
-        anonymize: Default::default(),
-        export: Vec::new(),
-        rectify: Default::default(),
-        restrict_column: None,
-        suppress_column: None,
-        retain: None,
-        categories: None,
+        ..Default::default()
     });
     let connector = SqlConnector::connect(config).await.unwrap();
     let erasure = |who: &str, request: &str, phase: Phase| Task {
@@ -4982,13 +4969,7 @@ fn cascade_rule(table: &str, action: Action, top: bool) -> TableRule {
             true => [("customer_number".to_string(), "customer_id".to_string())].into(),
             false => Default::default(),
         },
-        anonymize: Default::default(),
-        export: Vec::new(),
-        rectify: Default::default(),
-        restrict_column: None,
-        suppress_column: None,
-        retain: None,
-        categories: None,
+        ..Default::default()
     }
 }
 

@@ -50,7 +50,7 @@ pub(crate) struct Packages {
     /// How long a package is kept after its request finished (ms).
     pub ttl_ms: i64,
     /// Bytes an upload appends between two checkpoints ([`CHECKPOINT_EVERY`]; tests set less
-    /// through [`BUILD_HOOK`]).
+    /// through `BUILD_HOOK`).
     pub checkpoint_every: u64,
 }
 
@@ -72,7 +72,7 @@ impl Packages {
         .hooked()
     }
 
-    /// These packages as [`BUILD_HOOK`] makes them, in a test within its scope.
+    /// These packages as `BUILD_HOOK` makes them, in a test within its scope.
     fn hooked(self) -> Self {
         #[cfg(test)]
         if let Ok(hooked) = BUILD_HOOK.try_with(|hook| hook(self.clone())) {

@@ -1,6 +1,7 @@
 //! Where package bytes live: one trait, [`PackageStore`], and its folder implementation,
 //! [`FolderStore`]. Keys are `/`-separated relative paths whose components the caller has
-//! made safe ([`super::component`]); a store never interprets them beyond that.
+//! made safe ([`dsrelay_runtime::export_files::path_component`]); a store never interprets
+//! them beyond that.
 //!
 //! The trait speaks of appends and streamed reads only, so an S3-compatible store can
 //! implement it too (appends as the parts of a multipart upload, reads as a ranged GET).

@@ -1,7 +1,8 @@
 //! What this registry knows, without asking its database, about which requests were routed
 //! to which processor and of what kind they are: the routing an Acknowledge call is checked
-//! against ([`Store::kinds_delivered_to`]). A request's Deliver rows are written with it at
-//! intake and never removed, and its kind never changes, so a route once stored stays true:
+//! against ([`Store::kinds_delivered_to`](super::Store::kinds_delivered_to)). A request's
+//! Deliver rows are written with it at intake and never removed, and its kind never
+//! changes, so a route once stored stays true:
 //! intake remembers the routes of the requests it committed, and a lookup that missed
 //! remembers what the database answered. Only the most recent routes are kept
 //! ([`CAPACITY`]); an older one, or one stored by another replica, is read from the
