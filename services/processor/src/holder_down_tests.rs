@@ -88,8 +88,14 @@ async fn waits_for_an_unreachable_holder_are_acknowledged(
     let shared = app.shared();
     let now = shared.clock.now_ms();
     let due = now + 86_400_000;
+    // Under `cargo test` both variants log into the one capture of their process: each
+    // counts only the lines of its own request.
+    let backend = database_url
+        .split_once(':')
+        .map_or("db", |(scheme, _)| scheme);
+    let request_id = format!("r-wait-{backend}");
     let req = DeliverRequest {
-        request_id: "r-wait".into(),
+        request_id: request_id.clone(),
         kind: RequestKind::Erasure as i32,
         due_at: Some(timestamp_from_millis(due)),
         ..Default::default()
@@ -100,7 +106,7 @@ async fn waits_for_an_unreachable_holder_are_acknowledged(
         .expect("accept");
     let key = TaskKey {
         controller: "acme".into(),
-        request_id: "r-wait".into(),
+        request_id: request_id.clone(),
         subprocessor: "crm".into(),
     };
     let step = || async {
@@ -113,11 +119,24 @@ async fn waits_for_an_unreachable_holder_are_acknowledged(
             crate::runner::run_task(&shared, job).await.expect("step");
         }
     };
-    // The first call fails: the holder is marked unreachable since then.
-    let since = shared.clock.now_ms();
+    // The first call fails: the holder is marked unreachable since then. The mark takes
+    // that instant from the clock during the step, which may be in a later second than a
+    // read before it (the reason says it to the second): the label expected is the mark's,
+    // checked to lie within the step.
+    let before = shared.clock.now_ms();
     step().await;
+    let after = shared.clock.now_ms();
     assert_eq!(holder.calls.load(Ordering::SeqCst), 1);
-    let mut seen = queued_acks(&app, "r-wait").await.len();
+    let mark = shared
+        .unavailable_until
+        .mark("crm")
+        .expect("the holder is marked");
+    let since = mark.since;
+    assert!(
+        (before..=after).contains(&since),
+        "{before} <= {since} <= {after}"
+    );
+    let mut seen = queued_acks(&app, &request_id).await.len();
     for wait in 1..=4 {
         shared.clock.advance(60_000);
         let now = shared.clock.now_ms();
@@ -125,7 +144,7 @@ async fn waits_for_an_unreachable_holder_are_acknowledged(
         (shared.unavailable_until).failed("crm", now, until, "connection refused");
         step().await;
         assert_eq!(holder.calls.load(Ordering::SeqCst), 1, "wait {wait}");
-        let acks = queued_acks(&app, "r-wait").await;
+        let acks = queued_acks(&app, &request_id).await;
         let new = &acks[seen..];
         seen = acks.len();
         let row = shared.store.manual_task(&key).await.expect("read");
@@ -137,7 +156,7 @@ async fn waits_for_an_unreachable_holder_are_acknowledged(
         let logged = logs
             .text()
             .lines()
-            .filter(|l| l.contains(LOGGED) && l.contains("r-wait"))
+            .filter(|l| l.contains(LOGGED) && l.contains(request_id.as_str()))
             .count();
         if wait == 3 {
             assert!(new.is_empty(), "wait 3: {new:#?}");
@@ -168,7 +187,12 @@ async fn waits_for_an_unreachable_holder_are_acknowledged(
     shared.clock.advance(60_000);
     step().await;
     assert_eq!(holder.calls.load(Ordering::SeqCst), 2);
-    let acks = queued_acks(&app, "r-wait").await;
+    assert_eq!(
+        shared.unavailable_until.mark("crm"),
+        None,
+        "the answer clears the mark"
+    );
+    let acks = queued_acks(&app, &request_id).await;
     for pair in acks.windows(2) {
         assert_eq!(pair[1].sequence, pair[0].sequence + 1);
     }

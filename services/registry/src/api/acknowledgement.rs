@@ -1535,15 +1535,46 @@ mod recipient_tests {
         database_url: &str,
         dir: &std::path::Path,
     ) {
+        use crate::test_registry::{Registry, Setup};
+        use dsrelay_proto::v1::request_service_client::RequestServiceClient;
+        use dsrelay_proto::v1::{
+            IdentityEncoding, IdentityType, RequestParameters, SubjectIdentity, SubmitRequest,
+        };
         let logs = dsrelay_runtime::testing::captured_logs();
-        let registry = Registry::start(dir, database_url, None).await;
-        let id = registry.submit(RequestKind::Transfer, "transfer").await;
-        registry.stop().await;
-        let setup = crate::test_registry::Setup {
-            recipient_name: "another-recipient",
+        // Under `cargo test` both variants log into the one capture of their process: each
+        // names a recipient of its own, so that it counts only its own warning.
+        let recipient = match database_url.starts_with("sqlite:") {
+            true => "old-bookkeeper-sqlite",
+            false => "old-bookkeeper-postgres",
+        };
+        let setup = Setup {
+            recipient_name: recipient,
             ..Default::default()
         };
-        let registry = crate::test_registry::Registry::start(dir, database_url, setup).await;
+        let registry = Registry::start(dir, database_url, setup).await;
+        let id = RequestServiceClient::new(registry.channel("partner-crm"))
+            .submit(SubmitRequest {
+                kind: RequestKind::Transfer as i32,
+                identities: vec![SubjectIdentity {
+                    r#type: IdentityType::Email as i32,
+                    encoding: IdentityEncoding::Raw as i32,
+                    value: "maija@example.fi".into(),
+                    label: String::new(),
+                }],
+                parameters: Some(RequestParameters {
+                    transfer_recipient: recipient.into(),
+                    ..Default::default()
+                }),
+                idempotency_key: "transfer".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("submit")
+            .into_inner()
+            .request_id;
+        registry.stop().await;
+        // Listed no longer: the configuration names only the default recipient.
+        let registry = Registry::start(dir, database_url, Setup::default()).await;
         // The operator is told at the start, naming the recipient and how many wait on it.
         let warned: Vec<serde_json::Value> = logs
             .text()
@@ -1553,10 +1584,10 @@ mod recipient_tests {
                 l["fields"]["message"]
                     .as_str()
                     .is_some_and(|m| m.starts_with("open transfers name a recipient"))
+                    && l["fields"]["recipient"] == recipient
             })
             .collect();
         assert_eq!(warned.len(), 1, "{}", logs.text());
-        assert_eq!(warned[0]["fields"]["recipient"], RECIPIENT);
         assert_eq!(warned[0]["fields"]["requests"], 1);
         let completed = Acknowledgement {
             request_id: id.clone(),
@@ -1565,7 +1596,7 @@ mod recipient_tests {
             state: TaskState::Completed as i32,
             evidence: Some(Evidence {
                 records_affected: 1,
-                transfer_receipt: Some(receipt(&id, "crm", RECIPIENT)),
+                transfer_receipt: Some(receipt(&id, "crm", recipient)),
                 ..Default::default()
             }),
             ..Default::default()
