@@ -163,8 +163,11 @@ pub enum Command {
     /// Show the processing chain: every processor and its subprocessors, with countries and
     /// transfer mechanisms, as the processors last reported them (the registry asks at start
     /// and every reconcile.chain_interval_ms, 10 minutes by default; sooner again after an
-    /// ask that failed).
-    Chain,
+    /// ask that failed). Under a `sql` holder, each of its tables with the categories it
+    /// holds (shown to operators only). With --category, what a request scoped to those
+    /// categories reaches: each processor and subprocessor, and each table it acts on or
+    /// leaves out.
+    Chain(ChainArgs),
     /// Draw a request's propagation from its stored events: registry → processors →
     /// subprocessors, with per-hop durations, states, retries and what is still pending.
     /// Times are when the registry recorded each event: a report that waited at a processor
@@ -203,6 +206,16 @@ pub enum Command {
     Deliveries(DeliveriesCommand),
     // New subcommands go here, with their arm in `commands::dispatch`; a subcommand that
     // needs no registry connection must not call `settings::resolve`.
+}
+
+/// Arguments of `dsrctl chain`.
+#[derive(Debug, Clone, Args)]
+pub struct ChainArgs {
+    /// Show what a request scoped to this data category reaches (repeatable: a request
+    /// scoped to any of them): the processors and subprocessors holding one, and the tables
+    /// a `sql` holder acts on and leaves out.
+    #[arg(long = "category", value_name = "NAME")]
+    pub categories: Vec<String>,
 }
 
 /// Arguments of `dsrctl trace`.
@@ -1126,6 +1139,7 @@ pub struct PkiRevokeArgs {
 }
 
 /// Arguments of `dsrctl pki init`.
+
 #[derive(Debug, Clone, Args)]
 pub struct PkiInitArgs {
     /// Folder for the PKI files.

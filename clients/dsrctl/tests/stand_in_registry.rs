@@ -76,6 +76,8 @@ struct Answers {
     watch_refused: bool,
     /// GetContract answers NOT_FOUND.
     contract_gone: bool,
+    /// What GetChain answers (UNIMPLEMENTED when unset).
+    chain: Option<Chain>,
 }
 
 #[derive(Clone, Default)]
@@ -168,7 +170,10 @@ impl RequestService for StandIn {
         unanswered()
     }
     async fn get_chain(&self, _: Call<GetChainRequest>) -> Result<Response<Chain>, Status> {
-        unanswered()
+        match self.answers().chain.clone() {
+            Some(chain) => Ok(Response::new(chain)),
+            None => unanswered(),
+        }
     }
     async fn list_events(&self, _: Call<ListEventsRequest>) -> Result<Response<EventList>, Status> {
         unanswered()
@@ -1523,4 +1528,86 @@ async fn a_watch_that_ends_failed_says_what_an_operator_does_next() {
     ] {
         assert!(run.stderr.contains(words), "{words:?} in {run:?}");
     }
+}
+
+/// `dsrctl chain` shows a `sql` holder's tables under it, in text and JSON, and with
+/// `--category` what a request of that scope reaches: the holder, and which of its tables
+/// it acts on and leaves out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chain_shows_a_holders_tables_and_what_a_scope_reaches() {
+    use dsrelay_proto::v1::subprocessor::HeldTable;
+    use dsrelay_proto::v1::{ChainProcessor, Subprocessor};
+    let strings = |v: &[&str]| v.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+    let table = |name: &str, categories: &[&str], inherited: bool| HeldTable {
+        name: name.into(),
+        data_categories: strings(categories),
+        inherited,
+    };
+    let registry = Registry::start(Answers {
+        chain: Some(Chain {
+            processors: vec![ChainProcessor {
+                name: "bureau".into(),
+                data_categories: strings(&["contact", "invoicing"]),
+                subprocessors: vec![Subprocessor {
+                    name: "accounting".into(),
+                    connector: "sql".into(),
+                    data_categories: strings(&["contact", "invoicing"]),
+                    tables: vec![
+                        table("customers", &["contact"], false),
+                        table("invoices", &["invoicing"], false),
+                        table("notes", &["contact", "invoicing"], true),
+                    ],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }),
+        ..Default::default()
+    })
+    .await;
+    let run = registry.dsrctl(&["chain"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(
+        run.stdout.contains("      table customers: contact\n"),
+        "{run:?}"
+    );
+    assert!(
+        run.stdout
+            .contains("      table notes: contact, invoicing (all of the subprocessor's)\n"),
+        "{run:?}"
+    );
+    assert!(!run.stdout.contains("scope"), "{run:?}");
+    let run = registry.dsrctl(&["--output", "json", "chain"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let json: serde_json::Value = serde_json::from_str(&run.stdout).expect("json");
+    let tables = &json["processors"][0]["subprocessors"][0]["tables"];
+    assert_eq!(tables[1]["name"], "invoices", "{json:#}");
+    assert!(tables[1].get("reached").is_none(), "{json:#}");
+
+    let run = registry.dsrctl(&["chain", "--category", "contact"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(
+        run.stdout
+            .contains("   scope contact: reaches this processor\n"),
+        "{run:?}"
+    );
+    assert!(
+        run.stdout
+            .contains("      table customers: contact  reached\n"),
+        "{run:?}"
+    );
+    assert!(
+        run.stdout
+            .contains("      table invoices: invoicing  left out\n"),
+        "{run:?}"
+    );
+    let run = (registry.dsrctl(&["--output", "json", "chain", "--category", "invoicing"])).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let json: serde_json::Value = serde_json::from_str(&run.stdout).expect("json");
+    assert_eq!(json["scope"], serde_json::json!(["invoicing"]));
+    let tables = &json["processors"][0]["subprocessors"][0]["tables"];
+    let reached: Vec<bool> = (tables.as_array().expect("tables").iter())
+        .map(|t| t["reached"].as_bool().expect("reached"))
+        .collect();
+    assert_eq!(reached, [false, true, true], "{json:#}");
 }

@@ -598,6 +598,17 @@ pub struct ErasedCount {
     pub count: i64,
 }
 
+/// One table of a tabular holder ([`Connector::held_tables`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldTable {
+    /// The table's name, as the holder's rules name it.
+    pub name: String,
+    /// The data categories its rule names; `None` when it names none, so that it holds
+    /// every category of its subprocessor (which the connector does not know: the processor
+    /// fills them in).
+    pub categories: Option<Vec<String>>,
+}
+
 /// A way of reaching one holder of the data.
 pub trait Connector: Send + Sync {
     /// A short name of the connector type (`sql`, `noop`, ...), for messages.
@@ -620,6 +631,14 @@ pub trait Connector: Send + Sync {
     /// and the holder decides: an external adapter, a manual holder's operator, the noop
     /// connector.
     fn matchable_identities(&self) -> Vec<(IdentityType, IdentityEncoding)> {
+        Vec::new()
+    }
+
+    /// The tables this holder keeps the data in, in configuration order, as ListSubprocessors
+    /// reports them, each with the data categories its rule names ([`HeldTable`]). Empty (the
+    /// default) for a holder that is not tabular: an external adapter, a mail-marketing
+    /// audience, a manual holder, the noop connector.
+    fn held_tables(&self) -> Vec<HeldTable> {
         Vec::new()
     }
 

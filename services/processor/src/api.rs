@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use dsrelay_proto::prost_types::Timestamp;
 use dsrelay_proto::v1::processor_service_server::ProcessorService;
-use dsrelay_proto::v1::subprocessor::MatchableIdentity;
+use dsrelay_proto::v1::subprocessor::{HeldTable, MatchableIdentity};
 use dsrelay_proto::v1::{
     CancelDeliveryRequest, ContractEnd, ContractEndChoice, DeliverRequest, DeliverResponse,
     ExtendDueDateRequest, GetStatusRequest, ListSubprocessorsRequest, RequestKind, Subprocessor,
@@ -317,6 +317,18 @@ impl ProcessorService for Api {
                         .as_ref()
                         .map(|m| dsrelay_proto::timestamp_from_millis(m.since)),
                     unreachable_error: mark.map(|m| m.error).unwrap_or_default(),
+                    // A table naming no categories holds every category of its
+                    // subprocessor, as a scoped request's narrowing takes it.
+                    tables: connector
+                        .map(|c| c.held_tables())
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|t| HeldTable {
+                            name: t.name,
+                            inherited: t.categories.is_none(),
+                            data_categories: t.categories.unwrap_or_else(|| s.categories.clone()),
+                        })
+                        .collect(),
                 }
             })
             .collect();
@@ -1068,3 +1080,7 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "held_tables_tests.rs"]
+mod held_tables_tests;

@@ -119,7 +119,7 @@ pub(crate) async fn dispatch(cli: &Cli, env: &Environment, io: &mut Io<'_>) -> R
         Command::Receipt(ReceiptCommand::Get(args)) => {
             receipt::get(&Registry::connect(cli, env)?, args, io).await
         }
-        Command::Chain => chain::run(&Registry::connect(cli, env)?, io).await,
+        Command::Chain(args) => chain::run(&Registry::connect(cli, env)?, args, io).await,
         Command::Trace(args) => trace::run(&Registry::connect(cli, env)?, args, io).await,
         Command::Audit(AuditCommand::Verify(args)) => {
             audit::verify(&mut audit::Trail::connect(cli, env, &args.trail)?, args, io).await

@@ -889,6 +889,17 @@ impl Connector for SqlConnector {
         plan::matchable(&self.config)
     }
 
+    // The rules' tables, whatever the controller: a controller's scope narrows the rows
+    // of each table, never which tables there are.
+    fn held_tables(&self) -> Vec<crate::HeldTable> {
+        (self.config.tables.iter())
+            .map(|t| crate::HeldTable {
+                name: t.table.clone(),
+                categories: t.categories.clone(),
+            })
+            .collect()
+    }
+
     fn scoped_controllers(&self) -> Option<Vec<String>> {
         (!self.config.controllers.is_empty())
             .then(|| self.config.controllers.keys().cloned().collect())

@@ -436,6 +436,7 @@ impl RequestService for Api {
         // Where the processors listen and why the registry could not reach one are internal
         // network details: operators need them, partners only the chain itself.
         let internal = caller.is(&[Party::Operator]);
+        let reader = views::Reader::of(&caller);
         let mut processors = Vec::new();
         for p in &self.shared.config.processors {
             let row = self
@@ -444,19 +445,17 @@ impl RequestService for Api {
                 .chain(&p.name)
                 .await
                 .map_err(ApiError::from)?;
-            let mut subprocessors = row
+            // Stored as the processor's encoded answer, so every field it reported (its
+            // tables too) comes back as it was, for `subprocessor_for` to withhold.
+            let subprocessors = row
                 .subprocessors
                 .as_deref()
                 .and_then(|b| SubprocessorList::decode(b).ok())
                 .map(|l| l.subprocessors)
-                .unwrap_or_default();
-            // A holder's own words, as `last_error`, are for operators; partners learn that it
-            // is unreachable and since when.
-            if !internal {
-                for s in &mut subprocessors {
-                    s.unreachable_error.clear();
-                }
-            }
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| views::subprocessor_for(reader, s))
+                .collect();
             // For operators only, as `last_error`: the processor's or the connection's words.
             let status_failure = match internal {
                 true => (self.shared.store)

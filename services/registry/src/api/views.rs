@@ -4,7 +4,7 @@ use dsrelay_proto::prost::Message;
 use dsrelay_proto::timestamp_from_millis;
 use dsrelay_proto::v1::{
     AuditEntry, Delivery, DeliveryState, EventType, Request, RequestEvent, SubmitRequest,
-    TaskStatus,
+    Subprocessor, TaskStatus,
 };
 use dsrelay_runtime::audit;
 
@@ -187,6 +187,17 @@ fn carries_delivery_error(event_type: i32) -> bool {
         || event_type == EventType::DeliveryDeadLettered as i32
 }
 
+/// A processor's reported subprocessor as `reader` is shown it in GetChain. A partner is
+/// told that it is unreachable and since when, not the holder's words (which may quote
+/// what it holds), nor its tables (internal schema details): operators see both.
+pub(crate) fn subprocessor_for(reader: Reader, mut s: Subprocessor) -> Subprocessor {
+    if reader == Reader::Partner {
+        s.unreachable_error.clear();
+        s.tables.clear();
+    }
+    s
+}
+
 /// One entry of the audit trail.
 pub(crate) fn audit_entry(e: audit::Entry) -> AuditEntry {
     AuditEntry {
@@ -204,6 +215,10 @@ pub(crate) fn audit_entry(e: audit::Entry) -> AuditEntry {
 #[cfg(test)]
 #[path = "views_answer_tests.rs"]
 mod answer_tests;
+
+#[cfg(test)]
+#[path = "views_chain_tests.rs"]
+mod chain_tests;
 
 #[cfg(test)]
 mod tests {
