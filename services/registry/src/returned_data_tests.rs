@@ -20,14 +20,15 @@ use dsrelay_proto::v1::contract_service_client::ContractServiceClient;
 use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
 use dsrelay_proto::v1::package_service_client::PackageServiceClient;
 use dsrelay_proto::v1::processor_service_server::ProcessorService;
+use dsrelay_proto::v1::request_service_client::RequestServiceClient;
 use dsrelay_proto::v1::{
-    AcknowledgeResponse, Acknowledgement, CancelDeliveryRequest, CompletePartRequest,
-    ConfirmReturnRequest, Contract, ContractEndChoice, ContractPhase, ContractProgress,
-    DeliverRequest, DeliverResponse, DownloadPackageRequest, EndContractRequest, Evidence,
-    ExportFileHeader, ExtendDueDateRequest, GetContractRequest, GetPackageRequest,
-    GetStatusRequest, GetUploadStateRequest, ListSubprocessorsRequest, PackageInfo, RequestKind,
-    RequestState, SubprocessorList, TaskList, TaskState, TaskStatus, TransferReceipt,
-    UpdateContractEndRequest,
+    package_chunk, AcknowledgeResponse, Acknowledgement, CancelDeliveryRequest, CancelRequest,
+    CompletePartRequest, ConfirmReturnRequest, Contract, ContractEndChoice, ContractPhase,
+    ContractProgress, DeliverRequest, DeliverResponse, DeliveryState, DownloadPackageRequest,
+    EndContractRequest, Evidence, ExportFileHeader, ExtendDueDateRequest, GetContractRequest,
+    GetPackageRequest, GetStatusRequest, GetUploadStateRequest, ListSubprocessorsRequest,
+    PackageInfo, RequestKind, RequestState, SubprocessorList, TaskList, TaskState, TaskStatus,
+    TransferReceipt, UpdateContractEndRequest,
 };
 use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
@@ -832,6 +833,199 @@ async fn a_return_of_data_names_the_holders_whose_part_will_not_come_on_sqlite()
 async fn a_return_of_data_names_the_holders_whose_part_will_not_come_on_postgres() {
     on_postgres(|url, dir| async move {
         a_return_of_data_names_the_holders_whose_part_will_not_come(&url, &dir).await;
+    })
+    .await;
+}
+
+/// Cancels request `id` as `stem` (a partner, or an operator).
+async fn cancel(registry: &Registry, stem: &str, id: &str) {
+    RequestServiceClient::new(registry.channel(stem))
+        .cancel(CancelRequest {
+            request_id: id.into(),
+            reason: "asked by mistake".into(),
+        })
+        .await
+        .expect("cancel");
+}
+
+/// Reads the whole of DownloadPackage of `id` as `stem`: the description it opened with and
+/// the number of file chunks after it, the stream ended OK.
+async fn download(registry: &Registry, stem: &str, id: &str) -> (PackageInfo, usize) {
+    let mut stream = PackageServiceClient::new(registry.channel(stem))
+        .download_package(DownloadPackageRequest {
+            request_id: id.into(),
+        })
+        .await
+        .expect("download")
+        .into_inner();
+    let mut info = None;
+    let mut chunks = 0;
+    while let Some(chunk) = stream.message().await.expect("a chunk") {
+        match chunk.item {
+            Some(package_chunk::Item::Info(i)) => {
+                assert!(info.is_none(), "a second description: {i:?}");
+                info = Some(i);
+            }
+            Some(package_chunk::Item::File(_)) => chunks += 1,
+            None => panic!("an empty chunk"),
+        }
+    }
+    (info.expect("the description first"), chunks)
+}
+
+/// A return of data, and a contract end, cancelled while their processor had not accepted
+/// the delivery (its answers lost, as when it is stopped): the processor was never asked for
+/// the data, so the package is not complete and never will be, and DownloadPackage says so,
+/// naming the processor. Measured before, the return of data's package read complete and
+/// empty, and downloaded as an empty package: a "no data" nobody had answered.
+async fn a_package_cancelled_before_its_delivery_was_accepted_is_never_complete(
+    database_url: &str,
+    dir: &std::path::Path,
+) {
+    let registry = Registry::start(dir, database_url).await;
+    let id = registry
+        .submit(RequestKind::ReturnOfData, "cancelled-before-delivery")
+        .await;
+    eventually("the Deliver tried", || async {
+        registry.processor.delivers() > 0
+    })
+    .await;
+    cancel(&registry, "partner-crm", &id).await;
+    let shown = registry.get(&id).await;
+    assert_eq!(shown.state(), RequestState::Cancelled, "{shown:?}");
+    assert_eq!(
+        shown.deliveries[0].state(),
+        DeliveryState::Cancelled,
+        "{shown:?}"
+    );
+    let info = registry.package("partner-crm", &id).await;
+    assert!(!info.complete, "{info:?}");
+    assert!(info.files.is_empty(), "{info:?}");
+    assert!(info.missing.is_empty(), "{info:?}");
+    assert!(info.not_returned.is_empty(), "{info:?}");
+    assert!(info.expires_at.is_some(), "{info:?}");
+    assert_eq!(info.never_asked, [PROCESSOR], "{info:?}");
+    let never_asked = |status: &Status| {
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        let message = status.message();
+        assert!(
+            message.contains(&format!(
+                "the request was cancelled before processor(s) {PROCESSOR} accepted its \
+                 delivery, so they were never asked for the data and this package will never \
+                 be complete"
+            )),
+            "{status:?}"
+        );
+        assert!(!message.contains("still open"), "{status:?}");
+    };
+    never_asked(&registry.download_refused("partner-crm", &id).await);
+
+    // A contract end an operator cancelled before its processor accepted it: its package
+    // was never complete (no part), but a download said the request was still open.
+    let contract = end_contract(&registry, "contract-cancelled-before-delivery", "").await;
+    cancel(&registry, "operator", &contract).await;
+    let info = registry.package("operator", &contract).await;
+    assert!(!info.complete, "{info:?}");
+    assert_eq!(info.never_asked, [PROCESSOR], "{info:?}");
+    never_asked(&registry.download_refused("operator", &contract).await);
+
+    registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_package_cancelled_before_its_delivery_was_accepted_is_never_complete_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/registry.db", dir.path().display());
+    a_package_cancelled_before_its_delivery_was_accepted_is_never_complete(&url, dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_package_cancelled_before_its_delivery_was_accepted_is_never_complete_on_postgres() {
+    on_postgres(|url, dir| async move {
+        a_package_cancelled_before_its_delivery_was_accepted_is_never_complete(&url, &dir).await;
+    })
+    .await;
+}
+
+/// A return of data cancelled after its processor accepted it: until the processor reports
+/// its task, the package waits for its part; once the task ended CANCELLED without one, the
+/// package is complete, lists the holder as not returned (in GetPackage and manifest.json,
+/// state CANCELLED) and downloads as such, as package.proto documents.
+async fn a_package_cancelled_after_its_delivery_was_accepted_lists_the_cancelled_task(
+    database_url: &str,
+    dir: &std::path::Path,
+) {
+    let registry = Registry::start(dir, database_url).await;
+    registry.processor.answer(vec![TaskStatus {
+        processor: PROCESSOR.into(),
+        subprocessor: "crm".into(),
+        state: TaskState::Pending as i32,
+        sequence: 1,
+        ..Default::default()
+    }]);
+    let id = registry
+        .submit(RequestKind::ReturnOfData, "cancelled-after-delivery")
+        .await;
+    eventually("the Deliver's answer recorded", || async {
+        registry.get(&id).await.tasks.len() == 1
+    })
+    .await;
+    cancel(&registry, "partner-crm", &id).await;
+    let info = registry.package("partner-crm", &id).await;
+    assert!(!info.complete, "{info:?}");
+    let crm = format!("{PROCESSOR}/crm");
+    assert_eq!(info.missing, std::slice::from_ref(&crm), "{info:?}");
+    assert!(info.never_asked.is_empty(), "{info:?}");
+    let refused = registry.download_refused("partner-crm", &id).await;
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains(&format!("the parts of {crm} are not stored yet")),
+        "{refused:?}"
+    );
+    assert!(!refused.message().contains("never asked"), "{refused:?}");
+
+    let answer = registry
+        .acknowledge(vec![Acknowledgement {
+            request_id: id.clone(),
+            subprocessor: "crm".into(),
+            sequence: 2,
+            state: TaskState::Cancelled as i32,
+            ..Default::default()
+        }])
+        .await;
+    assert_eq!(answer.applied, 1, "{answer:?}");
+    let info = registry.package("partner-crm", &id).await;
+    assert!(info.complete, "{info:?}");
+    assert!(info.files.is_empty() && info.missing.is_empty(), "{info:?}");
+    assert_eq!(info.not_returned, [crm], "{info:?}");
+    let manifest: serde_json::Value = serde_json::from_slice(&info.manifest_json).unwrap();
+    assert_eq!(
+        manifest["not_returned"],
+        serde_json::json!([{"processor": PROCESSOR, "subprocessor": "crm", "state": "CANCELLED"}]),
+        "{manifest}"
+    );
+    let (sent, chunks) = download(&registry, "partner-crm", &id).await;
+    assert_eq!(sent, info);
+    assert_eq!(chunks, 0);
+    registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_package_cancelled_after_its_delivery_was_accepted_lists_the_cancelled_task_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/registry.db", dir.path().display());
+    a_package_cancelled_after_its_delivery_was_accepted_lists_the_cancelled_task(&url, dir.path())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_package_cancelled_after_its_delivery_was_accepted_lists_the_cancelled_task_on_postgres()
+{
+    on_postgres(|url, dir| async move {
+        a_package_cancelled_after_its_delivery_was_accepted_lists_the_cancelled_task(&url, &dir)
+            .await;
     })
     .await;
 }

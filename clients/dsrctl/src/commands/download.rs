@@ -244,6 +244,9 @@ pub(crate) struct PackageView {
     /// `<processor>/<subprocessor> (STATE)` whose task ended FAILED, REFUSED or CANCELLED
     /// without its part, from the manifest, as `download` shows them.
     not_returned: Vec<String>,
+    /// Processors the request was cancelled before they accepted it: never asked for the
+    /// data, so the package never completes.
+    never_asked: Vec<String>,
     expires_at: Option<Time>,
     /// SHA-256 of manifest.json once the package is complete: before, the manifest lists
     /// only the files stored so far, and its digest is not the package's.
@@ -267,6 +270,7 @@ impl From<&PackageInfo> for PackageView {
             complete: info.complete,
             missing: info.missing.clone(),
             not_returned: not_returned(&info.manifest_json),
+            never_asked: info.never_asked.clone(),
             expires_at: Time::from_proto(info.expires_at.as_ref()),
             package_sha256: package_digest(&info.manifest_json).filter(|_| info.complete),
             files: info
@@ -291,10 +295,19 @@ impl Render for PackageView {
     fn to_table(&self) -> String {
         let mut head = Table::headless();
         head.row(["request", self.request_id.as_str()]);
-        head.row([
-            "complete".to_string(),
-            clean(&complete_cell(self.complete, &self.not_returned)),
-        ]);
+        let complete = if self.never_asked.is_empty() {
+            complete_cell(self.complete, &self.not_returned)
+        } else {
+            // "no" alone would read as parts still coming.
+            "never: the request was cancelled before a processor was asked".to_string()
+        };
+        head.row(["complete".to_string(), clean(&complete)]);
+        if !self.never_asked.is_empty() {
+            head.row([
+                "never asked".to_string(),
+                clean(&self.never_asked.join(", ")),
+            ]);
+        }
         if !self.missing.is_empty() {
             head.row(["missing".to_string(), clean(&self.missing.join(", "))]);
         }
@@ -1265,6 +1278,31 @@ mod tests {
             sha256: String::new(),
             error: Some("ended at 0 bytes".into()),
         }
+    }
+
+    /// A package whose request was cancelled before a processor accepted it says it never
+    /// completes and names the processors never asked, where "no" alone would read as parts
+    /// still coming.
+    #[test]
+    fn a_package_never_asked_of_a_processor_says_so() {
+        let info = PackageInfo {
+            request_id: "r-1".into(),
+            never_asked: vec!["payroll-bureau".into()],
+            manifest_json: br#"{"files": []}"#.to_vec(),
+            ..Default::default()
+        };
+        let view = PackageView::from(&info);
+        let text = view.to_table();
+        assert!(
+            text.contains(
+                "complete     never: the request was cancelled before a processor was asked"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("never asked  payroll-bureau"), "{text}");
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["never_asked"][0], "payroll-bureau", "{json:#}");
+        assert_eq!(json["complete"], false, "{json:#}");
     }
 
     #[test]

@@ -868,6 +868,9 @@ pub(super) struct PackageStanding {
     /// The processors that have not accepted the request's delivery
     /// ([`PackageRecord::undelivered`](crate::store::PackageRecord::undelivered)).
     pub(super) undelivered: Vec<String>,
+    /// The processors whose delivery a cancellation withdrew before they accepted it
+    /// ([`PackageRecord::never_asked`](crate::store::PackageRecord::never_asked)).
+    pub(super) never_asked: Vec<String>,
 }
 
 impl PackageStanding {
@@ -888,6 +891,15 @@ impl PackageStanding {
     /// return of data whose request is still open, a contract end with no part stored).
     pub(super) fn waiting_for(&self) -> String {
         let mut waiting = Vec::new();
+        // First: unlike what follows, nothing will change it.
+        if !self.never_asked.is_empty() {
+            waiting.push(format!(
+                "the request was cancelled before processor(s) {} accepted its delivery, so \
+                 they were never asked for the data and this package will never be complete \
+                 (a new request asks them)",
+                self.never_asked.join(", ")
+            ));
+        }
         if !self.undelivered.is_empty() {
             waiting.push(format!(
                 "processor(s) {} have not accepted the request's delivery yet, so not all \
@@ -931,6 +943,11 @@ impl PackageStanding {
 /// delete the others' data, never returned. (A return of data is complete only once its
 /// request finished, which needs every delivery accepted; the rule holds for it all the
 /// same.)
+///
+/// Nor is one complete whose request was cancelled before a processor accepted its
+/// delivery (the row withdrawn): that processor was never asked, and a cancelled request
+/// finishes at once, so without this rule its package would read complete and empty, as if
+/// its holders had no data.
 pub(super) async fn package_standing(
     shared: &Shared,
     row: &RequestRow,
@@ -947,7 +964,8 @@ pub(super) async fn package_standing(
         return Err(expired(&row.id, at));
     }
     let created_at = record.created_at.unwrap_or(row.received_at);
-    let all_known = record.undelivered.is_empty() && record.missing.is_empty();
+    let all_known =
+        record.undelivered.is_empty() && record.never_asked.is_empty() && record.missing.is_empty();
     let complete = all_known
         && if row.kind == RequestKind::ContractEnd {
             record.parts > 0
@@ -967,6 +985,7 @@ pub(super) async fn package_standing(
         files: record.files,
         unreturned: record.unreturned,
         undelivered: record.undelivered,
+        never_asked: record.never_asked,
     })
 }
 
@@ -995,6 +1014,7 @@ fn describe(
             .iter()
             .map(|(p, s, _)| named(p, s))
             .collect(),
+        never_asked: record.never_asked.clone(),
     }
 }
 

@@ -152,6 +152,12 @@ pub struct PackageRecord {
     /// ([`Store::undelivered`]): the registry does not know all of their tasks yet, so
     /// `missing` cannot name what they still owe.
     pub undelivered: Vec<String>,
+    /// Processors whose delivery a cancellation withdrew (the request cancelled, or
+    /// forgotten after that) before they accepted it: they were never asked for the data,
+    /// so none of their parts will come, and which of their holders have any is not known.
+    /// A processor that accepted the delivery all the same (its answer, or acknowledgements
+    /// of its tasks, arriving after the cancellation) leaves this list with its tasks.
+    pub never_asked: Vec<String>,
 }
 
 /// The parts stored for the requests `ids`, as (request id, processor, subprocessor): one
@@ -179,32 +185,40 @@ pub(super) async fn parts_of(
     Ok(parts)
 }
 
-/// The processors whose delivery of request `request_id` has not been accepted, through `db`
-/// (a pool, or a snapshot's transaction): see [`Store::undelivered`].
-async fn read_undelivered<'e>(
+/// The processors whose delivery of request `request_id` is not accepted, through `db` (a
+/// pool, or a snapshot's transaction), by name: as `(undelivered, never_asked)`, those whose
+/// Deliver row is not done ([`Store::undelivered`]) and those whose row a cancellation
+/// withdrew ([`PackageRecord::never_asked`]).
+async fn read_unaccepted<'e>(
     db: impl sqlx::Executor<'e, Database = sqlx::Any>,
     request_id: &str,
-) -> Result<Vec<String>> {
-    Ok(sqlx::query_scalar(
-        "SELECT processor FROM deliveries WHERE request_id = $1 AND op = $2 \
-         AND done_at IS NULL ORDER BY processor",
+) -> Result<(Vec<String>, Vec<String>)> {
+    // A withdrawn row is done too: its `withdrawn_at` is what tells it from an accepted one.
+    let rows: Vec<(String, Option<i64>)> = sqlx::query_as(
+        "SELECT processor, withdrawn_at FROM deliveries WHERE request_id = $1 AND op = $2 \
+         AND (done_at IS NULL OR withdrawn_at IS NOT NULL) ORDER BY processor",
     )
     .bind(request_id)
     .bind(Operation::Deliver.as_str())
     .fetch_all(db)
-    .await?)
+    .await?;
+    let (withdrawn, undelivered): (Vec<_>, Vec<_>) =
+        rows.into_iter().partition(|(_, at)| at.is_some());
+    let names = |rows: Vec<(String, Option<i64>)>| rows.into_iter().map(|(p, _)| p).collect();
+    Ok((names(undelivered), names(withdrawn)))
 }
 
 impl Store {
     /// The processors whose delivery of request `request_id` has not been accepted (its
     /// Deliver row is not done: waiting for a retry, or dead-lettered), by name. A Deliver's
     /// answer lists every task the processor made of the request, and is recorded in the
-    /// transaction that marks the row done (withdrawn rows are done too: a cancelled request's
-    /// processor that never got it makes no task). Until then a processor's acknowledgements
+    /// transaction that marks the row done (withdrawn rows are done too, and not listed here: a
+    /// cancelled request's processor that never got it makes no task, and
+    /// [`PackageRecord::never_asked`] names it). Until then a processor's acknowledgements
     /// and parts may come in (its answer lost, say), and the tasks they name are not all of its
     /// tasks: a list of what is owed read before this is not final.
     pub async fn undelivered(&self, request_id: &str) -> Result<Vec<String>> {
-        read_undelivered(&self.db.reader, request_id).await
+        Ok(read_unaccepted(&self.db.reader, request_id).await?.0)
     }
 
     /// The parts stored for the requests `ids` ([`parts_of`]), read beside the writer.
@@ -763,8 +777,9 @@ impl Store {
     {
         let mut tx = self.snapshot().await?;
         // Its deliveries with its tasks: a delivery's acceptance commits with the tasks its
-        // answer lists, so a processor not in `undelivered` has all of its tasks below.
-        let undelivered = read_undelivered(&mut *tx, request_id).await?;
+        // answer lists (and so does a withdrawn one's, which stops being withdrawn), so a
+        // processor in neither list has all of its tasks below.
+        let (undelivered, never_asked) = read_unaccepted(&mut *tx, request_id).await?;
         between(1).await;
         let dates: Option<(i64, Option<i64>)> =
             sqlx::query_as("SELECT created_at, expired_at FROM packages WHERE request_id = $1")
@@ -833,6 +848,7 @@ impl Store {
             unreturned,
             parts,
             undelivered,
+            never_asked,
         })
     }
 
