@@ -88,7 +88,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::Context;
-use dsrelay_proto::tonic::transport::{Channel, Uri};
+use dsrelay_proto::tonic::transport::Uri;
 use dsrelay_proto::tonic::{self, Code, Status};
 use dsrelay_proto::v1::subprocessor_adapter_client::SubprocessorAdapterClient;
 use dsrelay_proto::v1::{
@@ -97,7 +97,7 @@ use dsrelay_proto::v1::{
 };
 use dsrelay_proto::{millis_from_timestamp, timestamp_from_millis};
 use dsrelay_runtime::config::check_ms;
-use dsrelay_runtime::tls::TlsFiles;
+use dsrelay_runtime::tls::{LiveTls, ReloadingChannel, TlsFiles};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
@@ -247,7 +247,9 @@ impl AdapterConfig {
 /// See the module documentation.
 pub(crate) struct AdapterConnector {
     endpoint: String,
-    client: SubprocessorAdapterClient<Channel>,
+    client: SubprocessorAdapterClient<ReloadingChannel>,
+    /// Dropped with the connector, which ends the watcher that reloads the `tls` files.
+    _tls_watch: tokio::sync::watch::Sender<bool>,
     timeout: Duration,
     /// From the configuration; `None` means ask Describe.
     configured: Option<BTreeSet<i32>>,
@@ -279,12 +281,19 @@ impl AdapterConnector {
         if !problems.is_empty() {
             anyhow::bail!("invalid adapter configuration: {}", problems.join("; "));
         }
-        let tls = config
-            .tls
-            .client_config()
-            .context("loading the TLS files for the adapter")?;
-        let channel =
-            dsrelay_runtime::tls::channel(&config.endpoint, Some(config.identity.clone()), &tls)?;
+        let tls = LiveTls::load(&config.tls).context("loading the TLS files for the adapter")?;
+        // Reloaded like the service's own files, so that a certificate replaced after the
+        // adapter refused the old one is presented from the next call on.
+        let watcher = tls
+            .watcher()
+            .context("watching the TLS files for the adapter")?;
+        let (tls_watch, stop) = tokio::sync::watch::channel(false);
+        tokio::spawn(watcher.run(stop));
+        let channel = dsrelay_runtime::tls::reloading_channel(
+            &config.endpoint,
+            Some(config.identity.clone()),
+            &tls,
+        )?;
         let client = SubprocessorAdapterClient::new(channel)
             .max_decoding_message_size(MAX_RESPONSE_BYTES)
             .max_encoding_message_size(dsrelay_runtime::server::MAX_MESSAGE_BYTES);
@@ -298,6 +307,7 @@ impl AdapterConnector {
         Ok(Self {
             endpoint: config.endpoint.clone(),
             client,
+            _tls_watch: tls_watch,
             timeout: Duration::from_millis(config.timeout_ms),
             configured,
             described: OnceCell::new(),

@@ -16,10 +16,9 @@ use dsrelay_runtime::clock::Clock;
 use dsrelay_runtime::host::{Host, ReflectionRole};
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use dsrelay_runtime::store::Db;
-use dsrelay_runtime::tls::LiveTls;
+use dsrelay_runtime::tls::{LiveTls, ReloadingChannel};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
-use tonic::transport::Channel;
 
 use dsrelay_runtime::signing::SigningKey;
 
@@ -48,14 +47,14 @@ pub(crate) struct Shared {
     /// The clock tasks are scheduled by; tests move it.
     pub clock: Clock,
     /// One acknowledgement client per controller, by name.
-    pub registries: HashMap<String, AcknowledgementServiceClient<Channel>>,
+    pub registries: HashMap<String, AcknowledgementServiceClient<ReloadingChannel>>,
     /// Wakes the task runner when tasks were stored, so they do not wait for the next poll.
     pub task_wakeup: Notify,
     /// Wakes the acknowledgement sender when acknowledgements were queued.
     pub ack_wakeup: Notify,
     /// One upload client per controller, by name: the same registry endpoint and TLS as the
     /// acknowledgements.
-    pub uploaders: HashMap<String, ExportUploadServiceClient<Channel>>,
+    pub uploaders: HashMap<String, ExportUploadServiceClient<ReloadingChannel>>,
     /// Wakes the upload worker when an export was written and its upload queued.
     pub upload_wakeup: Notify,
     /// Channels to the recipients of transfers, made on first use with the processor's client
@@ -182,19 +181,22 @@ impl App {
         let mut registries = HashMap::new();
         let mut uploaders = HashMap::new();
         for c in &config.controllers {
-            let channel =
-                dsrelay_runtime::tls::channel(&c.registry_endpoint, Some(c.identity.clone()), &tls)
-                    .with_context(|| format!("controller {}", c.name))?;
+            let reloading = dsrelay_runtime::tls::reloading_channel(
+                &c.registry_endpoint,
+                Some(c.identity.clone()),
+                &tls,
+            )
+            .with_context(|| format!("controller {}", c.name))?;
             // MAX_MESSAGE_BYTES (4 MiB) leaves room for a 1 MiB chunk with its header.
             uploaders.insert(
                 c.name.clone(),
-                ExportUploadServiceClient::new(channel.clone())
+                ExportUploadServiceClient::new(reloading.clone())
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             );
             registries.insert(
                 c.name.clone(),
-                AcknowledgementServiceClient::new(channel)
+                AcknowledgementServiceClient::new(reloading)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             );

@@ -26,10 +26,10 @@ use dsrelay_connectors::{Block, ExportSink, GrowingFile, Growth};
 use dsrelay_proto::v1::export_upload_service_client::ExportUploadServiceClient;
 use dsrelay_proto::v1::{ExportFileHeader, FileEnd, UploadFileChunk};
 use dsrelay_runtime::log_text::Said;
+use dsrelay_runtime::tls::ReloadingChannel;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tonic::transport::Channel;
 
 use crate::app::Shared;
 use crate::store::TaskKey;
@@ -46,7 +46,7 @@ const KEEPALIVE: Duration = Duration::from_secs(5);
 /// The uploads of one export's files while they are written.
 pub(crate) struct HeadStart {
     files: mpsc::UnboundedReceiver<GrowingFile>,
-    client: ExportUploadServiceClient<Channel>,
+    client: ExportUploadServiceClient<ReloadingChannel>,
     key: TaskKey,
 }
 
@@ -100,7 +100,7 @@ pub(crate) async fn beside<T>(
 /// `client`; the head start does nothing until [`HeadStart::run`].
 fn watch(
     sink: ExportSink,
-    client: ExportUploadServiceClient<Channel>,
+    client: ExportUploadServiceClient<ReloadingChannel>,
     key: &TaskKey,
 ) -> (ExportSink, HeadStart) {
     let (tx, files) = mpsc::unbounded_channel();
@@ -173,7 +173,7 @@ impl HeadStart {
 /// Streams `file` to the registry as it grows; answers its name and size once the registry
 /// holds it whole, or why not (quoting the registry's answer apart from the processor's words).
 async fn send(
-    mut client: ExportUploadServiceClient<Channel>,
+    mut client: ExportUploadServiceClient<ReloadingChannel>,
     header: ExportFileHeader,
     file: GrowingFile,
 ) -> Result<(String, u64), Said> {

@@ -65,12 +65,11 @@ use dsrelay_proto::v1::{
 use dsrelay_runtime::log_text::Said;
 use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use dsrelay_runtime::signing::{KeyRing, PublicKey};
-use dsrelay_runtime::tls::ClientTls;
+use dsrelay_runtime::tls::{ClientTls, ReloadingChannel};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
-use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::app::Shared;
@@ -179,7 +178,7 @@ enum Failure {
 /// kept per (endpoint, identity): recipients come with requests, not with the configuration.
 pub(crate) struct RecipientClients {
     tls: ClientTls,
-    cached: Mutex<HashMap<(String, String), TransferReceiverClient<Channel>>>,
+    cached: Mutex<HashMap<(String, String), TransferReceiverClient<ReloadingChannel>>>,
 }
 
 impl RecipientClients {
@@ -193,15 +192,21 @@ impl RecipientClients {
     }
 
     /// The client for `r`, checking that the recipient presents `r.identity`.
-    fn client(&self, r: &TransferRecipient) -> anyhow::Result<TransferReceiverClient<Channel>> {
+    fn client(
+        &self,
+        r: &TransferRecipient,
+    ) -> anyhow::Result<TransferReceiverClient<ReloadingChannel>> {
         let key = (r.endpoint.clone(), r.identity.clone());
         // A poisoned lock only means another delivery panicked; the map is still whole.
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = cached.get(&key) {
             return Ok(c.clone());
         }
-        let channel =
-            dsrelay_runtime::tls::channel(&r.endpoint, Some(r.identity.clone()), &self.tls)?;
+        let channel = dsrelay_runtime::tls::reloading_channel(
+            &r.endpoint,
+            Some(r.identity.clone()),
+            &self.tls,
+        )?;
         // MAX_MESSAGE_BYTES (4 MiB) leaves room for a 1 MiB chunk with its header.
         let client = TransferReceiverClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -215,12 +220,12 @@ impl RecipientClients {
 enum Sink<'a> {
     /// The controller's registry: the task's part of a return-of-data or contract end
     /// package.
-    Registry(ExportUploadServiceClient<Channel>),
+    Registry(ExportUploadServiceClient<ReloadingChannel>),
     /// A transfer's recipient.
     Recipient {
         /// The registry's name for it.
         name: &'a str,
-        client: TransferReceiverClient<Channel>,
+        client: TransferReceiverClient<ReloadingChannel>,
         /// The keys the registry checks its receipts with, as it sent them; `None` when it
         /// sent none.
         keys: Option<KeyRing>,

@@ -20,9 +20,9 @@ use dsrelay_runtime::server::MAX_MESSAGE_BYTES;
 use dsrelay_runtime::signing::KeyRing;
 use dsrelay_runtime::store::Db;
 use dsrelay_runtime::tls::LiveTls;
+use dsrelay_runtime::tls::ReloadingChannel;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, Notify};
-use tonic::transport::Channel;
 
 use crate::api::{Api, Uploading};
 use crate::auth::Authorizer;
@@ -54,7 +54,7 @@ pub(crate) struct Shared {
     /// Carries the id of every request that changed, to wake Watch streams.
     pub events: broadcast::Sender<String>,
     /// One client per processor, connecting lazily.
-    pub processors: HashMap<String, ProcessorServiceClient<Channel>>,
+    pub processors: HashMap<String, ProcessorServiceClient<ReloadingChannel>>,
     /// Key of the identity hashes kept for the audit trail and deduplication, and of the
     /// Submit body hash.
     pub identity_hash_key: Vec<u8>,
@@ -142,9 +142,12 @@ impl App {
             {
                 certificate_keys.insert(p.name.clone(), keys);
             }
-            let channel =
-                dsrelay_runtime::tls::channel(&p.endpoint, Some(p.identity.clone()), &tls)
-                    .with_context(|| format!("processor {}", p.name))?;
+            let channel = dsrelay_runtime::tls::reloading_channel(
+                &p.endpoint,
+                Some(p.identity.clone()),
+                &tls,
+            )
+            .with_context(|| format!("processor {}", p.name))?;
             let client = ProcessorServiceClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -17,6 +17,10 @@
 //! the files change or on SIGHUP. A served connection's client certificate is checked again
 //! on every call ([`peer`]) against the lists and validity of that moment, so a certificate
 //! revoked or expired while its connection is open is refused from its next call.
+//! Outbound, a [`channel`] opens each new connection with the configuration of that moment,
+//! and a [`ReloadingChannel`] (for clients that live as long as the service) also moves its
+//! new calls to a new connection after each reload, so that a replaced certificate is
+//! presented from the next call rather than when an old connection happens to break.
 
 pub mod live;
 pub mod peer;
@@ -324,6 +328,14 @@ impl ClientTls {
             Self::Live(l) => l.client_config(),
         }
     }
+
+    /// Changes when [`Self::current`] does ([`LiveTls::generation`]); a fixed one never.
+    fn generation(&self) -> u64 {
+        match self {
+            Self::Fixed(_) => 0,
+            Self::Live(l) => l.generation(),
+        }
+    }
 }
 
 impl From<&rustls::ClientConfig> for ClientTls {
@@ -419,7 +431,17 @@ fn channel_timing_out(
     tls: impl Into<ClientTls>,
     connect_timeout: Duration,
 ) -> Result<Channel> {
-    let tls = tls.into();
+    let (plain, target) = prepare(endpoint, expected_identity, tls.into(), connect_timeout)?;
+    Ok(lazy(&plain, &target))
+}
+
+/// Checks `endpoint` and gathers what each of its connections is opened with.
+fn prepare(
+    endpoint: &str,
+    expected_identity: Option<String>,
+    tls: ClientTls,
+    connect_timeout: Duration,
+) -> Result<(Endpoint, Arc<Target>)> {
     let uri: Uri = endpoint
         .parse()
         .with_context(|| format!("endpoint {endpoint:?} is not a URI"))?;
@@ -450,8 +472,131 @@ fn channel_timing_out(
         tls,
         timeout: connect_timeout,
     });
+    Ok((plain, target))
+}
+
+/// A lazily connecting channel whose connections are opened by `target`.
+fn lazy(plain: &Endpoint, target: &Arc<Target>) -> Channel {
+    let target = target.clone();
     let make = tower::service_fn(move |_: Uri| connect(target.clone()));
-    Ok(plain.connect_with_connector_lazy(make))
+    plain.connect_with_connector_lazy(make)
+}
+
+/// Opens a [`ReloadingChannel`]: a [`channel`] for clients that live as long as the
+/// service, whose new calls move to a new connection once `tls` was reloaded.
+pub fn reloading_channel(
+    endpoint: &str,
+    expected_identity: Option<String>,
+    tls: impl Into<ClientTls>,
+) -> Result<ReloadingChannel> {
+    let tls = tls.into();
+    let generation = tls.generation();
+    let (plain, target) = prepare(endpoint, expected_identity, tls, CONNECT_TIMEOUT)?;
+    let current = lazy(&plain, &target);
+    Ok(ReloadingChannel {
+        shared: Arc::new(Reconnecting {
+            latest: std::sync::Mutex::new((generation, current)),
+            plain,
+            target,
+        }),
+        current: None,
+    })
+}
+
+/// A [`channel`] that follows reloads of its [`ClientTls`].
+///
+/// A [`Channel`] keeps the HTTP/2 connection it opened for as long as the server keeps it,
+/// so a certificate loaded later would reach the server only once that connection broke;
+/// a server that refuses the old certificate's calls (revoked, or about to expire) but keeps
+/// the connection would refuse every call until the service restarts. The clones share one
+/// newest channel and the configuration generation it was made under
+/// ([`LiveTls::generation`]; a fixed configuration never changes). A clone holds no channel
+/// of its own until it is readied for a call: then it takes the newest one (a short lock),
+/// made anew first when the configuration moved on, and keeps it while the generation holds
+/// (one atomic load a call). So the services' stored clients, cloned for each call, never pin
+/// an old channel: calls already under way on one run to their end, and its connection
+/// closes when the last of them is done.
+pub struct ReloadingChannel {
+    shared: Arc<Reconnecting>,
+    /// The channel this clone's calls go over and the generation it was made under; `None`
+    /// until the clone is first readied.
+    current: Option<(u64, Channel)>,
+}
+
+impl Clone for ReloadingChannel {
+    /// A clone starts without a channel, so that a client kept for the life of the service
+    /// and cloned for each call holds none that a reload has replaced.
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            current: None,
+        }
+    }
+}
+
+/// What the clones of a [`ReloadingChannel`] share.
+struct Reconnecting {
+    plain: Endpoint,
+    target: Arc<Target>,
+    /// The newest channel and the generation it was made under.
+    latest: std::sync::Mutex<(u64, Channel)>,
+}
+
+impl Reconnecting {
+    /// The channel for configuration `generation` (or a newer one), made if still missing.
+    fn channel_for(&self, generation: u64) -> (u64, Channel) {
+        // A panic while holding the lock leaves a whole (generation, channel) pair behind.
+        let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        if latest.0 < generation {
+            tracing::info!(
+                host = %self.target.host,
+                port = self.target.port,
+                "the tls configuration was reloaded; new calls go over a new connection"
+            );
+            *latest = (generation, lazy(&self.plain, &self.target));
+        }
+        latest.clone()
+    }
+}
+
+impl std::fmt::Debug for ReloadingChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReloadingChannel")
+            .field("host", &self.shared.target.host)
+            .field("port", &self.shared.target.port)
+            .field("generation", &self.current.as_ref().map(|(g, _)| *g))
+            .finish_non_exhaustive()
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for ReloadingChannel {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future = tonic::transport::channel::ResponseFuture;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // Checked here rather than in `call` so that the channel a call goes to is the one
+        // that said it was ready for it.
+        let now = self.shared.target.tls.generation();
+        let channel = match &mut self.current {
+            Some((generation, channel)) if *generation == now => channel,
+            current => &mut current.insert(self.shared.channel_for(now)).1,
+        };
+        tower::Service::poll_ready(channel, cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        // tower's contract has `call` follow a `poll_ready` that answered ready, which chose
+        // the channel (tonic's clients keep it); without one, the newest channel is taken,
+        // and its own `call` holds the caller to that contract.
+        let (_, channel) = self
+            .current
+            .get_or_insert_with(|| self.shared.channel_for(self.shared.target.tls.generation()));
+        tower::Service::call(channel, request)
+    }
 }
 
 /// Where a channel's connections go and how they are opened.
@@ -783,6 +928,127 @@ mod tests {
             .expect("the calls end");
         server.abort();
         answered.expect("the server is up and is reached");
+    }
+
+    /// A health server on 127.0.0.1 that counts the connections it accepted.
+    async fn counting_server(
+        pki: &DevPki,
+    ) -> (
+        u16,
+        Arc<std::sync::atomic::AtomicUsize>,
+        tonic_health::server::HealthReporter,
+        tokio::task::JoinHandle<()>,
+    ) {
+        use futures::StreamExt;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = accepted.clone();
+        let incoming =
+            tokio_stream::wrappers::TcpListenerStream::new(listener).inspect(move |_| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        let (reporter, health) = tonic_health::server::health_reporter();
+        let server = tonic::transport::Server::builder()
+            .tls_config(pki.files("registry").server_config().unwrap())
+            .unwrap()
+            .add_service(health)
+            .serve_with_incoming(incoming);
+        let server = tokio::spawn(async move {
+            let _ = server.await;
+        });
+        (port, accepted, reporter, server)
+    }
+
+    async fn check(client: &mut tonic_health::pb::health_client::HealthClient<ReloadingChannel>) {
+        let request = tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        };
+        tokio::time::timeout(Duration::from_secs(20), client.check(request))
+            .await
+            .expect("the check ends")
+            .expect("the server answers");
+    }
+
+    /// The next status a health Watch stream sends.
+    async fn next(watch: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>) -> i32 {
+        tokio::time::timeout(Duration::from_secs(20), watch.message())
+            .await
+            .expect("the stream answers")
+            .expect("the stream goes on")
+            .expect("the stream is open")
+            .status
+    }
+
+    #[tokio::test]
+    async fn a_reloading_channel_connects_anew_after_a_reload_and_not_before() {
+        use std::sync::atomic::Ordering;
+        use tonic_health::pb::health_client::HealthClient;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let (port, accepted, reporter, server) = counting_server(&pki).await;
+        let live = LiveTls::load(&pki.files("processor")).unwrap();
+        let channel = reloading_channel(
+            &format!("https://localhost:{port}"),
+            Some(crate::pki::dev_identity("registry", "controller")),
+            &live,
+        )
+        .unwrap();
+        let mut first = HealthClient::new(channel.clone());
+        let mut second = HealthClient::new(channel);
+        check(&mut first).await;
+        check(&mut second).await;
+        check(&mut first).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "clones share a connection"
+        );
+
+        // A stream open on the old connection goes on after the reload.
+        reporter
+            .set_service_status("followed", tonic_health::ServingStatus::Serving)
+            .await;
+        let mut watch = first
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: "followed".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        use tonic_health::pb::health_check_response::ServingStatus;
+        assert_eq!(next(&mut watch).await, ServingStatus::Serving as i32);
+
+        // The same files again: still a reload, whose configuration new calls must use.
+        live.reload().unwrap();
+        check(&mut second).await;
+        check(&mut first).await;
+        check(&mut second).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "one new connection for both clones after the reload"
+        );
+        reporter
+            .set_service_status("followed", tonic_health::ServingStatus::NotServing)
+            .await;
+        assert_eq!(next(&mut watch).await, ServingStatus::NotServing as i32);
+
+        // A fixed configuration never moves to a new connection.
+        let fixed = reloading_channel(
+            &format!("https://localhost:{port}"),
+            None,
+            &pki.files("processor").client_config().unwrap(),
+        )
+        .unwrap();
+        let mut fixed = HealthClient::new(fixed);
+        check(&mut fixed).await;
+        live.reload().unwrap();
+        check(&mut fixed).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        server.abort();
     }
 
     #[test]

@@ -17,7 +17,9 @@ use tonic::{Code, Status};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::harness::{spawn_pair, PairOptions, TestPair};
+use dsrelay_proto::v1::{RequestState, TaskState};
+
+use crate::harness::{erasure, in_state, spawn_pair, wait_until, Backend, PairOptions, TestPair};
 
 /// How long a refusal, a reload or a log line may take to come (services reload every
 /// 100 ms here); a bound on waiting, not a guess at timing.
@@ -317,4 +319,101 @@ async fn a_refused_identity_is_logged_with_its_certificate() {
         "{line}"
     );
     pair.stop().await;
+}
+
+/// Writes `contents` to `path` through a rename, so that the service never reads half of it.
+fn replace(path: &std::path::Path, contents: &str) {
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, contents).expect("writing");
+    std::fs::rename(&partial, path).expect("renaming");
+}
+
+fn task_state(r: &dsrelay_proto::v1::Request, sub: &str) -> Option<TaskState> {
+    r.tasks
+        .iter()
+        .find(|t| t.subprocessor == sub)
+        .and_then(|t| TaskState::try_from(t.state).ok())
+}
+
+/// The processor's certificate is revoked while it acknowledges over an open connection, and
+/// replaced with a new one: the acknowledgements refused meanwhile go through once the
+/// processor has loaded the new files, without a restart of either service.
+async fn a_replaced_certificate_is_used_for_the_next_calls_over_a_new_connection(backend: Backend) {
+    captured();
+    let Some(pair) = spawn_pair(PairOptions {
+        backend,
+        revocation_list: true,
+        tls_reload_ms: Some(100),
+        // Long enough for the registry to load the revocation while the task runs.
+        mail_delay_ms: 4000,
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let pki = pair.pki().clone();
+    let mut crm = pair.crm();
+    let id = crm
+        .submit(erasure("ville.vaihdettu@example.fi"))
+        .await
+        .expect("submit")
+        .into_inner()
+        .request_id;
+    // The in-progress acknowledgement came over the processor's connection to the registry,
+    // made with the certificate about to be revoked.
+    wait_until(&mut crm, &id, WITHIN, |v| {
+        task_state(v, "mail-marketing") == Some(TaskState::InProgress)
+    })
+    .await;
+
+    let old = peer_certificate(&pki.cert("processor"));
+    pki.revoke(&[pki.cert("processor")], 30 * DAY)
+        .expect("revoking the processor");
+    // The registry refuses the processor's acknowledgements: per call on the open connection,
+    // or at the handshake of the new one the processor opens once it has reloaded the list.
+    let line = logged(&["refused", &old.serial_hex]).await;
+    assert!(
+        line.contains("WARN") && line.contains(&dev_identity("processor", "payroll-bureau")),
+        "{line}"
+    );
+    let view = crm
+        .get(dsrelay_proto::v1::GetRequest {
+            request_id: id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_ne!(
+        view.state,
+        RequestState::Completed as i32,
+        "the request waits while the acknowledgements are refused"
+    );
+
+    // A new certificate for the same identity, the key first: a reload between the two sees
+    // a pair that does not belong together and keeps the old one.
+    let renewed = dev_ca(&pki)
+        .issue(
+            "dsrelay processor payroll-bureau (renewed)",
+            &dev_identity("processor", "payroll-bureau"),
+        )
+        .expect("a new processor certificate");
+    replace(&pki.key("processor"), &renewed.key_pem);
+    replace(&pki.cert("processor"), &renewed.cert_pem);
+    let new = peer_certificate(&pki.cert("processor"));
+    logged(&["tls files loaded", &new.serial_hex]).await;
+
+    wait_until(&mut crm, &id, WITHIN * 4, in_state(RequestState::Completed)).await;
+    pair.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_certificate_is_used_for_the_next_calls_over_a_new_connection_on_sqlite() {
+    a_replaced_certificate_is_used_for_the_next_calls_over_a_new_connection(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_certificate_is_used_for_the_next_calls_over_a_new_connection_on_postgres() {
+    a_replaced_certificate_is_used_for_the_next_calls_over_a_new_connection(Backend::Postgres)
+        .await;
 }

@@ -3,9 +3,13 @@
 //! A [`LiveTls`] holds the rustls server and client configurations built from a party's
 //! [`TlsFiles`]. The server accepts each new connection with the server configuration of
 //! the moment, and channels built over it ([`super::channel`]) open each new connection with
-//! the client configuration of the moment; connections already open keep the configuration
-//! they were made with, so a swap fails no call; but every call on them is checked against
-//! the revocation lists loaded now ([`super::peer`]).
+//! the client configuration of the moment. Served connections already open keep the
+//! configuration they were made with, so a swap fails no call; but every call on them is
+//! checked against the revocation lists loaded now ([`super::peer`]). Each successful load
+//! advances a generation ([`LiveTls::generation`]), by which long-lived clients
+//! ([`super::ReloadingChannel`]) send their next calls over a new connection made with the
+//! configuration loaded last, as a peer that refuses the old certificate on an open
+//! connection would otherwise go on refusing every call made over it.
 //!
 //! [`LiveTls::watcher`] reloads when one of the files' modification time or size changes
 //! (looked at every [`TlsFiles::reload_interval_ms`]) and on SIGHUP. A reload that fails (an
@@ -13,6 +17,7 @@
 //! keeps the configuration in use and logs why; the next change of a file tries again.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -37,6 +42,9 @@ struct Inner {
     /// The files' stamps when they were last read, successfully or not, so that a failed
     /// reload is not repeated until something changes again.
     seen: Mutex<Vec<Stamp>>,
+    /// How many times `current` was replaced since the first load; advanced after the swap,
+    /// so whoever sees a new value also sees the configurations it counts.
+    generation: AtomicU64,
 }
 
 struct Configs {
@@ -64,6 +72,7 @@ impl LiveTls {
                 files: files.clone(),
                 current: RwLock::new(Arc::new(configs)),
                 seen: Mutex::new(seen),
+                generation: AtomicU64::new(0),
             }),
         })
     }
@@ -108,7 +117,14 @@ impl LiveTls {
             .current
             .write()
             .unwrap_or_else(|e| e.into_inner()) = Arc::new(configs);
+        self.inner.generation.fetch_add(1, Ordering::Release);
         Ok(())
+    }
+
+    /// How many successful reloads there have been since the first load (0 before any):
+    /// changes whenever the configurations do, and only then.
+    pub fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
     }
 
     /// Whether a file's modification time or size differs from when it was last read.
