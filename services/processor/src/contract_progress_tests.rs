@@ -2,18 +2,32 @@
 //! (SQLite, and PostgreSQL when `DSRELAY_TEST_POSTGRES_URL` names a server): a failed call's
 //! last progress is kept with the FAILED task, an erasure resumed after a failure or a
 //! cut-off call reports the whole run's counts (or an unknown total where the count misses
-//! records it cannot number), and a return cancelled before its delivery keeps what its
-//! export counted.
+//! records it cannot number), a return cancelled before its delivery keeps what its
+//! export counted, and a manual holder's return or deletion counts the records its operator
+//! confirmed (CompleteManualTask over the real operator API).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dsrelay_connectors::manual::ManualConfig;
 use dsrelay_connectors::{
-    BoxFuture, BulkJob, BulkOp, BulkProgress, Connector, ConnectorError, ErasedCount, Outcome, Task,
+    BoxFuture, BulkJob, BulkOp, BulkProgress, Connector, ConnectorConfig, ConnectorError,
+    ErasedCount, Outcome, Task,
 };
-use dsrelay_proto::v1::{ContractEndChoice, ContractPhase, ContractProgress, TaskState};
+use dsrelay_proto::timestamp_from_millis;
+use dsrelay_proto::v1::processor_operator_service_client::ProcessorOperatorServiceClient;
+use dsrelay_proto::v1::processor_operator_service_server::ProcessorOperatorServiceServer;
+use dsrelay_proto::v1::{
+    CompleteManualTaskRequest, ContractEnd, ContractEndChoice, ContractPhase, ContractProgress,
+    DeliverRequest, ListContractEndsRequest, ManualTask, RequestKind, RequestParameters, TaskRef,
+    TaskState, TaskStatus,
+};
+use dsrelay_runtime::pki::{dev_identity, DevPki};
 use tokio::sync::Notify;
+
+use crate::operator_api::OperatorApi;
 
 use crate::contract_retry_tests::{acks, key, retry, step_now, with_contract_end};
 
@@ -308,3 +322,191 @@ async fn a_cancelled_return_keeps_its_export_counts(url: &str, dir: &std::path::
 }
 
 on_both!(a_cancelled_return_keeps_its_export_counts);
+
+/// A processor as [`with_contract_end`] makes it, with controller `acme`'s contract end `id`
+/// (`choice`, effective now) accepted, whose subprocessor `crm` is a manual holder (the real
+/// connector, as configured) and whose operator is the development PKI's `ops`, and its
+/// operator API served on 127.0.0.1 over TLS: the app, a client of the API as `ops`, and what
+/// stops the server once sent.
+async fn manual_contract_end(
+    url: &str,
+    dir: &std::path::Path,
+    id: &str,
+    choice: ContractEndChoice,
+) -> (
+    crate::App,
+    ProcessorOperatorServiceClient<tonic::transport::Channel>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let manual = ConnectorConfig::Manual(ManualConfig::default());
+    let holder = dsrelay_connectors::build(&manual).await.expect("manual");
+    let mut config = crate::contract_tests::config(dir, url, &["acme"]);
+    // The operator API answers only the operators the configuration names.
+    config.operators = vec![dev_identity("operator", "ops")];
+    let app = crate::App::with_connectors(config, HashMap::from([("crm".to_string(), holder)]))
+        .await
+        .expect("app");
+    let shared = app.shared();
+    let now = shared.clock.now_ms();
+    let req = DeliverRequest {
+        request_id: id.into(),
+        kind: RequestKind::ContractEnd as i32,
+        parameters: Some(RequestParameters {
+            contract_end: Some(ContractEnd {
+                choice: choice as i32,
+                effective_at: Some(timestamp_from_millis(now)),
+                grace_ends_at: Some(timestamp_from_millis(now)),
+                return_confirmed: false,
+                transfer_recipient: String::new(),
+            }),
+            ..Default::default()
+        }),
+        due_at: Some(timestamp_from_millis(now + 60_000)),
+        ..Default::default()
+    };
+    (shared.store)
+        .accept("acme", &req, &["crm".to_string()], None, now)
+        .await
+        .expect("accept");
+    let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
+    let server_tls = pki.files("processor").server_config().expect("server tls");
+    let router = dsrelay_runtime::server::builder(server_tls)
+        .expect("server")
+        .add_service(ProcessorOperatorServiceServer::new(OperatorApi::new(
+            shared,
+        )));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(dsrelay_runtime::server::serve(router, listener, async {
+        let _ = stopped.await;
+    }));
+    let client_tls = pki.files("operator").client_config().expect("client tls");
+    let channel = dsrelay_runtime::tls::channel(
+        &format!("https://localhost:{port}"),
+        Some(dev_identity("processor", "payroll-bureau")),
+        &client_tls,
+    )
+    .expect("channel");
+    (app, ProcessorOperatorServiceClient::new(channel), stop)
+}
+
+/// The operator's CompleteManualTask of `id`'s task at `crm`, `records` records.
+async fn complete_by_hand(
+    client: &mut ProcessorOperatorServiceClient<tonic::transport::Channel>,
+    id: &str,
+    records: i64,
+) -> ManualTask {
+    client
+        .complete_manual_task(CompleteManualTaskRequest {
+            task: Some(TaskRef {
+                controller: "acme".into(),
+                request_id: id.into(),
+                subprocessor: "crm".into(),
+            }),
+            not_found: false,
+            records_affected: records,
+            evidence_note: "binders shredded".into(),
+        })
+        .await
+        .expect("CompleteManualTask")
+        .into_inner()
+}
+
+/// `id`'s task as ListContractEnds answers the operator.
+async fn listed(
+    client: &mut ProcessorOperatorServiceClient<tonic::transport::Channel>,
+    id: &str,
+) -> TaskStatus {
+    let ends = client
+        .list_contract_ends(ListContractEndsRequest {
+            controller: "acme".into(),
+        })
+        .await
+        .expect("ListContractEnds")
+        .into_inner()
+        .contract_ends;
+    let end = ends
+        .into_iter()
+        .find(|e| e.request_id == id)
+        .expect("listed");
+    end.tasks.into_iter().next().expect("its task")
+}
+
+/// A manual holder's contract end deletion, completed by its operator with a count of 12
+/// records: the task's progress at DONE says 12 of 12 records (its subjects unknown), as
+/// acknowledged to the registry and as ListContractEnds answers, the same count as its
+/// evidence and its deletion certificate. Before, the progress stayed at 0 of unknown.
+async fn a_deletion_done_by_hand_counts_the_operator_s_records(url: &str, dir: &std::path::Path) {
+    let id = "ce-hand";
+    let (app, mut client, stop) =
+        manual_contract_end(url, dir, id, ContractEndChoice::Delete).await;
+    let shared = app.shared();
+    assert_eq!(step_now(&shared).await, 1);
+    let waiting = listed(&mut client, id).await;
+    assert_eq!(
+        waiting.state(),
+        TaskState::WaitingForOperator,
+        "{waiting:?}"
+    );
+    let p = waiting.progress.expect("progress");
+    assert_eq!(p.phase(), ContractPhase::Deleting);
+    assert_eq!(counts(&p), (0, 0, 0, 0), "{p:?}");
+
+    let done = complete_by_hand(&mut client, id, 12).await;
+    assert_eq!(done.state(), TaskState::Completed, "{done:?}");
+    let all = acks(&shared, id).await;
+    let last = all.last().expect("acks");
+    assert_eq!(last.state(), TaskState::Completed, "{all:#?}");
+    assert_eq!(last.evidence.as_ref().map(|e| e.records_affected), Some(12));
+    let p = last.progress.expect("progress");
+    assert_eq!(p.phase(), ContractPhase::Done);
+    assert_eq!(counts(&p), (0, 0, 12, 12), "{p:?}");
+    let shown = listed(&mut client, id).await;
+    let p = shown.progress.expect("progress");
+    assert_eq!(p.phase(), ContractPhase::Done);
+    assert_eq!(counts(&p), (0, 0, 12, 12), "{shown:?}");
+    let body = last_certificate(&shared, id).await;
+    assert_eq!(body["records_affected"], 12, "{body}");
+    let _ = stop.send(());
+}
+
+on_both!(a_deletion_done_by_hand_counts_the_operator_s_records);
+
+/// A manual holder's return, completed by its operator with a count of 5 records: while its
+/// record is delivered the task's progress says 5 of 5 records returned (its subjects
+/// unknown), as acknowledged and as ListContractEnds answers.
+async fn a_return_done_by_hand_counts_the_operator_s_records(url: &str, dir: &std::path::Path) {
+    let id = "ce-back";
+    let choice = ContractEndChoice::ReturnThenDelete;
+    let (app, mut client, stop) = manual_contract_end(url, dir, id, choice).await;
+    let shared = app.shared();
+    assert_eq!(step_now(&shared).await, 1);
+    let waiting = listed(&mut client, id).await;
+    assert_eq!(
+        waiting.state(),
+        TaskState::WaitingForOperator,
+        "{waiting:?}"
+    );
+    assert_eq!(
+        waiting.progress.map(|p| p.phase()),
+        Some(ContractPhase::Returning)
+    );
+
+    let returned = complete_by_hand(&mut client, id, 5).await;
+    assert_eq!(returned.state(), TaskState::InProgress, "{returned:?}");
+    let all = acks(&shared, id).await;
+    let last = all.last().expect("acks");
+    assert_eq!(last.state(), TaskState::InProgress, "{all:#?}");
+    let p = last.progress.expect("progress");
+    assert_eq!(p.phase(), ContractPhase::Returning);
+    assert_eq!(counts(&p), (0, 0, 5, 5), "{p:?}");
+    let shown = listed(&mut client, id).await;
+    let p = shown.progress.expect("progress");
+    assert_eq!(counts(&p), (0, 0, 5, 5), "{shown:?}");
+    let _ = stop.send(());
+}
+
+on_both!(a_return_done_by_hand_counts_the_operator_s_records);

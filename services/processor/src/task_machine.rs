@@ -112,7 +112,9 @@
 //!   back → CANCELLED with the receipt, saying the recipient received the data, too late to
 //!   stop; never AWAITING_CONFIRMATION nor DELETING, since the contract end was cancelled
 //! - an operator completing a manual RETURNING step queues the delivery of its return record
-//!   (the task stays RETURNING); once that is delivered it moves to AWAITING_CONFIRMATION
+//!   (the task stays RETURNING); once that is delivered it moves to AWAITING_CONFIRMATION.
+//!   An operator completing a manual step (RETURNING, or DELETING → COMPLETED DONE) gives its
+//!   counts: the records confirmed, done of as many, the subjects unknown ([`operator_counts`])
 //! - an operator retries a FAILED task (RetryTask) in the phase it failed in, the operator's
 //!   note as its reason, its holder called at once ([`operator_retry`]): RETURNING → the
 //!   export runs again from the start (counts from zero, the failed run's export and upload
@@ -239,6 +241,14 @@ impl ContractStep {
             scheduled_at: None,
         }
     }
+}
+
+/// The counts of a contract end's step an operator did by hand (a manual holder reports no
+/// progress of its own): the records the operator confirmed, done of as many, since the count
+/// is given once the work is; the subjects unknown (0), which no operator is asked for.
+fn operator_counts(records_affected: i64) -> BulkProgress {
+    let records = u64::try_from(records_affected).unwrap_or(0);
+    BulkProgress::counts(0, 0, records, records)
 }
 
 /// The phase a bulk step runs in.
@@ -886,7 +896,12 @@ fn decide_event(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision
                     next_attempt_at: Some(NEVER),
                     export_files: Some(vec![file.clone()]),
                     upload: true,
-                    contract: returning.then(|| ContractStep::keep(ContractPhase::Returning)),
+                    contract: returning.then(|| {
+                        ContractStep::at(
+                            ContractPhase::Returning,
+                            operator_counts(records_affected),
+                        )
+                    }),
                     ..Default::default()
                 }),
                 None => Decision::Reject(
@@ -905,7 +920,10 @@ fn decide_event(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision
             records_affected,
             confirmed: true,
             note: format!("{note} (confirmed by {by})"),
-            contract: Some(ContractStep::keep(ContractPhase::Done)),
+            contract: Some(ContractStep::at(
+                ContractPhase::Done,
+                operator_counts(records_affected),
+            )),
             ..Default::default()
         }),
         Event::OperatorComplete {
@@ -5114,10 +5132,26 @@ mod tests {
         let t = moved(decide(&returning, complete(Some(&record)), &ctx()));
         assert_eq!(t.state, InProgress);
         // Still returning until the registry holds the record; then it waits.
-        assert_eq!(t.contract.map(|c| c.phase), Some(ContractPhase::Returning));
+        assert_eq!(
+            t.contract.as_ref().map(|c| c.phase),
+            Some(ContractPhase::Returning)
+        );
         assert!(t.upload);
         assert_eq!(t.export_files, Some(vec![record.clone()]));
         assert!(t.note.contains("returned by ops"), "{}", t.note);
+        // The records the operator returned are the return's counts, the subjects unknown.
+        let counts = |t: &Transition| {
+            let p = t.contract.as_ref().and_then(|c| c.progress.clone());
+            p.map(|p| {
+                (
+                    p.subjects_done,
+                    p.subjects_total,
+                    p.records_done,
+                    p.records_total,
+                )
+            })
+        };
+        assert_eq!(counts(&t), Some((0, 0, 4, 4)));
         // Without a record nothing could ever be confirmed: refused, not left waiting.
         assert!(matches!(
             decide(&returning, complete(None), &ctx()),
@@ -5126,6 +5160,7 @@ mod tests {
         let deleting = contract_task(WaitingForOperator, ContractPhase::Deleting);
         let t = moved(decide(&deleting, complete(None), &ctx()));
         assert_eq!(t.state, Completed);
+        assert_eq!(counts(&t), Some((0, 0, 4, 4)));
         assert_eq!(t.contract.map(|c| c.phase), Some(ContractPhase::Done));
     }
 

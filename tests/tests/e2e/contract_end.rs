@@ -345,13 +345,22 @@ async fn delete_by_hand_then_finish(pair: &TestPair, id: &str, note: &str) -> Co
     )
     .await;
     complete_by_hand(pair, id, note).await;
-    until(pair, id, 60, "deleted after confirmation", |c| {
+    let done = until(pair, id, 60, "deleted after confirmation", |c| {
         matches!(
             state(c),
             RequestState::Completed | RequestState::PartiallyCompleted
         )
     })
-    .await
+    .await;
+    // The operator's confirmed count is the deletion's progress, as on its certificate.
+    let paper = (done.tasks.iter())
+        .find(|t| t.subprocessor == "paper-archive")
+        .expect("paper-archive's task");
+    let p = paper.progress.as_ref().expect("progress");
+    assert_eq!((p.records_done, p.records_total), (3, 3), "{paper:?}");
+    let shown = dsrctl(pair, "operator", &["contracts", "show", id]).await;
+    assert!(shown.ok().contains("3/3 handled"), "{}", shown.stdout);
+    done
 }
 
 fn waits_for_an_operator(c: &Contract) -> bool {
