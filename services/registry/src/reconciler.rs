@@ -1,12 +1,13 @@
 //! Asks processors for status when a request has been quiet too long, so a lost
 //! acknowledgement (or a processor outbox that is stuck) cannot leave a request hanging. A
-//! check that finds nothing new backs off (`reconcile.max_backoff_ms`), so requests that
-//! wait for months cost a call a day, not one every `ack_timeout_ms`. A check that gets no
-//! answer puts its request behind the other quiet ones, and when the processor is down or too
-//! slow (UNAVAILABLE, DEADLINE_EXCEEDED) the round skips the rest of its requests, so
-//! requests that cannot be checked never keep the others from being checked. Why the last
-//! check at a processor failed, which the log line withholds, is kept for GetChain until one
-//! there is answered.
+//! request whose checks at all its processors find nothing new backs off
+//! (`reconcile.max_backoff_ms`), so requests that wait for months cost a call a day, not one
+//! every `ack_timeout_ms`. A check that gets no answer (or is skipped) puts its request
+//! behind the other quiet ones, not backed off by its other processors' answers, and when
+//! the processor is down or too slow (UNAVAILABLE, DEADLINE_EXCEEDED) the round skips the
+//! rest of its requests, so requests that cannot be checked never keep the others from
+//! being checked. Why the last check at a processor failed, which the log line withholds, is
+//! kept for GetChain until one there is answered.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -121,85 +122,123 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         // Processors down or too slow this round: their other requests wait for the next
         // round instead of a timeout each.
         let mut unanswered: BTreeSet<String> = BTreeSet::new();
-        for (request_id, processor) in quiet {
-            let client = match shared.processors.get(&processor) {
-                Some(client) if !unanswered.contains(&processor) => client,
-                _ => {
-                    postpone(&shared, &request_id).await;
-                    continue;
-                }
-            };
-            let mut req = tonic::Request::new(GetStatusRequest {
-                request_id: request_id.clone(),
-            });
-            req.set_timeout(Duration::from_millis(
-                shared.config.delivery.call_timeout_ms,
-            ));
-            // A processor slow to answer does not hold the registry's shutdown; the question
-            // is asked again after the restart.
-            let mut client = client.clone();
-            let answer = tokio::select! {
-                a = client.get_status(req) => a,
-                () = stopped(&mut stop) => return,
-            };
-            match answer {
-                Ok(resp) => {
-                    if failing.contains(&processor)
-                        && record_status_check(&shared, &processor, None).await
-                    {
-                        failing.remove(&processor);
+        for (request_id, processors) in by_request(quiet) {
+            // Whether every check of this request so far in the round answered with nothing
+            // new: only then may its last check back it off.
+            let mut all_quiet = true;
+            // Whether a check of it got no answer or was skipped.
+            let mut postponed = false;
+            let last = processors.len().saturating_sub(1);
+            for (i, processor) in processors.into_iter().enumerate() {
+                let client = match shared.processors.get(&processor) {
+                    Some(client) if !unanswered.contains(&processor) => client,
+                    _ => {
+                        (all_quiet, postponed) = (false, true);
+                        continue;
                     }
-                    let tasks = crate::api::acknowledgement::well_formed_reports(
-                        &processor,
-                        &request_id,
-                        resp.into_inner().tasks,
-                    );
-                    match shared
-                        .store
-                        .reconcile(
-                            &request_id,
+                };
+                let mut req = tonic::Request::new(GetStatusRequest {
+                    request_id: request_id.clone(),
+                });
+                req.set_timeout(Duration::from_millis(
+                    shared.config.delivery.call_timeout_ms,
+                ));
+                // A processor slow to answer does not hold the registry's shutdown; the
+                // question is asked again after the restart.
+                let mut client = client.clone();
+                let answer = tokio::select! {
+                    a = client.get_status(req) => a,
+                    () = stopped(&mut stop) => return,
+                };
+                match answer {
+                    Ok(resp) => {
+                        if failing.contains(&processor)
+                            && record_status_check(&shared, &processor, None).await
+                        {
+                            failing.remove(&processor);
+                        }
+                        let tasks = crate::api::acknowledgement::well_formed_reports(
                             &processor,
-                            &tasks,
-                            shared.clock.now_ms(),
-                            cfg.max_backoff_ms as i64,
-                        )
-                        .await
-                    {
-                        Ok(changed) => {
-                            if changed > 0 {
-                                tracing::info!(%request_id, %processor, changed, "reconciled late acknowledgements");
-                                shared.publish(&request_id);
+                            &request_id,
+                            resp.into_inner().tasks,
+                        );
+                        // Backing off pushes back every check of the request (`checked_at`
+                        // is kept per request), so it waits for the last of them; 0 counts
+                        // this one as made now.
+                        let max_backoff_ms = if i == last && all_quiet {
+                            cfg.max_backoff_ms as i64
+                        } else {
+                            0
+                        };
+                        match shared
+                            .store
+                            .reconcile(
+                                &request_id,
+                                &processor,
+                                &tasks,
+                                shared.clock.now_ms(),
+                                max_backoff_ms,
+                            )
+                            .await
+                        {
+                            Ok(changed) => {
+                                if changed > 0 {
+                                    all_quiet = false;
+                                    tracing::info!(%request_id, %processor, changed, "reconciled late acknowledgements");
+                                    shared.publish(&request_id);
+                                }
+                            }
+                            Err(e) => {
+                                all_quiet = false;
+                                tracing::error!(%request_id, error = format!("{e:#}"), "reconciling failed")
                             }
                         }
-                        Err(e) => {
-                            tracing::error!(%request_id, error = format!("{e:#}"), "reconciling failed")
+                    }
+                    Err(status) => {
+                        shared.metrics.status_check_failures.inc(&[&processor]);
+                        let said = Said::status(&status);
+                        tracing::warn!(
+                            %request_id,
+                            %processor,
+                            error = %said.logged(&shared.identity_hash_key),
+                            "status check failed; `dsrctl chain` shows its answer"
+                        );
+                        let error = format!("request {request_id}: {}", said.full());
+                        record_status_check(&shared, &processor, Some(&error)).await;
+                        failing.insert(processor.clone());
+                        // Down or too slow, not an answer about this request alone.
+                        if matches!(
+                            status.code(),
+                            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                        ) {
+                            unanswered.insert(processor);
                         }
+                        (all_quiet, postponed) = (false, true);
                     }
                 }
-                Err(status) => {
-                    shared.metrics.status_check_failures.inc(&[&processor]);
-                    let said = Said::status(&status);
-                    tracing::warn!(
-                        %request_id,
-                        %processor,
-                        error = %said.logged(&shared.identity_hash_key),
-                        "status check failed; `dsrctl chain` shows its answer"
-                    );
-                    let error = format!("request {request_id}: {}", said.full());
-                    record_status_check(&shared, &processor, Some(&error)).await;
-                    failing.insert(processor.clone());
-                    // Down or too slow, not an answer about this request alone.
-                    if matches!(
-                        status.code(),
-                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
-                    ) {
-                        unanswered.insert(processor);
-                    }
-                    postpone(&shared, &request_id).await;
-                }
+            }
+            if postponed {
+                postpone(&shared, &request_id).await;
             }
         }
     }
+}
+
+/// The rows of `quiet` (request, processor) gathered by request, in the order each request
+/// first comes: every check of a request must be known before it is backed off.
+fn by_request(quiet: Vec<(String, String)>) -> Vec<(String, Vec<String>)> {
+    let mut at: HashMap<String, usize> = HashMap::new();
+    let mut grouped: Vec<(String, Vec<String>)> = Vec::new();
+    for (request_id, processor) in quiet {
+        match at.get(&request_id).and_then(|&k| grouped.get_mut(k)) {
+            Some((_, processors)) => processors.push(processor),
+            None => {
+                at.insert(request_id.clone(), grouped.len());
+                grouped.push((request_id, vec![processor]));
+            }
+        }
+    }
+    grouped
 }
 
 /// Keeps why a status check at `processor` failed (`error`), or clears it with `None`, for
@@ -220,8 +259,9 @@ async fn record_status_check(shared: &Shared, processor: &str, error: Option<&st
     }
 }
 
-/// Puts `request_id` behind the other quiet requests after a status check that got no
-/// answer; a store failure is logged (the request is then asked about first again).
+/// Puts `request_id` behind the other quiet requests after a status check of it that got
+/// no answer or was skipped this round; a store failure is logged (the request is then asked
+/// about first again).
 async fn postpone(shared: &Shared, request_id: &str) {
     if let Err(e) = shared
         .store
@@ -236,6 +276,10 @@ async fn postpone(shared: &Shared, request_id: &str) {
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
+
+#[cfg(test)]
+#[path = "reconcile_round_tests.rs"]
+mod round_tests;
 
 #[cfg(test)]
 mod tests {

@@ -694,7 +694,10 @@ impl Store {
     ///
     /// When nothing was new, the next check waits as long again as the request has been
     /// unchanged (`updated_at`), at most `max_backoff_ms`: quiet requests are asked less and
-    /// less often.
+    /// less often. With `max_backoff_ms` 0 the check counts as made at `now`, as one that
+    /// finds something new does: the reconciler passes 0 when the request's check at
+    /// another of its processors in the same round failed, found something new, or is
+    /// still to come, so one processor's answer never pushes back the check of another.
     pub async fn reconcile(
         &self,
         request_id: &str,

@@ -415,22 +415,31 @@ impl Store {
 
     /// Requests still moving at their processors (DISPATCHED, IN_PROGRESS, or
     /// PARTIALLY_COMPLETED while retained data waits for its date) not checked or acknowledged
-    /// since `cutoff`, with the processors that accepted them: candidates for a status check.
+    /// since `cutoff`, with the processors that accepted them: candidates for a status check,
+    /// one row per (request, processor). At most `limit` requests, the longest unchecked
+    /// first, each with every processor that accepted it in adjacent rows: the limit never
+    /// leaves out some of a request's processors, whose checks decide together when it is
+    /// checked next (see `reconciler::run`).
     pub async fn quiet_requests(&self, cutoff: i64, limit: i64) -> Result<Vec<(String, String)>> {
-        Ok(sqlx::query_as(
-            "SELECT r.id, d.processor FROM requests r JOIN deliveries d \
-             ON d.request_id = r.id AND d.op = $1 AND d.done_at IS NOT NULL \
-             WHERE r.state IN ($2, $3, $4) AND r.checked_at < $5 \
-             ORDER BY r.checked_at LIMIT $6",
-        )
-        .bind(Operation::Deliver.as_str())
-        .bind(RequestState::Dispatched as i64)
-        .bind(RequestState::InProgress as i64)
-        .bind(RequestState::PartiallyCompleted as i64)
-        .bind(cutoff)
-        .bind(limit)
-        .fetch_all(&self.db.pool)
-        .await?)
+        // The limit counts requests, not rows; a request no processor has accepted yet has
+        // no one to ask and would only take a place.
+        let sql = self.db.backend.numbered(
+            "SELECT r.id, d.processor FROM (SELECT q.id, q.checked_at FROM requests q \
+             WHERE q.state IN ($2, $3, $4) AND q.checked_at < $5 AND EXISTS (SELECT 1 \
+             FROM deliveries e WHERE e.request_id = q.id AND e.op = $1 \
+             AND e.done_at IS NOT NULL) ORDER BY q.checked_at, q.id LIMIT $6) r \
+             JOIN deliveries d ON d.request_id = r.id AND d.op = $1 AND d.done_at IS NOT NULL \
+             ORDER BY r.checked_at, r.id, d.processor",
+        );
+        Ok(sqlx::query_as(&sql)
+            .bind(Operation::Deliver.as_str())
+            .bind(RequestState::Dispatched as i64)
+            .bind(RequestState::InProgress as i64)
+            .bind(RequestState::PartiallyCompleted as i64)
+            .bind(cutoff)
+            .bind(limit)
+            .fetch_all(&self.db.pool)
+            .await?)
     }
 }
 
