@@ -27,6 +27,9 @@ pub(crate) struct TraceView {
     received_at: Option<Time>,
     /// Milliseconds from receipt to the last event.
     elapsed_ms: i64,
+    /// Receipt in milliseconds since the epoch: where the steps' offsets count from.
+    #[serde(skip)]
+    start_ms: i64,
     /// What happened to the request as a whole (submission, state changes, extensions,
     /// cancellation, ...), and events of processors it has no delivery to.
     events: Vec<EventLine>,
@@ -134,6 +137,11 @@ struct TaskView {
     steps: Vec<Step>,
     /// Milliseconds from the first to the last change.
     duration_ms: i64,
+    /// For a pending task, milliseconds from its first change to when the trace was read:
+    /// how long it has been open, which `duration_ms` does not show (a task waiting for a
+    /// holder has no new change to count to).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    open_for_ms: Option<i64>,
     /// The highest run of the task the events report (0 when they report none). The
     /// processor counts every time it takes the task up, so above 1 it was tried again
     /// (the holder failed, or the processor restarted mid-task), or it ran again later: a
@@ -343,6 +351,7 @@ impl TraceView {
                 records_affected: t.evidence.as_ref().map(|e| e.records_affected).unwrap_or(0),
                 steps: s,
                 duration_ms,
+                open_for_ms: None,
                 run,
                 pending: is_open(t.state),
                 detail,
@@ -357,6 +366,7 @@ impl TraceView {
             trace_id: request.trace_id.clone(),
             received_at: Time::from_proto(request.received_at.as_ref()),
             elapsed_ms: since(last, start),
+            start_ms: start,
             events,
             processors: hops.into_values().collect(),
             hint: Hint::default(),
@@ -365,6 +375,18 @@ impl TraceView {
 }
 
 impl TraceView {
+    /// Sets how long each pending task has been open, as read at `now` (milliseconds since
+    /// the epoch).
+    fn read_at(&mut self, now: i64) {
+        let start = self.start_ms;
+        for task in self.processors.iter_mut().flat_map(|h| h.tasks.iter_mut()) {
+            let first = task.steps.first().map_or(0, |s| s.at);
+            task.open_for_ms = task
+                .pending
+                .then(|| since(now, start.saturating_add(first)));
+        }
+    }
+
     /// Adds each processor's last failed status check in `chain`.
     fn checked(&mut self, chain: &dsrelay_sdk::proto::Chain) {
         for hop in &mut self.processors {
@@ -511,13 +533,18 @@ impl Render for TraceView {
                     }
                     (false, _) => "",
                 };
+                // An open task has not taken its time yet: how long it has been open says
+                // more (a task waiting for a holder shows no new change for minutes).
+                let time = match t.open_for_ms {
+                    Some(open) => format!("open for {}", secs(open)),
+                    None => format!("took {}", secs(t.duration_ms)),
+                };
                 out.push_str(&format!(
-                    "{indent}{b} {}  {}  #{}  {} record(s)  took {}{run}{pending}\n",
+                    "{indent}{b} {}  {}  #{}  {} record(s)  {time}{run}{pending}\n",
                     clean(&t.subprocessor),
                     t.state,
                     t.sequence,
                     t.records_affected,
-                    secs(t.duration_ms)
                 ));
                 if !path.is_empty() {
                     out.push_str(&format!("{indent}   {}\n", clean(&path)));
@@ -547,6 +574,7 @@ pub(crate) async fn run(
 ) -> Result<u8, Failure> {
     let list = all_events(registry, &args.id).await?;
     let mut view = TraceView::build(&list);
+    view.read_at(chrono::Utc::now().timestamp_millis());
     view.hint = registry.hint.clone();
     if !view.processors.is_empty() {
         if let Some(chain) = super::request::chain(registry).await {
@@ -751,6 +779,55 @@ mod tests {
         let tasks = &json["processors"][0]["tasks"];
         assert_eq!(tasks[0]["pending"], false, "{json:#}");
         assert_eq!(tasks[1]["pending"], true, "{json:#}");
+    }
+
+    /// A pending task shows how long it has been open when the trace is read, where an
+    /// ended one shows what it took: a task waiting for a holder for minutes has no new
+    /// change, and "took 0.000 s" would read as just started.
+    #[test]
+    fn a_pending_task_shows_how_long_it_has_been_open() {
+        let task = |subprocessor: &str, state: TaskState| TaskStatus {
+            processor: "payroll-bureau".into(),
+            subprocessor: subprocessor.into(),
+            state: state as i32,
+            ..Default::default()
+        };
+        let list = EventList {
+            request: Some(Request {
+                request_id: "r-1".into(),
+                received_at: Some(dsrelay_proto::timestamp_from_millis(1_000_000)),
+                deliveries: vec![Delivery {
+                    processor: "payroll-bureau".into(),
+                    ..Default::default()
+                }],
+                tasks: vec![
+                    task("accounting", TaskState::Completed),
+                    task("crm", TaskState::InProgress),
+                ],
+                ..Default::default()
+            }),
+            events: Vec::new(),
+            ..Default::default()
+        };
+        let mut view = TraceView::build(&list);
+        // No task events: each task's first change counts from receipt.
+        view.read_at(1_000_000 + 312_500);
+        let text = view.to_table();
+        let line = |name: &str| {
+            let found = text.lines().find(|l| l.contains(name));
+            found
+                .unwrap_or_else(|| panic!("{name} in {text}"))
+                .to_string()
+        };
+        assert!(
+            line("crm").contains("  open for 312.500 s  (pending)"),
+            "{text}"
+        );
+        assert!(line("accounting").contains("  took 0.000 s"), "{text}");
+        let json = serde_json::to_value(&view).unwrap();
+        let tasks = &json["processors"][0]["tasks"];
+        assert_eq!(tasks[1]["open_for_ms"], 312_500, "{json:#}");
+        assert!(tasks[0].get("open_for_ms").is_none(), "{json:#}");
     }
 
     /// A request to `processor` with one task, and `events`.
