@@ -366,12 +366,18 @@ impl ProcessorService for Api {
             .map(|t| (t.key.subprocessor.as_str(), t.sequence))
             .collect();
         let now = self.shared.clock.now_ms();
-        if let Err(e) = store
+        match store
             .status_answered(&controller, &r.request_id, &reported, now)
             .await
         {
-            let error = format!("{e:#}");
-            tracing::warn!(request_id = %r.request_id, %error, "recording GetStatus's answer failed");
+            // A dead letter carrying a certificate was put back in the queue: send it now
+            // rather than at the sender's next poll.
+            Ok(settled) if settled.requeued > 0 => self.shared.ack_wakeup.notify_one(),
+            Ok(_) => {}
+            Err(e) => {
+                let error = format!("{e:#}");
+                tracing::warn!(request_id = %r.request_id, %error, "recording GetStatus's answer failed");
+            }
         }
         Ok(Response::new(TaskList {
             request_id: r.request_id,

@@ -205,13 +205,20 @@ impl App {
         let clock = Clock::system();
         let breaker =
             crate::breaker::Breaker::new(clock.clone(), config.identity_hash_key.as_bytes());
+        let store = Store::new(db, config.identity_hash_key.as_bytes())
+            .with_issuer(issuer(&config, own_identity)?)
+            .with_ack_handoff(config.acks.lease_ms);
+        // A build before migration 0031 marked superseded dead letters that carry a deletion
+        // certificate, which must still be sent; SQL cannot read the payloads, so this does.
+        store
+            .unmark_certified_dead_letters()
+            .await
+            .context("unmarking certified dead letters an earlier build superseded")?;
         Ok(Self {
             tls,
             shared: Arc::new(Shared {
                 metrics: crate::metrics::Metrics::new(&config),
-                store: Store::new(db, config.identity_hash_key.as_bytes())
-                    .with_issuer(issuer(&config, own_identity)?)
-                    .with_ack_handoff(config.acks.lease_ms),
+                store,
                 config,
                 connectors,
                 clock,

@@ -14,8 +14,17 @@
 //! | `dsrelay_subprocessor_unreachable_since_seconds` | gauge | `subprocessor` |
 //!
 //! `dsrelay_processor_acks_dead_lettered` counts dead letters not superseded: one whose task
-//! GetStatus has since reported at its sequence or later is still listed (marked) by
-//! ListDeadLetters, but the registry has read that state, so it needs no operator.
+//! GetStatus has since reported at its sequence or later, or whose task's later
+//! acknowledgement the registry has accepted, is still listed (marked) by ListDeadLetters,
+//! but the registry holds that state, so it needs no operator. One carrying a deletion
+//! certificate is never superseded (the registry gets the certificate only with it): the
+//! processor requeues it once by itself instead, and, dead-lettered again, it counts until an
+//! operator requeues it and the registry takes it (see `store::acks`).
+//!
+//! `dsrelay_ack_outbox_depth` and `dsrelay_ack_outbox_oldest_age_seconds` count the
+//! acknowledgements queued for the sender, not yet stored by the registry: dead letters,
+//! superseded or not, are left out (the sender does not send them), and a requeued one counts
+//! again.
 //!
 //! The two `unreachable` gauges are read from this process's marks ([`crate::breaker`]) when
 //! scraped, not from the store: each replica shows its own, and a restart clears them.
@@ -162,14 +171,14 @@ pub(crate) async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
         );
     }
 
-    let depth: i64 =
-        sqlx::query_scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM ack_outbox WHERE sent_at IS NULL")
-            .fetch_one(pool)
-            .await?;
+    // Dead letters are left out: they wait for an operator, not for the sender, and have a
+    // gauge of their own; a superseded one needs nobody at all.
+    let depth = shared.store.unsent_ack_count().await?;
     // Rows are numbered in the order they were queued, and each carries the time of its
     // state change.
     let oldest: Option<Vec<u8>> = sqlx::query_scalar(
-        "SELECT payload FROM ack_outbox WHERE sent_at IS NULL ORDER BY id LIMIT 1",
+        "SELECT payload FROM ack_outbox WHERE sent_at IS NULL AND dead_lettered_at IS NULL \
+         ORDER BY id LIMIT 1",
     )
     .fetch_optional(pool)
     .await?;
@@ -182,13 +191,16 @@ pub(crate) async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
     GaugeFamily::register(
         &mut gauges,
         "dsrelay_ack_outbox_depth",
-        "Acknowledgements not yet stored by their controller's registry.",
+        "Acknowledgements queued to be sent to their controller's registry and not yet \
+         stored by it. Dead letters are not counted (dsrelay_processor_acks_dead_lettered \
+         counts those that need an operator); a requeued one counts again.",
     )
     .set(&[], depth as f64);
     GaugeFamily::register(
         &mut gauges,
         "dsrelay_ack_outbox_oldest_age_seconds",
-        "Age of the oldest acknowledgement not yet stored by its registry; 0 when none waits.",
+        "Age of the oldest acknowledgement queued to be sent to its registry and not yet \
+         stored by it, dead letters left out; 0 when none waits.",
     )
     .set(&[], age);
     let dead = shared.store.dead_letter_count().await?;
@@ -197,8 +209,9 @@ pub(crate) async fn render(shared: &Shared, now_ms: i64) -> Result<String> {
         "dsrelay_processor_acks_dead_lettered",
         "Acknowledgements parked after acks.max_rejections rejections by their registry: \
          not sent until an operator requeues them (dsrctl tasks dead-letters). Superseded ones \
-         (their task's state, at their sequence or later, read by the registry through \
-         GetStatus since) are not counted.",
+         (their task's state, at their sequence or later, since read by the registry through \
+         GetStatus or accepted by it in a later acknowledgement) are not counted; one carrying \
+         a deletion certificate is never superseded.",
     )
     .set(&[], dead as f64);
     let names = shared.config.subprocessors.iter().map(|s| s.name.as_str());

@@ -859,6 +859,7 @@ impl ProcessorOperatorService for OperatorApi {
                     rejected_at: Some(timestamp_from_millis(d.rejected_at)),
                     dead_lettered_at: Some(timestamp_from_millis(d.dead_lettered_at)),
                     superseded_at: d.superseded_at.map(timestamp_from_millis),
+                    carries_certificate: d.carries_certificate,
                 })
                 .collect(),
         }))

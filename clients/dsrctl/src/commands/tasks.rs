@@ -318,9 +318,13 @@ struct DeadLetterView {
     last_rejection: String,
     rejected_at: Option<Time>,
     dead_lettered_at: Option<Time>,
-    /// When the processor reported this task's state, at this sequence or later, to the
-    /// registry's GetStatus after the letter was parked: requeueing it is not needed.
+    /// When, after the letter was parked, the registry came to hold this task's state at this
+    /// sequence or later (the processor answered its GetStatus with it, or it accepted a later
+    /// acknowledgement of the task): requeueing it is not needed.
     superseded_at: Option<Time>,
+    /// It carries a deletion certificate the registry gets only with it: never superseded,
+    /// it needs a requeue once the registry is fixed.
+    carries_certificate: bool,
 }
 
 impl From<&DeadLetter> for DeadLetterView {
@@ -337,6 +341,7 @@ impl From<&DeadLetter> for DeadLetterView {
             rejected_at: Time::from_proto(d.rejected_at.as_ref()),
             dead_lettered_at: Time::from_proto(d.dead_lettered_at.as_ref()),
             superseded_at: Time::from_proto(d.superseded_at.as_ref()),
+            carries_certificate: d.carries_certificate,
         }
     }
 }
@@ -360,6 +365,7 @@ impl Render for DeadLetterListView {
             "REJECTIONS",
             "SINCE",
             "SUPERSEDED",
+            "CERTIFICATE",
             "LAST REJECTION",
         ]);
         for v in &self.dead_letters {
@@ -375,6 +381,12 @@ impl Render for DeadLetterListView {
                     .unwrap_or_default(),
                 // Empty: still needs an operator; a time: the registry has read the state.
                 v.superseded_at.map(|d| d.to_string()).unwrap_or_default(),
+                // Only the acknowledgement brings the registry its certificate.
+                if v.carries_certificate {
+                    "yes, requeue".to_string()
+                } else {
+                    String::new()
+                },
                 clean(&v.last_rejection),
             ]);
         }
@@ -754,8 +766,8 @@ mod tests {
         assert_eq!(asked, [0, 2]);
     }
 
-    /// A superseded dead letter shows when the registry read its task's state, in the table
-    /// and in JSON; one not superseded shows nothing there.
+    /// A superseded dead letter shows when the registry came to hold its task's state, in the
+    /// table and in JSON; one not superseded shows nothing there.
     #[test]
     fn a_superseded_dead_letter_is_marked() {
         let at = |seconds| Some(dsrelay_proto::prost_types::Timestamp { seconds, nanos: 0 });
@@ -794,6 +806,39 @@ mod tests {
                 &serde_json::Value::Null
             ]
         );
+    }
+
+    /// A dead letter carrying a deletion certificate says so, in the table (asking for a
+    /// requeue) and in JSON; one without says nothing there.
+    #[test]
+    fn a_dead_letter_with_a_certificate_is_marked() {
+        let letters = [
+            DeadLetter {
+                id: 1,
+                carries_certificate: true,
+                ..Default::default()
+            },
+            DeadLetter {
+                id: 2,
+                ..Default::default()
+            },
+        ];
+        let view = DeadLetterListView {
+            dead_letters: letters.iter().map(DeadLetterView::from).collect(),
+        };
+        let table = view.to_table();
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].contains("CERTIFICATE"), "{table}");
+        assert!(lines[1].contains("yes, requeue"), "{table}");
+        assert!(!lines[2].contains("yes"), "{table}");
+        let json = serde_json::to_value(&view).expect("json");
+        let marks: Vec<&serde_json::Value> = json["dead_letters"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|d| &d["carries_certificate"])
+            .collect();
+        assert_eq!(marks, [&serde_json::json!(true), &serde_json::json!(false)]);
     }
 
     #[tokio::test]

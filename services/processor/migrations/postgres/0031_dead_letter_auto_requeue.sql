@@ -1,0 +1,11 @@
+-- When the processor put a dead letter carrying a deletion certificate back in the queue by
+-- itself (ms, the processor's clock): once the registry holds the letter's task at its
+-- sequence or later, a letter without a certificate is marked superseded (0029), but one
+-- with a certificate still has to be delivered (GetStatus has no place for it), so it is
+-- requeued instead, with a fresh count of rejections. Only a row where this is unset is
+-- requeued so; the mark stays (an operator's requeue keeps it), so a row dead-lettered again
+-- after it waits for an operator and is never requeued by the processor a second time.
+-- The build of 0029 superseded certified letters too; Store::unmark_certified_dead_letters,
+-- run after migrating, clears that mark (it decodes the payloads, which SQL cannot), so those
+-- letters count again and are requeued so at their task's next settle.
+ALTER TABLE ack_outbox ADD COLUMN auto_requeued_at BIGINT;
