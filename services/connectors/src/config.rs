@@ -8,7 +8,7 @@ use crate::adapter::{AdapterConfig, AdapterConnector};
 use crate::mailchimp::{MailchimpConfig, MailchimpConnector};
 use crate::manual::{ManualConfig, ManualConnector};
 use crate::noop::{NoopConfig, NoopConnector};
-use crate::sql::{SqlConnector, SqlConnectorConfig};
+use crate::sql::{LazySqlConnector, SqlConnectorConfig};
 use crate::Connector;
 
 /// Which connector a subprocessor uses and how it is set up.
@@ -40,10 +40,12 @@ impl ConnectorConfig {
     }
 }
 
-/// Connects the connector `config` describes.
+/// Connects the connector `config` describes. A `sql` connector whose PostgreSQL database
+/// cannot be reached now for a reason that may pass (refused, full, starting up) is built
+/// unconnected and connects on its first task; any other problem fails the build.
 pub async fn build(config: &ConnectorConfig) -> anyhow::Result<Arc<dyn Connector>> {
     Ok(match config {
-        ConnectorConfig::Sql(c) => Arc::new(SqlConnector::connect(c.clone()).await?),
+        ConnectorConfig::Sql(c) => Arc::new(LazySqlConnector::start(c.clone()).await?),
         ConnectorConfig::Noop(c) => Arc::new(NoopConnector::new(c)),
         ConnectorConfig::Manual(c) => Arc::new(ManualConnector::new(c)),
         ConnectorConfig::Adapter(c) => Arc::new(AdapterConnector::connect(c)?),

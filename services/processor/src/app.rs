@@ -114,7 +114,8 @@ pub struct App {
 }
 
 impl App {
-    /// Connects and migrates the store, connects every subprocessor's connector, and prepares
+    /// Connects and migrates the store, connects every subprocessor's connector (a `sql`
+    /// holder unreachable for a reason that may pass is connected on its first task), and prepares
     /// the registry clients. Nothing listens yet.
     pub async fn build(config: Config) -> Result<Self> {
         // Config::validate refuses an empty key; checked again for configurations built in
@@ -123,9 +124,14 @@ impl App {
             !config.identity_hash_key.is_empty(),
             "identity_hash_key: required"
         );
+        use tracing::Instrument;
         let mut connectors = HashMap::new();
         for s in &config.subprocessors {
+            // Under a span naming the subprocessor, so that what the connector logs while
+            // it connects (a holder it starts without) names it; not the runner's
+            // `connector` span, which is about a request.
             let c = dsrelay_connectors::build(&s.connector)
+                .instrument(tracing::info_span!("connecting", subprocessor = %s.name))
                 .await
                 .with_context(|| format!("connecting subprocessor {}", s.name))?;
             if let dsrelay_connectors::ConnectorConfig::Noop(noop) = &s.connector {
@@ -342,3 +348,7 @@ impl App {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "lazy_holder_tests.rs"]
+mod lazy_holder_tests;

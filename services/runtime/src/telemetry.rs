@@ -9,6 +9,9 @@
 //! while a tracer is installed (see [`crate::trace_context`]); without one the registry's
 //! calls to processors still name the request's trace in a `traceparent` of their own, and
 //! other calls (a processor's to its adapters) carry none.
+//!
+//! Whatever `RUST_LOG` says, sqlx's events other than its statement log and pool timings
+//! are dropped, as they may quote a database (see [`shown`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -16,7 +19,8 @@ use std::time::Duration;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
-use tracing_subscriber::{fmt, prelude::*, EnvFilter};
+use tracing_subscriber::filter::{filter_fn, FilterFn};
+use tracing_subscriber::{fmt, prelude::*, EnvFilter, Layer};
 
 /// The standard OpenTelemetry variables the services read (directly or through the
 /// exporter), for documentation and the docker-compose check.
@@ -151,6 +155,40 @@ fn tracer_provider(service_name: &str, endpoint: String) -> anyhow::Result<SdkTr
         .build())
 }
 
+/// The targets of sqlx's events that may reach the logs: its statement log (`sqlx::query`:
+/// the statement's SQL, which the services write and which binds every value as a
+/// parameter, with row counts and timings; at TRACE, and at WARN once slower than a second)
+/// and its pool's acquire timings (`sqlx::pool::acquire`: numbers only).
+const SQLX_SHOWN: &[&str] = &["sqlx::query", "sqlx::pool::acquire"];
+
+/// Whether an event or span on `target` may be logged or traced at all. sqlx's other events
+/// (targets `sqlx_core::…`, `sqlx_postgres::…`, `sqlx_sqlite::…`, `sqlx::postgres::notice`,
+/// `sqlx::explain`, and whatever a later sqlx adds) carry a database's own words: its
+/// errors (the pool's WARN "error from `before_acquire`" quotes the server), a PostgreSQL
+/// server's notices (a holder's trigger may put a value in one), a query plan. Such text may
+/// quote a subject's data, and the logs show outside text only withheld; the services' own
+/// code logs every database failure that matters, withheld. So those events are dropped
+/// whatever `RUST_LOG` asks for.
+fn shown(target: &str) -> bool {
+    let sqlx = target
+        .split("::")
+        .next()
+        .is_some_and(|krate| krate == "sqlx" || krate.starts_with("sqlx_"));
+    !sqlx
+        || SQLX_SHOWN.iter().any(|shown| {
+            target
+                .strip_prefix(shown)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+        })
+}
+
+/// `env` (the levels `RUST_LOG` sets), then [`shown`]: a filter for the whole subscriber, so
+/// that neither a log line nor an exported span carries what [`shown`] drops.
+fn log_filter<S: tracing::Subscriber>(env: EnvFilter) -> impl Layer<S> + Send + Sync + 'static {
+    let sqlx_held_back: FilterFn<_> = filter_fn(|meta| shown(meta.target()));
+    env.and_then(sqlx_held_back)
+}
+
 /// Installs the global subscriber. `json` switches to one JSON object per line. Calling it
 /// twice is harmless (the second call changes nothing), so tests and the CLI may both call
 /// it. Must run inside a Tokio runtime (the OTLP exporter needs one).
@@ -172,7 +210,9 @@ pub fn init(json: bool, service_name: &str) -> Telemetry {
     let otel = provider
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service_name.to_string())));
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let registry = tracing_subscriber::registry()
+        .with(log_filter(filter))
+        .with(otel);
     let installed = if json {
         registry
             .with(
@@ -228,6 +268,51 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// A database's words in sqlx's own events never reach the log, even at `RUST_LOG=trace`;
+    /// the services' own events and sqlx's statement log do.
+    #[test]
+    fn sqlx_events_that_quote_a_database_are_not_logged() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::registry()
+            .with(log_filter(EnvFilter::new("trace")))
+            .with(
+                fmt::layer()
+                    .with_writer(move || writer.clone())
+                    .with_ansi(false),
+            );
+        let quoted = "terminating connection due to administrator command";
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(
+                target: "sqlx_core::pool::inner",
+                error = quoted,
+                "error from `before_acquire`"
+            );
+            tracing::warn!(target: "sqlx_postgres::connection", "{quoted}");
+            tracing::info!(target: "sqlx::postgres::notice", message = quoted);
+            tracing::trace!(target: "sqlx::explain", "{quoted}");
+            tracing::warn!(target: "sqlxother", "from a crate named alike");
+            tracing::warn!(
+                target: "dsrelay_processor::runner",
+                "subprocessor unreachable, 52 bytes withheld"
+            );
+            tracing::trace!(target: "sqlx::query", summary = "select 1", "statement");
+            tracing::warn!(target: "sqlx::query::slow", "slow statement");
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        assert!(!text.contains(quoted), "{text}");
+        assert!(!text.contains("before_acquire"), "{text}");
+        for shown in [
+            "subprocessor unreachable, 52 bytes withheld",
+            "from a crate named alike",
+            "summary=\"select 1\"",
+            "slow statement",
+        ] {
+            assert!(text.contains(shown), "{shown}: {text}");
+        }
+        assert_eq!(text.lines().count(), 4, "{text}");
     }
 
     #[tokio::test]

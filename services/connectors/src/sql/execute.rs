@@ -100,11 +100,12 @@ impl<'a> Scoped<'a> {
     }
 
     pub(super) async fn begin(&self) -> Result<Transaction<'static, Any>, ConnectorError> {
-        self.db
-            .pool
-            .begin()
-            .await
-            .map_err(|e| classify("starting a transaction", &e))
+        const DOING: &str = "starting a transaction";
+        match self.db.pool.begin().await {
+            Ok(tx) => Ok(tx),
+            Err(sqlx::Error::PoolTimedOut) => Err(pool_timed_out(&self.db.pool, DOING).await),
+            Err(e) => Err(classify(DOING, &e)),
+        }
     }
 
     /// Erases the subject's rows in every configured table as of `now_ms`, in one
@@ -1110,6 +1111,37 @@ fn push_json_value(out: &mut Vec<u8>, value: &Cell<'_>) {
     }
 }
 
+/// How long [`pool_timed_out`] waits for its one connection's answer.
+const PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The transient error for a pool that gave no connection in time, `context` saying what was
+/// being done. sqlx's pool keeps trying to connect while the server answers "too many
+/// connections" (53300) or "starting up" (57P03), or refuses the TCP connection, and then
+/// reports only that it timed out, which hides why. One connection opened directly with the
+/// pool's settings gets the server's answer, which then is the reason; when it connects,
+/// the pool's connections were all busy, and the reason says so.
+async fn pool_timed_out(pool: &sqlx::AnyPool, context: &str) -> ConnectorError {
+    use sqlx::{ConnectOptions as _, Connection as _};
+    let message = match tokio::time::timeout(PROBE_WAIT, pool.connect_options().connect()).await {
+        Ok(Err(e)) => format!("{context}: no connection could be opened: {e}"),
+        Ok(Ok(conn)) => {
+            // Only the answer was wanted; a failed goodbye changes nothing.
+            let _ = conn.close().await;
+            format!(
+                "{context}: {}, with all {} of its connections in use",
+                sqlx::Error::PoolTimedOut,
+                pool.size()
+            )
+        }
+        Err(_) => format!(
+            "{context}: {}, and the database did not answer a new connection within {} s",
+            sqlx::Error::PoolTimedOut,
+            PROBE_WAIT.as_secs()
+        ),
+    };
+    ConnectorError::Transient(message)
+}
+
 /// Sorts a database error into worth-retrying or not; `context` says what was being done.
 pub(super) fn classify(context: &str, err: &sqlx::Error) -> ConnectorError {
     let message = format!("{context}: {err}");
@@ -1140,7 +1172,14 @@ fn is_transient(err: &sqlx::Error) -> bool {
             // insufficient resources (53), shutdown or start-up (57P0x), lock not available,
             // and a cancelled statement (57014): statement_timeout raises it on a busy
             // server, and the same statement may well finish on a later try.
+            // A refused login too (class 28: a role without LOGIN, a password changed at
+            // the holder before the processor's configuration): the operator fixes it at
+            // the holder or in the configuration while the due date runs, and each task then
+            // completes on a later try, instead of every task in flight failing for good and
+            // waiting for a retry by hand. Meanwhile the holder is marked unreachable with
+            // this error as the reason. PostgreSQL's only: SQLite's code 2826 starts alike.
             let postgres_transient = code.starts_with("08")
+                || (!sqlite && code.starts_with("28"))
                 || code.starts_with("53")
                 || matches!(
                     code.as_str(),
@@ -1165,7 +1204,7 @@ mod tests {
     use dsrelay_runtime::store::Db;
 
     use super::*;
-    use crate::sql::tests::{email, fresh_postgres_database, now, sample, MAIJA};
+    use crate::sql::tests::{email, fresh_postgres_database, now, sample, PostgresTestDb, MAIJA};
 
     /// Every kind of value reads the same in both files as it did when values were copied
     /// into JSON first: numbers and booleans as in JSON, bytes as lowercase hex, NULL as
@@ -1290,5 +1329,132 @@ mod tests {
         assert_eq!(code.as_deref(), Some("22021"), "{raw}");
         let err = classify("matching customers", &raw);
         assert!(!err.is_transient(), "{err:?}");
+    }
+
+    /// A sample holder on a database of its own owned by a role of its own (a superuser
+    /// would pass a database's connection limit), for a test that turns the role or the
+    /// database away; `None` without a test server.
+    struct OwnRole {
+        admin: Db,
+        role: String,
+        name: String,
+        db: PostgresTestDb,
+        connector: super::super::SqlConnector,
+    }
+
+    impl OwnRole {
+        async fn new(test: &str) -> Option<Self> {
+            let db = fresh_postgres_database(test).await?;
+            let admin = Db::connect(&std::env::var("DSRELAY_TEST_POSTGRES_URL").unwrap())
+                .await
+                .unwrap();
+            let role = format!("r_{:016x}", fastrand::u64(..));
+            let password = format!("{:016x}", fastrand::u64(..));
+            let (server, query) = db.url.split_once('?').unwrap_or((&db.url, ""));
+            let (scheme, rest) = server.split_once("://").unwrap();
+            let host_and_name = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+            let name = host_and_name.rsplit_once('/').unwrap().1.to_string();
+            for sql in [
+                format!("CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}'"),
+                format!("ALTER DATABASE \"{name}\" OWNER TO \"{role}\""),
+            ] {
+                sqlx::query(&sql).execute(&admin.pool).await.unwrap();
+            }
+            let mut url = format!("{scheme}://{role}:{password}@{host_and_name}");
+            if !query.is_empty() {
+                url = format!("{url}?{query}");
+            }
+            let (connector, check) = sample(&url).await;
+            check.pool.close().await;
+            Some(Self {
+                admin,
+                role,
+                name,
+                db,
+                connector,
+            })
+        }
+
+        /// Runs `turn_away` as the server's superuser, ends the role's sessions, and then
+        /// erases a subject through the connector's scope, which has to connect anew.
+        async fn erase_after(&self, turn_away: &str) -> ConnectorError {
+            let scoped = self.connector.scope("acme").unwrap();
+            // The pool's open connections, held so that none is handed out again after its
+            // session ended; closed below, so that the erasure has to open one.
+            let pool = &scoped.db.pool;
+            // A connection dropped a moment ago goes back to the pool on a task of its own.
+            while pool.num_idle() != pool.size() as usize {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            let mut held = Vec::new();
+            for _ in 0..pool.num_idle() {
+                held.push(pool.acquire().await.unwrap());
+            }
+            let turn_away = turn_away
+                .replace("{role}", &self.role)
+                .replace("{name}", &self.name);
+            sqlx::query(&turn_away)
+                .execute(&self.admin.pool)
+                .await
+                .unwrap();
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+            )
+            .bind(&self.role)
+            .execute(&self.admin.pool)
+            .await
+            .unwrap();
+            for conn in held {
+                // Its session is gone; only the pool's count of it matters.
+                let _ = conn.close().await;
+            }
+            assert_eq!(pool.size(), 0);
+            scoped.erase(&[email(MAIJA)], now()).await.unwrap_err()
+        }
+
+        async fn remove(self) {
+            drop(self.connector);
+            self.db.drop_database().await;
+            sqlx::query(&format!("DROP ROLE \"{}\"", self.role))
+                .execute(&self.admin.pool)
+                .await
+                .unwrap();
+            self.admin.pool.close().await;
+        }
+    }
+
+    /// A role the holder no longer lets log in (SQLSTATE 28000) makes the erasure wait and
+    /// try again, not fail: the operator fixes the role or the configuration, and the reason
+    /// names the refusal.
+    #[tokio::test]
+    async fn postgres_login_refused_is_transient_and_named() {
+        let Some(holder) = OwnRole::new("postgres_login_refused_is_transient_and_named").await
+        else {
+            return;
+        };
+        let err = holder.erase_after("ALTER ROLE \"{role}\" NOLOGIN").await;
+        holder.remove().await;
+        assert!(err.is_transient(), "{err:?}");
+        let reason = err.to_string();
+        assert!(reason.contains("is not permitted to log in"), "{reason}");
+        assert!(reason.starts_with("starting a transaction: "), "{reason}");
+    }
+
+    /// A database that takes no more connections makes the erasure wait with the server's
+    /// answer as its reason, not the pool's timeout that hid it.
+    #[tokio::test]
+    async fn postgres_connection_limit_names_the_servers_answer() {
+        let Some(holder) = OwnRole::new("postgres_connection_limit_names_the_servers_answer").await
+        else {
+            return;
+        };
+        let err = holder
+            .erase_after("ALTER DATABASE \"{name}\" CONNECTION LIMIT 0")
+            .await;
+        holder.remove().await;
+        assert!(err.is_transient(), "{err:?}");
+        let reason = err.to_string();
+        assert!(reason.contains("too many connections"), "{reason}");
+        assert!(!reason.contains("pool timed out"), "{reason}");
     }
 }

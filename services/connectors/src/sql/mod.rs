@@ -376,6 +376,9 @@
 //!   that each takes what the rules write into it, and their types, by which statements
 //!   compare, read and write them; each table's row key (its primary key as text).
 //! - `bulk`: contract ends: counting, the export, the erasure in batches, what is kept.
+//! - `lazy`: the connector as the processor builds it, which starts unconnected when a
+//!   PostgreSQL database cannot be reached at start for a reason that may pass, and
+//!   connects on its first task.
 //! - `sample`: the sample accounting database and its rules ([`sample_config`],
 //!   [`create_sample_accounting_db`]).
 //! - here: the connector, which connects, finds the controller's scope, dispatches a task by
@@ -399,6 +402,7 @@ mod direct;
 #[cfg(test)]
 mod discard_tests;
 mod execute;
+mod lazy;
 mod plan;
 mod receipt;
 mod retention;
@@ -458,6 +462,7 @@ mod open_tests {
 
 use categories::Narrowed;
 use execute::{ErasureReport, WorkReport};
+pub(crate) use lazy::LazySqlConnector;
 pub use receipt::DEFAULT_RECEIPTS_TABLE;
 pub use rules::{
     Action, AnonymizeWith, ControllerScope, ParentLink, Retention, SqlConnectorConfig, TableRule,
@@ -515,9 +520,26 @@ pub(crate) struct Scoped<'a> {
 /// its own the file is opened `mode=rw`, so that it is not created should it go between the
 /// check and the opening.
 async fn open_holder_db(url: &str) -> anyhow::Result<Db> {
+    check_holder_file(url)?;
     let memory = url.contains(":memory:") || url.contains("mode=memory");
     if Backend::of_url(url)? != Backend::Sqlite || memory {
         return Db::connect(url).await;
+    }
+    let query = url.split_once('?').map(|(_, q)| q);
+    let url = match query {
+        Some(q) if q.split('&').any(|p| p.starts_with("mode=")) => url.to_string(),
+        Some(_) => format!("{url}&mode=rw"),
+        None => format!("{url}?mode=rw"),
+    };
+    Db::connect(&url).await
+}
+
+/// Fails when `url` names a SQLite file that is missing or is no file, as
+/// [`open_holder_db`] does before it opens one; `Ok` for any other URL that parses.
+fn check_holder_file(url: &str) -> anyhow::Result<()> {
+    let memory = url.contains(":memory:") || url.contains("mode=memory");
+    if Backend::of_url(url)? != Backend::Sqlite || memory {
+        return Ok(());
     }
     let file = std::path::Path::new(dsrelay_runtime::store::sqlite_path(url));
     match std::fs::metadata(file) {
@@ -533,13 +555,13 @@ async fn open_holder_db(url: &str) -> anyhow::Result<Db> {
         // Unreadable for another reason: the connection says why.
         Err(_) => {}
     }
-    let query = url.split_once('?').map(|(_, q)| q);
-    let url = match query {
-        Some(q) if q.split('&').any(|p| p.starts_with("mode=")) => url.to_string(),
-        Some(_) => format!("{url}&mode=rw"),
-        None => format!("{url}?mode=rw"),
-    };
-    Db::connect(&url).await
+    Ok(())
+}
+
+/// Whether the connector opens the top-level `url`: not when every controller has a
+/// database of its own.
+fn opens_shared_url(config: &SqlConnectorConfig) -> bool {
+    config.controllers.is_empty() || config.controllers.values().any(|c| c.condition.is_some())
 }
 
 impl SqlConnector {
@@ -553,9 +575,7 @@ impl SqlConnector {
                 problems.join("; ")
             );
         }
-        let shared = config.controllers.is_empty()
-            || config.controllers.values().any(|c| c.condition.is_some());
-        let db = match shared {
+        let db = match opens_shared_url(&config) {
             true => Some(open_holder_db(&config.url).await?),
             false => None,
         };
