@@ -7,13 +7,11 @@ use std::sync::Arc;
 
 use dsrelay_connectors::sql::{create_sample_accounting_db, sample_config};
 use dsrelay_connectors::{Connector, ConnectorConfig};
-use dsrelay_proto::v1::processor_service_client::ProcessorServiceClient;
-use dsrelay_proto::v1::processor_service_server::ProcessorServiceServer;
 use dsrelay_proto::v1::subprocessor::HeldTable;
 use dsrelay_proto::v1::ListSubprocessorsRequest;
-use dsrelay_runtime::pki::{dev_identity, DevPki};
+use dsrelay_runtime::pki::dev_identity;
 
-use crate::api::Api;
+use crate::api_test_support::serve_processor_api;
 use crate::App;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,27 +52,8 @@ async fn a_sql_holder_lists_its_tables_with_their_categories() {
     ]);
     let app = App::with_connectors(config, connectors).await.expect("app");
 
-    let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
-    let server_tls = pki.files("processor").server_config().expect("server tls");
-    let router = dsrelay_runtime::server::builder(server_tls)
-        .expect("server")
-        .add_service(ProcessorServiceServer::new(Api::new(app.shared())));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = listener.local_addr().expect("address").port();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(dsrelay_runtime::server::serve(router, listener, async {
-        let _ = stopped.await;
-    }));
-    let client_tls = pki.files("registry").client_config().expect("client tls");
-    let channel = dsrelay_runtime::tls::channel(
-        &format!("https://localhost:{port}"),
-        Some(dev_identity("processor", "payroll-bureau")),
-        &client_tls,
-    )
-    .expect("channel");
-    let list = ProcessorServiceClient::new(channel)
+    let (mut client, stop) = serve_processor_api(&app.shared(), dir).await;
+    let list = client
         .list_subprocessors(ListSubprocessorsRequest {})
         .await
         .expect("ListSubprocessors")

@@ -56,6 +56,8 @@
 mod test_postgres;
 mod ack_sender;
 mod api;
+#[cfg(test)]
+mod api_test_support;
 mod app;
 mod breaker;
 pub mod certificates;

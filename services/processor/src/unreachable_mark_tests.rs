@@ -9,14 +9,13 @@ use std::sync::Arc;
 
 use dsrelay_connectors::{BoxFuture, BulkJob, Connector, ConnectorError, Outcome, Task};
 use dsrelay_proto::v1::processor_service_client::ProcessorServiceClient;
-use dsrelay_proto::v1::processor_service_server::ProcessorServiceServer;
 use dsrelay_proto::v1::{
     DeliverRequest, ListSubprocessorsRequest, RequestKind, Subprocessor, TaskState,
 };
 use dsrelay_proto::{millis_from_timestamp, timestamp_from_millis};
-use dsrelay_runtime::pki::{dev_identity, DevPki};
+use dsrelay_runtime::pki::dev_identity;
 
-use crate::api::Api;
+use crate::api_test_support::serve_processor_api;
 use crate::app::Shared;
 use crate::store::TaskKey;
 use crate::App;
@@ -55,38 +54,6 @@ impl Connector for DownOnce {
     }
 }
 
-/// The ProcessorService of `shared` served on 127.0.0.1 over the development PKI in `dir`,
-/// a client of it as the controller's registry, and what stops the server once sent.
-async fn serve(
-    shared: &Arc<Shared>,
-    dir: &std::path::Path,
-) -> (
-    ProcessorServiceClient<tonic::transport::Channel>,
-    tokio::sync::oneshot::Sender<()>,
-) {
-    let pki = DevPki::ensure(&dir.join("pki")).expect("dev pki");
-    let server_tls = pki.files("processor").server_config().expect("server tls");
-    let router = dsrelay_runtime::server::builder(server_tls)
-        .expect("server")
-        .add_service(ProcessorServiceServer::new(Api::new(shared.clone())));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = listener.local_addr().expect("address").port();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(dsrelay_runtime::server::serve(router, listener, async {
-        let _ = stopped.await;
-    }));
-    let client_tls = pki.files("registry").client_config().expect("client tls");
-    let channel = dsrelay_runtime::tls::channel(
-        &format!("https://localhost:{port}"),
-        Some(dev_identity("processor", "payroll-bureau")),
-        &client_tls,
-    )
-    .expect("channel");
-    (ProcessorServiceClient::new(channel), stop)
-}
-
 /// The subprocessor `crm` as ListSubprocessors answers it now.
 async fn listed(client: &mut ProcessorServiceClient<tonic::transport::Channel>) -> Subprocessor {
     let list = client
@@ -123,7 +90,7 @@ async fn a_marked_holder_is_listed_and_scraped_until_it_answers(
     config.controllers[0].identity = dev_identity("registry", "controller");
     let app = App::with_connectors(config, connectors).await.expect("app");
     let shared = app.shared();
-    let (mut client, stop) = serve(&shared, dir).await;
+    let (mut client, stop) = serve_processor_api(&shared, dir).await;
     let unreachable = "dsrelay_subprocessor_unreachable{subprocessor=\"crm\"}";
     let since_seconds = "dsrelay_subprocessor_unreachable_since_seconds{subprocessor=\"crm\"}";
 
