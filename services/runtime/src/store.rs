@@ -301,10 +301,7 @@ impl Db {
         let url = match backend {
             Backend::Sqlite => prepare_sqlite_url(url)?,
             Backend::Postgres => {
-                check_postgres_url(url)?;
-                if let Some(e) = database_file_errors(url).into_iter().next() {
-                    bail!("{e}");
-                }
+                check_postgres_settings(url)?;
                 url.to_string()
             }
         };
@@ -538,6 +535,18 @@ const QUERY_PARAMETERS: &[&str] = &[
     "application_name",
     "options",
 ];
+
+/// What [`Db::connect`] checks of a PostgreSQL `url` before it connects: its user and
+/// password ([`check_postgres_url`]), the TLS files it names ([`database_file_errors`]) and
+/// that the driver reads it. Public so that a caller that connects later (a holder whose
+/// server is down at start) can refuse a URL it could never connect with now.
+pub fn check_postgres_settings(url: &str) -> Result<()> {
+    check_postgres_url(url)?;
+    if let Some(e) = database_file_errors(url).into_iter().next() {
+        bail!("{e}");
+    }
+    connect_options(url).map(|_| ())
+}
 
 /// Refuses a URL whose user or password holds a character that ends it early: the driver
 /// would connect to the host after the first `@` (or read the rest as a path or fragment)

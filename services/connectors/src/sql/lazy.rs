@@ -31,8 +31,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use dsrelay_proto::v1::{IdentityEncoding, IdentityType, RequestKind};
-use dsrelay_runtime::store::{redact, Backend, Db};
-use futures::FutureExt;
+use dsrelay_runtime::store::{redact, Backend};
 use sqlx::ConnectOptions;
 use tokio::sync::OnceCell;
 
@@ -106,25 +105,10 @@ impl LazySqlConnector {
                 super::check_holder_file(url).map_err(context)?;
                 continue;
             }
-            if let Some(e) = dsrelay_runtime::store::database_file_errors(url)
-                .into_iter()
-                .next()
-            {
-                return Err(context(anyhow::anyhow!("{e}")));
-            }
-            // The store checks a URL before its first connection, which a refused server
-            // fails later: polled once, it refuses a URL it could never connect with (a
-            // password holding an unencoded `@`, a query parameter the driver ignores), so
-            // that such a URL fails the start even while the server is down.
-            // Silenced: a refusal within that poll would be logged as retried for 30 s,
-            // which this dropped attempt never is.
-            let checked = tracing::subscriber::with_default(
-                tracing::subscriber::NoSubscriber::default(),
-                || Db::connect(url).now_or_never(),
-            );
-            if let Some(Err(e)) = checked {
-                return Err(context(e));
-            }
+            // A URL the store could never connect with (a password holding an unencoded
+            // `@`, a query parameter the driver ignores, a TLS file missing) fails the start
+            // even while the server is down.
+            dsrelay_runtime::store::check_postgres_settings(url).map_err(context)?;
             match probe(url).await {
                 Ok(()) => {}
                 Err(Unreached::Failed(e)) if !may_pass_at_start(&e) => {
@@ -384,6 +368,7 @@ impl Connector for LazySqlConnector {
 mod tests {
     use super::*;
     use crate::sql::sample_config;
+    use futures::FutureExt;
 
     /// While one call tries to connect (its connection taken by a server that never
     /// answers), a second call fails at once, transiently, without waiting for the first;
