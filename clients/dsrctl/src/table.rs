@@ -89,7 +89,7 @@ fn display(cell: &str) -> &str {
 
 /// Text from a server made safe for a terminal: control characters (newlines, tabs, escape
 /// sequences) become spaces, so that it neither breaks the layout nor drives the terminal;
-/// invisible format characters ([`is_hidden`]) are shown as their code point (`<U+202E>`),
+/// invisible format characters (`is_hidden`) are shown as their code point (`<U+202E>`),
 /// so that they cannot reorder or hide what is shown.
 pub fn clean(text: &str) -> String {
     let flat: String = text
@@ -99,7 +99,7 @@ pub fn clean(text: &str) -> String {
     show_hidden(&flat)
 }
 
-/// `text` with every invisible format character ([`is_hidden`]) shown as its code point,
+/// `text` with every invisible format character (`is_hidden`) shown as its code point,
 /// its line breaks kept: what a whole rendered table or block passes through before it is
 /// printed, so that text that reached it without [`clean`] is shown as safely.
 pub fn show_hidden(text: &str) -> String {

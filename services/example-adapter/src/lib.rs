@@ -74,12 +74,12 @@
 //! - [`config`]: the TOML file plus `DSRELAY_ADAPTER__*` environment overrides.
 //! - [`store`]: subscribers and task outcomes in SQLite or PostgreSQL; idempotency, delayed
 //!   confirmation, and the answer a retention run follows.
-//! - [`newsletter`]: what each request kind does to the subscribers.
+//! - `newsletter`: what each request kind does to the subscribers.
 //! - [`retention`]: the billing records the law keeps after an erasure, their periods and
 //!   legal bases, their release in stages, and how a retention run's key is read.
-//! - [`export`]: paged exports: page tokens and the keyset reads behind GetExportPage.
-//! - [`api`]: the gRPC handlers: caller check, input validation, errors to statuses.
-//! - [`app`]: [`App::build`] and [`App::run`] (the service and its confirmation sweeper on the
+//! - `export`: paged exports: page tokens and the keyset reads behind GetExportPage.
+//! - `api`: the gRPC handlers: caller check, input validation, errors to statuses.
+//! - `app`: [`App::build`] and [`App::run`] (the service and its confirmation sweeper on the
 //!   runtime's host, with health, reflection and an admin port).
 
 mod api;

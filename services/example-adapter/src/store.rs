@@ -425,7 +425,7 @@ impl Store {
     /// Runs the bulk job `req` (validated) for `caller` once per job id; a repeated call gets
     /// the first answer. The work is set-based and done in the claiming transaction, so the
     /// answer is final (never ACCEPTED). An ERASE that follows a return and would erase what
-    /// was never returned (see [`newsletter::count_bulk`]) is refused (FailedPrecondition)
+    /// was never returned (see `newsletter::count_bulk`) is refused (FailedPrecondition)
     /// with nothing done or stored.
     pub async fn execute_bulk(
         &self,

@@ -44,7 +44,7 @@ pub enum FolderError {
     /// path leaves an operator guessing which file of which part to look at.
     #[error("{doing}")]
     Io {
-        /// The step that failed and the path it failed on ("appending to <path>").
+        /// The step that failed and the path it failed on ("appending to `<path>`").
         doing: String,
         /// What the file system answered.
         #[source]
@@ -166,7 +166,7 @@ impl Folder {
     /// Registers the file `h` announces and answers where it stands: a file announced with
     /// another header restarts at offset 0, a complete one too (its bytes dropped) while its
     /// part has no receipt; a partial file holding every byte is checked now, and one whose
-    /// check would read more than [`Folder::max_unchecked`] bytes is dropped and answered as
+    /// check would read more than `Folder::max_unchecked` bytes is dropped and answered as
     /// not started. In a closed part nothing changes: a file its manifest lists as announced
     /// is complete, any other is a conflict.
     pub async fn begin(
@@ -261,15 +261,15 @@ impl Folder {
 
     /// Appends checked bytes to the file's partial form. They are not synced here (the caller
     /// calls [`Folder::sync_partial`] before it answers the offset they reach), but for a
-    /// checkpoint of the file's digest they complete ([`Folder::advance_checkpoint`]), so
-    /// that no more than [`Folder::max_unchecked`] bytes ever follow the last one.
+    /// checkpoint of the file's digest they complete (`Folder::advance_checkpoint`), so
+    /// that no more than `Folder::max_unchecked` bytes ever follow the last one.
     ///
     /// Answers the file's checkpoint as it now stands, for the caller to pass as `checkpoint`
     /// with its next chunk of the file; `None` passed (a stream's first append) reads it from
     /// disk and catches up with bytes a stopped run appended past it. The caller keeps every
     /// other call off the file meanwhile, so what it passes is what the disk holds. `None`
     /// answered means the file has no checkpoint that a check could take up from (see
-    /// [`Folder::resume_point`]) and none is written.
+    /// `Folder::resume_point`) and none is written.
     pub async fn append(
         &self,
         sender: &str,
@@ -385,7 +385,7 @@ impl Folder {
     }
 
     /// Checks a file holding every byte against its SHA-256, hashing only what follows its
-    /// checkpoint (at most [`Folder::max_unchecked`] bytes, whatever its size): a match gives
+    /// checkpoint (at most `Folder::max_unchecked` bytes, whatever its size): a match gives
     /// it its name; a mismatch drops it so the sender starts it again. A partial file with
     /// more than that past its checkpoint (written before checkpoints were) is dropped too,
     /// and answered as not started: hashing it whole could outlast the call.

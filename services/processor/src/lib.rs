@@ -6,12 +6,12 @@
 //! # Layout
 //! - [`config`]: controllers, subprocessors and their connectors, worker settings, the data
 //!   folder.
-//! - [`app`]: [`App::build`] (store, connectors, registry clients) and [`App::run`], which
+//! - `app`: [`App::build`] (store, connectors, registry clients) and [`App::run`], which
 //!   hands the services, metrics and workers to the runtime's host.
-//! - [`api`]: Deliver, Cancel, GetStatus, ListSubprocessors, UpdateContractEnd and
+//! - `api`: Deliver, Cancel, GetStatus, ListSubprocessors, UpdateContractEnd and
 //!   ExtendDueDate, for controllers; the processor's error type, which both APIs use.
-//! - [`metrics`]: Prometheus metrics on the admin port (`admin_listen`).
-//! - [`operator_api`]: operators list, confirm and refuse manual tasks, retry failed ones,
+//! - `metrics`: Prometheus metrics on the admin port (`admin_listen`).
+//! - `operator_api`: operators list, confirm and refuse manual tasks, retry failed ones,
 //!   requeue dead-lettered acknowledgements, list contract ends, and read the audit trail and
 //!   its checkpoints.
 //! - [`store`]: requests (with a transfer's recipient, a contract end's terms), tasks (with a
@@ -20,8 +20,8 @@
 //!   appends to in its own transaction (the `ProcessorAuditEvent` enum in
 //!   `proto/dsrelay/v1/processor.proto` lists them; its head is signed into the checkpoint
 //!   file by `dsrelay_runtime::audit::signer`, `[audit]`).
-//! - [`task_machine`]: every rule of a task's life, as one pure function.
-//! - [`runner`]: claims runnable tasks (leased on the database's clock) and takes each one
+//! - `task_machine`: every rule of a task's life, as one pure function.
+//! - `runner`: claims runnable tasks (leased on the database's clock) and takes each one
 //!   step by running its subprocessor's connector (`dsrelay-connectors`), as the task
 //!   machine decides; a contract end's step is the connector's bulk step, its progress
 //!   acknowledged as it goes.
@@ -29,9 +29,9 @@
 //! - `head_start`: a return of data's files (or a contract end's returned to the registry)
 //!   streamed to the registry while the connector writes them, before the uploader takes the
 //!   recorded export.
-//! - [`breaker`]: marks a holder that failed transiently, so its other tasks wait without
+//! - `breaker`: marks a holder that failed transiently, so its other tasks wait without
 //!   calling it.
-//! - [`ack_sender`]: sends queued acknowledgements to the registries.
+//! - `ack_sender`: sends queued acknowledgements to the registries.
 //! - [`text`]: fits reasons, notes and legal bases to the protocol's limits.
 //! - [`certificates`]: deletion certificates of erasure and contract end steps, signed with
 //!   the processor's key (`signing_key`).
@@ -45,7 +45,7 @@
 //!   acknowledged as retried, through the real store and runner.
 //! - `test_postgres` (tests only): the throwaway PostgreSQL database a store test runs on,
 //!   and `on_both!`, which runs a test on SQLite and on PostgreSQL.
-//! - [`uploader`]: delivers written exports in chunks, RETURN_OF_DATA and a contract end's
+//! - `uploader`: delivers written exports in chunks, RETURN_OF_DATA and a contract end's
 //!   return to the registries and TRANSFER to their recipients (checking the recipient's
 //!   identity and receipt), resuming where the destination stands, and moves their tasks on
 //!   (a contract end's to waiting for the controller's confirmation).

@@ -632,7 +632,7 @@ pub struct Transition {
     pub transfer_receipt: Option<TransferReceipt>,
     /// A contract end task's phase and progress; `None` keeps what is recorded.
     pub contract: Option<ContractStep>,
-    /// The holder's words of a failure the task is retried after ([`retry`]), recorded as
+    /// The holder's words of a failure the task is retried after (`retry`), recorded as
     /// its `last_error` for operators, as a postponement records them; `None` keeps what is
     /// recorded. Only the runner's steps write it ([`Store::transition_leased`]).
     ///

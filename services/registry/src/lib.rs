@@ -4,29 +4,29 @@
 //!
 //! # Layout
 //! - [`config`]: configuration (identities and roles, processors and their categories).
-//! - [`app`]: [`App::build`] (store, processor clients, shared state) and [`App::run`], which
+//! - `app`: [`App::build`] (store, processor clients, shared state) and [`App::run`], which
 //!   hands the services, metrics and workers to the runtime's host.
-//! - [`api`]: the gRPC handlers (partner API, acknowledgement API, deletion certificates,
+//! - `api`: the gRPC handlers (partner API, acknowledgement API, deletion certificates,
 //!   package upload and download, contract ends, the Watch stream, views).
-//! - [`auth`]: the registry's callers (partners, operators, processors) by certificate
+//! - `auth`: the registry's callers (partners, operators, processors) by certificate
 //!   identity.
-//! - [`validate`]: Submit input rules.
+//! - `validate`: Submit input rules.
 //! - `quota`: per-partner Submit quotas (`[submit_quota]`), a token bucket per partner in
 //!   this process's memory.
-//! - [`intake`]: group commit of concurrent Submits; its writer is a worker, drained and
+//! - `intake`: group commit of concurrent Submits; its writer is a worker, drained and
 //!   stopped on shutdown.
 //! - [`store`]: requests, the delivery outbox, tasks, acknowledgements, events, contract
 //!   ends' terms.
-//! - [`fold`]: deliveries and task states → request state.
+//! - `fold`: deliveries and task states → request state.
 //! - [`deadline`]: GDPR due dates, and a contract end's grace period and due date.
-//! - [`dispatcher`]: sends the outbox with backoff and jitter.
-//! - [`metrics`]: Prometheus metrics on the admin port (`admin_listen`).
+//! - `dispatcher`: sends the outbox with backoff and jitter.
+//! - `metrics`: Prometheus metrics on the admin port (`admin_listen`).
 //! - [`packages`]: return-of-data packages: the store their files go through (a folder
 //!   today), `manifest.json`, and their expiry.
-//! - [`reconciler`]: asks processors for status when acknowledgements are late.
+//! - `reconciler`: asks processors for status when acknowledgements are late.
 //! - `forget`: removes finished requests' raw identities and bodies after
 //!   `forget_after_days`.
-//! - [`error`]: the registry's error type (made into statuses by `dsrelay_runtime::grpc`).
+//! - `error`: the registry's error type (made into statuses by `dsrelay_runtime::grpc`).
 
 mod api;
 mod app;

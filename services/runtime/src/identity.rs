@@ -415,22 +415,22 @@ pub fn keyed_digest(key: &[u8], domain: &[u8], bytes: &[u8]) -> String {
 /// Which kind of the subject's `identities` the free text `text` holds, if any, as a refusal
 /// names it (never the value); an operator's evidence or reason is checked with it (a
 /// partner's note with [`identity_in_note`]). A raw value is found where it is written: an
-/// e-mail address as one of the text's addresses ([`email_candidates`]) in any case, a phone
-/// number as [`holds_phone`] finds it (its digits anywhere in a run of digits and separators
-/// too, even inside a longer number), any other value as a whole word ([`holds_word`]) in any
-/// case, beyond ASCII too ([`fold_case`]: "cä1" holds "CÄ1"). A hashed value is found pasted
+/// e-mail address as one of the text's addresses (`email_candidates`) in any case, a phone
+/// number as `holds_phone` finds it (its digits anywhere in a run of digits and separators
+/// too, even inside a longer number), any other value as a whole word (`holds_word`) in any
+/// case, beyond ASCII too (`fold_case`: "cä1" holds "CÄ1"). A hashed value is found pasted
 /// as it is, as a whole word in any case, or
 /// where something in the text that could be the value hashes to it the way identities are
 /// hashed ([`normalize`], then [`digest`]): for an e-mail address one of the text's
-/// addresses, for a phone number one of [`phone_candidates`], for any other value one of
-/// [`text_words`] as written, uppercased or lowercased.
+/// addresses, for a phone number one of `phone_candidates`, for any other value one of
+/// `text_words` as written, uppercased or lowercased.
 pub fn identity_in_text(identities: &[SubjectIdentity], text: &str) -> Option<String> {
     find_identity(identities, text, PhoneMatch::Within)
 }
 
 /// [`identity_in_text`] for a partner's Submit note, but a raw phone number is found only
 /// written whole: as a stretch of the text's groups of digits whose digits are the number's
-/// and no more ([`holds_phone`]), so "order 93584012345670" does not hold +358 40 123 4567.
+/// and no more (`holds_phone`), so "order 93584012345670" does not hold +358 40 123 4567.
 /// A refusal stops a partner's request, where an operator can reword a note at once.
 /// `identities` should be those that passed validation: a value refused (a PHONE "12")
 /// stands for no subject, and short ones are found in unrelated text.

@@ -94,7 +94,7 @@ fn limits(server: Server, call_limit: Option<Duration>) -> Server<Layers> {
 /// Streams already open run to their end; the check is at a call's start.
 ///
 /// Only connections accepted by [`serve_tls`] are checked: it registers each with its
-/// parsed certificate and its [`LiveTls`] ([`served`]), found again by the connection's
+/// parsed certificate and its [`LiveTls`] (`served`), found again by the connection's
 /// addresses, which tonic hands every call (the router, and with it this layer, is built
 /// before `serve_tls` sees the files). [`serve`]'s fixed TLS loads no lists and reloads
 /// nothing, so its calls pass unchecked.
@@ -591,7 +591,7 @@ impl<IO: Connected> Connected for Closable<IO> {
 }
 
 /// How many TLS handshakes one listener runs at once; a connection beyond them ends the
-/// oldest handshake still running ([`accept`]). Every one holds a file descriptor for up to
+/// oldest handshake still running (`accept`). Every one holds a file descriptor for up to
 /// [`HANDSHAKE_TIMEOUT`] (and [`PREFACE_TIMEOUT`] more once it completed), so without a cap
 /// a host that reaches the port could hold them all by opening connections that send
 /// nothing. A partner's handshake lasts a few round trips, and partners open nowhere near

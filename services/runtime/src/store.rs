@@ -275,13 +275,13 @@ pub struct Db {
     /// The pool every write, and every read that decides a write, goes through.
     pub pool: AnyPool,
     /// The pool for reads that only answer (Get, List, Watch, metrics). On a SQLite file it
-    /// is [`SQLITE_READERS`] connections of their own, which WAL lets read while the one
+    /// is `SQLITE_READERS` connections of their own, which WAL lets read while the one
     /// writer writes, so an answer never queues behind the writer's transactions; each read
     /// sees every transaction committed before it began. On PostgreSQL, and on an in-memory
     /// SQLite database (which another connection would not see), it is `pool` itself.
     pub reader: AnyPool,
     /// The pool every claim of queued work goes through (see "Claims" above). On PostgreSQL
-    /// it is [`CLAIMERS`] connections of their own on which the planner may not use a bitmap
+    /// it is `CLAIMERS` connections of their own on which the planner may not use a bitmap
     /// or sequential scan, so a claim always walks its queue's index in the order it picks
     /// and stops at its limit; elsewhere it is `pool` itself.
     pub claimer: AnyPool,
@@ -537,7 +537,7 @@ const QUERY_PARAMETERS: &[&str] = &[
 ];
 
 /// What [`Db::connect`] checks of a PostgreSQL `url` before it connects: its user and
-/// password ([`check_postgres_url`]), the TLS files it names ([`database_file_errors`]) and
+/// password (`check_postgres_url`), the TLS files it names ([`database_file_errors`]) and
 /// that the driver reads it. Public so that a caller that connects later (a holder whose
 /// server is down at start) can refuse a URL it could never connect with now.
 pub fn check_postgres_settings(url: &str) -> Result<()> {

@@ -11,7 +11,7 @@
 //! other calls (a processor's to its adapters) carry none.
 //!
 //! Whatever `RUST_LOG` says, sqlx's events other than its statement log and pool timings
-//! are dropped, as they may quote a database (see [`shown`]).
+//! are dropped, as they may quote a database (see `shown`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;

@@ -173,7 +173,7 @@ impl Store {
     }
 
     /// Replaces a contract end's terms with `wanted` when the rules allow
-    /// ([`crate::task_machine::amend`]; the transfer recipient changes only with the choice)
+    /// (`crate::task_machine::amend`; the transfer recipient changes only with the choice)
     /// and reschedules its tasks as the task machine says, in one transaction. `recipient`,
     /// where to reach the recipient the terms name, replaces the stored one when given.
     pub async fn update_contract_end(

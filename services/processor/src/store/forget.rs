@@ -246,7 +246,7 @@ impl Store {
     /// basis, of a task or a dead-lettered acknowledgement, is replaced by its keyed hash
     /// (`text hmac-sha256:<hex>`, as the audit trail holds it): it may name the subject, and
     /// the hash still shows that one was given. So is a TRANSFER's recipient, in the request
-    /// and in its receipts ([`hash_transfer_recipient`]). Returns false, changing nothing,
+    /// and in its receipts (`hash_transfer_recipient`). Returns false, changing nothing,
     /// when the request no longer qualifies (a task moved, or it was forgotten already).
     pub async fn forget_request(
         &self,

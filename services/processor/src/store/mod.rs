@@ -1,7 +1,7 @@
 //! The processor's durable state: requests, tasks, the acknowledgement outbox and the
 //! upload outbox. A task's state change, the acknowledgement reporting it and, for a written
 //! export (of a return of data, a transfer or a contract end), its upload are written in one
-//! transaction; which change to make is decided by [`crate::task_machine`], never here.
+//! transaction; which change to make is decided by `crate::task_machine`, never here.
 //!
 //! - `rows`: the types the store hands out, and the raw rows they are read from.
 //! - `tasks`: requests and tasks: accept, cancel, claim (each claim under its own lease

@@ -679,7 +679,7 @@ impl Store {
     }
 
     /// Records an operator's retry `t` of `key`'s FAILED task at `expected_sequence`, by `by`
-    /// ([`Event::OperatorRetry`]): the step with its acknowledgement and audit entry, its
+    /// (`Event::OperatorRetry`): the step with its acknowledgement and audit entry, its
     /// attempts counted from 0 and the failed run's last error cleared; unless
     /// [`retry_refusal`] refuses it (`configured`: whether its subprocessor is configured
     /// here). The request's row is locked first (PostgreSQL) and checked in the same

@@ -6,7 +6,7 @@
 //!   [`Appender`], durable once synced), and [`FolderStore`].
 //! - `direct`: the folder store's files written and read with `O_DIRECT`.
 //! - `manifest`: the manifest's deterministic JSON.
-//! - this module: [`Packages`] (the store, the retention and the checkpoint interval), file
+//! - this module: `Packages` (the store, the retention and the checkpoint interval), file
 //!   keys, the digest check of a resumed file, and the expiry worker.
 //!
 //! The gRPC handlers are `crate::api::packages`; what was stored is recorded by

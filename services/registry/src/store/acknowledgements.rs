@@ -962,7 +962,7 @@ async fn transfer_recipients_of(
 }
 
 impl Store {
-    /// [`transfer_recipients_of`] the TRANSFER requests `ids`, for Acknowledge's check of
+    /// `transfer_recipients_of` the TRANSFER requests `ids`, for Acknowledge's check of
     /// the receipts' recipient names, as the store checks those of processors' answers.
     pub async fn transfer_recipients(
         &self,

@@ -128,7 +128,7 @@ pub(super) async fn transferring_of(
 
 impl Store {
     /// Those of the contract ends `ids` that return the data to a transfer recipient
-    /// ([`transferring_of`]), read beside the writer.
+    /// (`transferring_of`), read beside the writer.
     pub async fn contract_ends_transferring(
         &self,
         ids: &[&str],

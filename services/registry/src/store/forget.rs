@@ -163,9 +163,9 @@ impl Store {
 
     /// Removes the request's raw identities and body, the free text that may name its
     /// subject (task notes and reasons, cancel and extension reasons, delivery errors, event
-    /// messages, what a rejected certificate carries ([`forget_rejected_certificates`]); a
+    /// messages, what a rejected certificate carries (`forget_rejected_certificates`); a
     /// task's legal basis and its receipt's recipient name are left only as their keyed
-    /// hash, see [`hash_quoted_texts`]), and records an IDENTITIES_FORGOTTEN event. A
+    /// hash, see `hash_quoted_texts`), and records an IDENTITIES_FORGOTTEN event. A
     /// Deliver still pending (only possible for a cancelled request) is given up: it could
     /// carry no identities any more. A processor may still report afterwards (on a task still
     /// RETAINED, or answering a pending Cancel): the report is written as this leaves a task

@@ -12,7 +12,7 @@
 //!   requests for reconciliation.
 //! - `acknowledgements`: applying acknowledgement batches (concurrent Acknowledge calls
 //!   share one transaction, a group commit) and reconciled task lists, and refolding a
-//!   request's state through [`crate::fold`].
+//!   request's state through `crate::fold`.
 //! - `requests`: cancelling a request and extending its due date.
 //! - `contracts`: contract ends' terms, the operator's choice and confirmation, and the one
 //!   `update` outbox row each change re-arms.

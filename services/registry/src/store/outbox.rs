@@ -127,7 +127,7 @@ impl Store {
     }
 
     /// [`Store::delivery_succeeded`] for several attempts at once, in one transaction: the
-    /// requests locked, the rows marked ([`mark_delivered`]), then [`apply_accepted`] (what
+    /// requests locked, the rows marked (`mark_delivered`), then `apply_accepted` (what
     /// the answers reported, the touched requests folded, the events written together).
     /// Answers, in `done`'s order, whether each claim still held its row; a row another claim
     /// took records nothing, the others still do.
@@ -193,7 +193,7 @@ impl Store {
     /// dead-letters the row (no longer claimed) and tells the request's events. Nothing is
     /// recorded when another claim took the row. For a request forgotten already (a Cancel
     /// still sent after it) the error is written as forgetting leaves it: the row says
-    /// [`FORGOTTEN_ERROR`] and the events show the registry's words without the error.
+    /// `FORGOTTEN_ERROR` and the events show the registry's words without the error.
     pub async fn delivery_failed(
         &self,
         job: &DeliveryJob,

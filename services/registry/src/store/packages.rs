@@ -221,7 +221,7 @@ impl Store {
         Ok(read_unaccepted(&self.db.reader, request_id).await?.0)
     }
 
-    /// The parts stored for the requests `ids` ([`parts_of`]), read beside the writer.
+    /// The parts stored for the requests `ids` (`parts_of`), read beside the writer.
     pub async fn parts_stored(&self, ids: &[&str]) -> Result<BTreeSet<(String, String, String)>> {
         let mut conn = self.db.reader.acquire().await?;
         parts_of(&mut conn, self.db.backend, ids).await

@@ -107,7 +107,7 @@ impl Store {
     }
 
     /// The kinds of those of `ids` that were delivered to `processor`: those this registry
-    /// remembers ([`routes`](super::routes)) without a read, the rest in one query. The
+    /// remembers (`routes`) without a read, the rest in one query. The
     /// others are left out whether they exist or not, so that what a processor is told
     /// about a request never depends on whether another processor's request of that id
     /// exists.
@@ -274,7 +274,7 @@ impl Store {
     /// Whether a cancelled request's state can no longer change by itself: no task
     /// is unsettled (a holder already called may still finish, and a cancellation that
     /// stopped nothing gives way to what the tasks report, see
-    /// [`crate::fold::fold_request`]), and no Deliver the cancellation withdrew is still in
+    /// `crate::fold::fold_request`), and no Deliver the cancellation withdrew is still in
     /// flight (claimed, its lease running: its processor may yet accept it, and its answer
     /// then counts, see [`Store::deliveries_succeeded`]).
     pub async fn cancellation_settled(&self, id: &str) -> Result<bool> {

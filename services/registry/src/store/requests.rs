@@ -45,8 +45,8 @@ impl Store {
     /// Cancels a request: no further deliveries, and a cancellation queued for every
     /// processor. Refused ([`CancelOutcome::NotCancellable`]) unless the request is open and
     /// the cancellation can stop something: a delivery not yet accepted, or a task not
-    /// settled ([`cancel_stops_nothing`]) and not a contract end's deletion under way. A cancellation that turns out to have stopped
-    /// nothing gives way to the state the tasks report ([`crate::fold::fold_request`]).
+    /// settled (`cancel_stops_nothing`) and not a contract end's deletion under way. A cancellation that turns out to have stopped
+    /// nothing gives way to the state the tasks report (`crate::fold::fold_request`).
     /// The CANCELLED event's audit entry names `by` (the partner or operator who asked) as
     /// its actor.
     pub async fn cancel_by(
@@ -144,7 +144,7 @@ impl Store {
     }
 
     /// Extends the due date by `months`, keeping the reason, if the request is as `row` read
-    /// it (no extension made since, still open: [`OPEN_STATES`]), and queues the new date for
+    /// it (no extension made since, still open: `OPEN_STATES`), and queues the new date for
     /// every processor the request is delivered to; answers whether it did. A request
     /// forgotten already (FAILED) is extended as forgetting leaves it: the reason is not
     /// kept, and the event shows the registry's words without it; the audit entry holds its

@@ -167,7 +167,7 @@ async fn queue(conn: &mut AnyConnection, entries: Vec<NewEntry>) -> Result<()> {
 }
 
 /// Moves every entry committed to `audit_pending` before the call to the chain, oldest
-/// queued first, in transactions of up to [`CHAIN_BATCH`] entries that each hold the chain
+/// queued first, in transactions of up to `CHAIN_BATCH` entries that each hold the chain
 /// lock `lock_key` (the service's own); returns how many it chained. Nothing is queued on
 /// SQLite, where it does nothing.
 pub async fn chain_pending(db: &Db, lock_key: i64) -> Result<usize> {

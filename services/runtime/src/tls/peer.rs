@@ -7,7 +7,7 @@
 //! lists the handshake verifier gets; [`PeerCertificate`] is parsed once per connection. A
 //! call's check is then a clock comparison and a hash lookup of the serial.
 //!
-//! [`noting_refused_certificate`] names the certificate a handshake was refused for, which
+//! `noting_refused_certificate` names the certificate a handshake was refused for, which
 //! rustls does not hand back with its error, so that the refusal's log line can say whose
 //! it was.
 
