@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::execute::{classify, ExportJob, ReadTx};
+use super::execute::{classify, classify_pooled, ExportJob, ReadTx};
 use super::plan::{
     anonymize_pending, cascade_held_rows, cascade_paths, holds_parent_back, plan_cascaded_keys,
     plan_count_unhandled, plan_export, plan_record_marker, plan_record_returned,
@@ -283,17 +283,24 @@ impl Scoped<'_> {
             .await
         {
             Ok(found) => found,
+            Err(e) if matches!(e, sqlx::Error::PoolTimedOut) => {
+                // No connection to ask about the table with either.
+                return Err(classify_pooled(&self.db.pool, doing, &e).await);
+            }
             Err(e) => {
                 // The table is created by the first contract end's export: none has run.
-                let exists: i64 = sqlx::query_scalar(self.db.backend.table_exists())
+                let exists: i64 = match sqlx::query_scalar(self.db.backend.table_exists())
                     .bind(keys_table)
                     .fetch_one(&self.db.pool)
                     .await
-                    .map_err(|e| classify(doing, &e))?;
+                {
+                    Ok(exists) => exists,
+                    Err(e) => return Err(classify_pooled(&self.db.pool, doing, &e).await),
+                };
                 if exists == 0 {
                     return Ok(None);
                 }
-                return Err(classify(doing, &e));
+                return Err(classify_pooled(&self.db.pool, doing, &e).await);
             }
         };
         Ok((found > 0).then_some(export))
@@ -326,16 +333,22 @@ impl Scoped<'_> {
                 .await
             {
                 Ok(done) => done.rows_affected(),
+                Err(e) if matches!(e, sqlx::Error::PoolTimedOut) => {
+                    return Err(classify_pooled(&self.db.pool, doing, &e).await);
+                }
                 Err(e) => {
-                    let exists: i64 = sqlx::query_scalar(self.db.backend.table_exists())
+                    let exists: i64 = match sqlx::query_scalar(self.db.backend.table_exists())
                         .bind(&table)
                         .fetch_one(&self.db.pool)
                         .await
-                        .map_err(|e| classify(doing, &e))?;
+                    {
+                        Ok(exists) => exists,
+                        Err(e) => return Err(classify_pooled(&self.db.pool, doing, &e).await),
+                    };
                     if exists == 0 {
                         return Ok(deleted);
                     }
-                    return Err(classify(doing, &e));
+                    return Err(classify_pooled(&self.db.pool, doing, &e).await);
                 }
             };
             deleted += done;
@@ -840,8 +853,11 @@ impl Scoped<'_> {
     /// which they have no alias for. So such a cascade is not followed: the rows it takes
     /// go even if unrecorded, and their keys stay (the module documentation's Limits).
     async fn cascades(&self) -> Result<Vec<Cascade>, ConnectorError> {
-        let all = (super::cascades::read(self.db).await)
-            .map_err(|e| classify("reading the foreign keys of the configured tables", &e))?;
+        let doing = "reading the foreign keys of the configured tables";
+        let all = match super::cascades::read(self.db).await {
+            Ok(all) => all,
+            Err(e) => return Err(classify_pooled(&self.db.pool, doing, &e).await),
+        };
         Ok(super::cascades::between_configured(
             self.db.backend,
             self.config,
@@ -852,12 +868,18 @@ impl Scoped<'_> {
     /// The last key of `batch`: the `size`-th key after its `after`, or `None` when at most
     /// `size` rows are left (the last batch, which also takes the rows without a key).
     async fn batch_end(&self, batch: &Batch, size: u64) -> Result<Option<String>, ConnectorError> {
-        let keys: Vec<String> = self
+        let keys: Vec<String> = match self
             .batch_end_query(batch, size)
             .query_scalar()
             .fetch_all(&self.db.pool)
             .await
-            .map_err(|e| classify(&format!("dividing {} into batches", batch.table), &e))?;
+        {
+            Ok(keys) => keys,
+            Err(e) => {
+                let doing = format!("dividing {} into batches", batch.table);
+                return Err(classify_pooled(&self.db.pool, &doing, &e).await);
+            }
+        };
         Ok((keys.len() == 2).then(|| keys[0].clone()))
     }
 
@@ -875,10 +897,13 @@ impl Scoped<'_> {
             t = quote(table),
             k = quote(key)
         );
-        let found: i64 = sqlx::query_scalar(&probe)
-            .fetch_one(&self.db.pool)
-            .await
-            .map_err(|e| classify(&format!("reading the keys of {table}"), &e))?;
+        let found: i64 = match sqlx::query_scalar(&probe).fetch_one(&self.db.pool).await {
+            Ok(found) => found,
+            Err(e) => {
+                let doing = format!("reading the keys of {table}");
+                return Err(classify_pooled(&self.db.pool, &doing, &e).await);
+            }
+        };
         Ok(found > 0)
     }
 
@@ -1123,11 +1148,13 @@ impl Scoped<'_> {
                 let Some(count) = count else {
                     continue;
                 };
-                let rows: i64 =
-                    (count.query_scalar().fetch_one(&self.db.pool).await).map_err(|e| {
+                let rows: i64 = match count.query_scalar().fetch_one(&self.db.pool).await {
+                    Ok(rows) => rows,
+                    Err(e) => {
                         let doing = format!("counting the rows that {what} {}", rule.table);
-                        classify(&doing, &e)
-                    })?;
+                        return Err(classify_pooled(&self.db.pool, &doing, &e).await);
+                    }
+                };
                 let rows = u64::try_from(rows).unwrap_or(0);
                 if rows > 0 {
                     found.push(Arrived::new(rule, rows));

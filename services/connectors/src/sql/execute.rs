@@ -1142,6 +1142,20 @@ async fn pool_timed_out(pool: &sqlx::AnyPool, context: &str) -> ConnectorError {
     ConnectorError::Transient(message)
 }
 
+/// [`classify`] for a statement run on the pool itself rather than in a transaction of
+/// [`pool_timed_out`]'s callers: a pool that gave no connection in time gets the server's
+/// answer as its reason, as a transaction's start does.
+pub(super) async fn classify_pooled(
+    pool: &sqlx::AnyPool,
+    context: &str,
+    err: &sqlx::Error,
+) -> ConnectorError {
+    match err {
+        sqlx::Error::PoolTimedOut => pool_timed_out(pool, context).await,
+        other => classify(context, other),
+    }
+}
+
 /// Sorts a database error into worth-retrying or not; `context` says what was being done.
 pub(super) fn classify(context: &str, err: &sqlx::Error) -> ConnectorError {
     let message = format!("{context}: {err}");
@@ -1378,6 +1392,14 @@ mod tests {
         /// Runs `turn_away` as the server's superuser, ends the role's sessions, and then
         /// erases a subject through the connector's scope, which has to connect anew.
         async fn erase_after(&self, turn_away: &str) -> ConnectorError {
+            self.turn_away(turn_away).await;
+            let scoped = self.connector.scope("acme").unwrap();
+            scoped.erase(&[email(MAIJA)], now()).await.unwrap_err()
+        }
+
+        /// Runs `turn_away` as the server's superuser and ends the role's sessions, with the
+        /// connector's pool left empty, so that its next statement has to connect anew.
+        async fn turn_away(&self, turn_away: &str) {
             let scoped = self.connector.scope("acme").unwrap();
             // The pool's open connections, held so that none is handed out again after its
             // session ended; closed below, so that the erasure has to open one.
@@ -1409,7 +1431,6 @@ mod tests {
                 let _ = conn.close().await;
             }
             assert_eq!(pool.size(), 0);
-            scoped.erase(&[email(MAIJA)], now()).await.unwrap_err()
         }
 
         async fn remove(self) {
@@ -1456,5 +1477,34 @@ mod tests {
         let reason = err.to_string();
         assert!(reason.contains("too many connections"), "{reason}");
         assert!(!reason.contains("pool timed out"), "{reason}");
+    }
+
+    /// What a contract end's export recorded as returned is discarded by statements on the
+    /// pool itself, outside any transaction: a database that takes no more connections names
+    /// the server's answer there too, not the pool's timeout.
+    #[tokio::test]
+    async fn postgres_connection_limit_names_the_servers_answer_outside_a_transaction() {
+        let test = "postgres_connection_limit_names_the_servers_answer_outside_a_transaction";
+        let Some(holder) = OwnRole::new(test).await else {
+            return;
+        };
+        holder
+            .turn_away("ALTER DATABASE \"{name}\" CONNECTION LIMIT 0")
+            .await;
+        let scoped = holder.connector.scope("acme").unwrap();
+        let err = scoped
+            .discard_returned("acme/ce-1/accounting", 10)
+            .await
+            .unwrap_err();
+        drop(scoped);
+        holder.remove().await;
+        assert!(err.is_transient(), "{err:?}");
+        let reason = err.to_string();
+        assert!(reason.contains("too many connections"), "{reason}");
+        assert!(!reason.contains("pool timed out"), "{reason}");
+        assert!(
+            reason.starts_with("discarding what a contract end's export recorded as returned: "),
+            "{reason}"
+        );
     }
 }
