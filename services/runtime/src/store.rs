@@ -561,7 +561,8 @@ fn check_postgres_url(url: &str) -> Result<()> {
     let before_query = rest.split('?').next().unwrap_or(rest);
     if before_query.matches('@').count() > 1 || rest.contains('#') {
         bail!(
-            "database_url {}: the user or password (or a path in the query) holds a character \
+            "the database URL {}: the user or password (or a path in the query) holds a \
+             character \
              that must be percent-encoded there (@ as %40, / as %2F, : as %3A, # as %23, ? as \
              %3F)",
             redact(url)
@@ -574,11 +575,12 @@ fn check_postgres_url(url: &str) -> Result<()> {
         let read = QUERY_PARAMETERS.contains(&&*key)
             || (key.starts_with("options[") && key.ends_with(']'));
         if !read {
+            // Its value is not shown: a misspelt `password` is the likeliest unread one.
             bail!(
-                "database_url {}: sqlx, the PostgreSQL driver, does not read the query \
+                "the database URL {}: sqlx, the PostgreSQL driver, does not read the query \
                  parameter {key:?} (it would connect without it, and may log it with its value); \
                  the ones it reads, spelt exactly so: {}, options[...]",
-                redact(url),
+                without_query(&redact(url)),
                 QUERY_PARAMETERS.join(", ")
             );
         }
@@ -1053,6 +1055,16 @@ pub fn redact(url: &str) -> String {
     out
 }
 
+/// `url` up to its query, which is then shown as `?...`: after the scheme's `://`, the first
+/// `?` begins it (one in an unencoded password too, which then hides more, not less).
+fn without_query(url: &str) -> String {
+    let from = url.find("://").map_or(0, |s| s + 3);
+    match url[from..].find('?') {
+        Some(at) => format!("{}?...", &url[..from + at]),
+        None => url.to_string(),
+    }
+}
+
 /// Where in `url` the password after the user name is: from the `:` after the user to the
 /// `@` that ends them.
 ///
@@ -1298,6 +1310,14 @@ mod tests {
             ("postgres://u@h/db?PassWord=topsecret", "PassWord"),
             ("postgres://u@h/db?sslmdoe=verify-full", "sslmdoe"),
             (
+                "postgres://u@h/db?sslmode=require&passwrod=topsecret",
+                "passwrod",
+            ),
+            (
+                "postgres://u@h/db?pasword=topsecret&sslmode=require",
+                "pasword",
+            ),
+            (
                 "postgres://u@h/db?options[search_path=s",
                 "options[search_path",
             ),
@@ -1309,6 +1329,10 @@ mod tests {
                 "{err}"
             );
             assert!(!err.contains("topsecret"), "{err}");
+            assert!(
+                err.contains("the database URL postgres://u@h/db?..."),
+                "{err}"
+            );
         }
         check_postgres_url(
             "postgres://u:p@h:5432/db?sslmode=verify-full&ssl-mode=require&sslrootcert=a\
