@@ -37,7 +37,8 @@ pub(super) fn retention_key(task_id: &str, until_ms: i64) -> String {
 
 /// Makes sure `table` exists in `db` and that the connector can use it: read first, so that
 /// a table the database administrator created beforehand needs no CREATE grant, then
-/// created when missing.
+/// created when missing ([`created_or_found`]: replicas of a processor starting together on
+/// one holder database may create it at once).
 pub(super) async fn ensure_table(db: &Db, table: &str) -> anyhow::Result<()> {
     let t = quote(table);
     let probe = format!("SELECT task_key, report, erased_at FROM {t} WHERE 1 = 0");
@@ -48,7 +49,7 @@ pub(super) async fn ensure_table(db: &Db, table: &str) -> anyhow::Result<()> {
         "CREATE TABLE IF NOT EXISTS {t} (task_key TEXT PRIMARY KEY, report TEXT NOT NULL, \
          erased_at BIGINT NOT NULL)"
     );
-    if let Err(e) = sqlx::query(&create).execute(&db.pool).await {
+    if let Err(e) = created_or_found(db, &create, &probe).await {
         anyhow::bail!(
             "creating the erasure receipt table {table:?} in the holder database: {e}; the \
              connector's database user needs the right to create it (on PostgreSQL: GRANT \
@@ -222,4 +223,33 @@ pub(super) async fn find<'c, R: DeserializeOwned>(
             })
         })
         .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sql::tests::fresh_postgres_database;
+
+    /// Replicas of a processor starting together on a fresh holder database create the
+    /// receipt table at once, and PostgreSQL's `CREATE TABLE IF NOT EXISTS` can fail one of
+    /// them (a duplicate in `pg_type`), which stopped that replica's start. Two at once, a new
+    /// table each round: a round that races fails without the probe after the CREATE.
+    #[tokio::test]
+    async fn postgres_receipt_table_created_by_two_at_once() {
+        let test = "postgres_receipt_table_created_by_two_at_once";
+        let Some(holder) = fresh_postgres_database(test).await else {
+            return;
+        };
+        let a = Db::connect(&holder.url).await.unwrap();
+        let b = Db::connect(&holder.url).await.unwrap();
+        for round in 0..40 {
+            let table = format!("receipts_{round}");
+            let (first, second) = tokio::join!(ensure_table(&a, &table), ensure_table(&b, &table));
+            first.unwrap();
+            second.unwrap();
+        }
+        a.pool.close().await;
+        b.pool.close().await;
+        holder.drop_database().await;
+    }
 }
