@@ -113,6 +113,17 @@ impl Failure {
                 status,
                 endpoint,
                 server,
+            } if timed_out(status) => format!(
+                "error: {}: the {server} at {endpoint} did not answer within the call's \
+                 deadline: it may be busy or waiting on its database, which its log says; a \
+                 call that changes something may still take effect, so repeat it rather than \
+                 start anew (a submit with the same --idempotency-key)",
+                code_name(status.code())
+            ),
+            Self::Rpc {
+                status,
+                endpoint,
+                server,
             } if is_connection_error(status) => {
                 // tonic's own message ("transport error") says little; the causes say why.
                 let mut causes = vec![status.message().to_string()];
@@ -145,6 +156,20 @@ impl Failure {
         };
         table::clean(&text)
     }
+}
+
+/// True when the call's own deadline ended it (tonic's `TimeoutExpired`, as the status's
+/// source or under a transport error): the connection may be fine, so neither a refused
+/// certificate nor an unreachable service is the likely cause.
+fn timed_out(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        if err.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// True when the connection was made and then closed or broken from the other end before
@@ -306,5 +331,36 @@ mod tests {
         assert_eq!(f.exit_code(), 1);
         assert_eq!(f.message(), "error: reading x: bad");
         assert_eq!(Failure::Usage("no".into()).exit_code(), 2);
+    }
+
+    /// A registry that takes the connection and the call but does not answer in time (one
+    /// waiting on its database): the message says so, not that the registry cannot be
+    /// reached or that it refused this client's certificate.
+    #[tokio::test]
+    async fn a_call_past_its_deadline_is_not_blamed_on_the_certificate() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let silent = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut connection = h2::server::handshake(socket).await.unwrap();
+            let mut held = Vec::new();
+            while let Some(Ok(call)) = connection.accept().await {
+                held.push(call);
+            }
+        });
+        let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect_lazy();
+        let client = dsrelay_sdk::RegistryClient::from_channel(channel)
+            .with_timeout(Some(std::time::Duration::from_millis(300)));
+        let status = client.get("r-1").await.unwrap_err();
+        silent.abort();
+        let message = rpc(status).message();
+        assert!(
+            message.contains("did not answer within the call's deadline"),
+            "{message}"
+        );
+        assert!(!message.contains("certificate"), "{message}");
+        assert!(!message.contains("cannot reach"), "{message}");
     }
 }
