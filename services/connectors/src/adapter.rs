@@ -96,7 +96,7 @@ use dsrelay_proto::v1::{
     GetExportPageRequest, GetTaskStatusRequest, RequestKind, Scope,
 };
 use dsrelay_proto::{millis_from_timestamp, timestamp_from_millis};
-use dsrelay_runtime::config::check_ms;
+use dsrelay_runtime::config::{check_ms, MAX_DURATION_MS};
 use dsrelay_runtime::tls::{LiveTls, ReloadingChannel, TlsFiles};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
@@ -206,6 +206,13 @@ impl AdapterConfig {
             );
         }
         check_ms(&mut out, "timeout_ms", self.timeout_ms, 1..=MAX_TIMEOUT_MS);
+        // Bounded as the service's own `[tls]` is, so the one range documented for both holds.
+        check_ms(
+            &mut out,
+            "tls.reload_interval_ms",
+            self.tls.reload_interval_ms,
+            0..=MAX_DURATION_MS,
+        );
         if let Some(controllers) = &self.controllers {
             if controllers.is_empty() {
                 out.push(
@@ -977,6 +984,43 @@ mod tests {
         assert!(
             problems.contains("controllers[2]: \"acme\" is listed twice"),
             "{problems}"
+        );
+    }
+
+    /// `tls.reload_interval_ms` has the bounds of the service's own `[tls]`: 0 (reload only on
+    /// SIGHUP) to 30 days, refused above with the service's message.
+    #[test]
+    fn the_tls_reload_interval_is_bounded_as_the_service_s() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dsrelay_runtime::pki::DevPki::ensure(dir.path()).unwrap();
+        let mut c = config(pki.files("processor"));
+        for ok in [0, MAX_DURATION_MS] {
+            c.tls.reload_interval_ms = ok;
+            assert!(c.validate().is_empty(), "{ok}: {:?}", c.validate());
+        }
+        for bad in [MAX_DURATION_MS + 1, u64::MAX >> 1] {
+            c.tls.reload_interval_ms = bad;
+            assert_eq!(
+                c.validate(),
+                [format!(
+                    "tls.reload_interval_ms: must be from 0 ms to 2592000000 ms (30 days); \
+                     it is {bad}"
+                )]
+            );
+        }
+        // Read from the connector's table, as the processor's file has it.
+        let text = format!(
+            "type = \"adapter\"\nendpoint = \"https://localhost:1\"\n\
+             identity = \"spiffe://dsrelay.dev/adapter/example\"\n[tls]\nca = {:?}\n\
+             cert = {:?}\nkey = {:?}\nreload_interval_ms = 9223372036854775807\n",
+            c.tls.ca, c.tls.cert, c.tls.key
+        );
+        let parsed: crate::ConnectorConfig = toml::from_str(&text).unwrap();
+        let problems = parsed.validate();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("tls.reload_interval_ms: must be from 0 ms"),
+            "{problems:?}"
         );
     }
 

@@ -68,6 +68,8 @@ impl ServiceConfig for Config {
         "chunk_delay_ms",
         "signing_key",
     ];
+    // Its `database_url` is never opened, so the files its query names are not looked for.
+    const USES_DATABASE: bool = false;
 
     fn relative_to(&mut self, dir: &Path) {
         self.service.relative_to(dir);
@@ -242,6 +244,27 @@ mod tests {
         let mut listed: Vec<String> = Config::KEYS.iter().map(|k| k.to_string()).collect();
         listed.sort();
         assert_eq!(dsrelay_runtime::settings::own_keys(&c), listed);
+    }
+
+    /// The recipient keeps no database, so neither the scheme of `database_url` nor the
+    /// files its query names are checked; its TLS files still are.
+    #[test]
+    fn the_unused_database_url_is_not_checked() {
+        let (dir, file) = folder(
+            "database_url = \"postgres://u@h/db?sslrootcert=/nonexistent/root.pem&\
+             sslkey=/nonexistent/c.key\"",
+        );
+        let c = Config::load_from(Some(&file), []).unwrap();
+        assert!(c.service.database_url.contains("/nonexistent/root.pem"));
+        let env = [(
+            "DSRELAY_RECIPIENT__DATABASE_URL".to_string(),
+            "mysql://h/db".to_string(),
+        )];
+        Config::load_from(Some(&file), env).unwrap();
+        std::fs::remove_file(dir.path().join("pki/ca.pem")).unwrap();
+        let err = Config::load_from(Some(&file), []).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(err.0[0].starts_with("tls.ca: "), "{err}");
     }
 
     /// The signing key is found beside the configuration file; one that cannot be read is

@@ -277,6 +277,12 @@ fn key_ring(
         .map(Some)
 }
 
+/// At most this many receipt keys of one recipient: `public_key`, `previous_public_keys` and
+/// `revoked_public_keys` together, since a revoked key is sent until its `revoked_at`. A
+/// processor refuses a Deliver whose `recipient.public_keys` holds more (processor.proto,
+/// `TransferRecipient.public_keys`), so a recipient with more could never be transferred to.
+pub const MAX_RECIPIENT_KEYS: usize = 16;
+
 /// At most this many bytes in a recipient's name: the longest `transfer_recipient` Submit
 /// accepts, so that every configured recipient can be named.
 pub const MAX_RECIPIENT_NAME: usize = 256;
@@ -673,8 +679,25 @@ impl ServiceConfig for Config {
             }
         }
         for (i, r) in self.recipients.iter().enumerate() {
-            if let Err(e) = r.key_ring() {
-                errors.push(format!("recipients[{i}].{e:#}"));
+            match r.key_ring() {
+                Err(e) => errors.push(format!("recipients[{i}].{e:#}")),
+                Ok(Some(ring)) => {
+                    // Counted with every revoked key: before its `revoked_at` a revoked key
+                    // is sent too, and the ring has already refused a key given twice.
+                    let count = ring.keys().len() + ring.revoked().len();
+                    if count > MAX_RECIPIENT_KEYS {
+                        errors.push(format!(
+                            "recipients[{i}]: recipient {} has {count} receipt keys \
+                             (public_key, previous_public_keys and revoked_public_keys), more \
+                             than the {MAX_RECIPIENT_KEYS} a processor takes with a transfer, \
+                             so every transfer to it would be refused; drop the oldest \
+                             previous_public_keys (and revoked_public_keys whose revoked_at \
+                             has passed) until at most {MAX_RECIPIENT_KEYS} are left",
+                            r.name
+                        ));
+                    }
+                }
+                Ok(None) => {}
             }
         }
         if errors.is_empty() {
@@ -701,7 +724,7 @@ impl Config {
     }
 
     /// Every configured caller whose identity is outside the registry's trust domain
-    /// (`service.trust_domain`, else the one of `own_identity`) or does not name its role:
+    /// (the `trust_domain` key, else the one of `own_identity`) or does not name its role:
     /// partners as `partner`, operators as `operator`, processors as `processor`. Transfer
     /// recipients are not callers (they may sit at another organisation) and are matched
     /// exactly only.
@@ -1793,6 +1816,76 @@ mod tests {
         let (_dir, file) = folder("[[recipients]]\nname = \"a\"\n");
         let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
         assert!(err.to_string().contains("endpoint"), "{err}");
+    }
+
+    /// A processor refuses a transfer carrying more than 16 receipt keys, so a recipient that
+    /// could be sent more (current, previous and revoked keys, a revoked one being sent until
+    /// its `revoked_at`) is refused at the start, naming it, the count and the limit. Sixteen
+    /// are taken, and a processor's keys (never sent) are not limited.
+    #[test]
+    fn a_recipient_with_more_receipt_keys_than_a_processor_takes_is_refused() {
+        use dsrelay_runtime::signing::SigningKey;
+        let keys = |n: usize| -> Vec<String> {
+            (0..n)
+                .map(|_| format!("{:?}", SigningKey::generate().public_key().to_base64()))
+                .collect()
+        };
+        let revoked = |keys: &[String]| -> String {
+            keys.iter()
+                .map(|k| format!("{{ key = {k}, revoked_at = \"2999-01-01T00:00:00Z\" }}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        // `public_key`, then `previous` previous keys and `revoked` revoked ones.
+        let entry = |table: &str, name: &str, previous: usize, revoked_n: usize| {
+            let k = keys(1 + previous + revoked_n);
+            let extra = if table == "processors" {
+                "categories = [\"c\"]\n"
+            } else {
+                ""
+            };
+            format!(
+                "[[{table}]]\nname = \"{name}\"\nendpoint = \"https://{name}.example:1\"\n\
+                 identity = \"spiffe://x/{name}\"\n{extra}public_key = {}\n\
+                 previous_public_keys = [{}]\nrevoked_public_keys = [{}]\n",
+                k[0],
+                k[1..=previous].join(", "),
+                revoked(&k[1 + previous..]),
+            )
+        };
+
+        let sixteen = [
+            entry("recipients", "just-fits", 10, 5),
+            entry("processors", "many", 20, 5),
+        ]
+        .concat();
+        let (_dir, file) = folder(&sixteen);
+        let c = Config::load_from(Some(&file), env(&[])).unwrap();
+        let ring = c.recipients[0].key_ring().unwrap().unwrap();
+        assert_eq!(ring.keys().len() + ring.revoked().len(), MAX_RECIPIENT_KEYS);
+
+        let over = [
+            entry("recipients", "previous-only", 16, 0),
+            entry("recipients", "with-revoked", 10, 6),
+            entry("recipients", "just-fits", 15, 0),
+        ]
+        .concat();
+        let (_dir, file) = folder(&over);
+        let err = Config::load_from(Some(&file), env(&[])).unwrap_err();
+        assert_eq!(err.0.len(), 2, "{err}");
+        for (got, name) in err.0.iter().zip(["previous-only", "with-revoked"]) {
+            assert!(
+                got.contains(&format!("recipient {name} has 17 receipt keys")),
+                "{got}"
+            );
+            assert!(got.contains("than the 16 a processor takes"), "{got}");
+            assert!(
+                got.contains("drop the oldest previous_public_keys"),
+                "{got}"
+            );
+        }
+        assert!(err.0[0].starts_with("recipients[0]: "), "{err}");
+        assert!(err.0[1].starts_with("recipients[1]: "), "{err}");
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub trait ServiceConfig: DeserializeOwned + AsRef<ServiceSettings> {
     /// is unknown (serde lists none there, the shared keys being flattened in); when empty,
     /// none are listed.
     const KEYS: &'static [&'static str] = &[];
+    /// Whether the service opens `database_url`. When not (the example recipient keeps no
+    /// database), [`load`] does not look for the files the URL's query names, as a URL that is
+    /// never opened cannot fail the service.
+    const USES_DATABASE: bool = true;
     /// Resolves relative file paths against `dir`, the folder of the configuration file.
     fn relative_to(&mut self, dir: &Path);
     /// Every problem of the settings themselves, reported together; a service may read the
@@ -65,7 +69,8 @@ pub fn own_keys<C: ServiceConfig + Serialize>(config: &C) -> Vec<String> {
 
 /// Reads a service's configuration: the file (if any) and `PREFIX__*` overrides from `env`,
 /// paths resolved against the file's folder, then every problem at once: the service's own
-/// checks and the TLS files missing on this machine.
+/// checks, the TLS files missing on this machine and, for a service that uses its database
+/// ([`ServiceConfig::USES_DATABASE`]), the files its `database_url` names that are missing.
 pub fn load<C: ServiceConfig>(
     file: Option<&Path>,
     env_prefix: &str,
@@ -91,7 +96,12 @@ pub fn load<C: ServiceConfig>(
         config.relative_to(dir);
     }
     let mut errors = config.check().err().map_or_else(Vec::new, |e| e.0);
-    errors.extend(config.as_ref().check_files());
+    let settings = config.as_ref();
+    errors.extend(if C::USES_DATABASE {
+        settings.check_files()
+    } else {
+        settings.check_tls_files()
+    });
     if errors.is_empty() {
         Ok(config)
     } else {
@@ -321,12 +331,18 @@ impl ServiceSettings {
     /// checked when a service loads its configuration, so a wrong path is reported with every
     /// other problem instead of failing the start later.
     pub fn check_files(&self) -> Vec<String> {
-        let mut errors: Vec<String> = (self.tls.paths().into_iter())
-            .filter(|(_, path)| !path.is_file())
-            .map(|(key, path)| format!("{key}: {} is not a readable file", path.display()))
-            .collect();
+        let mut errors = self.check_tls_files();
         errors.extend(crate::store::database_file_errors(&self.database_url));
         errors
+    }
+
+    /// The TLS files missing on this machine, as [`ServiceSettings::check_files`] reports
+    /// them, without the database's: for a service that never opens `database_url`.
+    pub fn check_tls_files(&self) -> Vec<String> {
+        (self.tls.paths().into_iter())
+            .filter(|(_, path)| !path.is_file())
+            .map(|(key, path)| format!("{key}: {} is not a readable file", path.display()))
+            .collect()
     }
 }
 
@@ -475,6 +491,62 @@ mod tests {
         fn check(&self) -> Result<(), ConfigErrors> {
             Ok(())
         }
+    }
+
+    /// [`Sample`] of a service that never opens its `database_url`.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NoDatabase {
+        #[serde(flatten, deserialize_with = "settings")]
+        service: ServiceSettings,
+    }
+
+    impl AsRef<ServiceSettings> for NoDatabase {
+        fn as_ref(&self) -> &ServiceSettings {
+            &self.service
+        }
+    }
+
+    impl ServiceConfig for NoDatabase {
+        const USES_DATABASE: bool = false;
+        fn relative_to(&mut self, _: &Path) {}
+        fn check(&self) -> Result<(), ConfigErrors> {
+            Ok(())
+        }
+    }
+
+    /// The files a `database_url` names are looked for only by a service that opens it; its
+    /// TLS files are looked for either way.
+    #[test]
+    fn only_a_service_using_its_database_checks_the_files_its_url_names() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "c.pem", "c.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        // Absolute, as these samples resolve no relative path.
+        let at = |f: &str| dir.path().join(f);
+        let f = at("s.toml");
+        std::fs::write(
+            &f,
+            format!(
+                "database_url = \"postgres://h/db?sslrootcert=/nonexistent/root.pem\"\n\
+                 [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+                at("ca.pem"),
+                at("c.pem"),
+                at("c.key")
+            ),
+        )
+        .unwrap();
+        let err = load::<Sample>(Some(&f), "APP", []).unwrap_err();
+        assert_eq!(
+            err.0,
+            ["database_url: sslrootcert /nonexistent/root.pem is not a readable file"]
+        );
+        load::<NoDatabase>(Some(&f), "APP", []).unwrap();
+        std::fs::remove_file(dir.path().join("c.key")).unwrap();
+        let err = load::<NoDatabase>(Some(&f), "APP", []).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(err.0[0].starts_with("tls.key: "), "{err}");
     }
 
     /// A shared key of the wrong type is named with the file or variable that set it, as a

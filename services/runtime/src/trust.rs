@@ -7,8 +7,8 @@
 //! role (a partner's certificate listed as an operator), is a configuration error reported
 //! before the service starts, not a caller quietly given more than its certificate says.
 //!
-//! The trust domain is `service.trust_domain` when set, else the one in the service's own
-//! certificate. Parties called but never calling (a transfer recipient at another
+//! The trust domain is the top-level `trust_domain` key when set, else the one in the
+//! service's own certificate. Parties called but never calling (a transfer recipient at another
 //! organisation) are matched exactly and are not subject to the check.
 
 use anyhow::{anyhow, Result};
@@ -33,7 +33,7 @@ pub fn effective_trust_domain(configured: Option<&str>, own_identity: &str) -> R
     if let Some(domain) = configured {
         if domain.is_empty() || domain.contains('/') || domain.contains(':') {
             return Err(anyhow!(
-                "service.trust_domain: {domain:?} is not a trust domain (a host name such as \
+                "trust_domain: {domain:?} is not a trust domain (a host name such as \
                  example.org, without scheme or path)"
             ));
         }
@@ -44,7 +44,7 @@ pub fn effective_trust_domain(configured: Option<&str>, own_identity: &str) -> R
         .ok_or_else(|| {
             anyhow!(
                 "this service's certificate identity {own_identity} is not a SPIFFE ID \
-             (spiffe://<trust domain>/<role>/<name>); set service.trust_domain"
+             (spiffe://<trust domain>/<role>/<name>); set the top-level trust_domain key"
             )
         })
 }
@@ -125,6 +125,23 @@ mod tests {
         );
         assert!(effective_trust_domain(Some("spiffe://b.example"), "spiffe://a/r/x").is_err());
         assert!(effective_trust_domain(None, "urn:x").is_err());
+    }
+
+    #[test]
+    fn a_bad_trust_domain_is_reported_under_the_key_the_file_uses() {
+        let bad = effective_trust_domain(Some("b.example/x"), "spiffe://a.example/r/x")
+            .unwrap_err()
+            .to_string();
+        assert!(bad.starts_with("trust_domain: \"b.example/x\""), "{bad}");
+        assert!(!bad.contains("service."), "{bad}");
+        let not_spiffe = effective_trust_domain(None, "urn:x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            not_spiffe.contains("set the top-level trust_domain key"),
+            "{not_spiffe}"
+        );
+        assert!(!not_spiffe.contains("service."), "{not_spiffe}");
     }
 
     #[test]

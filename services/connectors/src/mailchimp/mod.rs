@@ -216,8 +216,8 @@ impl MailchimpConfig {
             .or_else(|| self.base_url.strip_prefix("http://"));
         match rest {
             None => out.push(format!(
-                "base_url: {:?} must start with https:// (or http:// for a local test server), \
-                 e.g. https://us21.api.mailchimp.com/3.0",
+                "base_url: {:?} must start with https:// (or http:// for a test server on a \
+                 loopback address), e.g. https://us21.api.mailchimp.com/3.0",
                 self.base_url
             )),
             Some(rest) => {
@@ -234,6 +234,17 @@ impl MailchimpConfig {
                 }
                 if rest.contains(['?', '#']) {
                     out.push("base_url: must not have a query or fragment".to_string());
+                }
+                // The key goes out with every call: in the clear only to this host's own
+                // test server.
+                let plain = self.base_url.starts_with("http://");
+                if plain && !authority.is_empty() && !is_loopback(&self.base_url) {
+                    out.push(format!(
+                        "base_url: {:?} would send the API key unencrypted; use https:// \
+                         (http:// is accepted only for a test server on a loopback address: \
+                         127.0.0.0/8, ::1 or localhost)",
+                        self.base_url
+                    ));
                 }
             }
         }
@@ -295,6 +306,26 @@ impl MailchimpConfig {
         }
         out
     }
+}
+
+/// Whether the host of `url` is a loopback address (127.0.0.0/8, `::1`) or `localhost`, as
+/// the HTTP client reads the URL (so `http://127.1` is, and `http://127.0.0.1.example` is
+/// not). `false` for a URL it cannot read.
+fn is_loopback(url: &str) -> bool {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    let Some(host) = parsed.host_str() else {
+        return false;
+    };
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Pushes what is wrong with audience id `list_id`, configured under `key`.
@@ -1294,4 +1325,77 @@ fn subscriber_hashes(
         );
     }
     Ok(out.into_iter().unzip())
+}
+
+#[cfg(test)]
+mod base_url_tests {
+    use super::*;
+
+    fn with_base_url(base_url: &str) -> MailchimpConfig {
+        MailchimpConfig {
+            base_url: base_url.into(),
+            api_key: "0123456789abcdef0123456789abcdef-us21".into(),
+            list_id: "abc123".into(),
+            controllers: BTreeMap::new(),
+            timeout_ms: default_timeout_ms(),
+            merge_fields: default_merge_fields(),
+            page_size: default_page_size(),
+        }
+    }
+
+    /// Plain HTTP would carry the API key in the clear: it is taken only for a server on a
+    /// loopback address, as the client reads the host, and refused elsewhere saying to use
+    /// https://.
+    #[test]
+    fn http_is_refused_unless_the_host_is_a_loopback_address() {
+        for ok in [
+            "https://us21.api.mailchimp.com/3.0",
+            "http://127.0.0.1:8080/3.0",
+            "http://127.5.6.7/3.0",
+            "http://127.1:9/3.0",
+            "http://[::1]:8080/3.0",
+            "http://localhost:8080/3.0",
+            "http://LOCALHOST/3.0",
+        ] {
+            let c = with_base_url(ok);
+            assert_eq!(c.validate(), Vec::<String>::new(), "{ok}");
+        }
+        for bad in [
+            "http://us21.api.mailchimp.com/3.0",
+            "http://10.0.0.5:8080/3.0",
+            "http://0.0.0.0:8080/3.0",
+            "http://[::ffff:10.0.0.5]/3.0",
+            "http://127.0.0.1.example/3.0",
+            "http://localhost.example/3.0",
+            "http://[::2]/3.0",
+        ] {
+            let problems = with_base_url(bad).validate();
+            assert_eq!(
+                problems,
+                [format!(
+                    "base_url: {bad:?} would send the API key unencrypted; use https:// \
+                     (http:// is accepted only for a test server on a loopback address: \
+                     127.0.0.0/8, ::1 or localhost)"
+                )],
+                "{bad}"
+            );
+        }
+        // A connector is not built over it either.
+        match MailchimpConnector::new(with_base_url("http://mailchimp.example/3.0")) {
+            Ok(_) => panic!("a connector was built over plain HTTP to another host"),
+            Err(err) => assert!(err.to_string().contains("use https://"), "{err}"),
+        }
+    }
+
+    /// The local fake is served over plain HTTP on 127.0.0.1 and stays usable.
+    #[tokio::test]
+    async fn the_local_fake_over_http_is_accepted() {
+        let fake = fake::FakeMailchimp::start("0123456789abcdef0123456789abcdef-us21", "abc123")
+            .await
+            .unwrap();
+        assert!(fake.base_url.starts_with("http://127.0.0.1:"));
+        let c = with_base_url(&fake.base_url);
+        assert_eq!(c.validate(), Vec::<String>::new());
+        MailchimpConnector::new(c).unwrap();
+    }
 }
