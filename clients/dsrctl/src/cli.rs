@@ -369,7 +369,8 @@ pub enum DeliveriesCommand {
 pub enum ContractChoiceArg {
     /// Delete all of it from the effective date.
     Delete,
-    /// Return it as a package, and delete it once `dsrctl contracts confirm` was given.
+    /// Return it as a package, and delete it once `dsrctl contracts confirm` was given, or
+    /// when the grace period ends without a confirmation.
     ReturnThenDelete,
     /// Choose later (`dsrctl contracts choose`); without a choice the data is deleted when
     /// the grace period ends.
@@ -381,7 +382,8 @@ pub enum ContractChoiceArg {
 pub enum ChosenArg {
     /// Delete all of it from the effective date.
     Delete,
-    /// Return it as a package, and delete it once `dsrctl contracts confirm` was given.
+    /// Return it as a package, and delete it once `dsrctl contracts confirm` was given, or
+    /// when the grace period ends without a confirmation.
     ReturnThenDelete,
 }
 

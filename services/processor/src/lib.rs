@@ -29,6 +29,9 @@
 //! - `head_start`: a return of data's files (or a contract end's returned to the registry)
 //!   streamed to the registry while the connector writes them, before the uploader takes the
 //!   recorded export.
+//! - `lease`: how a claim's holder (the runner's task, the uploader's upload) keeps its
+//!   lease: renewed every third of it on the database's clock, lost when a renewal matches
+//!   nothing, and no longer trusted when failed renewals leave it about to run out.
 //! - `breaker`: marks a holder that failed transiently, so its other tasks wait without
 //!   calling it.
 //! - `ack_sender`: sends queued acknowledgements to the registries.

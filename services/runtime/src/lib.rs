@@ -54,6 +54,9 @@
 //!   that the processor and the registry both make.
 //! - [`trust`]: the trust domain and role path every configured caller's identity must have.
 //! - [`worker`]: the claim-and-run loop of the outboxes and the task runner.
+//! - `testing` (behind the `test-support` feature, and in this crate's tests): the services'
+//!   tests on a fresh PostgreSQL database (skipped without one, but failing in CI), and a
+//!   capture of their JSON log lines.
 
 pub mod audit;
 pub mod backoff;
