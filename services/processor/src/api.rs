@@ -17,7 +17,8 @@ use dsrelay_proto::v1::{
 };
 use dsrelay_runtime::grpc::{self, Authorizer, CallerTrace, ServiceName};
 use dsrelay_runtime::identity::{
-    instant_violation, request_id_violation, text_violation, validate_identities, FieldViolation,
+    correction_violation, instant_violation, request_id_violation, text_violation,
+    validate_identities, FieldViolation,
 };
 use dsrelay_runtime::trace_context;
 use tonic::{Request, Response, Status};
@@ -478,12 +479,13 @@ fn delivery_violations(r: &DeliverRequest) -> Vec<FieldViolation> {
                     MAX_NAME,
                     true,
                 ));
-                out.extend(text_violation(
-                    &format!("{at}.new_value"),
-                    &c.new_value,
-                    MAX_VALUE,
-                    false,
-                ));
+                let new_value = format!("{at}.new_value");
+                // As the registry's Submit does, so that one of an older build cannot have
+                // a holder write an identity the subject can no longer be found by.
+                out.extend(
+                    text_violation(&new_value, &c.new_value, MAX_VALUE, false)
+                        .or_else(|| correction_violation(&new_value, &c.field, &c.new_value)),
+                );
             }
         }
         out.extend(text_violation(
@@ -1090,3 +1092,7 @@ mod tests {
 #[cfg(test)]
 #[path = "held_tables_tests.rs"]
 mod held_tables_tests;
+
+#[cfg(test)]
+#[path = "correction_tests.rs"]
+mod correction_tests;

@@ -7,8 +7,8 @@ use dsrelay_proto::v1::{
     SubmitRequest,
 };
 use dsrelay_runtime::identity::{
-    identity_in_note, instant_violation, submit_identity_violations, validate_identities,
-    FieldViolation, MAX_REQUEST_ID,
+    correction_violation, identity_in_note, instant_violation, submit_identity_violations,
+    validate_identities, FieldViolation, MAX_REQUEST_ID,
 };
 use sha2::{Digest, Sha256};
 
@@ -215,8 +215,13 @@ fn parameter_violations(
                          value; clearing a field is not supported (an ERASURE removes data)"
                     ),
                 ));
+            } else if let Some(v) = text_violation(&new_value, &c.new_value, MAX_TEXT, false) {
+                out.push(v);
             } else {
-                out.extend(text_violation(&new_value, &c.new_value, MAX_TEXT, false));
+                // Holders write a corrected identity where they find the subject: a value no
+                // raw identity may be would leave her unfindable there (the SQL connector
+                // writes it), or be refused by one holder after another applied the request.
+                out.extend(correction_violation(&new_value, &c.field, &c.new_value));
             }
         }
     } else if !params.corrections.is_empty() {
@@ -612,9 +617,9 @@ mod tests {
             RequestKind::Rectification,
             RequestParameters {
                 corrections: vec![
-                    correction("phone", "1"),
+                    correction("phone", "+358401234567"),
                     correction("name", "Maija"),
-                    correction(" Phone ", "2"),
+                    correction(" Phone ", "+358401234568"),
                 ],
                 ..Default::default()
             },
@@ -650,6 +655,77 @@ mod tests {
                 v[0].1.contains("clearing a field is not supported"),
                 "{v:?}"
             );
+        }
+    }
+
+    /// A holder writes a corrected identity where it finds the subject: one no raw identity
+    /// of its type may be would leave her unfindable there (the SQL connector writes it) or
+    /// be refused by another holder (the example adapter refuses a bad e-mail address).
+    #[test]
+    fn a_correction_of_an_identity_is_held_to_the_rules_of_its_type() {
+        let rectify = |field: &str, new_value: &str| {
+            with(
+                RequestKind::Rectification,
+                RequestParameters {
+                    corrections: vec![
+                        FieldCorrection {
+                            field: "name".into(),
+                            new_value: "Maija".into(),
+                        },
+                        FieldCorrection {
+                            field: field.into(),
+                            new_value: new_value.into(),
+                        },
+                    ],
+                    ..Default::default()
+                },
+            )
+        };
+        for (field, value, says) in [
+            (
+                "email",
+                "not-an-email",
+                "is not an e-mail address (local@domain.tld): it has no @",
+            ),
+            (" EMAIL ", "a@b@example.fi", "more than one @"),
+            ("Email", "maija@example", "needs a dot"),
+            (
+                "phone",
+                "call me maybe",
+                "is not a phone number (5 to 15 digits",
+            ),
+            ("phone", "1234", "is not a phone number"),
+            ("customer_number", "---", "at least one letter or digit"),
+            ("national_id", "..", "at least one letter or digit"),
+            (
+                "email",
+                &format!("{}@example.fi", "m".repeat(320)),
+                "at most 320 bytes",
+            ),
+            // Trimmed, the value must still be one: inner white space is not trimmed.
+            ("email", " maija @example.fi ", "white space"),
+        ] {
+            let v = violations(&rectify(field, value));
+            assert_eq!(v.len(), 1, "{field:?} {value:?}: {v:?}");
+            assert_eq!(v[0].0, "parameters.corrections[1].new_value");
+            assert!(v[0].1.contains(says), "{field:?} {value:?}: {v:?}");
+            assert!(v[0].1.contains("a valid raw"), "{v:?}");
+            assert!(!v[0].1.contains(value.trim()), "the value is echoed: {v:?}");
+        }
+        for (field, value) in [
+            ("email", "maija.virtanen@example.fi"),
+            // Holders trim a corrected identity, and so does the check.
+            (" Email ", "  maija.virtanen@example.fi "),
+            ("phone", "+358 40-123 4567"),
+            ("customer_number", "C-1001"),
+            ("national_id", "131052-308T"),
+            // Not an identity: any text. OTHER's values mean what their label says.
+            ("address", "not-an-email"),
+            ("e-mail", "call me maybe"),
+            ("other", "-"),
+        ] {
+            let v = violations(&rectify(field, value));
+            assert!(v.is_empty(), "{field:?} {value:?}: {v:?}");
         }
     }
 
@@ -1399,3 +1475,7 @@ mod properties {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "correction_submit_tests.rs"]
+mod correction_submit_tests;

@@ -275,6 +275,58 @@ pub fn submit_identity_violations(identities: &[SubjectIdentity]) -> Vec<FieldVi
     out
 }
 
+/// The fields a correction may name that are identities, by their type's name: holders find
+/// the subject by these (the SQL connector's match keys, the example adapter's `email` and
+/// `phone`), so a corrected value is one the subject must still be found by. OTHER is left
+/// out: what its value is depends on its label, which a correction does not carry.
+const IDENTITY_FIELDS: [(&str, IdentityType); 4] = [
+    ("email", IdentityType::Email),
+    ("phone", IdentityType::Phone),
+    ("customer_number", IdentityType::CustomerNumber),
+    ("national_id", IdentityType::NationalId),
+];
+
+/// What is wrong with `new_value` as the value a correction of `field` sets, as a violation
+/// of `at`. When `field` names an identity (`email`, `phone`, `customer_number` or
+/// `national_id`, compared trimmed and in any ASCII case as corrections' fields are
+/// everywhere, so " Email" corrects `email`), the value, trimmed as holders trim a corrected
+/// identity, must be what a raw identity of that type may be at Submit: 1 to
+/// [`MAX_IDENTITY_VALUE`] bytes, the rules [`validate_identities`] holds a raw value to, and
+/// the letter-or-digit rule of [`submit_identity_violations`]. A holder writes it where it
+/// finds the subject, and a value no raw identity may be would leave her unfindable there,
+/// or be refused by one holder and written by another. `None` for any other field, and for
+/// a blank value, which the caller's own rule for a required text refuses. The value is
+/// never echoed.
+pub fn correction_violation(at: &str, field: &str, new_value: &str) -> Option<FieldViolation> {
+    let field = field.trim();
+    let (key, ty) = IDENTITY_FIELDS
+        .iter()
+        .find(|(key, _)| key.eq_ignore_ascii_case(field))?;
+    let value = new_value.trim();
+    if value.is_empty() {
+        return None;
+    }
+    let rule = if value.len() > MAX_IDENTITY_VALUE {
+        format!("must be at most {MAX_IDENTITY_VALUE} bytes")
+    } else if let Some(rule) = raw_rule_violation(*ty, value) {
+        rule
+    } else if matches!(ty, IdentityType::CustomerNumber | IdentityType::NationalId)
+        && !value.chars().any(char::is_alphanumeric)
+    {
+        "must hold at least one letter or digit".into()
+    } else {
+        return None;
+    };
+    let name = ty.as_str_name().trim_start_matches("IDENTITY_TYPE_");
+    Some(FieldViolation::new(
+        at,
+        format!(
+            "corrects {key:?}, an identity holders find the subject by, so the new value must \
+             be a valid raw {name} identity (after trimming): {rule}"
+        ),
+    ))
+}
+
 fn hex_len(enc: IdentityEncoding) -> Option<usize> {
     match enc {
         IdentityEncoding::Sha256 => Some(64),
