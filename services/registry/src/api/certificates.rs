@@ -17,7 +17,10 @@
 //! operator sees it until the request
 //! is forgotten (which removes what it carries: `store::forget`); the task's state change is
 //! applied as reported either way, since the processor's work happened whatever its
-//! certificate says. One stored as verified is checked again each time it is served, a
+//! certificate says. The store then checks one found verified against the certificates
+//! stored before it, in the transaction that stores it (`store::certificates`): its id must
+//! not be stored with another body, and its `follows` must name the task's certificate
+//! before it (none for the task's first), and rejects it otherwise. One stored as verified is checked again each time it is served, a
 //! revoked key's against the time it was stored (`received_at`): what was stored before the
 //! revocation stays verified. So is one stored as rejected while its body is stored, against
 //! the acknowledgement it came with: once the processor's right key is configured it is
@@ -320,7 +323,8 @@ fn stored(
 }
 
 /// Why a certificate stored as rejected, whose body is still stored, is rejected when checked
-/// again now, by the rules of [`check`]: against the processor's keys configured now (a
+/// again now, by the rules of [`check`] (one the store rejected against the certificates
+/// stored before it stays rejected, with the store's words): against the processor's keys configured now (a
 /// revoked key's against the time it was stored) and the acknowledgement it came with (its
 /// request, subprocessor and task state, as stored); `None` when it now checks out.
 fn recheck_rejected(
@@ -350,6 +354,11 @@ fn recheck_rejected(
     let checked = check(key, identity, kind, &ack, &certificate, row.received_at);
     if !checked.verified {
         return Some(checked.rejection);
+    }
+    // Rejected against the certificates stored before it (its id taken, or its follows not
+    // the task's latest): no key configured since changes that.
+    if row.rejected_against_stored() {
+        return Some(row.rejection.clone());
     }
     (checked.certificate_id != row.certificate_id)
         .then(|| "its certificate_id is not the one stored with it".into())
@@ -1447,6 +1456,187 @@ mod served_tests {
     async fn a_certificate_changed_in_the_store_is_not_shown_verified_on_postgres() {
         on_postgres(|url, dir| async move {
             a_certificate_changed_in_the_store_is_not_shown_verified(&url, &dir).await;
+        })
+        .await;
+    }
+
+    /// Certificates signed with the processor's configured key whose bodies match their
+    /// acknowledgements, each checked against those stored before it. The legitimate chains
+    /// stay verified: a task's first certificate without `follows` and its follow-up naming
+    /// it, in one call; and a follow-up that arrives before the one it names (an
+    /// acknowledgement the registry refused is retried after its follow-up). Stored and
+    /// served rejected, naming the rule and ids: an id already stored for another request's
+    /// certificate; a `follows` naming another request's certificate, or another task's of
+    /// this request; a task's first certificate whose `follows` names its later one; a
+    /// follow-up without `follows`; a `follows` skipping the task's latest certificate. Their
+    /// acknowledgements are applied all the same, and a retried one stays a duplicate.
+    /// Before, every one of them was stored and served verified.
+    async fn a_certificate_reusing_an_id_or_breaking_its_follows_chain_is_rejected(
+        database_url: &str,
+        dir: &Path,
+    ) {
+        let key = SigningKey::generate();
+        let registry =
+            Registry::start(dir, database_url, Some(&key.public_key().to_base64())).await;
+        let (r1, r2) = (
+            registry.submit(RequestKind::Erasure, "erasure-1").await,
+            registry.submit(RequestKind::Erasure, "erasure-2").await,
+        );
+        let ack = |request: &str,
+                   subprocessor: &str,
+                   sequence: u64,
+                   state: TaskState,
+                   n: u64,
+                   follows: Option<u64>| {
+            let mut body = json!({
+                "version": 1, "certificate_id": certificate_id(n), "kind": "erasure",
+                "processor": dev_identity("processor", PROCESSOR), "request_id": request,
+                "subprocessor": subprocessor,
+                "task_state": state.as_str_name().trim_start_matches("TASK_STATE_"),
+                "controller": "acme", "records_affected": sequence, "erased": [],
+                "retained": [], "completed_at": "2026-01-01T00:00:00.000Z",
+                "issued_at": "2026-01-01T00:00:00.000Z",
+            });
+            if let Some(f) = follows {
+                body["follows"] = json!(certificate_id(f));
+            }
+            let doc = key.sign(to_canonical_json(&body).unwrap());
+            let retained = state == TaskState::Retained;
+            Acknowledgement {
+                request_id: request.to_string(),
+                subprocessor: subprocessor.into(),
+                sequence,
+                state: state as i32,
+                legal_basis: if retained {
+                    "bookkeeping act".into()
+                } else {
+                    String::new()
+                },
+                retain_until: retained
+                    .then(|| dsrelay_proto::timestamp_from_millis(4_000_000_000_000)),
+                certificate: Some(DeletionCertificate {
+                    body: doc.body,
+                    signature: doc.signature,
+                    key_id: doc.key_id,
+                }),
+                ..Default::default()
+            }
+        };
+        use TaskState::{Completed, Retained};
+        let first = ack(&r1, "accounting", 1, Retained, 1, None);
+        let answer = registry
+            .acknowledge(vec![
+                first.clone(),
+                ack(&r1, "accounting", 2, Retained, 2, Some(1)),
+                // A follow-up ahead of the certificate it names.
+                ack(&r1, "crm", 4, Completed, 4, Some(3)),
+            ])
+            .await;
+        assert_eq!((answer.applied, answer.duplicates), (3, 0), "{answer:?}");
+        let answer = registry
+            .acknowledge(vec![
+                first,
+                ack(&r1, "crm", 2, Retained, 3, None),
+                ack(&r2, "accounting", 1, Completed, 1, None),
+                ack(&r2, "mail", 1, Retained, 5, Some(2)),
+                ack(&r1, "mail", 1, Retained, 6, Some(1)),
+                ack(&r1, "hr", 3, Retained, 7, None),
+                ack(&r1, "hr", 1, Retained, 8, Some(7)),
+                ack(&r1, "accounting", 3, Completed, 9, None),
+                ack(&r1, "accounting", 4, Completed, 10, Some(1)),
+            ])
+            .await;
+        assert_eq!((answer.applied, answer.duplicates), (8, 1), "{answer:?}");
+
+        let verdicts = |shown: Vec<StoredCertificate>| -> Vec<(String, bool, String)> {
+            shown
+                .into_iter()
+                .map(|c| (c.certificate_id, c.verified, c.rejection))
+                .collect()
+        };
+        let mut shown = verdicts(list(&registry, &r1).await);
+        shown.extend(verdicts(list(&registry, &r2).await));
+        let rejected = |rule: String| (false, format!("{AGAINST_STORED_FOR_TESTS}: {rule}"));
+        let ok = || (true, String::new());
+        let id = certificate_id;
+        let expected: Vec<(String, (bool, String))> = vec![
+            (id(1), ok()),
+            (id(2), ok()),
+            (
+                id(9),
+                rejected(format!(
+                    "it names no certificate in follows, but this task's certificate {} came \
+                     with its acknowledgement 2, before this one (3)",
+                    id(2)
+                )),
+            ),
+            (
+                id(10),
+                rejected(format!(
+                    "its follows names certificate {}, but this task's latest certificate \
+                     before this one (4) is {}, of its acknowledgement 2",
+                    id(1),
+                    id(2)
+                )),
+            ),
+            (id(3), ok()),
+            (id(4), ok()),
+            (
+                id(6),
+                rejected(format!(
+                    "its follows names certificate {}, which is stored for another task of \
+                     this request",
+                    id(1)
+                )),
+            ),
+            (
+                id(8),
+                rejected(format!(
+                    "its follows names certificate {}, which came with this task's \
+                     acknowledgement 3, not before this one (1)",
+                    id(7)
+                )),
+            ),
+            (id(7), ok()),
+            (
+                id(1),
+                rejected(format!(
+                    "its certificate_id {} is already stored with another body: a \
+                     certificate's id is unique",
+                    id(1)
+                )),
+            ),
+            (
+                id(5),
+                rejected(format!(
+                    "its follows names certificate {}, which is stored for another request",
+                    id(2)
+                )),
+            ),
+        ];
+        let expected: Vec<(String, bool, String)> = expected
+            .into_iter()
+            .map(|(id, (verified, rejection))| (id, verified, rejection))
+            .collect();
+        assert_eq!(shown, expected);
+        registry.stop().await;
+    }
+
+    /// How the store's rejections against the stored certificates begin.
+    const AGAINST_STORED_FOR_TESTS: &str = "checked against the certificates stored before it";
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_certificate_reusing_an_id_or_breaking_its_follows_chain_is_rejected_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        a_certificate_reusing_an_id_or_breaking_its_follows_chain_is_rejected(&url, dir.path())
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_certificate_reusing_an_id_or_breaking_its_follows_chain_is_rejected_on_postgres() {
+        on_postgres(|url, dir| async move {
+            a_certificate_reusing_an_id_or_breaking_its_follows_chain_is_rejected(&url, &dir).await;
         })
         .await;
     }

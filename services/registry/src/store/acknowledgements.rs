@@ -496,9 +496,11 @@ impl Store {
         let mut events = view.accept_withdrawn(&mut tx, reporters, now).await?;
         // The last update of each task that moved, per processor, by (request, subprocessor).
         let mut moved: BTreeMap<&str, BTreeMap<(String, String), TaskUpdate>> = BTreeMap::new();
-        // The certificates that came with them, stored together.
+        // The certificates that came with them, as checked against those stored before them
+        // (under the lock of their requests, just taken), stored together.
+        let checked = super::certificates::against_stored(&mut tx, &fresh, &view.forgotten).await?;
         let mut certificates = Vec::new();
-        for &(processor, ack) in &fresh {
+        for (&(processor, ack), checked) in fresh.iter().zip(&checked) {
             let key = (
                 ack.request_id.clone(),
                 processor.to_string(),
@@ -533,7 +535,7 @@ impl Store {
                 }
                 moved.insert(slot, update);
             }
-            if let Some(c) = &ack.certificate {
+            if let Some(c) = checked {
                 let mut event = super::certificates::recorded_event(processor, ack, c, now);
                 // Its request state is the one before the fold, as for the task's event.
                 event.request_state = view.state_of(&ack.request_id);

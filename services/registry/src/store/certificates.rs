@@ -6,11 +6,11 @@
 //! processor's text (the body, and the signature and key id, which nothing checked): it is
 //! kept until its request is forgotten ([`forgotten_rejected`]), as a task's notes are.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use anyhow::Result;
 use dsrelay_proto::v1::{EventType, RequestState};
-use dsrelay_runtime::store::values_row;
+use dsrelay_runtime::store::{placeholders, values_row};
 use sha2::{Digest, Sha256};
 
 use super::acknowledgements::TaskUpdate;
@@ -138,6 +138,222 @@ pub(super) async fn record_all(
         q.execute(tx.conn()).await?;
     }
     Ok(())
+}
+
+/// How every rejection [`against_stored`] gives begins: what is rejected so stays rejected
+/// when served ([`CertificateRow::rejected_against_stored`]).
+const AGAINST_STORED: &str = "checked against the certificates stored before it";
+
+impl CertificateRow {
+    /// Whether it was rejected against the certificates stored before it
+    /// (`against_stored`), which no key configured later changes.
+    pub fn rejected_against_stored(&self) -> bool {
+        self.verified == 0 && self.rejection.starts_with(AGAINST_STORED)
+    }
+}
+
+/// A stored certificate, as [`against_stored`] reads it.
+#[derive(sqlx::FromRow)]
+struct Known {
+    request_id: String,
+    processor: String,
+    subprocessor: String,
+    sequence: i64,
+    certificate_id: String,
+}
+
+/// A task, as `(request_id, processor, subprocessor)`.
+type TaskOf = (String, String, String);
+
+/// The certificates a check of the next one in a batch compares it with: each task's
+/// verified ones, their ids by sequence (a verified id is a UUID, which a rejection may
+/// name: a rejected one's is the processor's unchecked text), and the tasks, sequences and
+/// bodies of all stored under each certificate id.
+#[derive(Default)]
+struct Compared {
+    tasks: BTreeMap<TaskOf, BTreeMap<i64, String>>,
+    ids: HashMap<String, Vec<(TaskOf, i64, Vec<u8>)>>,
+}
+
+/// The verified certificates of `fresh` (each `(processor, update)`, the acknowledgements
+/// new to the store, in their order) checked against the certificates stored and those
+/// before them in `fresh`, as each is to be stored: a certificate that breaks a rule is
+/// rejected, with which rule and the certificate ids it concerns. `None` for an update
+/// without a certificate. Call it under the lock of the updates' requests, so that no
+/// other transaction stores a certificate of their tasks meanwhile.
+///
+/// The rules follow from how a processor issues certificates: each with a new id, the
+/// first of a task without `follows` and every later one naming the one the task had
+/// before (the latest by sequence). The registry need not receive them in that order (an
+/// acknowledgement the registry refused is retried after its follow-up is sent), so a
+/// `follows` naming a certificate not stored yet is left for it to arrive; and the one it
+/// names may be stored rejected (for a key configured wrong then), so it need not be
+/// verified.
+pub(super) async fn against_stored(
+    tx: &mut Tx,
+    fresh: &[(&str, &TaskUpdate)],
+    forgotten: &BTreeSet<String>,
+) -> Result<Vec<Option<ReceivedCertificate>>> {
+    let follows_of = |c: &ReceivedCertificate| -> Option<String> {
+        let body = serde_json::from_slice::<serde_json::Value>(&c.body).ok()?;
+        let follows = body.get("follows")?.as_str()?;
+        (!follows.is_empty()).then(|| follows.to_string())
+    };
+    let mut ids = BTreeSet::new();
+    let mut requests = BTreeSet::new();
+    for (_, ack) in fresh {
+        if let Some(c) = ack.certificate.as_ref().filter(|c| c.verified) {
+            requests.insert(ack.request_id.clone());
+            ids.insert(c.certificate_id.clone());
+            ids.extend(follows_of(c));
+        }
+    }
+    ids.remove("");
+    let mut compared = Compared::default();
+    // One statement per 500 requests or ids: the verified certificates of the batch's tasks
+    // (ids only, not their bodies), then all stored under the ids the batch names.
+    let requests: Vec<&String> = requests.iter().collect();
+    for chunk in requests.chunks(500) {
+        let sql = format!(
+            "SELECT request_id, processor, subprocessor, sequence, certificate_id \
+             FROM certificates WHERE verified = 1 AND request_id IN ({})",
+            placeholders(1, chunk.len())
+        );
+        let sql = tx.backend.numbered(&sql);
+        let mut q = sqlx::query_as::<_, Known>(&sql);
+        for v in chunk {
+            q = q.bind(v.as_str());
+        }
+        for known in q.fetch_all(tx.conn()).await? {
+            let task = (known.request_id, known.processor, known.subprocessor);
+            let stored = compared.tasks.entry(task).or_default();
+            stored.insert(known.sequence, known.certificate_id);
+        }
+    }
+    let ids: Vec<&String> = ids.iter().collect();
+    for chunk in ids.chunks(500) {
+        let sql = format!(
+            "SELECT request_id, processor, subprocessor, sequence, certificate_id, body \
+             FROM certificates WHERE certificate_id IN ({})",
+            placeholders(1, chunk.len())
+        );
+        let sql = tx.backend.numbered(&sql);
+        let mut q = sqlx::query_as::<_, (String, String, String, i64, String, Vec<u8>)>(&sql);
+        for v in chunk {
+            q = q.bind(v.as_str());
+        }
+        for (request_id, processor, subprocessor, sequence, id, body) in
+            q.fetch_all(tx.conn()).await?
+        {
+            let task = (request_id, processor, subprocessor);
+            let stored = compared.ids.entry(id).or_default();
+            stored.push((task, sequence, body));
+        }
+    }
+    let mut out = Vec::with_capacity(fresh.len());
+    for (processor, ack) in fresh {
+        let Some(c) = &ack.certificate else {
+            out.push(None);
+            continue;
+        };
+        let task = (
+            ack.request_id.clone(),
+            processor.to_string(),
+            ack.subprocessor.clone(),
+        );
+        let mut c = c.clone();
+        if c.verified {
+            let follows = follows_of(&c);
+            if let Some(rule) = broken_rule(&compared, &task, ack.sequence, &c, follows.as_deref())
+            {
+                tracing::warn!(
+                    processor,
+                    request_id = %ack.request_id,
+                    subprocessor = %ack.subprocessor,
+                    rejection = %rule,
+                    "deletion certificate rejected"
+                );
+                c.verified = false;
+                c.rejection = format!("{AGAINST_STORED}: {rule}");
+            }
+        }
+        // Stored as `record_all` stores it: a rejected one of a forgotten request without
+        // its id.
+        let id = match !c.verified && forgotten.contains(&ack.request_id) {
+            true => String::new(),
+            false => c.certificate_id.clone(),
+        };
+        if c.verified {
+            let verified = compared.tasks.entry(task.clone()).or_default();
+            verified.insert(ack.sequence, id.clone());
+        }
+        if !id.is_empty() {
+            let stored = (task, ack.sequence, c.body.clone());
+            compared.ids.entry(id).or_default().push(stored);
+        }
+        out.push(Some(c));
+    }
+    Ok(out)
+}
+
+/// The rule a verified certificate `c` of acknowledgement `sequence` of `task`, whose body
+/// names `follows`, breaks against the certificates `compared` holds, if any.
+fn broken_rule(
+    compared: &Compared,
+    task: &TaskOf,
+    sequence: i64,
+    c: &ReceivedCertificate,
+    follows: Option<&str>,
+) -> Option<String> {
+    let id = c.certificate_id.as_str();
+    let under = |id: &str| compared.ids.get(id).map(Vec::as_slice).unwrap_or_default();
+    if under(id).iter().any(|(_, _, body)| *body != c.body) {
+        return Some(format!(
+            "its certificate_id {id} is already stored with another body: a certificate's id \
+             is unique"
+        ));
+    }
+    let empty = BTreeMap::new();
+    let rows = compared.tasks.get(task).unwrap_or(&empty);
+    let Some(follows) = follows else {
+        // The processor names the task's certificate before this one, which it issued
+        // before this acknowledgement's step.
+        return rows.range(..sequence).next_back().map(|(at, before)| {
+            format!(
+                "it names no certificate in follows, but this task's certificate {before} came \
+                 with its acknowledgement {at}, before this one ({sequence})"
+            )
+        });
+    };
+    if follows == id {
+        return Some(format!("its follows names certificate {id}, itself"));
+    }
+    let named = under(follows);
+    // Its own task's first: another's stored under the same id was rejected as reusing it.
+    let Some((_, at, _)) = named.iter().find(|(t, _, _)| t == task) else {
+        let same_request = named.iter().find(|(t, _, _)| t.0 == task.0);
+        let (other, _, _) = same_request.or(named.first())?;
+        let whose = match other.0 == task.0 {
+            true => "another task of this request",
+            false => "another request",
+        };
+        return Some(format!(
+            "its follows names certificate {follows}, which is stored for {whose}"
+        ));
+    };
+    if *at >= sequence {
+        return Some(format!(
+            "its follows names certificate {follows}, which came with this task's \
+             acknowledgement {at}, not before this one ({sequence})"
+        ));
+    }
+    let between = rows.range(at + 1..sequence).next_back();
+    between.map(|(later, latest)| {
+        format!(
+            "its follows names certificate {follows}, but this task's latest certificate \
+             before this one ({sequence}) is {latest}, of its acknowledgement {later}"
+        )
+    })
 }
 
 /// The event that records whether the certificate `c` that came with `ack` was verified,
