@@ -175,6 +175,16 @@ struct Compared {
     ids: HashMap<String, Vec<(TaskOf, i64, Vec<u8>)>>,
 }
 
+/// The certificates stored under `n` ids (`certificates_by_id`, migration 0023, reads
+/// them): a batch's check reads the rows its ids name, not every certificate.
+fn stored_under_ids(n: usize) -> String {
+    format!(
+        "SELECT request_id, processor, subprocessor, sequence, certificate_id, body \
+         FROM certificates WHERE certificate_id IN ({})",
+        placeholders(1, n)
+    )
+}
+
 /// The verified certificates of `fresh` (each `(processor, update)`, the acknowledgements
 /// new to the store, in their order) checked against the certificates stored and those
 /// before them in `fresh`, as each is to be stored: a certificate that breaks a rule is
@@ -232,12 +242,8 @@ pub(super) async fn against_stored(
     }
     let ids: Vec<&String> = ids.iter().collect();
     for chunk in ids.chunks(500) {
-        let sql = format!(
-            "SELECT request_id, processor, subprocessor, sequence, certificate_id, body \
-             FROM certificates WHERE certificate_id IN ({})",
-            placeholders(1, chunk.len())
-        );
-        let sql = tx.backend.numbered(&sql);
+        let text = stored_under_ids(chunk.len());
+        let sql = tx.backend.numbered(&text);
         let mut q = sqlx::query_as::<_, (String, String, String, i64, String, Vec<u8>)>(&sql);
         for v in chunk {
             q = q.bind(v.as_str());
@@ -434,7 +440,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use dsrelay_proto::v1::{RequestKind, TaskState};
-    use dsrelay_runtime::store::Db;
+    use dsrelay_runtime::store::{Backend, Db};
 
     use super::*;
     use crate::store::{NewRequest, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
@@ -528,6 +534,77 @@ mod tests {
     async fn certificates_are_listed_in_their_processor_s_order_on_postgres() {
         on_postgres(|url, _dir| async move {
             a_retried_stale_certificate_is_listed_before_its_follow_up(store_at(&url).await).await;
+        })
+        .await;
+    }
+
+    /// The plan of the check's read of the certificates under a batch's ids, over many
+    /// certificates: the ids' index, not every row (a batch's check walking the whole table
+    /// would grow with every certificate the registry ever stored).
+    async fn by_id_plan(url: &str) -> String {
+        let store = store_at(url).await;
+        let db = &store.db;
+        let (series, bytes) = match db.backend {
+            Backend::Sqlite => (
+                "(WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s \
+                 WHERE n < 5000) SELECT n FROM s) AS g"
+                    .to_string(),
+                "X'00'",
+            ),
+            Backend::Postgres => ("generate_series(1, 5000) AS g(n)".to_string(), "'\\x00'"),
+        };
+        sqlx::query(&format!(
+            "INSERT INTO certificates (request_id, processor, subprocessor, sequence, \
+             certificate_id, body, signature, key_id, verified, rejection, received_at) \
+             SELECT 'r' || g.n, 'p', 's', 2, 'c' || g.n, {bytes}, {bytes}, 'k', 1, '', g.n \
+             FROM {series}"
+        ))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let explain = match db.backend {
+            // As the registry runs it: SQLite's tables are never analyzed.
+            Backend::Sqlite => "EXPLAIN QUERY PLAN",
+            Backend::Postgres => {
+                sqlx::query("ANALYZE certificates")
+                    .execute(&db.pool)
+                    .await
+                    .unwrap();
+                "EXPLAIN"
+            }
+        };
+        let text = stored_under_ids(2);
+        let sql = db.backend.numbered(&text);
+        let rows = sqlx::query(&format!("{explain} {sql}"))
+            .bind("c17")
+            .bind("c4000")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+        let column = match db.backend {
+            Backend::Sqlite => "detail",
+            Backend::Postgres => "QUERY PLAN",
+        };
+        rows.iter()
+            .map(|r| sqlx::Row::try_get::<String, _>(r, column).unwrap())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[tokio::test]
+    async fn the_check_reads_certificates_by_id_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/registry.db", dir.path().display());
+        let plan = by_id_plan(&url).await;
+        assert!(plan.contains("certificates_by_id"), "{plan}");
+    }
+
+    #[tokio::test]
+    async fn the_check_reads_certificates_by_id_on_postgres() {
+        on_postgres(|url, _| async move {
+            let plan = by_id_plan(&url).await;
+            assert!(plan.contains("certificates_by_id"), "{plan}");
+            assert!(!plan.contains("Seq Scan on certificates"), "{plan}");
         })
         .await;
     }
