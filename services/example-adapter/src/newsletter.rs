@@ -305,23 +305,31 @@ pub(crate) async fn execute(
             only_kept("nothing changed")
         }
         RequestKind::Rectification => rectify(tx, req, &subscribers).await?.into(),
+        // The subscribers are found whether or not their flag changes: one already as asked
+        // is COMPLETED with nothing counted, never NOT_FOUND.
         RequestKind::Restriction => {
             let lift = req.parameters.as_ref().is_some_and(|p| p.lift_restriction);
             let changed = set_flag(tx, "restricted", i64::from(!lift), &ids).await?;
-            let what = if lift {
-                "lifted the restriction of"
+            let (what, already) = if lift {
+                ("lifted the restriction of", "not restricted")
             } else {
-                "restricted"
+                ("restricted", "already restricted")
             };
-            completed(changed, format!("{what} {changed} subscriber(s)")).into()
+            let note = with_unchanged(
+                format!("{what} {changed} subscriber(s)"),
+                n - changed,
+                already,
+            );
+            completed(changed, note).into()
         }
         RequestKind::Objection => {
             let changed = set_flag(tx, "subscribed", 0, &ids).await?;
-            completed(
-                changed,
+            let note = with_unchanged(
                 format!("unsubscribed {changed} subscriber(s) from the newsletter"),
-            )
-            .into()
+                n - changed,
+                "already unsubscribed",
+            );
+            completed(changed, note).into()
         }
         RequestKind::ContractEnd => with_reason(
             ExecuteOutcome::Refused,
@@ -557,6 +565,17 @@ async fn delete(tx: &mut Transaction<'_, Any>, ids: &[i64]) -> sqlx::Result<i64>
     Ok(i64::try_from(deleted).unwrap_or(i64::MAX))
 }
 
+/// `note`, saying how many of the subject's subscribers (`unchanged`) the request found
+/// already as it asked (`already`), when any.
+fn with_unchanged(note: String, unchanged: i64, already: &str) -> String {
+    match unchanged {
+        0 => note,
+        n => format!("{note}; {n} {already}"),
+    }
+}
+
+/// Sets `column` (NOT NULL) of the subscribers `ids` to `value`; returns how many it
+/// changed: a subscriber that already held the value is not counted.
 async fn set_flag(
     tx: &mut Transaction<'_, Any>,
     column: &'static str,
@@ -566,7 +585,7 @@ async fn set_flag(
     let mut changed = 0;
     for id in ids {
         changed += sqlx::query(&format!(
-            "UPDATE subscribers SET {column} = $1 WHERE id = $2"
+            "UPDATE subscribers SET {column} = $1 WHERE id = $2 AND {column} <> $1"
         ))
         .bind(value)
         .bind(id)

@@ -653,13 +653,37 @@ async fn rectifies_restricts_and_honours_objections(backend: Backend) {
         .into_inner();
     assert_eq!(records(&r), 1);
     assert!(a.store.subscriber(MAIJA).await.unwrap().unwrap().restricted);
-    let mut lift = request("t-lift", RequestKind::Restriction, email(MAIJA));
-    lift.parameters = Some(RequestParameters {
-        lift_restriction: true,
-        ..Default::default()
-    });
-    c.execute(lift).await.unwrap();
+    // A subscriber already as asked is found, and nothing is counted as changed.
+    let again = |task: &str, kind: RequestKind, lift: bool| {
+        let mut again = request(task, kind, email(MAIJA));
+        again.parameters = Some(RequestParameters {
+            lift_restriction: lift,
+            ..Default::default()
+        });
+        again
+    };
+    let unchanged = |r: &ExecuteResponse, already: &str| {
+        assert_eq!(outcome(r), ExecuteOutcome::Completed, "{r:?}");
+        assert_eq!(records(r), 0, "{r:?}");
+        let note = &r.evidence.as_ref().unwrap().note;
+        assert!(note.ends_with(&format!("; 1 {already}")), "{note}");
+    };
+    let r = c
+        .execute(again("t-restrict-again", RequestKind::Restriction, false))
+        .await
+        .unwrap()
+        .into_inner();
+    unchanged(&r, "already restricted");
+    let lift = again("t-lift", RequestKind::Restriction, true);
+    let r = c.execute(lift).await.unwrap().into_inner();
+    assert_eq!(records(&r), 1);
     assert!(!a.store.subscriber(MAIJA).await.unwrap().unwrap().restricted);
+    let r = c
+        .execute(again("t-lift-again", RequestKind::Restriction, true))
+        .await
+        .unwrap()
+        .into_inner();
+    unchanged(&r, "not restricted");
 
     let r = c
         .execute(request("t-object", RequestKind::Objection, email(MAIJA)))
@@ -667,7 +691,14 @@ async fn rectifies_restricts_and_honours_objections(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_eq!(outcome(&r), ExecuteOutcome::Completed);
+    assert_eq!(records(&r), 1);
     assert!(!a.store.subscriber(MAIJA).await.unwrap().unwrap().subscribed);
+    let r = c
+        .execute(again("t-object-again", RequestKind::Objection, false))
+        .await
+        .unwrap()
+        .into_inner();
+    unchanged(&r, "already unsubscribed");
 
     // Outside the newsletter's categories, or without an identity it can use.
     let mut other_scope = request("t-scope", RequestKind::Erasure, email(MAIJA));

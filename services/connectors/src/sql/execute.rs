@@ -11,8 +11,8 @@ use sqlx::any::{AnyRow, AnyTypeInfoKind};
 use sqlx::{Any, FromRow as _, Row, Transaction, ValueRef as _};
 
 use super::plan::{
-    plan_erasure, plan_export, plan_flag, plan_rectify, Corrections, ErasureStep, Identity, Scope,
-    Statement,
+    corrected_identity, plan_erasure, plan_export, plan_flag, plan_held_counts,
+    plan_identity_taken, plan_rectify, Corrections, ErasureStep, Identity, Scope, Statement,
 };
 use super::receipt;
 use super::retention::{assess, day_of, kept_until, DatedRow};
@@ -74,10 +74,22 @@ pub(crate) struct RetentionReport {
 /// stored as JSON in its task's receipt.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct WorkReport {
-    /// Rows exported or changed; 0 means the subject was not found.
+    /// Rows exported or changed: a row that already held what a restriction, objection or
+    /// rectification writes is found, not changed, and not counted.
     pub(crate) records_affected: i64,
     /// A human-readable account of the work, without identity or corrected values.
     pub(crate) note: String,
+    /// Whether a table the request acts on holds the subject's rows (exported, changed, or
+    /// already as asked). Receipts stored before it existed lack it and read as false,
+    /// their answer as it was then (nothing changed: not found).
+    #[serde(default)]
+    pub(crate) found: bool,
+    /// Why the request is refused, nothing having changed: the subject's rows are only in
+    /// tables no rule lets the request act on ([`Untouched`]), or a correction would give
+    /// the subject's identity to another row. Stored in a rectification's receipt only for
+    /// the first, so that its repeated call answers as it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) refusal: Option<String>,
     /// For exports: the files written, two per table with the subject's rows. Never in a
     /// receipt: only rectifications store one, and they write no files.
     #[serde(skip)]
@@ -465,7 +477,10 @@ impl<'a> Scoped<'a> {
     /// maps. A value the column's type cannot hold (PostgreSQL) is a permanent error and
     /// nothing is changed, the error naming the field and the type, not the value. The value
     /// of an identity (a field named by a match key, or written into a match column) is
-    /// trimmed, as the request's identities are.
+    /// trimmed, as the request's identities are. Only rows not already holding the values
+    /// are written and counted; a value another row of the table already holds in a match
+    /// column is refused before anything is written (`identity_taken`), and the tables
+    /// mapping none of the fields are counted and named ([`Untouched`]).
     ///
     /// With `task_key`, the report is stored under it in the receipt table, in the same
     /// transaction: a correction of the column the subject is matched by (the e-mail)
@@ -500,14 +515,17 @@ impl<'a> Scoped<'a> {
             mapped: corrections,
             unmapped,
         } = corrections;
-        let mut total: i64 = 0;
+        let backend = self.db.backend;
+        let mut unconfigured = Vec::new();
         let mut notes = Vec::new();
+        // Every check before the first write, so that a refusal leaves nothing changed.
         for rule in self.config.children_first() {
             let applicable: Vec<(&str, &String, &str)> = corrections
                 .iter()
                 .filter_map(|(field, value)| Some((*field, rule.rectify.get(*field)?, *value)))
                 .collect();
             if applicable.is_empty() {
+                unconfigured.push(rule);
                 continue;
             }
             let fields: Vec<&str> = applicable.iter().map(|(f, _, _)| *f).collect();
@@ -515,29 +533,80 @@ impl<'a> Scoped<'a> {
                 .iter()
                 .map(|(field, column, value)| (*column, corrected(rule, field, column, value)))
                 .collect();
-            let Some(update) = plan_rectify(self.config, rule, self.subject(raw), &columns) else {
-                notes.push(skipped(rule));
+            let subject = self.subject(raw);
+            let Some(update) = plan_rectify(self.config, rule, subject, backend, &columns) else {
+                notes.push((skipped(rule), None));
                 continue;
             };
             for ((field, _, _), (column, value)) in applicable.iter().zip(&columns) {
                 self.check_value(tx, rule, field, column, value).await?;
+                if let Some(reason) = self
+                    .identity_taken(tx, rule, raw, field, column, value)
+                    .await?
+                {
+                    // An earlier call that committed wrote the value into the subject's own
+                    // rows, which the request's identities may no longer find.
+                    if let Some(key) = task_key {
+                        let receipts = self.config.receipts_table();
+                        if let Some(earlier) = receipt::find(&mut **tx, receipts, key).await? {
+                            return Ok((earlier, true));
+                        }
+                    }
+                    let report = WorkReport {
+                        records_affected: 0,
+                        note: String::new(),
+                        found: false,
+                        refusal: Some(reason),
+                        files: Vec::new(),
+                    };
+                    return Ok((report, false));
+                }
             }
+            notes.push((String::new(), Some((rule, fields, update))));
+        }
+        let mut total: i64 = 0;
+        let mut found = false;
+        let mut done_notes = Vec::with_capacity(notes.len());
+        for (note, planned) in notes {
+            let Some((rule, fields, update)) = planned else {
+                done_notes.push(note);
+                continue;
+            };
             let done = execute(tx, &update)
                 .await
                 .map_err(|e| classify(&format!("rectifying {}", rule.table), &e))?;
             total = total.saturating_add(done);
-            notes.push(format!(
-                "{}: updated {done} ({})",
-                rule.table,
-                fields.join(", ")
-            ));
+            found |= done > 0;
+            let fields = fields.join(", ");
+            done_notes.push(match done {
+                0 => match self.held_unchanged(tx, rule, raw).await? {
+                    0 => format!("{}: updated 0 ({fields})", rule.table),
+                    held => {
+                        found = true;
+                        format!(
+                            "{}: updated 0 ({fields}), {held} already held the corrected \
+                             values",
+                            rule.table
+                        )
+                    }
+                },
+                done => format!("{}: updated {done} ({fields})", rule.table),
+            });
         }
-        notes.extend(unmapped.iter().cloned());
-        let report = WorkReport {
-            records_affected: total,
-            note: notes.join("; "),
-            files: Vec::new(),
+        let held = self.held_in(tx, raw, &unconfigured).await?;
+        let fields: Vec<&str> = corrections.iter().map(|(f, _)| *f).collect();
+        let untouched = Untouched {
+            done: "corrected",
+            why: format!("no rectify for {}", fields.join(", ")),
+            request: "a rectification of these fields",
         };
+        let mut report = untouched.report(total, found, done_notes, &held);
+        if let Some(unmapped) = unmapped {
+            report.note = match report.note.is_empty() {
+                true => unmapped.clone(),
+                false => format!("{}; {unmapped}", report.note),
+            };
+        }
         if let Some(key) = task_key {
             let receipts = self.config.receipts_table();
             if let Some(earlier) = receipt::store(tx, receipts, key, &report, now_ms).await? {
@@ -545,6 +614,48 @@ impl<'a> Scoped<'a> {
             }
         }
         Ok((report, false))
+    }
+
+    /// Why writing the corrected `value` of `field` into `rule`'s `column` must not happen,
+    /// when the column is one the subject is matched by and a row of the table other than
+    /// the subject's already holds the value there (compared as the match compares): the
+    /// request's identity would then find both rows, and the next erasure, export or
+    /// restriction of either person would take the other's too. The reason names the field
+    /// and the table, never the value.
+    async fn identity_taken(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        rule: &TableRule,
+        raw: &[Identity],
+        field: &str,
+        column: &str,
+        value: &str,
+    ) -> Result<Option<String>, ConnectorError> {
+        for (key, _) in rule.match_columns.iter().filter(|(_, c)| *c == column) {
+            let Some(identity) = corrected_identity(key, value) else {
+                continue;
+            };
+            let subject = self.subject(raw);
+            let Some(probe) =
+                plan_identity_taken(self.config, rule, subject, (key, column), &identity)
+            else {
+                continue;
+            };
+            let doing = format!(
+                "checking that no other row of {} holds the corrected {field}",
+                rule.table
+            );
+            if tx.count(&probe, &doing).await? > 0 {
+                return Ok(Some(format!(
+                    "the corrected {field:?} is already held in {}.{column} by a row that is \
+                     not the subject's, and the subject's rows are found by that column: \
+                     writing it would make one person's request find the other's data too; \
+                     nothing was changed",
+                    rule.table
+                )));
+            }
+        }
+        Ok(None)
     }
 
     /// Fails with a permanent error naming `field` when `value` is not one of the type of
@@ -595,33 +706,63 @@ impl<'a> Scoped<'a> {
         } else {
             (1, "restricted")
         };
-        self.set_flag(raw, |t| t.restrict_column.as_ref(), value, verb)
+        let untouched = Untouched {
+            done: if lift { "lifted" } else { "restricted" },
+            why: "no restrict_column".into(),
+            request: if lift {
+                "the lifting of a restriction"
+            } else {
+                "a restriction"
+            },
+        };
+        self.set_flag(raw, |t| t.restrict_column.as_ref(), value, verb, untouched)
             .await
     }
 
     /// Records an objection to direct marketing: the `suppress_column` of the subject's rows
     /// becomes 1.
     pub(crate) async fn suppress(&self, raw: &[Identity]) -> Result<WorkReport, ConnectorError> {
-        self.set_flag(raw, |t| t.suppress_column.as_ref(), 1, "opted out")
-            .await
+        let untouched = Untouched {
+            done: "opted out",
+            why: "no suppress_column".into(),
+            request: "an objection",
+        };
+        self.set_flag(
+            raw,
+            |t| t.suppress_column.as_ref(),
+            1,
+            "opted out",
+            untouched,
+        )
+        .await
     }
 
+    /// Writes `value` into the flag `column_of` names of the subject's rows, in one
+    /// transaction, counting the rows it changed: a row already holding the value is found,
+    /// not changed. The tables the flag is not configured for are counted in one statement
+    /// and named in the note when they hold the subject's rows; when only they do, the
+    /// report carries the refusal ([`Untouched`]).
     async fn set_flag(
         &self,
         raw: &[Identity],
         column_of: fn(&TableRule) -> Option<&String>,
         value: u8,
         verb: &str,
+        untouched: Untouched<'_>,
     ) -> Result<WorkReport, ConnectorError> {
         let mut tx = self.begin().await?;
         let mut total: i64 = 0;
+        let mut found = false;
         let mut notes = Vec::new();
+        let mut unconfigured = Vec::new();
         for rule in self.config.children_first() {
             let Some(column) = column_of(rule) else {
+                unconfigured.push(rule);
                 continue;
             };
-            let Some(update) = plan_flag(self.config, rule, self.subject(raw), column, value)
-            else {
+            let subject = self.subject(raw);
+            let backend = self.db.backend;
+            let Some(update) = plan_flag(self.config, rule, subject, backend, column, value) else {
                 notes.push(skipped(rule));
                 continue;
             };
@@ -629,16 +770,136 @@ impl<'a> Scoped<'a> {
                 .await
                 .map_err(|e| classify(&format!("updating {}.{column}", rule.table), &e))?;
             total = total.saturating_add(done);
-            notes.push(format!("{}: {verb} {done}", rule.table));
+            found |= done > 0;
+            notes.push(match done {
+                0 => match self.held_unchanged(&mut tx, rule, raw).await? {
+                    0 => format!("{}: {verb} 0", rule.table),
+                    held => {
+                        found = true;
+                        format!("{}: {verb} 0, {held} already were", rule.table)
+                    }
+                },
+                done => format!("{}: {verb} {done}", rule.table),
+            });
         }
+        let held = self.held_in(&mut tx, raw, &unconfigured).await?;
         tx.commit()
             .await
             .map_err(|e| classify("committing the change", &e))?;
-        Ok(WorkReport {
+        Ok(untouched.report(total, found, notes, &held))
+    }
+
+    /// How many of the subject's rows `rule`'s table holds, for a table whose update
+    /// changed none: rows there already as asked are the subject's data all the same.
+    async fn held_unchanged(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        rule: &TableRule,
+        raw: &[Identity],
+    ) -> Result<i64, ConnectorError> {
+        let Some((count, _)) = plan_held_counts(self.config, &[rule], self.subject(raw), false)
+        else {
+            return Ok(0);
+        };
+        tx.count(
+            &count,
+            &format!("counting the subject's rows in {}", rule.table),
+        )
+        .await
+    }
+
+    /// The subject's rows in `tables` (those the request's kind is not configured for),
+    /// counted in one statement: the tables holding any, with their rows. Only the tables
+    /// the subject is matched in are counted, those with `match` columns of their own and
+    /// the children of a parent the scope only reads through: a child found only through
+    /// its parent holds the subject's rows only when the parent does, which is counted or
+    /// acted on itself. A table the scope only reads through (an out-of-scope parent) is
+    /// not counted.
+    async fn held_in(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        raw: &[Identity],
+        tables: &[&TableRule],
+    ) -> Result<Vec<KeptRows>, ConnectorError> {
+        let lookup_only =
+            |table: &str| self.narrowed.is_some_and(|n| n.lookup_only.contains(table));
+        let tables: Vec<&TableRule> = (tables.iter().copied())
+            .filter(|t| !lookup_only(&t.table))
+            .filter(|t| {
+                !t.match_columns.is_empty()
+                    || t.parent.as_ref().is_some_and(|p| lookup_only(&p.table))
+            })
+            .collect();
+        let Some((count, counted)) =
+            plan_held_counts(self.config, &tables, self.subject(raw), true)
+        else {
+            return Ok(Vec::new());
+        };
+        let doing = "counting the subject's rows in the tables this request leaves as they are";
+        let row = count
+            .query()
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(|e| classify(doing, &e))?;
+        let mut held = Vec::new();
+        for (i, rule) in counted.iter().enumerate() {
+            let rows: Option<i64> = row.try_get(i).map_err(|e| classify(doing, &e))?;
+            if let Some(rows) = rows.filter(|r| *r > 0) {
+                held.push(KeptRows {
+                    table: rule.table.clone(),
+                    rows,
+                });
+            }
+        }
+        Ok(held)
+    }
+}
+
+/// How a restriction, an objection or a rectification names the tables it is not
+/// configured for, which it leaves as they are: in the note beside what it did, or, when
+/// only they hold the subject's rows, in the reason it is refused for. Such rows are the
+/// subject's data, so the answer is not NOT_FOUND; nothing was done, so it is not COMPLETED.
+pub(super) struct Untouched<'a> {
+    /// What the request does to a row, as a past participle: `restricted`.
+    pub(super) done: &'a str,
+    /// Why a table is left as it is: `no restrict_column`.
+    pub(super) why: String,
+    /// The request, as the subject of a sentence: `a restriction`.
+    pub(super) request: &'a str,
+}
+
+impl Untouched<'_> {
+    /// The report of a request that changed `total` rows, found the subject's rows in a
+    /// table configured for it when `found`, and found `held` in the tables it is not
+    /// configured for.
+    fn report(
+        &self,
+        total: i64,
+        found: bool,
+        mut notes: Vec<String>,
+        held: &[KeptRows],
+    ) -> WorkReport {
+        let Untouched { done, why, request } = self;
+        for h in held {
+            notes.push(format!("{}: holds {}, not {done} ({why})", h.table, h.rows));
+        }
+        let refusal = (!found && !held.is_empty()).then(|| {
+            let tables: Vec<String> = (held.iter())
+                .map(|h| format!("{}: {}", h.table, h.rows))
+                .collect();
+            format!(
+                "nothing {done}: the subject's rows are only in tables that no rule lets \
+                 {request} act on ({why}): {}",
+                tables.join(", ")
+            )
+        });
+        WorkReport {
             records_affected: total,
             note: notes.join("; "),
+            found,
+            refusal,
             files: Vec::new(),
-        })
+        }
     }
 }
 
@@ -685,6 +946,8 @@ impl ExportJob for SubjectExport {
         Ok(WorkReport {
             records_affected: total,
             note: notes.join("; "),
+            found: total > 0,
+            refusal: None,
             files,
         })
     }
@@ -1496,7 +1759,6 @@ mod tests {
             .discard_returned("acme/ce-1/accounting", 10)
             .await
             .unwrap_err();
-        drop(scoped);
         holder.remove().await;
         assert!(err.is_transient(), "{err:?}");
         let reason = err.to_string();

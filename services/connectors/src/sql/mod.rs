@@ -40,7 +40,12 @@
 //!   identity (a field named like a match key, or one written into a match column) is
 //!   trimmed first. On PostgreSQL a value for a column of another type than text is cast to
 //!   it (`CAST($1 AS date)`); one the type cannot hold fails the request with a permanent
-//!   error naming the field, and nothing is changed;
+//!   error naming the field, and nothing is changed. A value written into a match column
+//!   that a row of the table other than the subject's (of the controller's data) already
+//!   holds there, compared as the match compares (see Matching: an e-mail trimmed and
+//!   lowercased, a phone number without separators), is [`Outcome::Refused`] before
+//!   anything is written, the reason naming the field and the table, never the value: the
+//!   subject's identity would then find the other person's rows too;
 //! - which 0/1 column a RESTRICTION sets or lifts (`restrict_column`) and which one an
 //!   OBJECTION to direct marketing sets (`suppress_column`): 1 or 0, TRUE or FALSE into a
 //!   PostgreSQL boolean; a PostgreSQL column of another type than boolean, number or text
@@ -49,6 +54,19 @@
 //! The connector supports a request kind when some table is configured for it (ERASURE and
 //! CONTRACT_END when some table is not `keep`; a contract end's return exports the tables
 //! with `export` and writes no files when there are none).
+//!
+//! A RESTRICTION, OBJECTION or RECTIFICATION writes only the rows that do not hold the value
+//! yet (`IS DISTINCT FROM` on PostgreSQL, `IS NOT` on SQLite: a NULL is changed) and counts
+//! only those: when the subject's rows of a table all held it already, that table is
+//! counted again (one statement) and the note says so (`customers: restricted 0, 1 already
+//! were`), and the request is [`Outcome::Completed`] with 0 records, the data being there.
+//! The tables the subject is matched in (with `match` columns of their own) that the kind
+//! is not configured for (no `restrict_column`, no `suppress_column`, no `rectify` for the
+//! request's fields) are counted too, in one statement: when a configured table holds the
+//! subject's rows, the note names those holding some (`contacts: holds 1, not restricted
+//! (no restrict_column)`); when only they hold them, nothing was done and the request is
+//! [`Outcome::Refused`], the reason naming them with their rows. Only when no table holds
+//! the subject's rows is it [`Outcome::NotFound`].
 //!
 //! # Matching
 //!
@@ -402,6 +420,8 @@ mod direct;
 #[cfg(test)]
 mod discard_tests;
 mod execute;
+#[cfg(test)]
+mod held_tests;
 mod lazy;
 mod plan;
 mod receipt;
@@ -805,10 +825,18 @@ impl SqlConnector {
                 reason: "the request kind is unspecified".into(),
             }),
         };
-        // An answer about the subject says what it did not search by; an erasure's
-        // refusal (rows only in `keep` tables) is one.
+        // An answer about the subject says what it did not search by; a refusal for rows
+        // only in tables the request does not act on is one.
         let outcome = match (plan::unsearched(config, scope.types, ids), outcome?) {
-            (Some(extra), Outcome::Refused { reason }) if kind == RequestKind::Erasure => {
+            (Some(extra), Outcome::Refused { reason })
+                if matches!(
+                    kind,
+                    RequestKind::Erasure
+                        | RequestKind::Restriction
+                        | RequestKind::Objection
+                        | RequestKind::Rectification
+                ) =>
+            {
                 Outcome::Refused {
                     reason: format!("{reason}; {extra}"),
                 }
@@ -993,8 +1021,14 @@ fn erasure_outcome(report: ErasureReport, phase: &Phase) -> Outcome {
     }
 }
 
+/// A restriction's, objection's, rectification's or export's answer: refused when the report
+/// says why; completed when a table the request acts on holds the subject's rows, changed
+/// or already as asked (0 records then: the data is there); not found only when no table
+/// does.
 fn work_outcome(report: WorkReport) -> Outcome {
-    if report.records_affected > 0 {
+    if let Some(reason) = report.refusal {
+        Outcome::Refused { reason }
+    } else if report.records_affected > 0 || report.found {
         Outcome::Completed {
             records_affected: report.records_affected,
             note: report.note,

@@ -1101,12 +1101,14 @@ pub(super) fn plan_export(
     )))
 }
 
-/// The update writing `corrections` (column, value) into `rule`'s rows of the subject; `None`
-/// when no identity applies to the table.
+/// The update writing `corrections` (column, value) into `rule`'s rows of the subject that
+/// do not already hold them all (so that the count it reports is of rows it changed);
+/// `None` when no identity applies to the table.
 pub(super) fn plan_rectify(
     config: &SqlConnectorConfig,
     rule: &TableRule,
     scope: Scope<'_>,
+    backend: Backend,
     corrections: &[(&String, &str)],
 ) -> Option<Statement> {
     let mut binds = Binds::default();
@@ -1119,20 +1121,33 @@ pub(super) fn plan_rectify(
         })
         .collect();
     let filter = subject_filter(config, rule, scope, &mut binds)?;
+    // Bound again rather than reusing the SET's placeholders: each placeholder is bound
+    // once, in order, on both backends.
+    let differs: Vec<String> = corrections
+        .iter()
+        .map(|(column, value)| {
+            let p = binds.add(*value);
+            let value = scope.column(&rule.table, column).written(&p);
+            distinct(backend, &quote(column), &value)
+        })
+        .collect();
     Some(binds.finish(format!(
-        "UPDATE {} SET {} WHERE {filter}",
+        "UPDATE {} SET {} WHERE {filter} AND ({})",
         quote(&rule.table),
-        set.join(", ")
+        set.join(", "),
+        differs.join(" OR ")
     )))
 }
 
 /// The update setting the flag `column` of `rule`'s rows of the subject to `value` (0 or 1),
-/// written in the column's type (TRUE or FALSE into a PostgreSQL boolean); `None` when no
+/// written in the column's type (TRUE or FALSE into a PostgreSQL boolean), in the rows that
+/// do not hold it yet (so that the count it reports is of rows it changed); `None` when no
 /// identity applies to the table.
 pub(super) fn plan_flag(
     config: &SqlConnectorConfig,
     rule: &TableRule,
     scope: Scope<'_>,
+    backend: Backend,
     column: &str,
     value: u8,
 ) -> Option<Statement> {
@@ -1140,11 +1155,118 @@ pub(super) fn plan_flag(
     let filter = subject_filter(config, rule, scope, &mut binds)?;
     // The value is a constant of the code, not request data.
     let value = scope.column(&rule.table, column).flag_value(value);
+    // PostgreSQL compares a column only with a value of its own type: a quoted literal
+    // takes the column's (a '1' reads as 1, as '1' and as true), where the bare number
+    // would not compare with a text column. SQLite gives the bare number the column's
+    // affinity.
+    let held = match backend {
+        Backend::Postgres => format!("'{value}'"),
+        Backend::Sqlite => value.to_string(),
+    };
     Some(binds.finish(format!(
-        "UPDATE {} SET {} = {value} WHERE {filter}",
+        "UPDATE {} SET {} = {value} WHERE {filter} AND {}",
         quote(&rule.table),
-        quote(column)
+        quote(column),
+        distinct(backend, &quote(column), &held)
     )))
+}
+
+/// `column` does not hold `value`, a NULL counting as a value of its own: a NULL flag or
+/// field is changed by writing a value into it.
+fn distinct(backend: Backend, column: &str, value: &str) -> String {
+    match backend {
+        Backend::Postgres => format!("{column} IS DISTINCT FROM {value}"),
+        Backend::Sqlite => format!("{column} IS NOT {value}"),
+    }
+}
+
+/// How many of the subject's rows each of `rules`' tables holds, in one statement (a column
+/// per table, in the order given); the tables no identity of the subject applies to are left
+/// out, and `None` when that leaves none. `as_exported`: a child table whose `parent` link
+/// says its export returns only the rows its own match finds is counted so too (the
+/// parent's other child rows describe other people); otherwise the rows are those an
+/// update of the subject's rows selects.
+pub(super) fn plan_held_counts<'r>(
+    config: &SqlConnectorConfig,
+    rules: &[&'r TableRule],
+    scope: Scope<'_>,
+    as_exported: bool,
+) -> Option<(Statement, Vec<&'r TableRule>)> {
+    let mut binds = Binds::default();
+    let mut counted = Vec::new();
+    let mut columns = Vec::new();
+    for rule in rules {
+        let own_only = as_exported && rule.parent.as_ref().is_some_and(|l| l.export_matched_only);
+        let filter = match own_only {
+            true => own_match_filter(rule, scope, &mut binds),
+            false => subject_filter(config, rule, scope, &mut binds),
+        };
+        let Some(filter) = filter else {
+            continue;
+        };
+        columns.push(format!(
+            "CAST((SELECT COUNT(*) FROM {} WHERE {filter}) AS BIGINT)",
+            quote(&rule.table)
+        ));
+        counted.push(*rule);
+    }
+    (!counted.is_empty()).then(|| {
+        (
+            binds.finish(format!("SELECT {}", columns.join(", "))),
+            counted,
+        )
+    })
+}
+
+/// Whether a row of `rule`'s table other than the subject's (of `scope`) already holds, in
+/// its match `column`, the identity `value` of type `ty`, compared as the match compares
+/// (an e-mail trimmed and lowercased, a phone number without separators): the statement
+/// yields a row when one does. Confined to the controller's rows, the only ones its
+/// requests match. `None` when the value cannot be matched in the column (a value an integer
+/// column cannot hold, which writing it fails anyway).
+pub(super) fn plan_identity_taken(
+    config: &SqlConnectorConfig,
+    rule: &TableRule,
+    scope: Scope<'_>,
+    (key, column): (&str, &str),
+    identity: &Identity,
+) -> Option<Statement> {
+    let mut binds = Binds::default();
+    let only_column = TableRule {
+        match_columns: [(key.to_string(), column.to_string())].into(),
+        ..rule.clone()
+    };
+    let value = std::slice::from_ref(identity);
+    let holder = Scope {
+        subject: Some(value),
+        ..scope
+    };
+    let holds = match rule.parent {
+        Some(_) => own_match_filter(&only_column, holder, &mut binds)?,
+        None => top_level_filter(&only_column, holder, &mut binds)?,
+    };
+    // A NULL in a column the subject's filter reads leaves the filter NULL, not false: such
+    // a row is not the subject's.
+    let others = match subject_filter(config, rule, scope, &mut binds) {
+        Some(subject) => format!(" AND NOT COALESCE(({subject}), 1 = 0)"),
+        None => String::new(),
+    };
+    Some(binds.finish(format!(
+        "SELECT CAST(1 AS BIGINT) FROM {} WHERE {holds}{others} LIMIT 1",
+        quote(&rule.table)
+    )))
+}
+
+/// The identity a corrected `value` written into the match column of `key` would be found
+/// by, normalized as a request's is ([`searchable`]); `None` when the key is no identity
+/// type or the value is empty once normalized.
+pub(super) fn corrected_identity(key: &str, value: &str) -> Option<Identity> {
+    let ty = MATCH_KEYS.iter().find(|(k, _)| *k == key)?.1;
+    let value = match ty {
+        IdentityType::Email => value.trim().to_string(),
+        _ => normalize(ty, value),
+    };
+    (!value.is_empty()).then_some((ty, value))
 }
 
 /// The forms of identity the configured match columns can match: RAW values of their types
@@ -1911,14 +2033,23 @@ mod tests {
                 &config,
                 rule,
                 scope,
+                Backend::Postgres,
                 &[(&name, "Maija"), (&address, "2024-03-02")]
             )
             .unwrap(),
             Statement {
                 sql: "UPDATE \"customers\" SET \"name\" = $1, \"address\" = \
-                      CAST($2 AS date) WHERE (\"customer_no\" = CAST($3 AS BIGINT))"
+                      CAST($2 AS date) WHERE (\"customer_no\" = CAST($3 AS BIGINT)) AND \
+                      (\"name\" IS DISTINCT FROM $4 OR \"address\" IS DISTINCT FROM \
+                      CAST($5 AS date))"
                     .into(),
-                binds: vec!["Maija".into(), "2024-03-02".into(), "1001".into()],
+                binds: vec![
+                    "Maija".into(),
+                    "2024-03-02".into(),
+                    "1001".into(),
+                    "Maija".into(),
+                    "2024-03-02".into()
+                ],
             }
         );
     }
@@ -2096,12 +2227,21 @@ mod tests {
             .find(|t| t.table == "customers")
             .unwrap();
         assert_eq!(
-            plan_flag(&config, customers, scope, "marketing_opt_out", 1).unwrap(),
+            plan_flag(
+                &config,
+                customers,
+                scope,
+                Backend::Sqlite,
+                "marketing_opt_out",
+                1
+            )
+            .unwrap(),
             Statement {
                 sql: "UPDATE \"customers\" SET \"marketing_opt_out\" = 1 WHERE \
                       (lower(trim(\"email\")) = lower($1)) AND (tenant = 'a') AND \
                       CAST(\"customers\".\"id\" AS TEXT) > $2 AND \
-                      CAST(\"customers\".\"id\" AS TEXT) <= $3"
+                      CAST(\"customers\".\"id\" AS TEXT) <= $3 AND \
+                      \"marketing_opt_out\" IS NOT 1"
                     .into(),
                 binds: vec!["Maija@Example.fi".into(), "10".into(), "20".into()],
             }

@@ -220,7 +220,9 @@ async fn a_flag_is_written_in_the_columns_type(url: String) {
     };
     assert_eq!(
         connector.run(&restrict).await.unwrap(),
-        completed("customers: restricted 1")
+        completed(
+            "customers: restricted 1; contacts: holds 1, not restricted (no restrict_column)"
+        )
     );
     assert_eq!(
         rows(&db, flags).await,
@@ -229,7 +231,9 @@ async fn a_flag_is_written_in_the_columns_type(url: String) {
     restrict.parameters.lift_restriction = true;
     assert_eq!(
         connector.run(&restrict).await.unwrap(),
-        completed("customers: restriction lifted 1")
+        completed(
+            "customers: restriction lifted 1; contacts: holds 1, not lifted (no restrict_column)"
+        )
     );
     assert_eq!(
         rows(&db, flags).await,
@@ -243,7 +247,7 @@ async fn a_flag_is_written_in_the_columns_type(url: String) {
     );
     assert_eq!(
         connector.run(&object).await.unwrap(),
-        completed("customers: opted out 1")
+        completed("customers: opted out 1; contacts: holds 1, not opted out (no suppress_column)")
     );
     assert_eq!(
         rows(&db, flags).await,
@@ -832,7 +836,11 @@ async fn sqlite_declared_types_are_read_by_every_path() {
     let Outcome::Completed { note, .. } = out else {
         panic!("expected COMPLETED, got {out:?}");
     };
-    assert_eq!(note, "visits: updated 2 (visit_day)");
+    assert_eq!(
+        note,
+        "visits: updated 2 (visit_day); contacts: holds 1, not corrected (no rectify for \
+         visit_day); customers: holds 1, not corrected (no rectify for visit_day)"
+    );
     let state = "SELECT id, CAST(day AS TEXT), typeof(day), CAST(restricted AS INTEGER), \
                  CAST(opted_out AS INTEGER) FROM visits ORDER BY id";
     assert_eq!(
