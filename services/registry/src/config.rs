@@ -537,7 +537,8 @@ fn check_limits(
 }
 
 /// Bounds on return-of-data packages: what one processor's part may take of the package
-/// folder before it is declared complete, and how many downloads one caller may run.
+/// folder before it is declared complete, how many downloads one caller may run, and how
+/// many upload streams one processor may hold open.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PackagesConfig {
@@ -553,6 +554,15 @@ pub struct PackagesConfig {
     /// DownloadPackage streams one caller (partner or operator, by configured name) may hold
     /// open at once; one more is RESOURCE_EXHAUSTED. At least 1.
     pub downloads_per_caller: u32,
+    /// ExportUploadService.UploadFile streams one processor (by configured name) may hold
+    /// open at once on this registry; one more is RESOURCE_EXHAUSTED, before its first
+    /// message is read. At least 1. The default, 64: with its defaults a processor replica
+    /// opens at most 16 at once (its uploader `uploads.concurrency` 4 exports times
+    /// `FILES_AT_ONCE` 2 files = 8; its head start, 4 exports written at once
+    /// (`tasks.export_concurrency`), each streaming the file its connector writes and at
+    /// most the previous one still finishing = 8); twice that is 32, for each of two
+    /// replicas of a processor.
+    pub uploads_per_processor: u32,
 }
 
 /// The most files a part may list: CompletePart's limit, the ceiling of
@@ -575,6 +585,9 @@ impl PackagesConfig {
         if self.downloads_per_caller == 0 {
             errors.push("packages.downloads_per_caller: must be at least 1".into());
         }
+        if self.uploads_per_processor == 0 {
+            errors.push("packages.uploads_per_processor: must be at least 1".into());
+        }
         errors
     }
 }
@@ -585,6 +598,7 @@ impl Default for PackagesConfig {
             max_part_bytes: 64 << 30,
             max_files_per_part: MAX_FILES_PER_PART,
             downloads_per_caller: 4,
+            uploads_per_processor: 64,
         }
     }
 }
@@ -1350,12 +1364,14 @@ mod tests {
         assert_eq!(c.packages.max_part_bytes, 64 << 30);
         assert_eq!(c.packages.max_files_per_part, 10_000);
         assert_eq!(c.packages.downloads_per_caller, 4);
+        assert_eq!(c.packages.uploads_per_processor, 64);
         let err = Config::load_from(
             Some(&file),
             env(&[
                 ("DSRELAY_REGISTRY__PACKAGES__MAX_PART_BYTES", "0"),
                 ("DSRELAY_REGISTRY__PACKAGES__MAX_FILES_PER_PART", "10001"),
                 ("DSRELAY_REGISTRY__PACKAGES__DOWNLOADS_PER_CALLER", "0"),
+                ("DSRELAY_REGISTRY__PACKAGES__UPLOADS_PER_PROCESSOR", "0"),
             ]),
         )
         .unwrap_err()
@@ -1364,6 +1380,7 @@ mod tests {
             "packages.max_part_bytes",
             "packages.max_files_per_part",
             "packages.downloads_per_caller",
+            "packages.uploads_per_processor",
         ] {
             assert!(err.contains(key), "{key} in {err}");
         }
@@ -1960,6 +1977,7 @@ mod tests {
         "packages.max_part_bytes",
         "packages.max_files_per_part",
         "packages.downloads_per_caller",
+        "packages.uploads_per_processor",
         "contracts.grace_months",
     ];
     const ARRAYS: &[(&str, &[&str])] = &[

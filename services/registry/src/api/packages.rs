@@ -26,6 +26,7 @@ use dsrelay_runtime::grpc::feed;
 use dsrelay_runtime::identity::{request_id_violation, FieldViolation};
 use dsrelay_runtime::resumable_hash::ResumableSha256;
 use dsrelay_runtime::server::{next_message_within, MAX_MESSAGE_BYTES};
+use dsrelay_runtime::slots::{KeyedSlot, KeyedSlots};
 use tokio::io::AsyncReadExt;
 use tokio::sync::broadcast;
 use tonic::{Response, Status, Streaming};
@@ -60,9 +61,15 @@ const RECOUNT_EVERY: u64 = 64 << 20;
 /// the processor's upload lease keeps one sender per export, and a stream checks the stored
 /// length when it opens the file and before it records the file stored, and records nothing
 /// once the file's registration changed: see [`FileUpload::generation`].)
+///
+/// Also counts the UploadFile streams each processor holds open, against
+/// `packages.uploads_per_processor`: each open stream holds its file's buffer and a file
+/// descriptor however slowly it sends, so streams left open without a bound would take the
+/// registry's memory and descriptors.
 #[derive(Debug, Default)]
 pub(crate) struct Uploading {
     files: Mutex<HashSet<String>>,
+    streams: KeyedSlots,
 }
 
 /// Holds a file's key in [`Uploading`] until dropped.
@@ -72,6 +79,19 @@ struct UploadGuard<'a> {
 }
 
 impl Uploading {
+    /// Takes one of `processor`'s UploadFile stream slots, or RESOURCE_EXHAUSTED when it
+    /// holds `limit` of them.
+    fn take_stream(&self, processor: &str, limit: u32) -> Result<KeyedSlot, ApiError> {
+        self.streams.take(processor, limit).map_err(|open| {
+            ApiError::resource_exhausted(format!(
+                "processor {processor} already has {open} UploadFile streams open, the most \
+                 the registry allows one processor (packages.uploads_per_processor = {limit}); \
+                 finish or end one of them (send its last chunk, or close it) before opening \
+                 another, or have the registry's operator raise packages.uploads_per_processor"
+            ))
+        })
+    }
+
     fn claim(&self, key: &str) -> Option<UploadGuard<'_>> {
         let mut set = self.files.lock().unwrap_or_else(|e| e.into_inner());
         set.insert(key.to_string()).then(|| UploadGuard {
@@ -341,7 +361,7 @@ impl Api {
             let hasher = packages
                 .hash_tail(&key, from, offset)
                 .await
-                .map_err(ApiError::unexpected)?;
+                .map_err(store_error)?;
             let digest = hex::encode(hasher.finalize());
             let state = self.finish(&file, generation, digest).await?;
             return Ok((file, state, None, generation));
@@ -567,7 +587,7 @@ impl Api {
     /// creates a file, so without this its digest could not be read nor the package
     /// downloaded.
     async fn store_empty(&self, file: &PackageFile) -> Result<(), ApiError> {
-        let mut appender = self.open_file(file).await?;
+        let mut appender = self.open_file(file, Some(0)).await?;
         appender.sync().await.map_err(io_error)
     }
 
@@ -576,9 +596,18 @@ impl Api {
     /// is then deleted again and the upload refused, so that no file outlives the record
     /// that says it is gone. The check follows the creation, and the sweep deletes once more
     /// after recording the expiry, so whichever comes last removes what the other left.
-    async fn open_file(&self, file: &PackageFile) -> Result<Box<dyn Appender>, ApiError> {
+    /// `size` is the file's whole length when its header gives it (`None` for a file
+    /// streamed while written): the store keeps no larger a buffer than that needs.
+    async fn open_file(
+        &self,
+        file: &PackageFile,
+        size: Option<u64>,
+    ) -> Result<Box<dyn Appender>, ApiError> {
         let store = &self.shared.packages.store;
-        let appender = store.appender(&file_key(file)).await.map_err(io_error)?;
+        let appender = store
+            .appender(&file_key(file), size)
+            .await
+            .map_err(io_error)?;
         if let Some(at) = self
             .shared
             .store
@@ -651,7 +680,8 @@ impl Api {
             )));
         }
         if up.appender.is_none() {
-            let mut opened = self.open_file(&up.file).await?;
+            let size = (!up.growing).then_some(size);
+            let mut opened = self.open_file(&up.file, size).await?;
             // The stream counts from the length registered; a call it was not kept apart from
             // (on another replica) may have dropped or restarted the file since, and its
             // bytes would land at other offsets than counted. The length is the opened
@@ -1047,6 +1077,11 @@ impl ExportUploadService for Api {
         req: tonic::Request<Streaming<UploadFileChunk>>,
     ) -> Result<Response<UploadState>, Status> {
         let processor = self.uploader(&req)?;
+        // Taken before the first message is read, so a processor over its limit costs no
+        // buffer nor file; held (by `up`, or by this call until `up` exists) until the call
+        // returns, however the stream ended: by its last message, an error, or a client gone.
+        let limit = self.shared.config.packages.uploads_per_processor;
+        let slot = self.shared.uploading.take_stream(&processor, limit)?;
         let idle = Duration::from_millis(self.shared.config.service.call_limit_ms);
         let mut stream = req.into_inner();
         let Some(first) = next_message_within(&mut stream, idle).await? else {
@@ -1090,13 +1125,14 @@ impl ExportUploadService for Api {
                     .packages
                     .hash_tail(&file_key(&file), from, state.offset)
                     .await
-                    .map_err(ApiError::unexpected)?;
+                    .map_err(store_error)?;
                 (Some(caught_up), checkpointed)
             }
             // A stream that starts the file sees all of it and hashes it as it goes.
             None => ((state.offset == 0).then(ResumableSha256::new), 0),
         };
         let mut up = FileUpload {
+            _slot: slot,
             hasher,
             checkpointed,
             file,
@@ -1356,6 +1392,9 @@ impl PackageService for Api {
 
 /// One upload stream's file: where it stands, and what the stream keeps while it runs.
 struct FileUpload {
+    /// The stream's place among its processor's (`packages.uploads_per_processor`). Before
+    /// `appender`: fields drop in order, so the place is free once the file is closed.
+    _slot: KeyedSlot,
     file: PackageFile,
     state: UploadState,
     /// Opened at the first chunk stored.
@@ -1429,8 +1468,40 @@ fn expired(request_id: &str, at: i64) -> ApiError {
     ))
 }
 
+/// The answer for a failure of the package store: [`store_error`].
 fn io_error(e: std::io::Error) -> ApiError {
-    ApiError::unexpected(anyhow::Error::new(e).context("package store"))
+    store_error(anyhow::Error::new(e).context("package store"))
+}
+
+/// The answer for `error`, a failure of the package store or of a call that went through
+/// it. A registry out of file descriptors (EMFILE, ENFILE: from any cause in the chain)
+/// answers UNAVAILABLE, since the same call succeeds once other calls have closed their
+/// files, where INTERNAL would read as a fault of the registry; it is logged here, with the
+/// errno, as the status conversion logs only internal errors. Anything else is internal.
+fn store_error(error: anyhow::Error) -> ApiError {
+    let Some(errno) = out_of_files(&error) else {
+        return ApiError::unexpected(error);
+    };
+    tracing::warn!(
+        errno,
+        error = format!("{error:#}"),
+        "the registry is out of file descriptors; the call was answered UNAVAILABLE"
+    );
+    ApiError::unavailable(
+        "the registry is out of open files (its file descriptors are all in use, by other \
+         uploads and downloads), so it could not open or read a package file; try again \
+         later",
+    )
+}
+
+/// The errno of the first cause in `error`'s chain that says the process (EMFILE) or the
+/// system (ENFILE) has no file descriptor left.
+fn out_of_files(error: &anyhow::Error) -> Option<i32> {
+    error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .filter_map(std::io::Error::raw_os_error)
+        .find(|errno| [libc::EMFILE, libc::ENFILE].contains(errno))
 }
 
 /// A kind's name without its prefix (`RETURN_OF_DATA`).
@@ -1678,6 +1749,55 @@ mod tests {
             assert_eq!(found, found_then);
             assert_eq!(looks, 2, "the first look and the one at the deadline");
         }
+    }
+
+    /// A package store out of file descriptors (EMFILE for the process, ENFILE for the
+    /// system), however deep in the error's chain, answers UNAVAILABLE saying so and to try
+    /// again later; any other failure stays internal.
+    #[test]
+    fn a_store_out_of_files_is_unavailable() {
+        for errno in [libc::EMFILE, libc::ENFILE] {
+            let direct = io_error(std::io::Error::from_raw_os_error(errno));
+            let nested = store_error(
+                anyhow::Error::new(std::io::Error::from_raw_os_error(errno))
+                    .context("opening a stored file")
+                    .context("checking the file"),
+            );
+            for e in [direct, nested] {
+                let status = Status::from(e);
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                for words in ["out of open files", "try again later"] {
+                    assert!(status.message().contains(words), "{words} in {status:?}");
+                }
+            }
+        }
+        let other = Status::from(io_error(std::io::Error::from_raw_os_error(libc::EIO)));
+        assert_eq!(other.code(), tonic::Code::Internal, "{other:?}");
+        let other = Status::from(store_error(anyhow::anyhow!("a bug")));
+        assert_eq!(other.code(), tonic::Code::Internal, "{other:?}");
+    }
+
+    #[test]
+    fn uploads_are_counted_per_processor() {
+        let u = Uploading::default();
+        let first = u.take_stream("payroll", 2).expect("free");
+        let _second = u.take_stream("payroll", 2).expect("free");
+        let refused = Status::from(u.take_stream("payroll", 2).expect_err("a third"));
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        for words in [
+            "payroll already has 2",
+            "packages.uploads_per_processor = 2",
+            "finish or end one of them",
+            "raise packages.uploads_per_processor",
+        ] {
+            assert!(refused.message().contains(words), "{words} in {refused:?}");
+        }
+        assert!(u.take_stream("other", 2).is_ok(), "another's are its own");
+        drop(first);
+        assert!(
+            u.take_stream("payroll", 2).is_ok(),
+            "a stream ended frees its slot"
+        );
     }
 
     #[test]

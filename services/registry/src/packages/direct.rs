@@ -31,7 +31,8 @@ use dsrelay_runtime::direct_io::{open_direct, AlignedBuf};
 
 use super::store::Appender;
 
-/// Bytes per direct write or read.
+/// Bytes per direct write or read: an appender's buffer, unless its file is known to be
+/// smaller ([`buffer_len`]).
 const BLOCK: usize = 1 << 20;
 /// Blocks a reader reads ahead of its consumer.
 const READ_AHEAD: usize = 2;
@@ -56,10 +57,22 @@ pub(super) struct DirectAppender {
     base: u64,
 }
 
+/// The buffer of an appender of a file of `size` bytes (`None`: not known, the file grows
+/// until its end): [`BLOCK`], or for a smaller file its size rounded up to [`ALIGN`] (at
+/// least one `ALIGN`), so that an upload stream held open costs no more than its file.
+/// Always a multiple of `ALIGN`, since a full buffer is written directly at an aligned
+/// offset; and at least `ALIGN`, which any unaligned tail read back at the open fits in.
+fn buffer_len(size: Option<u64>) -> usize {
+    match size {
+        Some(size) if size < BLOCK as u64 => (size as usize).div_ceil(ALIGN).max(1) * ALIGN,
+        _ => BLOCK,
+    }
+}
+
 impl DirectAppender {
-    /// Opens (creating) `path` to append after what it holds; `None` when the filesystem
-    /// refuses `O_DIRECT`. Blocking.
-    pub(super) fn open(path: &Path) -> io::Result<Option<Self>> {
+    /// Opens (creating) `path` to append after what it holds, for a file of `size` bytes
+    /// when known ([`buffer_len`]); `None` when the filesystem refuses `O_DIRECT`. Blocking.
+    pub(super) fn open(path: &Path, size: Option<u64>) -> io::Result<Option<Self>> {
         let plain = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -72,7 +85,7 @@ impl DirectAppender {
         let stored = plain.metadata()?.len();
         let tail = (stored % ALIGN as u64) as usize;
         let base = stored - tail as u64;
-        let mut buf = AlignedBuf::new(BLOCK);
+        let mut buf = AlignedBuf::new(buffer_len(size));
         plain.read_exact_at(&mut buf.bytes_mut()[..tail], base)?;
         Ok(Some(Self {
             direct: Arc::new(direct),
@@ -113,12 +126,13 @@ impl Appender for DirectAppender {
         while !data.is_empty() {
             let len = self.len;
             let buf = self.buf.as_mut().ok_or_else(failed_before)?;
-            let n = (BLOCK - len).min(data.len());
+            let block = buf.bytes().len();
+            let n = (block - len).min(data.len());
             buf.bytes_mut()[len..len + n].copy_from_slice(&data[..n]);
             self.len += n;
             data = &data[n..];
-            if self.len == BLOCK {
-                self.write_direct(BLOCK).await?;
+            if self.len == block {
+                self.write_direct(block).await?;
             }
         }
         Ok(())
@@ -241,5 +255,39 @@ impl AsyncRead for DirectReader {
                 None => return Poll::Ready(Ok(())),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file whose size is known and below a block gets a buffer of its size rounded up to
+    /// the alignment, so an upload held open with little sent costs little; a growing file,
+    /// or one of a block or more, gets a whole block.
+    #[test]
+    fn a_buffer_is_no_larger_than_its_file_needs() {
+        for (size, len) in [
+            (Some(0), ALIGN),
+            (Some(1), ALIGN),
+            (Some(ALIGN as u64), ALIGN),
+            (Some(ALIGN as u64 + 1), 2 * ALIGN),
+            (Some(BLOCK as u64 - 1), BLOCK),
+            (Some(BLOCK as u64), BLOCK),
+            (Some(u64::MAX), BLOCK),
+            (None, BLOCK),
+        ] {
+            assert_eq!(buffer_len(size), len, "{size:?}");
+            assert_eq!(len % ALIGN, 0);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("small");
+        std::fs::write(&path, [7u8; 5]).unwrap();
+        let opened = DirectAppender::open(&path, Some(10))
+            .unwrap()
+            .expect("the temporary folder takes O_DIRECT");
+        let buf = opened.buf.as_ref().expect("a buffer");
+        assert_eq!(buf.bytes().len(), ALIGN);
+        assert_eq!(&buf.bytes()[..opened.len], &[7u8; 5]);
     }
 }

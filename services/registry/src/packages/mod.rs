@@ -29,6 +29,8 @@ pub(crate) mod manifest;
 #[cfg(test)]
 mod resume_tests;
 mod store;
+#[cfg(test)]
+mod upload_limit_tests;
 
 pub use store::{Appender, FolderStore, PackageStore};
 

@@ -75,7 +75,7 @@ impl PackageStore for Watched {
         self.inner.stored_len(key).await
     }
 
-    async fn appender(&self, key: &str) -> std::io::Result<Box<dyn Appender>> {
+    async fn appender(&self, key: &str, size: Option<u64>) -> std::io::Result<Box<dyn Appender>> {
         let swap = (self.signals.swap_on_open.lock())
             .unwrap_or_else(|e| e.into_inner())
             .take();
@@ -87,7 +87,7 @@ impl PackageStore for Watched {
             f.write_all(extra)?;
             f.sync_all()?;
         }
-        let inner = self.inner.appender(key).await?;
+        let inner = self.inner.appender(key, size).await?;
         if let Some((path, _)) = &swap {
             std::fs::remove_file(path)?;
             std::fs::write(path, &before)?;

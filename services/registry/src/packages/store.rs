@@ -32,8 +32,10 @@ pub trait PackageStore: Send + Sync + 'static {
     /// How many bytes are stored under `key` (0 when nothing is), made durable first: an
     /// upload that broke off may have appended bytes it did not sync.
     async fn stored_len(&self, key: &str) -> io::Result<u64>;
-    /// Opens `key` for appending after what is stored (created when absent).
-    async fn appender(&self, key: &str) -> io::Result<Box<dyn Appender>>;
+    /// Opens `key` for appending after what is stored (created when absent). `size` is the
+    /// file's whole length when known (`None` for a file whose size comes at its end): an
+    /// appender that buffers keeps no larger a buffer than the file needs.
+    async fn appender(&self, key: &str, size: Option<u64>) -> io::Result<Box<dyn Appender>>;
     /// Reads what is stored under `key`, from the start, as a stream of bytes.
     async fn open(&self, key: &str) -> io::Result<Box<dyn AsyncRead + Send + Unpin>> {
         self.open_at(key, 0).await
@@ -73,14 +75,16 @@ pub struct FolderStore {
 }
 
 impl FolderStore {
-    /// Opens `path` (its folder exists) for appending, with `O_DIRECT` where it works.
-    async fn open_appender(&self, path: &Path) -> io::Result<Box<dyn Appender>> {
+    /// Opens `path` (its folder exists) for appending, with `O_DIRECT` where it works, for a
+    /// file of `size` bytes when known ([`PackageStore::appender`]).
+    async fn open_appender(&self, path: &Path, size: Option<u64>) -> io::Result<Box<dyn Appender>> {
         if self.direct {
             let path = path.to_path_buf();
-            if let Some(direct) =
-                tokio::task::spawn_blocking(move || super::direct::DirectAppender::open(&path))
-                    .await
-                    .map_err(io::Error::other)??
+            if let Some(direct) = tokio::task::spawn_blocking(move || {
+                super::direct::DirectAppender::open(&path, size)
+            })
+            .await
+            .map_err(io::Error::other)??
             {
                 return Ok(Box::new(direct));
             }
@@ -150,12 +154,12 @@ impl PackageStore for FolderStore {
         Ok(file.metadata().await?.len())
     }
 
-    async fn appender(&self, key: &str) -> io::Result<Box<dyn Appender>> {
+    async fn appender(&self, key: &str, size: Option<u64>) -> io::Result<Box<dyn Appender>> {
         let path = self.path(key)?;
         if let Some(dir) = path.parent() {
             tokio::fs::create_dir_all(dir).await?;
         }
-        let appender = self.open_appender(&path).await?;
+        let appender = self.open_appender(&path, size).await?;
         // The file's name and the folders created for it must survive a power loss like its
         // bytes do ([`Appender::sync`], `stored_len`), or a part recorded as stored could
         // point at a file that is gone: every folder from the file's up to the one holding
@@ -295,14 +299,14 @@ mod tests {
 
     async fn appends_read_back_and_removal_is_idempotent_in(store: FolderStore) {
         assert_eq!(store.stored_len("r/p/s/a.json").await.unwrap(), 0);
-        let mut a = store.appender("r/p/s/a.json").await.unwrap();
+        let mut a = store.appender("r/p/s/a.json", None).await.unwrap();
         a.append(b"hello ").await.unwrap();
         a.sync().await.unwrap();
         drop(a);
         // A new appender continues after what is stored. One dropped without a sync leaves
         // what it synced and maybe more (the page cache keeps unsynced bytes, which
         // stored_len syncs before counting; a direct appender still held them).
-        let mut a = store.appender("r/p/s/a.json").await.unwrap();
+        let mut a = store.appender("r/p/s/a.json", None).await.unwrap();
         a.append(b"world").await.unwrap();
         a.sync().await.unwrap();
         assert_eq!(store.stored_len("r/p/s/a.json").await.unwrap(), 11);
@@ -316,7 +320,7 @@ mod tests {
         assert_eq!(read, &"hello world!"[..stored as usize]);
         store.remove("r/p/s/a.json").await.unwrap();
         store.remove("r/p/s/a.json").await.unwrap();
-        let mut b = store.appender("r/p/s/b.json").await.unwrap();
+        let mut b = store.appender("r/p/s/b.json", None).await.unwrap();
         b.append(b"x").await.unwrap();
         b.sync().await.unwrap();
         store.remove_all("r").await.unwrap();
@@ -352,7 +356,7 @@ mod tests {
             let key = "r/p/s/big.json";
             store.remove(key).await.unwrap();
             let (mut at, mut synced) = (0usize, 0usize);
-            let mut a = store.appender(key).await.unwrap();
+            let mut a = store.appender(key, None).await.unwrap();
             for (i, size) in pieces.iter().cycle().enumerate() {
                 let end = (at + size).min(data.len());
                 a.append(&data[at..end]).await.unwrap();
@@ -375,7 +379,7 @@ mod tests {
                         "{stored} bytes"
                     );
                     at = stored;
-                    a = store.appender(key).await.unwrap();
+                    a = store.appender(key, None).await.unwrap();
                 }
                 if at == data.len() {
                     break;
@@ -394,7 +398,7 @@ mod tests {
             for len in [0, MIB, 4096] {
                 let key = format!("r/p/s/{len}.bin");
                 store.remove(&key).await.unwrap();
-                let mut a = store.appender(&key).await.unwrap();
+                let mut a = store.appender(&key, None).await.unwrap();
                 a.append(&data[..len]).await.unwrap();
                 a.sync().await.unwrap();
                 assert!(read_all(&store, &key).await == data[..len], "{len} bytes");
@@ -413,7 +417,7 @@ mod tests {
         for store in both_stores(dir.path()) {
             let key = "r/p/s/ranged.bin";
             store.remove(key).await.unwrap();
-            let mut a = store.appender(key).await.unwrap();
+            let mut a = store.appender(key, None).await.unwrap();
             a.append(&data).await.unwrap();
             a.sync().await.unwrap();
             for offset in [
@@ -438,11 +442,39 @@ mod tests {
         }
     }
 
+    /// Files opened with their size known (each smaller than a direct block, so their
+    /// appenders buffer less: `direct::buffer_len`) take appends and syncs across their
+    /// smaller buffer's edge, reopened at unaligned lengths, and read back whole either way.
+    #[tokio::test]
+    async fn appenders_of_known_sizes_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..(1 << 20) - 3).map(|i| (i * 11 % 251) as u8).collect();
+        for store in both_stores(dir.path()) {
+            for len in [0, 1, 4095, 4096, 4097, 5000, 12_289, data.len()] {
+                let key = format!("r/p/s/sized-{len}.bin");
+                store.remove(&key).await.unwrap();
+                let size = Some(len as u64);
+                let mut a = store.appender(&key, size).await.unwrap();
+                let half = len / 2;
+                a.append(&data[..half]).await.unwrap();
+                a.sync().await.unwrap();
+                drop(a);
+                let mut a = store.appender(&key, size).await.unwrap();
+                for piece in data[half..len].chunks(3000) {
+                    a.append(piece).await.unwrap();
+                }
+                a.sync().await.unwrap();
+                assert_eq!(store.stored_len(&key).await.unwrap() as usize, len);
+                assert!(read_all(&store, &key).await == data[..len], "{len} bytes");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn keys_cannot_leave_the_root() {
         let store = FolderStore::new("/tmp/nowhere");
         for key in ["", "../x", "a/../../x", "a//b", "/abs", "a\\b"] {
-            assert!(store.appender(key).await.is_err(), "{key:?}");
+            assert!(store.appender(key, None).await.is_err(), "{key:?}");
             assert!(store.stored_len(key).await.is_err(), "{key:?}");
         }
     }
