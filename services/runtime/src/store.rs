@@ -159,9 +159,10 @@ impl Backend {
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(Self::Postgres)
         } else {
+            // Without its query: what is misspelt there may be a password.
             bail!(
                 "database url {:?} must start with sqlite: or postgres://",
-                redact(url)
+                without_query(&redact(url))
             )
         }
     }
@@ -562,10 +563,9 @@ fn check_postgres_url(url: &str) -> Result<()> {
     if before_query.matches('@').count() > 1 || rest.contains('#') {
         bail!(
             "the database URL {}: the user or password (or a path in the query) holds a \
-             character \
-             that must be percent-encoded there (@ as %40, / as %2F, : as %3A, # as %23, ? as \
-             %3F)",
-            redact(url)
+             character that must be percent-encoded there (@ as %40, / as %2F, : as %3A, # as \
+             %23, ? as %3F)",
+            without_query(&redact(url))
         );
     }
     // Read as sqlx reads it: the keys percent-decoded, `+` a space.
@@ -1217,6 +1217,24 @@ mod tests {
         }
     }
 
+    /// A URL refused before its query is read (a `#` in it, a scheme of another database)
+    /// is shown without its query, where a misspelt password parameter would be in clear.
+    #[test]
+    fn a_refused_url_is_shown_without_its_query() {
+        let err = format!(
+            "{:#}",
+            check_postgres_url("postgres://u@h/db?passwrod=top#secret").unwrap_err()
+        );
+        assert!(err.contains("must be percent-encoded"), "{err}");
+        assert!(err.contains("postgres://u@h/db?..."), "{err}");
+        assert!(!err.contains("top"), "{err}");
+        let err = Backend::of_url("postgre://h/db?passwrod=top")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"postgre://h/db?...\""), "{err}");
+        assert!(!err.contains("top"), "{err}");
+    }
+
     #[test]
     fn redacts_passwords_only() {
         assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
@@ -1407,7 +1425,7 @@ mod tests {
         let err = Backend::of_url("postgre://u:secret@h/db?password=other")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("postgre://u:***@h/db?password=***"), "{err}");
+        assert!(err.contains("postgre://u:***@h/db?..."), "{err}");
         assert!(!err.contains("secret") && !err.contains("other"), "{err}");
     }
 
