@@ -63,8 +63,8 @@ const RECOUNT_EVERY: u64 = 64 << 20;
 /// once the file's registration changed: see [`FileUpload::generation`].)
 ///
 /// Also counts the UploadFile streams each processor holds open, against
-/// `packages.uploads_per_processor`: each open stream holds its file's buffer and a file
-/// descriptor however slowly it sends, so streams left open without a bound would take the
+/// `packages.uploads_per_processor`: each open stream holds its file's buffer and two file
+/// descriptors however slowly it sends, so streams left open without a bound would take the
 /// registry's memory and descriptors.
 #[derive(Debug, Default)]
 pub(crate) struct Uploading {
@@ -1392,8 +1392,9 @@ impl PackageService for Api {
 
 /// One upload stream's file: where it stands, and what the stream keeps while it runs.
 struct FileUpload {
-    /// The stream's place among its processor's (`packages.uploads_per_processor`). Before
-    /// `appender`: fields drop in order, so the place is free once the file is closed.
+    /// The stream's place among its processor's (`packages.uploads_per_processor`). Declared
+    /// first: fields drop in declaration order, so the place is free by the time the file is
+    /// closed (for a moment a new stream may then open while this one's buffer is freed).
     _slot: KeyedSlot,
     file: PackageFile,
     state: UploadState,
