@@ -357,8 +357,8 @@ fn recheck_rejected(
     }
     // Rejected against the certificates stored before it (its id taken, or its follows not
     // the task's latest): no key configured since changes that.
-    if row.rejected_against_stored() {
-        return Some(row.rejection.clone());
+    if let Some(rule) = row.rejection_against_stored() {
+        return Some(rule.to_string());
     }
     (checked.certificate_id != row.certificate_id)
         .then(|| "its certificate_id is not the one stored with it".into())
@@ -1619,6 +1619,55 @@ mod served_tests {
             .map(|(id, (verified, rejection))| (id, verified, rejection))
             .collect();
         assert_eq!(shown, expected);
+
+        // Signed with a key the registry does not configure (rejected for it) and naming in
+        // follows a certificate of another request: once that key is configured, the
+        // certificate is still rejected, for its follows.
+        let other = SigningKey::generate();
+        let mut body = json!({
+            "version": 1, "certificate_id": certificate_id(11), "kind": "erasure",
+            "processor": dev_identity("processor", PROCESSOR), "request_id": r2,
+            "subprocessor": "payroll", "task_state": "COMPLETED", "controller": "acme",
+            "records_affected": 1, "erased": [], "retained": [],
+            "completed_at": "2026-01-01T00:00:00.000Z", "issued_at": "2026-01-01T00:00:00.000Z",
+        });
+        body["follows"] = json!(certificate_id(2));
+        let doc = other.sign(to_canonical_json(&body).unwrap());
+        let answer = registry
+            .acknowledge(vec![Acknowledgement {
+                request_id: r2.clone(),
+                subprocessor: "payroll".into(),
+                sequence: 1,
+                state: TaskState::Completed as i32,
+                certificate: Some(DeletionCertificate {
+                    body: doc.body,
+                    signature: doc.signature,
+                    key_id: doc.key_id,
+                }),
+                ..Default::default()
+            }])
+            .await;
+        assert_eq!((answer.applied, answer.duplicates), (1, 0), "{answer:?}");
+        registry.stop().await;
+        let registry =
+            Registry::start(dir, database_url, Some(&other.public_key().to_base64())).await;
+        let payroll: Vec<StoredCertificate> = list(&registry, &r2)
+            .await
+            .into_iter()
+            .filter(|c| c.subprocessor == "payroll")
+            .collect();
+        assert_eq!(payroll.len(), 1, "{payroll:?}");
+        assert!(!payroll[0].verified, "{payroll:?}");
+        // Only the rule it broke: the key it was first rejected for is now the one.
+        assert_eq!(
+            payroll[0].rejection,
+            format!(
+                "{AGAINST_STORED_FOR_TESTS}: its follows names certificate {}, which is stored \
+                 for another request",
+                certificate_id(2)
+            ),
+            "{payroll:?}"
+        );
         registry.stop().await;
     }
 

@@ -422,7 +422,9 @@ impl Store {
     /// decided in memory, per processor one multi-row upsert of its tasks that moved (the
     /// last state of each), one UPDATE per state the touched requests move to (most batches
     /// move them to one or two) and one for the requests that stay, and the events and audit
-    /// entries written together. A deletion certificate adds its INSERT.
+    /// entries written together. Deletion certificates add, per 500 of their requests and
+    /// per 500 of the certificate ids they name, one read of the stored certificates they are
+    /// checked against (`certificates::against_stored`), and each its INSERT.
     async fn record_ack_calls(&self, calls: &[QueuedAcks]) -> Result<Vec<AckOutcome>> {
         let now = calls.iter().map(|c| c.now).max().unwrap_or_default();
         let mut tx = self.begin().await?;

@@ -140,15 +140,18 @@ pub(super) async fn record_all(
     Ok(())
 }
 
-/// How every rejection [`against_stored`] gives begins: what is rejected so stays rejected
-/// when served ([`CertificateRow::rejected_against_stored`]).
+/// How the rule of every rejection [`against_stored`] gives is introduced (after the reason
+/// a certificate rejected when received already had): what is rejected so stays rejected
+/// when served ([`CertificateRow::rejection_against_stored`]).
 const AGAINST_STORED: &str = "checked against the certificates stored before it";
 
 impl CertificateRow {
-    /// Whether it was rejected against the certificates stored before it
-    /// (`against_stored`), which no key configured later changes.
-    pub fn rejected_against_stored(&self) -> bool {
-        self.verified == 0 && self.rejection.starts_with(AGAINST_STORED)
+    /// The part of its rejection that says which rule against the certificates stored before
+    /// it (`against_stored`) it broke, which no key configured later changes (after any other
+    /// reason it was rejected for when received); `None` when it broke none.
+    pub fn rejection_against_stored(&self) -> Option<&str> {
+        let at = self.rejection.find(AGAINST_STORED)?;
+        (self.verified == 0).then(|| &self.rejection[at..])
     }
 }
 
@@ -185,10 +188,12 @@ fn stored_under_ids(n: usize) -> String {
     )
 }
 
-/// The verified certificates of `fresh` (each `(processor, update)`, the acknowledgements
-/// new to the store, in their order) checked against the certificates stored and those
-/// before them in `fresh`, as each is to be stored: a certificate that breaks a rule is
-/// rejected, with which rule and the certificate ids it concerns. `None` for an update
+/// The certificates of `fresh` (each `(processor, update)`, the acknowledgements new to the
+/// store, in their order) whose bodies named an id, checked against the certificates stored
+/// and those before them in `fresh`, as each is to be stored: a verified certificate that
+/// breaks a rule is rejected, with which rule and the certificate ids it concerns, and one
+/// rejected already (for its key or its body) has the rule added to its rejection, so that
+/// a key configured later does not make it verified unchecked (`CertificateRow::rejection_against_stored`). `None` for an update
 /// without a certificate. Call it under the lock of the updates' requests, so that no
 /// other transaction stores a certificate of their tasks meanwhile.
 ///
@@ -211,8 +216,10 @@ pub(super) async fn against_stored(
     };
     let mut ids = BTreeSet::new();
     let mut requests = BTreeSet::new();
+    // A certificate rejected for its key or body is checked too (when its body named an
+    // id): a key configured later would otherwise make it verified unchecked.
     for (_, ack) in fresh {
-        if let Some(c) = ack.certificate.as_ref().filter(|c| c.verified) {
+        if let Some(c) = (ack.certificate.as_ref()).filter(|c| !c.certificate_id.is_empty()) {
             requests.insert(ack.request_id.clone());
             ids.insert(c.certificate_id.clone());
             ids.extend(follows_of(c));
@@ -268,7 +275,9 @@ pub(super) async fn against_stored(
             ack.subprocessor.clone(),
         );
         let mut c = c.clone();
-        if c.verified {
+        // A rejected one of a forgotten request keeps no body to check again later.
+        let recheckable = c.verified || !forgotten.contains(&ack.request_id);
+        if !c.certificate_id.is_empty() && recheckable {
             let follows = follows_of(&c);
             if let Some(rule) = broken_rule(&compared, &task, ack.sequence, &c, follows.as_deref())
             {
@@ -279,8 +288,11 @@ pub(super) async fn against_stored(
                     rejection = %rule,
                     "deletion certificate rejected"
                 );
+                c.rejection = match c.verified {
+                    true => format!("{AGAINST_STORED}: {rule}"),
+                    false => format!("{}; {AGAINST_STORED}: {rule}", c.rejection),
+                };
                 c.verified = false;
-                c.rejection = format!("{AGAINST_STORED}: {rule}");
             }
         }
         // Stored as `record_all` stores it: a rejected one of a forgotten request without
@@ -302,8 +314,8 @@ pub(super) async fn against_stored(
     Ok(out)
 }
 
-/// The rule a verified certificate `c` of acknowledgement `sequence` of `task`, whose body
-/// names `follows`, breaks against the certificates `compared` holds, if any.
+/// The rule a certificate `c` of acknowledgement `sequence` of `task`, whose body names
+/// `follows`, breaks against the certificates `compared` holds, if any.
 fn broken_rule(
     compared: &Compared,
     task: &TaskOf,
