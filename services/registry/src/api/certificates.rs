@@ -123,14 +123,15 @@ pub(crate) fn check(
         task_state: Some(&state),
     };
     // The id is shown even for a rejected certificate, when the body has one: read from the
-    // body verification parsed, or else (the signature did not hold) parsed for it alone.
-    let mut certificate_id = None;
+    // body verification parsed, or else (the signature did not hold) parsed for it alone;
+    // `follows` with it, for the check against the stored certificates.
+    let mut named = None;
     let rejection = match key {
         None => Some("no public_key is configured for this processor".to_string()),
         Some(key) => match key.verify_received(&doc, received_at_ms) {
             Err(e) => Some(signature_rejection(&e)),
             Ok(value) => {
-                certificate_id = id_in(&value);
+                named = Some(ids_in(&value));
                 match claims(&value) {
                     Err(e) => Some(e),
                     Ok(claims) => mismatch(&claims, &expected),
@@ -138,14 +139,13 @@ pub(crate) fn check(
             }
         },
     };
-    let certificate_id = certificate_id
-        .or_else(|| claimed_id(&doc.body))
-        .unwrap_or_default();
+    let (certificate_id, follows) = named.or_else(|| claimed_ids(&doc.body)).unwrap_or_default();
     ReceivedCertificate {
         body: doc.body,
         signature: doc.signature,
         key_id: doc.key_id,
-        certificate_id,
+        certificate_id: certificate_id.unwrap_or_default(),
+        follows,
         verified: rejection.is_none(),
         rejection: rejection.unwrap_or_default(),
     }
@@ -165,14 +165,21 @@ fn claims(body: &serde_json::Value) -> Result<Claims, String> {
 const NOT_A_CERTIFICATE: &str =
     "the body is not a deletion certificate as certificate.proto defines it";
 
-/// The `certificate_id` `body` carries, read without checking the signature.
-fn claimed_id(body: &[u8]) -> Option<String> {
-    id_in(&serde_json::from_slice::<serde_json::Value>(body).ok()?)
+/// The `certificate_id` and `follows` of a certificate's body, parsed for them alone (its
+/// signature did not hold); `None` when it is no JSON.
+fn claimed_ids(body: &[u8]) -> Option<(Option<String>, Option<String>)> {
+    Some(ids_in(
+        &serde_json::from_slice::<serde_json::Value>(body).ok()?,
+    ))
 }
 
-/// The `certificate_id` of a certificate's parsed body.
-fn id_in(body: &serde_json::Value) -> Option<String> {
-    body.get("certificate_id")?.as_str().map(str::to_string)
+/// The `certificate_id` and the non-empty `follows` of a certificate's parsed body.
+fn ids_in(body: &serde_json::Value) -> (Option<String>, Option<String>) {
+    let text = |key: &str| body.get(key).and_then(|v| v.as_str()).map(str::to_string);
+    (
+        text("certificate_id"),
+        text("follows").filter(|f| !f.is_empty()),
+    )
 }
 
 /// The first way `claims` disagree with what the registry expects, if any. Names the field
@@ -270,14 +277,19 @@ pub(super) fn violations(i: usize, c: &DeletionCertificate) -> Vec<FieldViolatio
     // would resend it, with everything batched beside it, forever. A body without an id is
     // left to be stored as rejected, for an operator to see; an oversized one is refused
     // above already and not worth reading.
+    // Its `follows` is bound in the registry's read of the certificates it names, likewise.
     if c.body.len() <= MAX_BODY {
-        if let Some(id) = claimed_id(&c.body) {
-            out.extend(text_violation(
-                &field("body.certificate_id"),
-                &id,
-                128,
-                true,
-            ));
+        if let Some((id, follows)) = claimed_ids(&c.body) {
+            for (name, value) in [("certificate_id", id), ("follows", follows)] {
+                if let Some(value) = value {
+                    out.extend(text_violation(
+                        &field(&format!("body.{name}")),
+                        &value,
+                        128,
+                        true,
+                    ));
+                }
+            }
         }
     }
     out

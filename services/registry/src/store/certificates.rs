@@ -28,6 +28,9 @@ pub struct ReceivedCertificate {
     pub key_id: String,
     /// The certificate's id, from the body (empty when unreadable).
     pub certificate_id: String,
+    /// The certificate it follows up, from the body (`None` when it names none, or the body
+    /// is unreadable).
+    pub follows: Option<String>,
     /// Whether it passed every check.
     pub verified: bool,
     /// Why it did not.
@@ -209,11 +212,6 @@ pub(super) async fn against_stored(
     fresh: &[(&str, &TaskUpdate)],
     forgotten: &BTreeSet<String>,
 ) -> Result<Vec<Option<ReceivedCertificate>>> {
-    let follows_of = |c: &ReceivedCertificate| -> Option<String> {
-        let body = serde_json::from_slice::<serde_json::Value>(&c.body).ok()?;
-        let follows = body.get("follows")?.as_str()?;
-        (!follows.is_empty()).then(|| follows.to_string())
-    };
     let mut ids = BTreeSet::new();
     let mut requests = BTreeSet::new();
     // A certificate rejected for its key or body is checked too (when its body named an
@@ -222,7 +220,7 @@ pub(super) async fn against_stored(
         if let Some(c) = (ack.certificate.as_ref()).filter(|c| !c.certificate_id.is_empty()) {
             requests.insert(ack.request_id.clone());
             ids.insert(c.certificate_id.clone());
-            ids.extend(follows_of(c));
+            ids.extend(c.follows.clone());
         }
     }
     ids.remove("");
@@ -278,8 +276,8 @@ pub(super) async fn against_stored(
         // A rejected one of a forgotten request keeps no body to check again later.
         let recheckable = c.verified || !forgotten.contains(&ack.request_id);
         if !c.certificate_id.is_empty() && recheckable {
-            let follows = follows_of(&c);
-            if let Some(rule) = broken_rule(&compared, &task, ack.sequence, &c, follows.as_deref())
+            if let Some(rule) =
+                broken_rule(&compared, &task, ack.sequence, &c, c.follows.as_deref())
             {
                 tracing::warn!(
                     processor,
@@ -478,6 +476,7 @@ mod tests {
                 signature: vec![0; 64],
                 key_id: "sha256:00".into(),
                 certificate_id: id.into(),
+                follows: None,
                 verified: true,
                 rejection: String::new(),
             }),

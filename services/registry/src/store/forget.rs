@@ -1057,6 +1057,7 @@ mod tests {
                 signature: SUBJECT.as_bytes().to_vec(),
                 key_id: key_id.into(),
                 certificate_id: SUBJECT.into(),
+                follows: None,
                 verified,
                 rejection: if verified {
                     String::new()
