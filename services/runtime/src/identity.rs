@@ -275,11 +275,12 @@ pub fn submit_identity_violations(identities: &[SubjectIdentity]) -> Vec<FieldVi
     out
 }
 
-/// The fields a correction may name that are identities, by their type's name: holders find
-/// the subject by these (the SQL connector's match keys, the example adapter's `email` and
-/// `phone`), so a corrected value is one the subject must still be found by. OTHER is left
-/// out: what its value is depends on its label, which a correction does not carry.
-const IDENTITY_FIELDS: [(&str, IdentityType); 4] = [
+/// The identity types holders find a subject by, by their name as a configuration key or a
+/// correction's field: the SQL connector's `match` keys, and the fields a correction may
+/// name that are identities (the example adapter's `email` and `phone` among them), so a
+/// corrected value is one the subject must still be found by. OTHER is left out: what its
+/// value is depends on its label, which neither a `match` nor a correction carries.
+pub const IDENTITY_FIELDS: [(&str, IdentityType); 4] = [
     ("email", IdentityType::Email),
     ("phone", IdentityType::Phone),
     ("customer_number", IdentityType::CustomerNumber),

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use dsrelay_proto::v1::{IdentityType, RequestKind};
+use dsrelay_proto::v1::RequestKind;
 use dsrelay_runtime::identity::text_violation;
 use dsrelay_runtime::store::Backend;
 use serde::{Deserialize, Serialize};
@@ -16,14 +16,10 @@ pub const REDACTED: &str = "[erased]";
 /// How long rows kept only by a `while` condition wait for the next check, unless configured.
 pub const DEFAULT_RECHECK_DAYS: u32 = 30;
 
-/// The identity types a `match` table may use, by their configuration key. `OTHER` is left out
-/// because its values mean different things from one request to the next (see its label).
-pub(super) const MATCH_KEYS: [(&str, IdentityType); 4] = [
-    ("email", IdentityType::Email),
-    ("phone", IdentityType::Phone),
-    ("customer_number", IdentityType::CustomerNumber),
-    ("national_id", IdentityType::NationalId),
-];
+/// The identity types a `match` table may use, by their configuration key: the runtime's
+/// identity fields, which corrections are checked by too. `OTHER` is not among them because
+/// its values mean different things from one request to the next (see its label).
+pub(super) use dsrelay_runtime::identity::IDENTITY_FIELDS as MATCH_KEYS;
 
 /// The configuration of one SQL subprocessor (everything after `type = "sql"`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
