@@ -115,8 +115,7 @@ impl<'a> Scoped<'a> {
         const DOING: &str = "starting a transaction";
         match self.db.pool.begin().await {
             Ok(tx) => Ok(tx),
-            Err(sqlx::Error::PoolTimedOut) => Err(pool_timed_out(&self.db.pool, DOING).await),
-            Err(e) => Err(classify(DOING, &e)),
+            Err(e) => Err(classify_pooled(&self.db.pool, DOING, &e).await),
         }
     }
 
@@ -1405,9 +1404,9 @@ async fn pool_timed_out(pool: &sqlx::AnyPool, context: &str) -> ConnectorError {
     ConnectorError::Transient(message)
 }
 
-/// [`classify`] for a statement run on the pool itself rather than in a transaction of
-/// [`pool_timed_out`]'s callers: a pool that gave no connection in time gets the server's
-/// answer as its reason, as a transaction's start does.
+/// [`classify`] for a statement run on the pool itself, or a transaction's start: a pool
+/// that gave no connection in time gets the server's answer as its reason
+/// ([`pool_timed_out`]).
 pub(super) async fn classify_pooled(
     pool: &sqlx::AnyPool,
     context: &str,
