@@ -27,7 +27,7 @@ fn main() -> ExitCode {
         "dsrelay-example-adapter",
         args.config.as_deref(),
         Config::load,
-        |config, listener, shutdown| async move {
+        |config| async move {
             let app = App::build(config).await?;
             if args.demo_billing {
                 let added = app
@@ -36,7 +36,8 @@ fn main() -> ExitCode {
                     .await?;
                 tracing::info!(added, "billing records of the seeded paid subscriber");
             }
-            app.run(listener, shutdown).await
+            Ok(app)
         },
+        |app, listener, shutdown| app.run(listener, shutdown),
     )
 }

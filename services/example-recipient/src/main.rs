@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         "dsrelay-example-recipient",
         args.config.as_deref(),
         Config::load,
-        |config, listener, shutdown| async move { App::build(config)?.run(listener, shutdown).await },
+        |config| async move { App::build(config) },
+        |app, listener, shutdown| app.run(listener, shutdown),
     )
 }

@@ -21,8 +21,7 @@ fn main() -> ExitCode {
         "dsrelay-processor",
         args.config.as_deref(),
         Config::load,
-        |config, listener, shutdown| async move {
-            App::build(config).await?.run(listener, shutdown).await
-        },
+        App::build,
+        |app, listener, shutdown| app.run(listener, shutdown),
     )
 }

@@ -329,18 +329,26 @@ async fn stop_within(running: Vec<(&'static str, JoinHandle<()>)>, deadline: tok
 /// The body of every service binary's `main`: loads the configuration from `config_file`
 /// and the environment with `load` (a bad one is printed and exits 64, EX_USAGE), starts the
 /// async runtime its `worker_threads` asks for ([`runtime`]), sets up telemetry as `name`,
-/// binds the configured address, and calls `run` with the listener and a future that
-/// resolves on SIGINT or SIGTERM. Exits 1 when the service fails.
-pub fn main<C, L, R, Fut>(
+/// calls `build` (open the store, migrate, connect), and only then binds the configured
+/// address and calls `run` with what `build` made, the listener and a future that resolves
+/// on SIGINT or SIGTERM. Exits 1 when the service fails.
+///
+/// Binding after the build keeps the port closed while a replica migrates or waits for its
+/// database: a load balancer's connection check, or a client, finds it refused and goes to
+/// another replica, instead of a connection accepted by the kernel that nothing answers.
+pub fn main<C, L, B, BFut, A, R, Fut>(
     name: &'static str,
     config_file: Option<&Path>,
     load: L,
+    build: B,
     run: R,
 ) -> ExitCode
 where
     C: AsRef<ServiceSettings>,
     L: FnOnce(Option<&Path>) -> Result<C, ConfigErrors>,
-    R: FnOnce(C, TcpListener, Shutdown) -> Fut,
+    B: FnOnce(C) -> BFut,
+    BFut: Future<Output = Result<A>>,
+    R: FnOnce(A, TcpListener, Shutdown) -> Fut,
     Fut: Future<Output = Result<()>>,
 {
     let config = match load(config_file) {
@@ -361,12 +369,13 @@ where
         let telemetry = crate::telemetry::init(config.as_ref().log_json, name);
         let result = async {
             let listen = config.as_ref().listen.clone();
+            let built = build(config).await?;
             // A socket handed down by whoever started us (tests, systemd) keeps its address
             // across restarts; otherwise bind it here.
             let listener = crate::listen::bind(&listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
-            run(config, listener, Box::pin(crate::shutdown_signal())).await
+            run(built, listener, Box::pin(crate::shutdown_signal())).await
         }
         .await;
         telemetry.shutdown().await;
@@ -854,7 +863,8 @@ mod tests {
                     "listen: must be an IP address and port".into()
                 ]))
             },
-            |_, _, _| async { panic!("ran with a bad configuration") },
+            |_| async { panic!("built with a bad configuration") },
+            |(), _, _| async { panic!("ran with a bad configuration") },
         );
         assert_eq!(format!("{code:?}"), format!("{:?}", ExitCode::from(64)));
     }
@@ -876,7 +886,8 @@ mod tests {
                 "test",
                 None,
                 |_| Ok(Sample(settings)),
-                |_, _, _| async move {
+                |_| async { Ok(()) },
+                |(), _, _| async move {
                     *s.lock().unwrap() = Some(runtime_shape());
                     Ok(())
                 },
@@ -884,5 +895,38 @@ mod tests {
             assert_eq!(format!("{code:?}"), format!("{:?}", ExitCode::SUCCESS));
             assert_eq!(*seen.lock().unwrap(), Some(wanted), "{threads} threads");
         }
+    }
+
+    /// The port is bound only after the build (a store opening, migrating, waiting for its
+    /// database): here it is held by the test itself all along, so the build runs, and only
+    /// the bind after it fails, naming the address. Bound before the build, the service
+    /// would have failed before building anything.
+    #[test]
+    fn the_port_is_bound_only_after_the_build() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = held.local_addr().unwrap().to_string();
+        let settings = ServiceSettings::new(
+            &addr,
+            "sqlite::memory:",
+            TlsFiles::new("ca.pem", "c.pem", "c.key"),
+        );
+        let built = Arc::new(AtomicBool::new(false));
+        let b = built.clone();
+        let code = main(
+            "test",
+            None,
+            |_| Ok(Sample(settings)),
+            |_| async move {
+                b.store(true, Ordering::SeqCst);
+                Ok(())
+            },
+            |(), _, _| async { panic!("ran without its port") },
+        );
+        assert!(
+            built.load(Ordering::SeqCst),
+            "the build ran before the bind"
+        );
+        assert_eq!(format!("{code:?}"), format!("{:?}", ExitCode::FAILURE));
+        drop(held);
     }
 }
