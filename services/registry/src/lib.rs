@@ -34,6 +34,8 @@ mod auth;
 #[cfg(test)]
 mod complete_part_tests;
 pub mod config;
+#[cfg(test)]
+mod database_down_tests;
 pub mod deadline;
 mod dispatcher;
 mod error;

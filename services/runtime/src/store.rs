@@ -47,6 +47,13 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::{AnyPool, ConnectOptions, Executor};
 
+/// How long a caller waits for a pooled connection before its statement fails as out of reach
+/// (UNAVAILABLE at the API, retried by the workers). Well under the 30 s deadline the SDK and
+/// `dsrctl` give a call, so that a partner whose call meets a database server gone away hears
+/// that the service could not reach its database, instead of its own deadline running out at
+/// the same moment with nothing said.
+pub const POOL_WAIT: Duration = Duration::from_secs(10);
+
 /// How long a pooled connection may sit idle before it is checked (pinged) again when taken.
 const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 
@@ -59,13 +66,13 @@ const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 /// One that breaks in the moment between fails its statement, which every caller already
 /// meets as a database error (retried by the workers, UNAVAILABLE at the API).
 ///
-/// Every pool also waits up to 30 s for a connection, and has no idle timeout or lifetime:
+/// Every pool also waits up to [`POOL_WAIT`] for a connection, and has no idle timeout or lifetime:
 /// those start sqlx's pool maintenance task, whose loop over `num_idle()` was seen to spin
 /// without yielding (a CI run hung in it at a test's runtime shutdown). A connection needs
 /// no recycling here.
 fn pool_options() -> AnyPoolOptions {
     AnyPoolOptions::new()
-        .acquire_timeout(Duration::from_secs(30))
+        .acquire_timeout(POOL_WAIT)
         .idle_timeout(None)
         .max_lifetime(None)
         .test_before_acquire(false)
@@ -1989,7 +1996,7 @@ mod reader_tests {
         let mut tx = db.pool.begin().await.unwrap();
         tx.execute("INSERT INTO t (id) VALUES (1)").await.unwrap();
         // The writer's only connection is held by `tx`: through it this read would wait
-        // the pool's 30 s acquire timeout.
+        // the pool's acquire timeout, POOL_WAIT.
         let during = tokio::time::timeout(Duration::from_secs(5), count(db.clone()))
             .await
             .expect("a read while the writer's transaction is open does not wait for it");
