@@ -843,7 +843,13 @@ async fn send_export(
         // `why` quotes the receipt's fields, the recipient's words.
         check_receipt(key, name, &own, &headers, r).map_err(|why| {
             Failure::Retry(Said::quoting(
-                format!("the receipt of {to} does not match what was sent"),
+                format!(
+                    "the receipt of {to} does not match what was sent (a part the recipient \
+                     closed answers the same receipt again: unless what disagrees is set right \
+                     on this side, such as the registry's name for the recipient, the \
+                     recipient's operator discards that part once the recipient is set \
+                     right, and the next attempt sends it anew); what disagreed"
+                ),
                 why,
             ))
         })?;
