@@ -987,6 +987,17 @@ pub(crate) async fn bulk(
                 let billing = retention::release_controller(tx, controller, cutoff_ms).await?;
                 let (subscribers, deliveries) = erase_controller(tx, controller).await?;
                 let kept = retention::kept_of_controller(tx, controller).await?;
+                if subscribers == 0 && deliveries == 0 && billing == 0 && kept.is_none() {
+                    // Nothing of the controller was here (a second contract end, or one
+                    // after every subscriber left): a deletion of nothing is no deletion
+                    // to certify.
+                    return Ok(ExecuteBulkResponse {
+                        outcome: ExecuteOutcome::NotFound as i32,
+                        note: format!("holds no data of controller {controller}"),
+                        progress: Some(progress),
+                        ..Default::default()
+                    });
+                }
                 let erased = |target: &str, count: i64| BulkErasedCount {
                     target: target.into(),
                     action: "deleted".into(),
@@ -1136,6 +1147,42 @@ mod tests {
             "{erased:?}"
         );
         assert_eq!(counts(&erased), (1, 1, 2, 2));
+    }
+
+    /// A contract end's erasure where the controller has nothing left (here: a second
+    /// contract end after the first erased everything) is NOT_FOUND, not a COMPLETED
+    /// deletion of nothing that the processor would certify.
+    #[tokio::test]
+    async fn erasing_a_controller_with_nothing_left_is_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/newsletter.db", dir.path().display());
+        let store = Store::open(&url).await.unwrap();
+        store
+            .add_subscriber(GLOBEX, PEKKA, "Pekka N.")
+            .await
+            .unwrap();
+        let now = now_ms();
+        let first = store
+            .execute_bulk("processor", &bulk("ce-1", BulkOperation::Erase), now)
+            .await
+            .unwrap();
+        assert_eq!(first.outcome, ExecuteOutcome::Completed as i32, "{first:?}");
+        let second = store
+            .execute_bulk("processor", &bulk("ce-2", BulkOperation::Erase), now)
+            .await
+            .unwrap();
+        assert_eq!(
+            second.outcome,
+            ExecuteOutcome::NotFound as i32,
+            "{second:?}"
+        );
+        assert!(second.erased.is_empty(), "{second:?}");
+        // A repeated job answers as it first did.
+        let again = store
+            .execute_bulk("processor", &bulk("ce-1", BulkOperation::Erase), now)
+            .await
+            .unwrap();
+        assert_eq!(again.outcome, ExecuteOutcome::Completed as i32, "{again:?}");
     }
 
     #[tokio::test]
