@@ -33,7 +33,7 @@
 //! in one of two forms:
 //! - `export_paged` (wins when set): the records are fetched with `GetExportPage` under the
 //!   key the answer was given under, one page of at most 1 MiB (`EXPORT_PAGE_BYTES`) at a
-//!   time, and each record, checked to be one JSON value, is appended to a JSON array
+//!   time, and each record, checked to be one JSON value in UTF-8, is appended to a JSON array
 //!   streamed to the file. What is held is one page, whatever the size of the export. A page
 //!   that fails transiently is asked again (same token) up to `PAGE_RETRIES` times before
 //!   the error is passed on, except ABORTED (the token expired), passed on at once; the
@@ -41,9 +41,12 @@
 //!   `GetTaskStatus` for a task the adapter ACCEPTED, and the first page. A page larger than
 //!   asked, a record that is not JSON, an empty page that is not the last, a token answered
 //!   with itself, or an export beyond `MAX_EXPORT_PAGES` pages or `MAX_EXPORT_BYTES` bytes
-//!   are permanent errors.
+//!   are permanent errors, and so is an export of no record from an answer whose
+//!   `records_affected` is above 0 (the subject would be sent an empty file).
 //! - `export_json` (adapters that answer inline): one JSON value in the answer itself, so at
-//!   most the 16 MiB this connector decodes; checked to be JSON and written as it came.
+//!   most the 16 MiB this connector decodes; checked to be JSON in UTF-8 and written as it
+//!   came. `null`, `[]` or `{}` from an answer whose `records_affected` is above 0 is a
+//!   permanent error.
 //!
 //! # Controllers
 //! Every `Execute` carries the task's `controller`, and the adapter scopes itself by it. The
@@ -62,7 +65,12 @@
 //! the processor adds to them. An adapter whose step takes longer than `timeout_ms` answers
 //! ACCEPTED and is asked again later. A completed export is fetched with `GetExportPage`
 //! under the key it was answered for, exactly as a paged RETURN_OF_DATA export, into
-//! `export.json` (an empty array when the answer has no `export_paged`). A retention run's
+//! `export.json` (an empty array when the answer has no `export_paged`); its progress is
+//! reported only once the file holds at least one record per subject the answer counts as
+//! done, and fewer is a permanent error: the counts would be taken as returned, and the
+//! erasure checked against them would erase data nobody received. A COMPLETED answer whose
+//! progress has a done count other than its total (a total above 0) and a negative erased
+//! count are permanent errors too. A retention run's
 //! NOT_FOUND, at once or at the confirmation of its key, completes the step with no records,
 //! and its RETAINED with a date already past fails the step for an operator, as a single
 //! task's do. A RETAINED date must lie between the years 2000 and 9999 here too. The
@@ -75,10 +83,12 @@
 //! # Outcomes and errors
 //! COMPLETED, NOT_FOUND, RETAINED, ACCEPTED and REFUSED map to the [`Outcome`] of the same
 //! name; FAILED, UNSPECIFIED and malformed answers (invalid export JSON, RETAINED without a
-//! legal basis or date) are permanent errors. gRPC UNAVAILABLE, DEADLINE_EXCEEDED,
-//! RESOURCE_EXHAUSTED, ABORTED, errors raised by the transport itself (connection refused,
-//! TLS failures, resets) and calls exceeding `timeout_ms` are transient; every other status
-//! is permanent and reported with its code and message.
+//! legal basis or date, an answer that does not decode as the method's message) are
+//! permanent errors. gRPC UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, errors
+//! raised by the transport itself (connection refused, TLS failures, resets) and calls
+//! exceeding `timeout_ms` (whether tonic's client deadline or this connector's timer ends
+//! them, said as no answer within the configured timeout_ms) are transient; every other
+//! status is permanent and reported with its code and message.
 //!
 //! # Tracing
 //! Every call is built by `AdapterConnector::outgoing`, which sets the deadline and injects
@@ -108,6 +118,9 @@ use crate::{
 };
 
 mod bulk;
+
+#[cfg(test)]
+mod answer_tests;
 
 /// Appended to the task id to form the idempotency key of the [`Phase::RetentionExpired`]
 /// call.
@@ -359,15 +372,21 @@ impl AdapterConnector {
         rpc: &str,
         result: Result<Result<tonic::Response<R>, Status>, tokio::time::error::Elapsed>,
     ) -> Result<R, ConnectorError> {
-        match result {
-            Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) => Err(status_error(rpc, &self.endpoint, &status)),
-            Err(_) => Err(ConnectorError::Transient(format!(
-                "adapter {} at {}: no answer within {} ms",
+        let no_answer = || {
+            ConnectorError::Transient(format!(
+                "adapter {} at {}: no answer within the configured timeout_ms ({} ms)",
                 rpc,
                 self.endpoint,
                 self.timeout.as_millis()
-            ))),
+            ))
+        };
+        match result {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            // The deadline sent with the call is enforced by the client too, which usually
+            // ends the call before the timer here does, as CANCELLED "Timeout expired".
+            Ok(Err(status)) if timed_out(&status) => Err(no_answer()),
+            Ok(Err(status)) => Err(status_error(rpc, &self.endpoint, &status)),
+            Err(_) => Err(no_answer()),
         }
     }
 
@@ -421,12 +440,13 @@ impl AdapterConnector {
     }
 
     /// Fetches the paged export of `task_id` page by page into `export.json`, a JSON array
-    /// of its records. See the module documentation for what is refused.
+    /// of its records, and returns the file with the number of records written. See the
+    /// module documentation for what is refused.
     async fn write_paged_export(
         &self,
         sink: &ExportSink,
         task_id: &str,
-    ) -> Result<ExportedFile, ConnectorError> {
+    ) -> Result<(ExportedFile, u64), ConnectorError> {
         let file = sink.file("export.json", JSON).await?;
         let mut array = JsonArrayWriter::new(file).await?;
         let mut token = String::new();
@@ -453,7 +473,7 @@ impl AdapterConnector {
                 )));
             }
             for record in &page.records {
-                serde_json::from_slice::<serde::de::IgnoredAny>(record).map_err(|e| {
+                check_json(record).map_err(|e| {
                     ConnectorError::Permanent(format!(
                         "record {} of the adapter's export is not valid JSON: {e}",
                         array.count() + 1
@@ -476,13 +496,14 @@ impl AdapterConnector {
             }
             token = page.next_page_token;
         }
+        let records = array.count();
         tracing::debug!(
             endpoint = %self.endpoint,
             pages,
-            records = array.count(),
+            records,
             "paged export written"
         );
-        array.finish().await
+        Ok((array.finish().await?, records))
     }
 
     /// Turns an adapter's answer to `task` into an [`Outcome`], writing a completed export
@@ -497,13 +518,28 @@ impl AdapterConnector {
         let inline = std::mem::take(&mut response.export_json);
         let paged = response.export_paged;
         let mut outcome = outcome_from_response(handle, response)?;
-        if let Outcome::Completed { files, .. } = &mut outcome {
+        if let Outcome::Completed {
+            files,
+            records_affected,
+            ..
+        } = &mut outcome
+        {
             // Data the request did not ask for is not kept (nor fetched).
             if matches!(task.kind, RequestKind::ReturnOfData | RequestKind::Transfer) {
                 let file = if paged {
-                    self.write_paged_export(task.export_sink()?, handle).await?
+                    let (file, written) =
+                        self.write_paged_export(task.export_sink()?, handle).await?;
+                    if written == 0 && *records_affected > 0 {
+                        return Err(ConnectorError::Permanent(format!(
+                            "the adapter completed {} with records_affected {} but its paged \
+                             export holds no record; an empty export is not delivered for it",
+                            kind_label(task.kind),
+                            records_affected
+                        )));
+                    }
+                    file
                 } else {
-                    write_export(task, &inline).await?
+                    write_export(task, &inline, *records_affected).await?
                 };
                 *files = vec![file];
             }
@@ -733,18 +769,54 @@ fn clip(mut s: String) -> String {
     s
 }
 
+/// Checks that `bytes` are one JSON value in UTF-8. `serde_json::from_slice` alone is not
+/// enough: skipping a value it does not check the bytes of its strings, so `"\xff"` would pass.
+fn check_json(bytes: &[u8]) -> Result<(), String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| format!("it is not UTF-8 ({e})"))?;
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Whether `json`, one JSON value (checked before), holds no data: `null`, `[]` or `{}`.
+/// Looks at no more than its first five bytes besides whitespace, whatever its size: a
+/// value whose only ones are those of `null`, `[]` or `{}` is that value.
+fn holds_nothing(json: &[u8]) -> bool {
+    let bare: Vec<u8> = json
+        .iter()
+        .copied()
+        .filter(|b| !b" \t\n\r".contains(b))
+        .take(5)
+        .collect();
+    matches!(bare.as_slice(), b"null" | b"[]" | b"{}")
+}
+
 /// Checks that the adapter's inline `export_json` is JSON and writes it as `export.json`. It
-/// came in one message of at most 16 MiB, which is what this connector holds of it.
-async fn write_export(task: &Task, export: &[u8]) -> Result<ExportedFile, ConnectorError> {
+/// came in one message of at most 16 MiB, which is what this connector holds of it. An
+/// export holding nothing (`null`, `[]`, `{}`) from an answer counting `records_affected`
+/// records is refused: the subject would be sent an empty file for data the adapter holds.
+async fn write_export(
+    task: &Task,
+    export: &[u8],
+    records_affected: i64,
+) -> Result<ExportedFile, ConnectorError> {
     if export.is_empty() {
         return Err(ConnectorError::Permanent(format!(
             "the adapter completed {} without export_json or export_paged",
             kind_label(task.kind)
         )));
     }
-    serde_json::from_slice::<serde::de::IgnoredAny>(export).map_err(|e| {
+    check_json(export).map_err(|e| {
         ConnectorError::Permanent(format!("the adapter's export_json is not valid JSON: {e}"))
     })?;
+    if records_affected > 0 && holds_nothing(export) {
+        return Err(ConnectorError::Permanent(format!(
+            "the adapter completed {} with records_affected {records_affected} but its \
+             export_json holds nothing ({}); an empty export is not delivered for it",
+            kind_label(task.kind),
+            String::from_utf8_lossy(export).trim()
+        )));
+    }
     let mut file = task.export_sink()?.file("export.json", JSON).await?;
     file.write(export).await?;
     file.finish().await
@@ -849,15 +921,33 @@ fn code_of<R>(
 ) -> Code {
     match result {
         Ok(Ok(_)) => Code::Ok,
+        Ok(Err(status)) if timed_out(status) => Code::DeadlineExceeded,
         Ok(Err(status)) => status.code(),
         Err(_) => Code::DeadlineExceeded,
     }
 }
 
+/// Whether `status` is the client's own deadline expiring ([`tonic::TimeoutExpired`] among
+/// its sources), not a status the adapter sent.
+fn timed_out(status: &Status) -> bool {
+    std::iter::successors(std::error::Error::source(status), |e| e.source())
+        .any(|e| e.is::<tonic::TimeoutExpired>())
+}
+
 /// Classifies a failed call: conditions that pass by themselves are transient, the rest
-/// permanent. A status carrying a source error was raised by the transport on our side
-/// (connection refused, TLS, reset), not answered by the adapter, and is transient.
+/// permanent. An answer this side could not decode (a string that is not UTF-8, bytes that
+/// are not the method's answer) is a malformed answer, permanent as the others are: the
+/// adapter answers a repeated call with the same outcome. Any other status carrying a source
+/// error was raised by the transport on our side (connection refused, TLS, reset), not
+/// answered by the adapter, and is transient.
 fn status_error(rpc: &str, endpoint: &str, status: &Status) -> ConnectorError {
+    if let Some(bad) = dsrelay_proto::codec::undecodable(status) {
+        return ConnectorError::Permanent(clip(format!(
+            "adapter {rpc} at {endpoint}: its answer could not be decoded: it is not a valid \
+             protobuf {}: {}",
+            bad.type_name, bad.error
+        )));
+    }
     let transient = matches!(
         status.code(),
         Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted
@@ -1249,6 +1339,54 @@ mod tests {
             !e.is_transient() && e.to_string().contains("not valid JSON"),
             "{e}"
         );
+        // A string of bytes that are not UTF-8 is no JSON, though a parser skipping it
+        // would not look.
+        r.export_json = b"\"\xff\xfe\"".to_vec();
+        let e = connector
+            .complete(&task(RequestKind::ReturnOfData), "h", r.clone())
+            .await
+            .unwrap_err();
+        assert!(
+            !e.is_transient() && e.to_string().contains("not valid JSON: it is not UTF-8"),
+            "{e}"
+        );
+        // Nothing in it, for records the adapter counted: no empty file for the subject.
+        for empty in [&b"[]"[..], b" null ", b"{ }", b"[\n]"] {
+            r.export_json = empty.to_vec();
+            let e = connector
+                .complete(&task(RequestKind::ReturnOfData), "h", r.clone())
+                .await
+                .unwrap_err();
+            assert!(
+                !e.is_transient()
+                    && e.to_string()
+                        .contains("with records_affected 2 but its export_json holds nothing"),
+                "{e}"
+            );
+        }
+        // Nothing counted, nothing held: an empty export is right.
+        let mut none = r.clone();
+        none.export_json = b"[]".to_vec();
+        none.evidence.as_mut().unwrap().records_affected = 0;
+        // Each written into a folder of its own.
+        let fresh = |n: usize| {
+            export_task(
+                dir.path(),
+                &format!("c/r-{n}/crm"),
+                RequestKind::ReturnOfData,
+            )
+        };
+        let out = connector.complete(&fresh(2), "h", none).await;
+        assert!(out.is_ok(), "{out:?}");
+        // Values that merely look empty hold data.
+        for (n, some) in [&b"[[]]"[..], b"\"[]\"", b"[null]", b"0"]
+            .into_iter()
+            .enumerate()
+        {
+            r.export_json = some.to_vec();
+            let out = connector.complete(&fresh(3 + n), "h", r.clone()).await;
+            assert!(out.is_ok(), "{out:?}");
+        }
         r.export_json.clear();
         let e = connector
             .complete(&task(RequestKind::ReturnOfData), "h", r)
@@ -1617,6 +1755,15 @@ mod tests {
         add("loop", "x", page(&["2"], "x"));
         add("big", "", page(&[&format!("\"{}\"", "x".repeat(70))], ""));
         add("hole", "", page(&[], "more"));
+        add("empty", "", page(&[], ""));
+        add(
+            "not-utf8",
+            "",
+            Ok(ExportPage {
+                records: vec![b"\"\xff\xfe\"".to_vec()],
+                next_page_token: String::new(),
+            }),
+        );
         add("gone", "", Err(Code::NotFound));
         add("down", "", Err(Code::Unavailable));
         script
@@ -1651,6 +1798,15 @@ mod tests {
             ("loop", "with the same page token"),
             ("big", "more than the 64 asked"),
             ("hole", "empty but not the last"),
+            // Completed with 2 records affected (`response`), yet nothing to deliver.
+            (
+                "empty",
+                "with records_affected 2 but its paged export holds no record",
+            ),
+            (
+                "not-utf8",
+                "record 1 of the adapter's export is not valid JSON: it is not UTF-8",
+            ),
             ("gone", "NotFound"),
         ] {
             let t = export_task(dir.path(), task_id, RequestKind::ReturnOfData);
@@ -1726,6 +1882,13 @@ mod tests {
         let io = std::io::Error::other("reset");
         let from_transport = Status::from_error(Box::new(io));
         assert!(status_error("Execute", "e", &from_transport).is_transient());
+        assert!(!timed_out(&from_transport));
+        // The client's own deadline, which tonic words "Timeout expired" under CANCELLED.
+        let expired = Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert_eq!(expired.code(), Code::Cancelled);
+        assert!(timed_out(&expired));
+        // The same words from the adapter are its own status.
+        assert!(!timed_out(&Status::cancelled("Timeout expired")));
     }
 
     #[test]

@@ -40,16 +40,18 @@ impl AdapterConnector {
             }
             Phase::Confirm { handle } => (handle.clone(), self.bulk_status(handle).await?),
         };
-        if let Some(p) = &response.progress {
-            job.progress.report(BulkProgress {
-                subjects_done: p.subjects_done,
-                subjects_total: p.subjects_total,
-                records_done: p.records_done,
-                records_total: p.records_total,
-                erased: p.erased.iter().cloned().map(erased_count).collect(),
-            });
-        }
+        let progress = response.progress.clone().map(bulk_progress).transpose()?;
         let paged = response.export_paged;
+        let exported =
+            job.op == BulkOp::Export && response.outcome == ExecuteOutcome::Completed as i32;
+        // A completed export's counts become what was returned, which the erasure after it
+        // is checked against: they are reported only once its records are seen to hold them.
+        // Any other answer's are reported at once, a failed one's too (what it erased).
+        if !exported {
+            if let Some(p) = &progress {
+                job.progress.report(p.clone());
+            }
+        }
         let mut outcome = bulk_outcome(&key, response)?;
         // The adapter's answer to a repeated job_id is the whole job's, an earlier call's
         // work included, to which the processor adds what it recorded of the step.
@@ -57,21 +59,27 @@ impl AdapterConnector {
             *erased = job.beyond_recorded(std::mem::take(erased));
         }
         match &mut outcome {
-            Outcome::Completed { files, .. } if job.op == BulkOp::Export => {
+            Outcome::Completed { files, .. } if exported => {
                 let sink = job.export.as_ref().ok_or_else(|| {
                     ConnectorError::Permanent(
                         "no export folder was given for the contract end's export".into(),
                     )
                 })?;
-                let file = if paged {
+                let (file, written) = if paged {
                     self.write_paged_export(sink, &key).await?
                 } else {
                     // Nothing to read: the controller has no data here.
-                    JsonArrayWriter::new(sink.file("export.json", JSON).await?)
+                    let file = JsonArrayWriter::new(sink.file("export.json", JSON).await?)
                         .await?
                         .finish()
-                        .await?
+                        .await?;
+                    (file, 0)
                 };
+                let subjects = progress.as_ref().map_or(0, |p| p.subjects_done);
+                check_exported_subjects(subjects, written, paged)?;
+                if let Some(p) = progress {
+                    job.progress.report(p);
+                }
                 *files = vec![file];
             }
             _ => {}
@@ -130,13 +138,77 @@ impl AdapterConnector {
     }
 }
 
-/// An adapter's count of what a bulk step erased in one place, clipped as its notes are.
-fn erased_count(e: BulkErasedCount) -> ErasedCount {
-    ErasedCount {
+/// An adapter's count of what a bulk step erased in one place, clipped as its notes are; a
+/// negative count is a malformed answer (a certificate would list it as nothing erased).
+fn erased_count(e: BulkErasedCount) -> Result<ErasedCount, ConnectorError> {
+    if e.count < 0 {
+        return Err(ConnectorError::Permanent(clip(format!(
+            "the adapter answered the contract end's step with a negative count of records \
+             {} in {:?} ({}); a count of what was erased must be 0 or more",
+            clip(e.action),
+            clip(e.target),
+            e.count
+        ))));
+    }
+    Ok(ErasedCount {
         target: clip(e.target),
         action: clip(e.action),
-        count: e.count.max(0),
+        count: e.count,
+    })
+}
+
+/// An adapter's progress as the processor records it; its counts by place are checked as an
+/// answer's are ([`erased_count`]).
+fn bulk_progress(p: BulkJobProgress) -> Result<BulkProgress, ConnectorError> {
+    Ok(BulkProgress {
+        subjects_done: p.subjects_done,
+        subjects_total: p.subjects_total,
+        records_done: p.records_done,
+        records_total: p.records_total,
+        erased: p
+            .erased
+            .into_iter()
+            .map(erased_count)
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+/// Checks that a completed export wrote (`written` records) at least one record per subject
+/// its answer counted as done (`subjects`): each subject is a top-level record, so fewer
+/// records means data that was counted as returned never came. The erasure that would
+/// follow is then never started, since its check would compare the holder's data with counts
+/// of data nobody received.
+fn check_exported_subjects(subjects: u64, written: u64, paged: bool) -> Result<(), ConnectorError> {
+    if written >= subjects {
+        return Ok(());
     }
+    let how = if paged {
+        "its pages held"
+    } else {
+        "it set no export_paged, so its export holds"
+    };
+    Err(ConnectorError::Permanent(format!(
+        "the adapter answered the contract end's export COMPLETED with {subjects} subject(s) \
+         done, but {how} {written} record(s) (each subject is at least one record): the \
+         controller's data was not returned, and nothing was erased"
+    )))
+}
+
+/// Checks the progress of a COMPLETED answer: each done count equals its total
+/// (`adapter.proto`), but where the total is 0, which says the adapter cannot count it. A
+/// step whose own counts show it unfinished is not taken as done, nor certified.
+fn check_finished(p: &BulkJobProgress) -> Result<(), ConnectorError> {
+    let unfinished = |done: u64, total: u64| total > 0 && done != total;
+    if unfinished(p.subjects_done, p.subjects_total) || unfinished(p.records_done, p.records_total)
+    {
+        return Err(ConnectorError::Permanent(format!(
+            "the adapter answered the contract end's step COMPLETED with its progress \
+             unfinished (subjects {} of {}, records {} of {}); a COMPLETED step's done counts \
+             must equal their totals",
+            p.subjects_done, p.subjects_total, p.records_done, p.records_total
+        )));
+    }
+    Ok(())
 }
 
 /// Turns an adapter's answer to a bulk step into an [`Outcome`] (a COMPLETED export without
@@ -144,7 +216,17 @@ fn erased_count(e: BulkErasedCount) -> ErasedCount {
 /// under.
 fn bulk_outcome(handle: &str, r: ExecuteBulkResponse) -> Result<Outcome, ConnectorError> {
     let note = clip(r.note);
-    let erased: Vec<ErasedCount> = r.erased.into_iter().map(erased_count).collect();
+    let erased: Vec<ErasedCount> = r
+        .erased
+        .into_iter()
+        .map(erased_count)
+        .collect::<Result<_, _>>()?;
+    let outcome = ExecuteOutcome::try_from(r.outcome).unwrap_or(ExecuteOutcome::Unspecified);
+    if outcome == ExecuteOutcome::Completed {
+        if let Some(p) = &r.progress {
+            check_finished(p)?;
+        }
+    }
     let records = if erased.is_empty() {
         r.progress
             .map_or(0, |p| i64::try_from(p.records_done).unwrap_or(i64::MAX))
@@ -154,7 +236,6 @@ fn bulk_outcome(handle: &str, r: ExecuteBulkResponse) -> Result<Outcome, Connect
             .map(|e| e.count)
             .fold(0i64, i64::saturating_add)
     };
-    let outcome = ExecuteOutcome::try_from(r.outcome).unwrap_or(ExecuteOutcome::Unspecified);
     match outcome {
         ExecuteOutcome::Completed => Ok(Outcome::Completed {
             records_affected: records,
@@ -652,6 +733,231 @@ mod tests {
         server.await.unwrap().unwrap();
     }
 
+    /// An adapter scripted with one answer to every ExecuteBulk (and GetBulkStatus) and one
+    /// page of export records, as a reviewer's adapter answering badly on purpose would be.
+    #[derive(Clone)]
+    struct ScriptedBulk {
+        answer: ExecuteBulkResponse,
+        records: Vec<Vec<u8>>,
+    }
+
+    #[tonic::async_trait]
+    impl SubprocessorAdapter for ScriptedBulk {
+        async fn describe(
+            &self,
+            _: Request<DescribeRequest>,
+        ) -> Result<Response<DescribeResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn execute(
+            &self,
+            _: Request<ExecuteRequest>,
+        ) -> Result<Response<ExecuteResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn get_task_status(
+            &self,
+            _: Request<GetTaskStatusRequest>,
+        ) -> Result<Response<ExecuteResponse>, Status> {
+            Err(Status::unimplemented("not scripted"))
+        }
+
+        async fn get_export_page(
+            &self,
+            _: Request<GetExportPageRequest>,
+        ) -> Result<Response<ExportPage>, Status> {
+            Ok(Response::new(ExportPage {
+                records: self.records.clone(),
+                next_page_token: String::new(),
+            }))
+        }
+
+        async fn execute_bulk(
+            &self,
+            _: Request<ExecuteBulkRequest>,
+        ) -> Result<Response<ExecuteBulkResponse>, Status> {
+            Ok(Response::new(self.answer.clone()))
+        }
+
+        async fn get_bulk_status(
+            &self,
+            _: Request<GetBulkStatusRequest>,
+        ) -> Result<Response<ExecuteBulkResponse>, Status> {
+            Ok(Response::new(self.answer.clone()))
+        }
+    }
+
+    fn counts(subjects: (u64, u64), records: (u64, u64)) -> Option<BulkJobProgress> {
+        Some(BulkJobProgress {
+            subjects_done: subjects.0,
+            subjects_total: subjects.1,
+            records_done: records.0,
+            records_total: records.1,
+            erased: Vec::new(),
+        })
+    }
+
+    /// Runs `job` (Start, then Confirm for each listed handle) against `adapter`.
+    async fn run_scripted(
+        pki: &dsrelay_runtime::pki::DevPki,
+        adapter: ScriptedBulk,
+        job: &BulkJob,
+    ) -> Result<Outcome, ConnectorError> {
+        let (connector, stop, server) = serve(pki, adapter).await;
+        let out = connector.run_bulk(job).await;
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+        out
+    }
+
+    /// A contract end's export whose answer counts subjects as done but whose records never
+    /// come (no export_paged, or an empty last page) fails for good, saying nothing was
+    /// erased, and does not report the counts as returned: an erasure checked against them
+    /// would pass and erase data nobody received.
+    #[tokio::test]
+    async fn an_export_returning_fewer_records_than_subjects_fails_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dsrelay_runtime::pki::DevPki::ensure(&dir.path().join("pki")).unwrap();
+        let completed = |paged| ExecuteBulkResponse {
+            outcome: ExecuteOutcome::Completed as i32,
+            export_paged: paged,
+            progress: counts((40, 40), (40, 40)),
+            ..Default::default()
+        };
+        let export_job = |name: &str, progress| BulkJob {
+            op: BulkOp::Export,
+            export: Some(crate::ExportSink::new(
+                dir.path().join(name),
+                vec!["newsletter".into()],
+            )),
+            ..erase_job(progress)
+        };
+        for (name, paged, records) in [
+            ("unpaged", false, Vec::new()),
+            ("empty-page", true, Vec::new()),
+            ("too-few", true, vec![b"{\"id\":1}".to_vec()]),
+        ] {
+            let (reporter, seen) = ProgressReporter::new();
+            let adapter = ScriptedBulk {
+                answer: completed(paged),
+                records,
+            };
+            let err = run_scripted(&pki, adapter, &export_job(name, reporter))
+                .await
+                .unwrap_err();
+            let written = if name == "too-few" { 1 } else { 0 };
+            assert!(
+                matches!(&err, ConnectorError::Permanent(m)
+                    if m.contains("with 40 subject(s) done")
+                        && m.contains(&format!(" {written} record(s)"))
+                        && m.contains("nothing was erased")),
+                "{name}: {err:?}"
+            );
+            assert_eq!(*seen.borrow(), BulkProgress::default(), "{name}");
+        }
+
+        // One record per subject at least (a subject's data may be several): done.
+        let (reporter, seen) = ProgressReporter::new();
+        let adapter = ScriptedBulk {
+            answer: ExecuteBulkResponse {
+                progress: counts((2, 2), (3, 3)),
+                ..completed(true)
+            },
+            records: vec![
+                b"{\"id\":1}".to_vec(),
+                b"{\"id\":2}".to_vec(),
+                b"[]".to_vec(),
+            ],
+        };
+        let out = run_scripted(&pki, adapter, &export_job("enough", reporter))
+            .await
+            .unwrap();
+        let Outcome::Completed {
+            records_affected: 3,
+            files,
+            ..
+        } = out
+        else {
+            panic!("{out:?}");
+        };
+        assert_eq!(files.len(), 1);
+        assert_eq!(seen.borrow().subjects_done, 2);
+        // Nothing counted, nothing held: an empty export is right.
+        let (reporter, _) = ProgressReporter::new();
+        let adapter = ScriptedBulk {
+            answer: ExecuteBulkResponse {
+                progress: counts((0, 0), (0, 0)),
+                ..completed(false)
+            },
+            records: Vec::new(),
+        };
+        let out = run_scripted(&pki, adapter, &export_job("none", reporter))
+            .await
+            .unwrap();
+        assert!(matches!(out, Outcome::Completed { .. }), "{out:?}");
+    }
+
+    /// An erasure answered COMPLETED with its own progress unfinished is not done, nor
+    /// certified; a negative count of what was erased is a malformed answer.
+    #[tokio::test]
+    async fn an_unfinished_or_negative_erasure_fails_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dsrelay_runtime::pki::DevPki::ensure(&dir.path().join("pki")).unwrap();
+        let erased = |count| BulkErasedCount {
+            target: "subscribers".into(),
+            action: "deleted".into(),
+            count,
+        };
+        let completed = ExecuteBulkResponse {
+            outcome: ExecuteOutcome::Completed as i32,
+            erased: vec![erased(5)],
+            progress: counts((5, 50), (7, 70)),
+            ..Default::default()
+        };
+        let (reporter, seen) = ProgressReporter::new();
+        let adapter = ScriptedBulk {
+            answer: completed.clone(),
+            records: Vec::new(),
+        };
+        let err = run_scripted(&pki, adapter, &erase_job(reporter))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ConnectorError::Permanent(m)
+                if m.contains("progress unfinished (subjects 5 of 50, records 7 of 70)")),
+            "{err:?}"
+        );
+        // What it did do is still recorded.
+        assert_eq!(seen.borrow().subjects_done, 5);
+
+        let mut negative = ExecuteBulkResponse {
+            erased: vec![erased(-213)],
+            progress: counts((213, 213), (213, 213)),
+            ..completed.clone()
+        };
+        for in_progress in [false, true] {
+            if in_progress {
+                negative.erased = vec![erased(213)];
+                negative.progress.as_mut().unwrap().erased = vec![erased(-1)];
+            }
+            let (reporter, _) = ProgressReporter::new();
+            let adapter = ScriptedBulk {
+                answer: negative.clone(),
+                records: Vec::new(),
+            };
+            let err = run_scripted(&pki, adapter, &erase_job(reporter))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, ConnectorError::Permanent(m)
+                    if m.contains("negative count") && m.contains("\"subscribers\"")),
+                "{in_progress}: {err:?}"
+            );
+        }
+    }
+
     #[test]
     fn maps_bulk_answers() {
         let r = ExecuteBulkResponse {
@@ -687,6 +993,26 @@ mod tests {
             panic!()
         };
         assert_eq!(erased.len(), 2);
+        // Totals of 0: the adapter cannot count them, and its done counts stand.
+        let uncounted = ExecuteBulkResponse {
+            outcome: ExecuteOutcome::Completed as i32,
+            progress: counts((5, 0), (7, 0)),
+            ..Default::default()
+        };
+        assert!(matches!(
+            bulk_outcome("j", uncounted).unwrap(),
+            Outcome::Completed {
+                records_affected: 7,
+                ..
+            }
+        ));
+        // Only a COMPLETED step must be finished.
+        let running = ExecuteBulkResponse {
+            outcome: ExecuteOutcome::Accepted as i32,
+            progress: counts((5, 50), (7, 70)),
+            ..Default::default()
+        };
+        assert!(bulk_outcome("j", running).is_ok());
         let accepted = ExecuteBulkResponse {
             outcome: ExecuteOutcome::Accepted as i32,
             ..Default::default()
