@@ -187,6 +187,65 @@ async fn a_failed_erasure_keeps_and_resumes_its_counts(url: &str, dir: &std::pat
 
 on_both!(a_failed_erasure_keeps_and_resumes_its_counts);
 
+/// A holder whose erasure reports its totals as it starts, then fails in a way that may
+/// pass, at every attempt (the sql connector with its database locked).
+struct LockedAtEveryAttempt;
+
+impl Connector for LockedAtEveryAttempt {
+    fn kind_name(&self) -> &'static str {
+        "locked"
+    }
+
+    fn supports(&self, _kind: dsrelay_proto::v1::RequestKind) -> bool {
+        true
+    }
+
+    fn run<'a>(&'a self, _task: &'a Task) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async { Err(ConnectorError::Permanent("bulk only".into())) })
+    }
+
+    fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
+        Box::pin(async move {
+            job.progress
+                .record_now(BulkProgress::counts(0, 6, 0, 26))
+                .await?;
+            Err(ConnectorError::Transient("database is locked".into()))
+        })
+    }
+}
+
+/// The reason a failed attempt leaves (what failed, at which attempt, when the next comes)
+/// stays with the task while the holder only reports again the totals it reported before:
+/// that is no progress, and the registry would otherwise show "deleting" with no reason
+/// between the attempts whose failure is sent (1, 2, 4, 8, ...).
+async fn a_holder_repeating_its_totals_keeps_the_failed_attempts_reason(
+    url: &str,
+    dir: &std::path::Path,
+) {
+    let holder = Arc::new(LockedAtEveryAttempt);
+    let app = with_contract_end(dir, url, holder, "ce-l", ContractEndChoice::Delete).await;
+    let shared = app.shared();
+    for attempt in 1..=3 {
+        assert_eq!(step_now(&shared).await, 1, "attempt {attempt}");
+        let row = (shared.store.manual_task(&key("ce-l")).await)
+            .expect("read")
+            .expect("the task");
+        assert_eq!(row.task.state, TaskState::InProgress, "{row:?}");
+        assert!(
+            row.task.reason.contains("database is locked"),
+            "after attempt {attempt}: {row:?}"
+        );
+        let last = acks(&shared, "ce-l").await.pop().expect("acks");
+        assert!(
+            last.reason.contains("database is locked"),
+            "the last acknowledgement after attempt {attempt}: {last:?}"
+        );
+        shared.clock.advance(10_000);
+    }
+}
+
+on_both!(a_holder_repeating_its_totals_keeps_the_failed_attempts_reason);
+
 /// An erasure whose first call is cut off before it reported anything: what it erased is
 /// counted nowhere, so the resumed call's counts are not the whole, and their total is
 /// reported as unknown (0), its done count what was counted.

@@ -615,6 +615,12 @@ async fn call_bulk(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut reported, mut reported_at, mut renewed_at) =
         (BulkProgress::default(), Instant::now(), Instant::now());
+    // What the task holds now. Counts equal to these are not recorded again: a holder that
+    // reports again at every attempt the totals it reported before (the sql connector does
+    // as its erasure starts) has not moved, and recording them would clear the reason the
+    // failed attempt left (`Store::record_progress`), which the registry shows until the
+    // holder answers again.
+    let mut stored = recorded.clone();
     let span = tracing::info_span!(
         "connector",
         subprocessor = %key.subprocessor,
@@ -649,13 +655,17 @@ async fn call_bulk(
             _ = tick.tick() => {}
             () = abandoned(shared) => return Err(release(shared, job).await),
             Some(ask) = asked.recv() => {
+                let counts = counted(ask.progress.clone());
                 let answer = if ask.progress == reported {
                     Ok(())
+                } else if counts == stored {
+                    reported = ask.progress;
+                    Ok(())
                 } else {
-                    let counts = counted(ask.progress.clone());
-                    match record_bulk_progress(shared, job, op, *seq, counts).await {
+                    match record_bulk_progress(shared, job, op, *seq, counts.clone()).await {
                         Ok(Some(s)) => {
                             (*seq, reported, reported_at) = (s, ask.progress, Instant::now());
+                            stored = counts;
                             Ok(())
                         }
                         Ok(None) => Err("the task changed meanwhile or its lease was lost".into()),
@@ -666,9 +676,15 @@ async fn call_bulk(
             }
         }
         let latest = reporter.latest();
-        if latest != reported && reported_at.elapsed() >= every {
-            match record_bulk_progress(shared, job, op, *seq, counted(latest.clone())).await {
-                Ok(Some(s)) => (*seq, reported, reported_at) = (s, latest, Instant::now()),
+        if latest != reported && counted(latest.clone()) == stored {
+            reported = latest;
+        } else if latest != reported && reported_at.elapsed() >= every {
+            let counts = counted(latest.clone());
+            match record_bulk_progress(shared, job, op, *seq, counts.clone()).await {
+                Ok(Some(s)) => {
+                    (*seq, reported, reported_at) = (s, latest, Instant::now());
+                    stored = counts;
+                }
                 // The task changed meanwhile (cancelled) or another claim took it: the
                 // step's end, or the next renewal, finds out.
                 Ok(None) => {}
