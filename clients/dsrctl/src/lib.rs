@@ -40,7 +40,8 @@ mod unpack;
 pub use cli::Cli;
 pub use settings::Environment;
 
-use dsrelay_sdk::{code_name, is_connection_error};
+use dsrelay_sdk::status::refused_certificate_hint;
+use dsrelay_sdk::{closed_by_peer, code_name, is_connection_error, is_explained, timed_out};
 
 /// Exit status of a command that ran but whose outcome was not the hoped-for one (`watch`
 /// of a request that FAILED, `audit verify` of a broken trail), and of configuration and
@@ -93,7 +94,11 @@ impl Failure {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Usage(_) => EXIT_USAGE_OR_RPC,
-            Self::Rpc { status, .. } if !is_connection_error(status) => EXIT_USAGE_OR_RPC,
+            // A call past its own deadline got no answer, error or other: as a connection
+            // problem, 1.
+            Self::Rpc { status, .. } if !is_connection_error(status) && !timed_out(status) => {
+                EXIT_USAGE_OR_RPC
+            }
             Self::Rpc { .. }
             | Self::Setup(_)
             | Self::Output(_)
@@ -126,7 +131,13 @@ impl Failure {
                 server,
             } if is_connection_error(status) => {
                 // tonic's own message ("transport error") says little; the causes say why.
-                let mut causes = vec![status.message().to_string()];
+                // The SDK's explanation of a refused certificate gives way to the hint below,
+                // which names dsrctl's flag; tonic's message is then the first cause.
+                let refused = endpoint.starts_with("https://") && closed_by_peer(status);
+                let mut causes = Vec::new();
+                if !(refused && is_explained(status)) {
+                    causes.push(status.message().to_string());
+                }
                 let mut source = std::error::Error::source(status);
                 while let Some(err) = source {
                     let text = err.to_string();
@@ -140,8 +151,12 @@ impl Failure {
                     code_name(status.code()),
                     causes.join(": ")
                 );
-                if endpoint.starts_with("https://") && closed_by_peer(status) {
-                    text.push_str(&refused_certificate_hint(server));
+                if refused {
+                    text.push_str("; ");
+                    text.push_str(&refused_certificate_hint(
+                        server,
+                        "the certificate (--cert)",
+                    ));
                 }
                 text
             }
@@ -156,99 +171,6 @@ impl Failure {
         };
         table::clean(&text)
     }
-}
-
-/// True when the call's own deadline ended it (tonic's `TimeoutExpired`, as the status's
-/// source or under a transport error): the connection may be fine, so neither a refused
-/// certificate nor an unreachable service is the likely cause.
-fn timed_out(status: &tonic::Status) -> bool {
-    let mut source = std::error::Error::source(status);
-    while let Some(err) = source {
-        if err.is::<tonic::TimeoutExpired>() {
-            return true;
-        }
-        source = err.source();
-    }
-    false
-}
-
-/// True when the connection was made and then closed or broken from the other end before
-/// the call had its answer: tonic's CANCELLED for a call that a closed connection never
-/// sent, a write to or read from a connection the peer closed, or a TLS alert from the peer
-/// about this client's certificate.
-///
-/// A service that refuses a client certificate does one of these under TLS 1.3: the client
-/// finishes its side of the handshake before the server has checked the certificate, so the
-/// server's alert reaches it, if at all, after it began to send the call. A refused TCP
-/// connection, a failed name lookup and this client's own refusal of the server's
-/// certificate are not matched.
-fn closed_by_peer(status: &tonic::Status) -> bool {
-    if status.code() == tonic::Code::Cancelled {
-        return true;
-    }
-    // h2 keeps only the kind and the text of the I/O error that broke its connection, and
-    // hands on a new one made of them: an alert under it is known by its text.
-    let io_closed = |err: &std::io::Error| {
-        matches!(
-            err.kind(),
-            std::io::ErrorKind::BrokenPipe
-                | std::io::ErrorKind::ConnectionReset
-                | std::io::ErrorKind::ConnectionAborted
-                | std::io::ErrorKind::UnexpectedEof
-        ) || err
-            .get_ref()
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            .is_some_and(is_certificate_alert)
-            || (err.kind() == std::io::ErrorKind::InvalidData
-                && CERTIFICATE_ALERTS.iter().any(|alert| {
-                    err.to_string() == rustls::Error::AlertReceived(*alert).to_string()
-                }))
-    };
-    let h2_closed = |err: &h2::Error| err.get_io().is_some_and(io_closed);
-    let mut source = std::error::Error::source(status);
-    while let Some(err) = source {
-        let closed = err.downcast_ref::<std::io::Error>().is_some_and(io_closed)
-            || err.downcast_ref::<h2::Error>().is_some_and(h2_closed)
-            || (err.downcast_ref::<rustls::Error>()).is_some_and(is_certificate_alert);
-        if closed {
-            return true;
-        }
-        source = err.source();
-    }
-    false
-}
-
-/// The alerts a peer sends about this client's certificate. DecryptError is one: a rustls
-/// server sends it for a certificate whose issuer has the name of a CA it trusts but did not
-/// sign it (another development CA, say).
-const CERTIFICATE_ALERTS: [rustls::AlertDescription; 9] = [
-    rustls::AlertDescription::BadCertificate,
-    rustls::AlertDescription::UnsupportedCertificate,
-    rustls::AlertDescription::CertificateRevoked,
-    rustls::AlertDescription::CertificateExpired,
-    rustls::AlertDescription::CertificateUnknown,
-    rustls::AlertDescription::CertificateRequired,
-    rustls::AlertDescription::UnknownCA,
-    rustls::AlertDescription::AccessDenied,
-    rustls::AlertDescription::DecryptError,
-];
-
-/// True for one of [`CERTIFICATE_ALERTS`] received from the peer.
-fn is_certificate_alert(err: &rustls::Error) -> bool {
-    matches!(err, rustls::Error::AlertReceived(alert) if CERTIFICATE_ALERTS.contains(alert))
-}
-
-/// What to check when [`closed_by_peer`]: the service's log knows why, this client cannot,
-/// so it names the likely cause without claiming it.
-fn refused_certificate_hint(server: &str) -> String {
-    format!(
-        "; the connection closed before the {server} answered, which is what a {server} that \
-         refuses this client's certificate does: check that the certificate (--cert) was \
-         issued by the CA the {server} trusts and is not itself a CA certificate, that today \
-         is within its validity dates, that it is not on the {server}'s revocation list, and \
-         that its identity is one the {server} accepts (the {server}'s log says why it closed \
-         the connection)"
-    )
 }
 
 /// Runs `cli` in this process's environment, printing to stdout and stderr; the exit status
@@ -333,6 +255,68 @@ mod tests {
         assert_eq!(Failure::Usage("no".into()).exit_code(), 2);
     }
 
+    /// A client certificate of another development CA: the SDK explains the closed
+    /// connection, and dsrctl's message gives its own advice, naming its flag, once.
+    #[tokio::test]
+    async fn a_refused_certificate_is_explained_once_naming_the_flag() {
+        use dsrelay_runtime::pki::{dev_identity, DevCa, DevPki};
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server =
+            dsrelay_runtime::server::builder(pki.files("registry").server_config().unwrap())
+                .unwrap()
+                .add_routes(tonic::service::Routes::default())
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+        let server = tokio::spawn(server);
+        let rogue = DevCa::generate("dsrelay development CA").unwrap();
+        let leaf = rogue
+            .issue("dsrelay rogue party", &dev_identity("partner", "crm"))
+            .unwrap();
+        std::fs::write(dir.path().join("rogue.pem"), leaf.cert_pem).unwrap();
+        std::fs::write(dir.path().join("rogue.key"), leaf.key_pem).unwrap();
+        let endpoint = format!("https://localhost:{port}");
+        let client = dsrelay_sdk::RegistryClient::connect(&dsrelay_sdk::ConnectionSettings {
+            endpoint: endpoint.clone(),
+            tls: dsrelay_runtime::tls::TlsFiles::new(
+                pki.ca(),
+                dir.path().join("rogue.pem"),
+                dir.path().join("rogue.key"),
+            ),
+            server_identity: dev_identity("registry", "controller"),
+        })
+        .unwrap();
+        let status = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            client.list(Default::default()),
+        )
+        .await
+        .expect("the refusal is prompt")
+        .unwrap_err();
+        server.abort();
+        let failure = Failure::Rpc {
+            status,
+            endpoint: endpoint.clone(),
+            server: "registry",
+        };
+        let message = failure.message();
+        assert_eq!(failure.exit_code(), EXIT_FAILURE, "{message}");
+        assert!(
+            message.starts_with(&format!(
+                "error: UNAVAILABLE: cannot reach the registry at {endpoint}: "
+            )),
+            "{message}"
+        );
+        assert_eq!(
+            message.matches("refuses this client's certificate").count(),
+            1,
+            "{message}"
+        );
+        assert!(message.contains("the certificate (--cert)"), "{message}");
+        assert!(!message.contains("tls.cert"), "{message}");
+    }
+
     /// A registry that takes the connection and the call but does not answer in time (one
     /// waiting on its database): the message says so, not that the registry cannot be
     /// reached or that it refused this client's certificate.
@@ -355,7 +339,9 @@ mod tests {
             .with_timeout(Some(std::time::Duration::from_millis(300)));
         let status = client.get("r-1").await.unwrap_err();
         silent.abort();
-        let message = rpc(status).message();
+        let failure = rpc(status);
+        assert_eq!(failure.exit_code(), EXIT_FAILURE);
+        let message = failure.message();
         assert!(
             message.contains("did not answer within the call's deadline"),
             "{message}"

@@ -22,7 +22,10 @@ use tonic::Status;
 /// How long a unary call may take unless [`RegistryClient::with_timeout`] says otherwise.
 ///
 /// Sent to the server as `grpc-timeout` too, so it stops working on an answer nobody waits
-/// for. Streams ([`RegistryClient::watch`], [`RegistryClient::download_package`]) have no deadline
+/// for. A call that gets no answer in time fails with DEADLINE_EXCEEDED, which
+/// [`crate::timed_out`] recognises and [`crate::is_connection_error`] does not: the call may
+/// have been done all the same, so repeat it (a Submit with the same idempotency key) rather
+/// than assume it was not. Streams ([`RegistryClient::watch`], [`RegistryClient::download_package`]) have no deadline
 /// of ours: a download lasts as long as it takes, a watch until the request ends or the
 /// registry ends the stream (see [`RegistryClient::watch`]).
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -66,8 +69,15 @@ impl RegistryClient {
     /// The connection itself is made on the first call (and re-made after it drops), so an
     /// unreachable registry shows up as an `UNAVAILABLE` status of that call, which
     /// [`crate::is_connection_error`] recognises. Fails here only on unreadable or invalid
-    /// TLS files or a malformed endpoint.
+    /// TLS files, a malformed endpoint or an empty `server_identity`.
     pub fn connect(settings: &ConnectionSettings) -> anyhow::Result<Self> {
+        if settings.server_identity.trim().is_empty() {
+            anyhow::bail!(
+                "server_identity is empty: set it to the certificate identity the registry \
+                 presents (e.g. spiffe://dsrelay.dev/registry/controller), or any party the \
+                 CA certified could pose as the registry"
+            );
+        }
         let config = settings
             .tls
             .client_config()
@@ -125,9 +135,16 @@ impl RegistryClient {
             .certificates
             .clone()
             .list_certificates(request)
-            .await?
+            .await
+            .map_err(|status| self.failed(status))?
             .into_inner()
             .certificates)
+    }
+
+    /// The status a unary call fails with, given tonic's ([`crate::status`] says which
+    /// failures it explains).
+    pub(crate) fn failed(&self, status: Status) -> Status {
+        crate::status::unary_failure(status, self.timeout)
     }
 
     pub(crate) fn request<T>(&self, body: T) -> tonic::Request<T> {
@@ -142,7 +159,13 @@ impl RegistryClient {
     /// key returns the first request with `deduplicated = true`, so retrying is safe.
     pub async fn submit(&self, request: SubmitRequest) -> Result<SubmitResponse, Status> {
         let request = self.request(request);
-        Ok(self.inner.clone().submit(request).await?.into_inner())
+        Ok(self
+            .inner
+            .clone()
+            .submit(request)
+            .await
+            .map_err(|status| self.failed(status))?
+            .into_inner())
     }
 
     /// Reads one request with its deliveries and tasks.
@@ -150,13 +173,25 @@ impl RegistryClient {
         let request = self.request(GetRequest {
             request_id: request_id.into(),
         });
-        Ok(self.inner.clone().get(request).await?.into_inner())
+        Ok(self
+            .inner
+            .clone()
+            .get(request)
+            .await
+            .map_err(|status| self.failed(status))?
+            .into_inner())
     }
 
     /// Reads one page of requests, newest first.
     pub async fn list(&self, request: ListRequestsRequest) -> Result<ListRequestsResponse, Status> {
         let request = self.request(request);
-        Ok(self.inner.clone().list(request).await?.into_inner())
+        Ok(self
+            .inner
+            .clone()
+            .list(request)
+            .await
+            .map_err(|status| self.failed(status))?
+            .into_inner())
     }
 
     /// Every page of a listing, starting at `request.page_token`, ending after the page
@@ -183,11 +218,15 @@ impl RegistryClient {
     /// give, and the stream shows it.
     ///
     /// The registry also ends every stream after its `watch.max_stream_ms` (default one
-    /// hour), and when it shuts down, with an UNAVAILABLE error item. To follow on, call
-    /// `watch` again with `after_event_id` the largest `event_id` received (the error's
+    /// hour), and when it shuts down, with an UNAVAILABLE error item. A connection lost
+    /// under the stream (the registry killed, the network down) ends it with an UNAVAILABLE
+    /// item too, made here, which [`crate::is_connection_error`] recognises. To follow on,
+    /// call `watch` again with `after_event_id` the largest `event_id` received (the error's
     /// message names it too), after a short pause; events are not repeated.
     ///
-    /// A failure to open the stream arrives as its first (and only) item.
+    /// A failure to open the stream arrives as its first (and only) item; a connection the
+    /// registry closed before it answered is UNAVAILABLE saying what to check, as for the
+    /// unary calls (see [`crate::closed_by_peer`]).
     pub fn watch(
         &self,
         request_id: impl Into<String>,
@@ -206,10 +245,20 @@ impl RegistryClient {
         request: WatchRequest,
     ) -> impl Stream<Item = Result<RequestEvent, Status>> + Send + 'static {
         let mut inner = self.inner.clone();
+        let after = request.after_event_id;
         futures::stream::once(async move { inner.watch(request).await })
-            .map(|opened| match opened {
-                Ok(response) => response.into_inner().left_stream(),
-                Err(status) => futures::stream::iter([Err(status)]).right_stream(),
+            .map(move |opened| match opened {
+                Ok(response) => follow_events(response.into_inner(), after).left_stream(),
+                Err(status) => {
+                    let status = crate::status::opening_failure(
+                        status,
+                        "watch",
+                        &format!(
+                            "call watch again with after_event_id {after}, after a short pause"
+                        ),
+                    );
+                    futures::stream::iter([Err(status)]).right_stream()
+                }
             })
             .flatten()
     }
@@ -226,7 +275,13 @@ impl RegistryClient {
             request_id: request_id.into(),
             reason: reason.into(),
         });
-        Ok(self.inner.clone().cancel(request).await?.into_inner())
+        Ok(self
+            .inner
+            .clone()
+            .cancel(request)
+            .await
+            .map_err(|status| self.failed(status))?
+            .into_inner())
     }
 
     /// Extends a request's due date by `months` (operators only; two months in all at most).
@@ -245,9 +300,40 @@ impl RegistryClient {
             .inner
             .clone()
             .extend_deadline(request)
-            .await?
+            .await
+            .map_err(|status| self.failed(status))?
             .into_inner())
     }
+}
+
+/// The events of an opened watch, whose `after_event_id` was `after`, with a lost connection
+/// told as [`RegistryClient::watch`] says, naming the largest `event_id` received. Nothing
+/// follows an error: tonic's stream may go on yielding the broken connection's errors.
+fn follow_events(
+    events: impl Stream<Item = Result<RequestEvent, Status>> + Send + 'static,
+    after: u64,
+) -> impl Stream<Item = Result<RequestEvent, Status>> + Send + 'static {
+    events.scan(Some(after), |last, item| {
+        let item = match (*last, item) {
+            (None, _) => None,
+            (Some(previous), Ok(event)) => {
+                *last = Some(previous.max(event.event_id));
+                Some(Ok(event))
+            }
+            (Some(previous), Err(status)) => {
+                *last = None;
+                Some(Err(crate::status::stream_failure(
+                    status,
+                    "watch",
+                    &format!(
+                        "call watch again with after_event_id {previous} (the largest \
+                         event_id received), after a short pause; events are not repeated"
+                    ),
+                )))
+            }
+        };
+        futures::future::ready(item)
+    })
 }
 
 /// The pages [`RegistryClient::list_pages`] yields, each asked for with `list`.
@@ -393,6 +479,23 @@ mod tests {
         let back = pages_from("S", |t| if t == "S" { "A" } else { "S" }).await;
         assert_eq!(back.len(), 2);
         assert!(back[1].is_err());
+    }
+
+    #[tokio::test]
+    async fn connect_refuses_an_empty_server_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dsrelay_runtime::pki::DevPki::ensure(dir.path()).unwrap();
+        let settings = |server_identity: &str| ConnectionSettings {
+            endpoint: "https://127.0.0.1:50051".into(),
+            tls: pki.files("partner-crm"),
+            server_identity: server_identity.into(),
+        };
+        for empty in ["", " \t"] {
+            let err = RegistryClient::connect(&settings(empty)).unwrap_err();
+            assert!(format!("{err:#}").contains("server_identity"), "{err:#}");
+        }
+        RegistryClient::connect(&settings("spiffe://dsrelay.dev/registry/controller"))
+            .expect("a server identity is all that was missing");
     }
 
     #[test]

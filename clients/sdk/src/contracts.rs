@@ -61,7 +61,8 @@ impl RegistryClient {
             .contracts
             .clone()
             .end_contract(request)
-            .await?
+            .await
+            .map_err(|status| self.failed(status))?
             .into_inner())
     }
 
@@ -74,7 +75,8 @@ impl RegistryClient {
             .contracts
             .clone()
             .get_contract(request)
-            .await?
+            .await
+            .map_err(|status| self.failed(status))?
             .into_inner())
     }
 
@@ -90,7 +92,8 @@ impl RegistryClient {
             .contracts
             .clone()
             .list_contracts(request)
-            .await?
+            .await
+            .map_err(|status| self.failed(status))?
             .into_inner()
             .contracts)
     }
@@ -122,7 +125,8 @@ impl RegistryClient {
             .contracts
             .clone()
             .choose_contract_end(request)
-            .await?
+            .await
+            .map_err(|status| self.failed(status))?
             .into_inner())
     }
 
@@ -142,7 +146,8 @@ impl RegistryClient {
             .contracts
             .clone()
             .confirm_return(request)
-            .await?
+            .await
+            .map_err(|status| self.failed(status))?
             .into_inner())
     }
 }

@@ -31,7 +31,10 @@
 //!   through the generated client that [`RegistryClient::raw`] returns. Every typed call
 //!   fails with the server's [`tonic::Status`] so callers can show code and message, except
 //!   for answers that cannot be right, which fail with a status made here
-//!   ([`is_bad_answer`]).
+//!   ([`is_bad_answer`]), and for failures tonic words with little to go on, which the
+//!   typed calls and streams (not the generated clients) explain with a status made here
+//!   ([`is_explained`]): DEADLINE_EXCEEDED for a call past its deadline, UNAVAILABLE for a
+//!   connection closed before the registry answered or lost under a stream.
 //! - [`contracts`]: contract ends (operators only): [`RegistryClient::end_contract`] and the
 //!   calls that follow one ([`EffectiveAt`] says when it ends).
 //! - [`package`]: return-of-data packages: [`RegistryClient::get_package`] and
@@ -39,8 +42,9 @@
 //! - [`submit`]: [`SubmitBuilder`] and the identity helpers ([`identity`], [`hashed_identity`],
 //!   [`other_identity`]) that assemble a [`proto::SubmitRequest`].
 //! - [`status`]: presenting a [`tonic::Status`] ([`code_name`]) and telling a connection
-//!   failure ([`is_connection_error`]), or answers this client found cannot be right
-//!   ([`is_bad_answer`]), from an answer of the server.
+//!   failure ([`is_connection_error`], [`closed_by_peer`]), a call past its deadline
+//!   ([`timed_out`]), or answers this client found cannot be right ([`is_bad_answer`]), from
+//!   an answer of the server.
 //! - [`proto`]: the generated `dsrelay.v1` types, re-exported so callers need no direct
 //!   dependency on `dsrelay-proto`; [`runtime`] likewise for `TlsFiles` and the dev PKI.
 
@@ -53,7 +57,9 @@ pub mod submit;
 pub use client::{ConnectionSettings, RegistryClient, DEFAULT_CALL_TIMEOUT};
 pub use contracts::EffectiveAt;
 pub use package::DownloadEvent;
-pub use status::{code_name, is_bad_answer, is_connection_error};
+pub use status::{
+    closed_by_peer, code_name, is_bad_answer, is_connection_error, is_explained, timed_out,
+};
 pub use submit::{hashed_identity, identity, other_identity, SubmitBuilder};
 
 /// The generated `dsrelay.v1` messages, enums and clients.

@@ -38,7 +38,8 @@ impl RegistryClient {
             .packages
             .clone()
             .get_package(request)
-            .await?
+            .await
+            .map_err(|status| self.failed(status))?
             .into_inner())
     }
 
@@ -50,6 +51,13 @@ impl RegistryClient {
     /// stream out of order (a chunk before the manifest, a second manifest) ends with a
     /// status made here ([`crate::is_bad_answer`]). No deadline: a large package takes as long
     /// as it takes.
+    ///
+    /// A connection lost under the download (the registry killed or shut down, the network
+    /// down) ends the stream with UNAVAILABLE, made here, which [`crate::is_connection_error`]
+    /// recognises: to follow on, call `download_package` again after a short pause; a
+    /// download starts over with the manifest, so what this one received is to be dropped.
+    /// A connection the registry closed before it answered is UNAVAILABLE saying what to
+    /// check, as for the unary calls (see [`crate::closed_by_peer`]).
     pub fn download_package(
         &self,
         request_id: impl Into<String>,
@@ -61,11 +69,18 @@ impl RegistryClient {
         futures::stream::once(async move { inner.download_package(request).await })
             .map(|opened| match opened {
                 Ok(response) => events(response.into_inner()).left_stream(),
-                Err(status) => futures::stream::iter([Err(status)]).right_stream(),
+                Err(status) => {
+                    let status = crate::status::opening_failure(status, "download", FOLLOW_ON);
+                    futures::stream::iter([Err(status)]).right_stream()
+                }
             })
             .flatten()
     }
 }
+
+/// How to follow on after a download's connection was lost.
+const FOLLOW_ON: &str = "call download_package again after a short pause: a download \
+                         starts over with the manifest, so drop what this one received";
 
 /// Where a download stream stands.
 #[derive(Debug, Default)]
@@ -87,7 +102,7 @@ fn events(
             None
         } else {
             let event = match message.map(|m| m.item) {
-                Err(status) => Err(status),
+                Err(status) => Err(crate::status::stream_failure(status, "download", FOLLOW_ON)),
                 Ok(Some(Item::Info(info))) if !order.manifest_seen => {
                     order.manifest_seen = true;
                     Ok(DownloadEvent::Manifest(info))

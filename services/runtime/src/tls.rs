@@ -457,10 +457,17 @@ fn prepare(
     let port = uri.port_u16().unwrap_or(443);
     let server_name = ServerName::try_from(host.clone())
         .with_context(|| format!("endpoint host {host:?} is not a valid server name"))?;
+    // An IPv6 literal keeps its brackets in the URI, which would read its colons as a port's.
+    let authority = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
     // tonic sees plain http; the service below supplies the TLS stream. No connect timeout
     // of tonic's: its deadline would run from when the attempt was made, not from when a
     // call waits for it (see `connect`), so the attempts time themselves.
-    let plain = Endpoint::from_shared(format!("http://{host}:{port}"))?
+    let plain = Endpoint::from_shared(format!("http://{authority}"))
+        .with_context(|| format!("endpoint {endpoint:?} is not a valid address"))?
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
@@ -1049,6 +1056,73 @@ mod tests {
         check(&mut fixed).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
         server.abort();
+    }
+
+    /// An endpoint with an IPv6 literal, `https://[::1]:port`: the channel's URI keeps the
+    /// brackets, the connection goes to ::1 and the server's certificate is checked for that
+    /// address and the expected identity. It needs ::1 (the loopback of every host with
+    /// IPv6, as these machines have), and fails saying so where it cannot be bound.
+    #[tokio::test]
+    async fn a_channel_reaches_a_server_on_an_ipv6_literal() {
+        use rcgen::{
+            BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
+        };
+        use tonic_health::pb::health_client::HealthClient;
+        let identity = crate::pki::dev_identity("registry", "controller");
+        // The dev leaves serve localhost and 127.0.0.1 only, so a CA and a leaf for ::1 of
+        // this test's own, used by both ends.
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+        leaf.subject_alt_names = vec![
+            SanType::URI(identity.as_str().try_into().unwrap()),
+            SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()),
+        ];
+        leaf.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let leaf = leaf.signed_by(&leaf_key, &ca, &ca_key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("leaf.pem"), leaf.pem()).unwrap();
+        std::fs::write(dir.path().join("leaf.key"), leaf_key.serialize_pem()).unwrap();
+        let files = TlsFiles::new(
+            dir.path().join("ca.pem"),
+            dir.path().join("leaf.pem"),
+            dir.path().join("leaf.key"),
+        );
+
+        let listener = tokio::net::TcpListener::bind("[::1]:0")
+            .await
+            .expect("binding [::1]: this test needs IPv6's loopback");
+        let port = listener.local_addr().unwrap().port();
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let server = tonic::transport::Server::builder()
+            .tls_config(files.server_config().unwrap())
+            .unwrap()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        let server = tokio::spawn(server);
+        let channel = channel(
+            &format!("https://[::1]:{port}"),
+            Some(identity),
+            &files.client_config().unwrap(),
+        )
+        .expect("a channel to an IPv6 literal");
+        let answer = tokio::time::timeout(
+            Duration::from_secs(20),
+            HealthClient::new(channel).check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            }),
+        )
+        .await
+        .expect("the check ends");
+        server.abort();
+        answer.expect("the server on ::1 answers");
     }
 
     #[test]

@@ -18,8 +18,8 @@ use std::future::Future;
 use std::pin::pin;
 use std::time::Duration;
 
-use dsrelay_sdk::is_connection_error;
 use dsrelay_sdk::proto::{RequestEvent, RequestState, WatchRequest};
+use dsrelay_sdk::{is_connection_error, timed_out};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Status};
 
@@ -50,9 +50,9 @@ fn is_terminal(state: i32) -> bool {
 }
 
 /// A stream that ended with this was cut short (its lifetime, a shutdown, a lost
-/// connection), not refused: watching again can go on.
+/// connection, a call past its deadline), not refused: watching again can go on.
 pub(super) fn worth_resuming(status: &Status) -> bool {
-    status.code() == Code::Unavailable || is_connection_error(status)
+    status.code() == Code::Unavailable || is_connection_error(status) || timed_out(status)
 }
 
 /// When to watch again.
