@@ -537,6 +537,63 @@ async fn transfer_waits_for_a_receipt_the_registry_would_take() {
     pair.stop().await;
 }
 
+/// A recipient that names itself wrongly closes the part with a receipt the processor
+/// refuses, and a closed part answers that receipt again, so setting the name right is not
+/// enough: once its operator also removes the part's folder, as the refusal's note says, the
+/// processor's next attempt sends the part anew and the transfer completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_to_a_misnamed_recipient_completes_once_it_is_named_right_and_the_part_removed() {
+    let mut pair = spawn_pair(PairOptions {
+        holders: vec![Holder::Accounting],
+        recipient: Some(RecipientOptions {
+            process: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("sqlite pair");
+    let config = pair.recipient().config_file().to_path_buf();
+    let right = std::fs::read_to_string(&config).expect("recipient config");
+    let name_line = right
+        .lines()
+        .find(|l| l.starts_with("name"))
+        .expect("the recipient is named")
+        .to_string();
+    pair.recipient().stop().await;
+    std::fs::write(
+        &config,
+        right.replace(&name_line, "name = \"other-recipient\""),
+    )
+    .unwrap();
+    pair.recipient().start().await;
+
+    let id = submit(&pair).await;
+    let mut crm = pair.crm();
+    let view = wait_until(
+        &mut crm,
+        &id,
+        Duration::from_secs(30),
+        waiting_because("it names recipient \"other-recipient\""),
+    )
+    .await;
+    let reason = &view.tasks[0].reason;
+    assert!(
+        reason.contains("operator discards that part"),
+        "the note says what ends it: {reason}"
+    );
+
+    pair.recipient().stop().await;
+    std::fs::write(&config, &right).unwrap();
+    let part = pair.received_from_processor().join(&id);
+    assert!(part.is_dir(), "the closed part is at {}", part.display());
+    std::fs::remove_dir_all(&part).unwrap();
+    pair.recipient().start().await;
+    let view = wait_until(&mut crm, &id, Duration::from_secs(60), received).await;
+    check_received(&pair, &view, "accounting").await;
+    pair.stop().await;
+}
+
 /// A COMPLETED report of a TRANSFER task must carry the recipient's receipt; the registry
 /// refuses one without it, and one whose receipt is for another task, naming the fields.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
