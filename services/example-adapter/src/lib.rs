@@ -7,8 +7,9 @@
 //! - Only the certificate identities in `allowed_identities` may call it (PERMISSION_DENIED
 //!   otherwise).
 //! - Execute is idempotent per `task_id`: the first answer is stored and repeated; the work is
-//!   done once. A `task_id` names one task: reusing it for another request, kind or caller is
-//!   ALREADY_EXISTS.
+//!   done once. A FAILED answer is not repeated: the call after it (an operator's retry once
+//!   the cause was fixed) is done again, as ExecuteBulk does with a FAILED job. A `task_id`
+//!   names one task: reusing it for another request, kind or caller is ALREADY_EXISTS.
 //! - Inputs are validated; violations are INVALID_ARGUMENT naming their fields.
 //! - A RECTIFICATION corrects a subscriber's `email`, `name` and `phone` and names the other
 //!   fields in its note. One that corrects none of these is REFUSED, naming its fields and

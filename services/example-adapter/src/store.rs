@@ -265,7 +265,7 @@ impl Store {
     }
 
     /// Runs `req` for `caller` once per task id; a repeated call gets the first answer (or
-    /// the task's progress since).
+    /// the task's progress since), unless that was FAILED: then it runs again.
     pub async fn execute(
         &self,
         caller: &str,
@@ -274,6 +274,22 @@ impl Store {
         confirm_delay_ms: u64,
     ) -> Result<ExecuteResponse, StoreError> {
         let mut tx = self.db.pool.begin().await?;
+        // A FAILED answer is not repeated (adapter.proto): the call after it, an operator's
+        // retry once the cause was fixed, is done again as a new one. Only the same task's
+        // (a task_id reused otherwise is still refused by `replay`); a FAILED task did
+        // nothing, so nothing else refers to its row.
+        sqlx::query(
+            "DELETE FROM adapter_tasks WHERE task_id = $1 AND caller = $2 AND request_id = $3 \
+             AND kind = $4 AND outcome = $5 AND (controller IS NULL OR controller = $6)",
+        )
+        .bind(&req.task_id)
+        .bind(caller)
+        .bind(&req.request_id)
+        .bind(i64::from(req.kind))
+        .bind(ExecuteOutcome::Failed as i64)
+        .bind(&req.controller)
+        .execute(&mut *tx)
+        .await?;
         let claimed = sqlx::query(
             "INSERT INTO adapter_tasks (task_id, caller, request_id, kind, outcome, response, \
              created_at, updated_at, controller) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
@@ -423,7 +439,7 @@ impl Store {
     }
 
     /// Runs the bulk job `req` (validated) for `caller` once per job id; a repeated call gets
-    /// the first answer. The work is set-based and done in the claiming transaction, so the
+    /// the first answer, unless that was FAILED: then it runs again. The work is set-based and done in the claiming transaction, so the
     /// answer is final (never ACCEPTED). An ERASE that follows a return and would erase what
     /// was never returned (see `newsletter::count_bulk`) is refused (FailedPrecondition)
     /// with nothing done or stored.
@@ -434,6 +450,21 @@ impl Store {
         now: i64,
     ) -> Result<ExecuteBulkResponse, StoreError> {
         let mut tx = self.db.pool.begin().await?;
+        // As in `execute`: a FAILED job is done again. Its work is one transaction, so a
+        // FAILED job did nothing and the new run's counts are the whole job's.
+        sqlx::query(
+            "DELETE FROM adapter_tasks WHERE task_id = $1 AND caller = $2 AND request_id = $3 \
+             AND kind = $4 AND controller = $5 AND operation = $6 AND outcome = $7",
+        )
+        .bind(&req.job_id)
+        .bind(caller)
+        .bind(&req.request_id)
+        .bind(RequestKind::ContractEnd as i64)
+        .bind(&req.controller)
+        .bind(i64::from(req.operation))
+        .bind(ExecuteOutcome::Failed as i64)
+        .execute(&mut *tx)
+        .await?;
         let claimed = sqlx::query(
             "INSERT INTO adapter_tasks (task_id, caller, request_id, kind, outcome, response, \
              created_at, updated_at, controller, operation) \

@@ -638,7 +638,7 @@ async fn rectifies_restricts_and_honours_objections(backend: Backend) {
         }],
         ..Default::default()
     });
-    let r = c.execute(clash).await.unwrap().into_inner();
+    let r = c.execute(clash.clone()).await.unwrap().into_inner();
     assert_eq!(outcome(&r), ExecuteOutcome::Failed);
     assert!(a.store.subscriber(MAIJA).await.unwrap().is_some());
 
@@ -721,6 +721,28 @@ async fn rectifies_restricts_and_honours_objections(backend: Backend) {
     assert_eq!(outcome(&r), ExecuteOutcome::Refused);
     assert!(!r.reason.is_empty());
     assert!(a.store.subscriber(MAIJA).await.unwrap().is_some());
+
+    // A FAILED answer is not repeated: once its cause is gone (the other subscriber left),
+    // the same task_id, an operator's retry, is done again.
+    let matti = c
+        .execute(request(
+            "t-matti-leaves",
+            RequestKind::Erasure,
+            email("matti.virtanen@example.fi"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&matti), ExecuteOutcome::Completed, "{matti:?}");
+    let r = c.execute(clash).await.unwrap().into_inner();
+    assert_eq!(outcome(&r), ExecuteOutcome::Completed, "{r:?}");
+    assert!(a.store.subscriber(MAIJA).await.unwrap().is_none());
+    assert!(a
+        .store
+        .subscriber("matti.virtanen@example.fi")
+        .await
+        .unwrap()
+        .is_some_and(|s| s.name.starts_with("Maija")));
     a.stop().await;
 }
 
