@@ -63,14 +63,7 @@ pub fn is_connection_error(status: &Status) -> bool {
 /// neither a refused certificate nor an unreachable server is the likely cause, and a call
 /// that changes something may have taken effect.
 pub fn timed_out(status: &Status) -> bool {
-    let mut source = status.source();
-    while let Some(err) = source {
-        if err.is::<tonic::TimeoutExpired>() {
-            return true;
-        }
-        source = err.source();
-    }
-    false
+    dsrelay_runtime::grpc::timed_out(status)
 }
 
 /// True when the connection was made and then closed or broken from the other end before

@@ -107,6 +107,7 @@ use dsrelay_proto::v1::{
 };
 use dsrelay_proto::{millis_from_timestamp, timestamp_from_millis};
 use dsrelay_runtime::config::{check_ms, MAX_DURATION_MS};
+use dsrelay_runtime::grpc::timed_out;
 use dsrelay_runtime::tls::{LiveTls, ReloadingChannel, TlsFiles};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
@@ -925,13 +926,6 @@ fn code_of<R>(
         Ok(Err(status)) => status.code(),
         Err(_) => Code::DeadlineExceeded,
     }
-}
-
-/// Whether `status` is the client's own deadline expiring ([`tonic::TimeoutExpired`] among
-/// its sources), not a status the adapter sent.
-fn timed_out(status: &Status) -> bool {
-    std::iter::successors(std::error::Error::source(status), |e| e.source())
-        .any(|e| e.is::<tonic::TimeoutExpired>())
 }
 
 /// Classifies a failed call: conditions that pass by themselves are transient, the rest

@@ -10,6 +10,7 @@
 //!   [`crate::server::builder`], so handlers open their spans with plain
 //!   `#[tracing::instrument]`.
 //! - [`feed`]: server streams fed by a producer task that stops when its reader stalls.
+//! - [`timed_out`]: on the client's side, whether its own deadline ended a call.
 
 pub mod auth;
 pub mod error;
@@ -19,3 +20,12 @@ pub mod trace;
 pub use auth::{Authorizer, Caller, Refused};
 pub use error::{ApiError, ServiceName};
 pub use trace::{CallerTrace, TraceContextLayer};
+
+/// Whether a call's own deadline ended it, on the client's side: tonic's
+/// [`tonic::TimeoutExpired`] among the status's sources (tonic reports it as CANCELLED
+/// "Timeout expired", alone or under a transport error), not a status the server sent. The
+/// connection may be fine, and a call that changes something may have taken effect.
+pub fn timed_out(status: &tonic::Status) -> bool {
+    std::iter::successors(std::error::Error::source(status), |e| e.source())
+        .any(|e| e.is::<tonic::TimeoutExpired>())
+}
