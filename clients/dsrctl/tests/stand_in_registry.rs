@@ -54,6 +54,9 @@ struct Answers {
     checkpoints_stuck: bool,
     /// The package every request has: its manifest, then these chunks.
     package: Option<(PackageInfo, Vec<PackageFileChunk>)>,
+    /// A download sends this many chunks and then nothing more, its stream staying open, as
+    /// a registry's does when it is killed in the middle.
+    download_stalls_after: Option<usize>,
     /// The states GetContract answers first, one per call.
     contract_states_first: Vec<RequestState>,
     /// The state GetContract answers after those.
@@ -108,8 +111,6 @@ fn page<T: Clone>(items: &[T], seq: impl Fn(&T) -> u64, after: u64, stuck: bool)
 fn unanswered<T>() -> Result<Response<T>, Status> {
     Err(Status::unimplemented("not in this stand-in"))
 }
-
-type Chunks<T> = tokio_stream::Iter<std::vec::IntoIter<Result<T, Status>>>;
 
 type Events = Pin<Box<dyn tokio_stream::Stream<Item = Result<RequestEvent, Status>> + Send>>;
 
@@ -232,18 +233,26 @@ impl PackageService for StandIn {
             None => Err(Status::not_found("no package")),
         }
     }
-    type DownloadPackageStream = Chunks<PackageChunk>;
+    type DownloadPackageStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<PackageChunk, Status>> + Send>>;
     async fn download_package(
         &self,
         _: Call<DownloadPackageRequest>,
     ) -> Result<Response<Self::DownloadPackageStream>, Status> {
-        let Some((info, chunks)) = self.answers().package.clone() else {
+        let answers = self.answers();
+        let Some((info, chunks)) = answers.package.clone() else {
             return Err(Status::not_found("no package"));
         };
+        use tokio_stream::StreamExt as _;
+        let sent = answers.download_stalls_after.unwrap_or(chunks.len());
         let items = std::iter::once(Item::Info(info))
-            .chain(chunks.into_iter().map(Item::File))
+            .chain(chunks.into_iter().take(sent).map(Item::File))
             .map(|item| Ok(PackageChunk { item: Some(item) }));
-        Ok(Response::new(tokio_stream::iter(items.collect::<Vec<_>>())))
+        let items = tokio_stream::iter(items.collect::<Vec<_>>());
+        Ok(Response::new(match answers.download_stalls_after {
+            Some(_) => Box::pin(items.chain(tokio_stream::pending())),
+            None => Box::pin(items),
+        }))
     }
 }
 
@@ -624,6 +633,65 @@ async fn a_download_that_failed_its_checks_cannot_confirm_a_return() {
     assert!(registry.answers().confirmed.is_empty(), "{run:?}");
     // Only a folder whose every file verified holds a manifest.
     assert!(!pkg.join("manifest.json").exists());
+}
+
+/// A registry killed in the middle of a download: dsrctl keeps the files it verified and says
+/// to run the same command again (not the SDK's advice to a program, to call download_package
+/// again and drop what was received), and the command run again finishes the download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_cut_by_a_killed_registry_is_finished_by_the_same_command() {
+    let registry = Registry::start(Answers {
+        package: Some(package("c-1", None)),
+        // The second chunk begins the second file, which ends (and places) the first.
+        download_stalls_after: Some(2),
+        ..Default::default()
+    })
+    .await;
+    let download = registry
+        .command(&["download", "c-1", "--out", "pkg"])
+        .kill_on_drop(true)
+        .spawn()
+        .expect("running dsrctl");
+    let pkg = registry.dir.path().join("pkg");
+    let first = pkg.join(FILES[0].0);
+    let waited = tokio::time::timeout(GUARD, async {
+        while !first.is_file() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "the first file was never verified");
+    registry.relay.kill();
+    let out = tokio::time::timeout(GUARD, download.wait_with_output())
+        .await
+        .expect("a hang guard")
+        .expect("dsrctl ends");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("run the same command again to finish"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "error: UNAVAILABLE: the connection to the registry at {} was lost during the \
+             download",
+            registry.endpoint
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("download_package"), "{stderr}");
+    assert!(!stderr.contains("drop what"), "{stderr}");
+    assert!(first.is_file(), "the verified file stays: {stderr}");
+
+    registry.answers().download_stalls_after = None;
+    registry.relay.restart().await;
+    let run = registry.dsrctl(&["download", "c-1", "--out", "pkg"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    for (path, data) in FILES {
+        assert_eq!(std::fs::read(pkg.join(path)).expect(path), *data, "{path}");
+    }
+    assert!(pkg.join("manifest.json").is_file(), "{run:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

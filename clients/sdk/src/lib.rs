@@ -58,7 +58,8 @@ pub use client::{ConnectionSettings, RegistryClient, DEFAULT_CALL_TIMEOUT};
 pub use contracts::EffectiveAt;
 pub use package::DownloadEvent;
 pub use status::{
-    closed_by_peer, code_name, is_bad_answer, is_connection_error, is_explained, timed_out,
+    closed_by_peer, code_name, is_bad_answer, is_connection_error, is_explained, is_lost_stream,
+    timed_out,
 };
 pub use submit::{hashed_identity, identity, other_identity, SubmitBuilder};
 

@@ -164,6 +164,14 @@ pub fn is_explained(status: &Status) -> bool {
     explanation(status).is_some()
 }
 
+/// True when a stream of this crate (a Watch, a download) ended because its connection was
+/// lost after the registry answered: the status is then UNAVAILABLE and its message says how
+/// to follow on with this crate's calls, which a program with its own way to follow on (a
+/// command line's, say) can word instead, keeping the cause from the status's source.
+pub fn is_lost_stream(status: &Status) -> bool {
+    explanation(status).is_some_and(|explained| explained.why == Why::Lost)
+}
+
 /// Which failure a status made by [`explain`] explains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Why {

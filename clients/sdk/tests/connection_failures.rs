@@ -289,6 +289,7 @@ async fn a_refused_client_certificate_is_unavailable_with_what_to_check() {
         );
         assert!(dsrelay_sdk::closed_by_peer(status), "{what}: {status:?}");
         assert!(dsrelay_sdk::is_explained(status), "{what}: {status:?}");
+        assert!(!dsrelay_sdk::is_lost_stream(status), "{what}: {status:?}");
         let message = status.message();
         for part in [
             "the connection closed before the registry answered",
@@ -376,6 +377,7 @@ async fn a_download_cut_by_a_killed_registry_ends_with_unavailable() {
         "{message}"
     );
     assert!(message.contains("call download_package again"), "{message}");
+    assert!(dsrelay_sdk::is_lost_stream(&status), "{status:?}");
     assert!(
         next(&mut download).await.is_none(),
         "nothing after the error"

@@ -548,7 +548,7 @@ fn progress_bar(total: u64) -> ProgressBar {
 /// GetPackage which, and names in the error those the registry's message does not.
 async fn explain_refusal(registry: &Registry, id: &str, status: tonic::Status) -> Failure {
     if status.code() != tonic::Code::FailedPrecondition {
-        return registry.failed(status);
+        return registry.broke(status);
     }
     let missing = match registry.client.get_package(id).await {
         Ok(info) => info
@@ -630,7 +630,20 @@ impl Source for Registry {
     }
 
     fn broke(&self, status: tonic::Status) -> Failure {
-        Registry::failed(self, status)
+        if !dsrelay_sdk::is_lost_stream(&status) {
+            return Registry::failed(self, status);
+        }
+        // The SDK's words tell a program to call download_package again and drop what it
+        // received; this command keeps the files it verified, and the note printed before
+        // this says to run it again.
+        let cause = std::error::Error::source(&status)
+            .map(|cause| format!(": {cause}"))
+            .unwrap_or_default();
+        Failure::Package(anyhow!(
+            "UNAVAILABLE: the connection to the registry at {} was lost during the download \
+             (the registry was stopped, or the network failed){cause}",
+            self.endpoint
+        ))
     }
 }
 
