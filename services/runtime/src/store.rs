@@ -411,7 +411,30 @@ impl Db {
             Backend::Postgres => postgres,
         };
         let mut conn = self.pool.acquire().await.context("applying migrations")?;
+        // Read before the run, to say after it which migrations it applied: an upgrade's
+        // log then shows that the schema changed, and from which version. No table yet (a
+        // new database) reads as none applied.
+        let before: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap_or_default();
         let Err(e) = migrator.run(&mut *conn).await else {
+            let applied: Vec<i64> = migrator
+                .iter()
+                .map(|m| m.version)
+                .filter(|v| !before.contains(v))
+                .collect();
+            let latest = migrator.iter().map(|m| m.version).max().unwrap_or_default();
+            match (applied.first(), applied.last()) {
+                (Some(first), Some(last)) => tracing::info!(
+                    count = applied.len(),
+                    from = first,
+                    to = last,
+                    new_database = before.is_empty(),
+                    "database migrations applied"
+                ),
+                _ => tracing::info!(version = latest, "database schema up to date"),
+            }
             return Ok(());
         };
         // A failed run keeps sqlx's migration lock (PostgreSQL: a session's advisory lock)
@@ -1863,6 +1886,65 @@ mod migrate_tests {
             ),
             "{err}"
         );
+    }
+
+    /// An upgrade's log says that it changed the schema, and from which version to which.
+    #[tokio::test]
+    async fn the_log_says_which_migrations_were_applied() {
+        let logs = crate::testing::captured_logs();
+        let dir = tempfile::tempdir().unwrap();
+        let db = sqlite(&dir).await;
+        let first = [
+            (1, "init", "CREATE TABLE a (id BIGINT)"),
+            (2, "more", "CREATE TABLE b (id BIGINT)"),
+        ];
+        let mut second = first.to_vec();
+        second.push((3, "later", "CREATE TABLE c (id BIGINT)"));
+        let logged = |steps: &[(i64, &'static str, &'static str)]| {
+            let steps = migrator(steps);
+            let db = &db;
+            let logs = logs.clone();
+            async move {
+                let start = logs.text().len();
+                db.migrate(&steps, &steps).await.unwrap();
+                let text = logs.text();
+                let line = text[start..]
+                    .lines()
+                    .find(|line| {
+                        line.contains("database migrations applied")
+                            || line.contains("database schema up to date")
+                    })
+                    .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap());
+                line.expect("a line about the migrations")["fields"].clone()
+            }
+        };
+        let fields = logged(&first).await;
+        assert_eq!(fields["message"], "database migrations applied", "{fields}");
+        assert_eq!(
+            (
+                fields["count"].as_u64(),
+                fields["from"].as_i64(),
+                fields["to"].as_i64()
+            ),
+            (Some(2), Some(1), Some(2)),
+            "{fields}"
+        );
+        assert_eq!(fields["new_database"], true, "{fields}");
+        let fields = logged(&second).await;
+        assert_eq!(fields["message"], "database migrations applied", "{fields}");
+        assert_eq!(
+            (
+                fields["count"].as_u64(),
+                fields["from"].as_i64(),
+                fields["to"].as_i64()
+            ),
+            (Some(1), Some(3), Some(3)),
+            "{fields}"
+        );
+        assert_eq!(fields["new_database"], false, "{fields}");
+        let fields = logged(&second).await;
+        assert_eq!(fields["message"], "database schema up to date", "{fields}");
+        assert_eq!(fields["version"], 3, "{fields}");
     }
 
     #[tokio::test]
