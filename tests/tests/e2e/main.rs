@@ -8,6 +8,7 @@ mod harness;
 
 mod adapter;
 mod adapter_export;
+mod adapter_retry;
 mod audit;
 mod bad_input;
 mod bench;
