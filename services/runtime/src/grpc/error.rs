@@ -321,7 +321,9 @@ fn sqlx_out_of_reach(e: &sqlx::Error) -> bool {
 
 /// Database error codes that mean the connection is gone or the database cannot take work
 /// now: PostgreSQL's connection exceptions (class 08), shutdowns and start-ups (57P01 to
-/// 57P03) and too many connections (53300); SQLite's BUSY and LOCKED (primary codes 5 and
+/// 57P03), too many connections (53300) and a login refused on reconnecting (class 28: a
+/// role without LOGIN, a password changed during a failover, which the operator puts right
+/// while the caller retries); SQLite's BUSY and LOCKED (primary codes 5 and
 /// 6, whatever the extended code) once its busy timeout ran out. Which backend spoke
 /// matters: a SQLSTATE such as 22021 (a NUL byte in text) or 42501 (permission denied) is a
 /// number too, whose low byte may read as BUSY, and must not tell the caller to try again.
@@ -331,7 +333,9 @@ fn lost_connection(code: &str, sqlite: bool) -> bool {
             .parse::<u32>()
             .is_ok_and(|extended| matches!(extended & 0xff, 5 | 6));
     }
-    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+    code.starts_with("08")
+        || code.starts_with("28")
+        || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
 }
 
 #[cfg(test)]
@@ -442,9 +446,64 @@ mod tests {
         assert!(!status.message().contains("secret"));
     }
 
+    /// A role refused its login when the pool reconnects (NOLOGIN, a password changed during
+    /// a failover) is a database the service cannot reach just now, not a fault of its own:
+    /// the caller hears UNAVAILABLE and tries again.
+    #[tokio::test]
+    async fn a_login_refused_on_reconnecting_is_unavailable() {
+        let Some(server) = crate::testing::postgres_server() else {
+            return;
+        };
+        let admin = crate::store::Db::connect(&server).await.unwrap();
+        let role = format!("refused_{:016x}", fastrand::u64(..));
+        sqlx::query(&format!("CREATE ROLE \"{role}\" LOGIN PASSWORD 'pw'"))
+            .execute(&admin.pool)
+            .await
+            .unwrap();
+        let (scheme, rest) = server.split_once("://").unwrap();
+        let after = &rest[rest.rfind('@').map_or(0, |at| at + 1)..];
+        let db = crate::store::Db::connect(&format!("{scheme}://{role}:pw@{after}"))
+            .await
+            .unwrap();
+        sqlx::query(&format!("ALTER ROLE \"{role}\" NOLOGIN"))
+            .execute(&admin.pool)
+            .await
+            .unwrap();
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1")
+            .bind(&role)
+            .execute(&admin.pool)
+            .await
+            .unwrap();
+        // The pool may hand out the connection just terminated first: the one after it is
+        // a new login.
+        let mut refused = None;
+        for _ in 0..5 {
+            if let Err(e) = sqlx::query("SELECT 1").execute(&db.pool).await {
+                let login = matches!(&e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("28")));
+                if login {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        let err = refused.expect("a login refused");
+        let status = Status::from(Error::unexpected(anyhow::Error::new(err)));
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(
+            status.message().contains("could not reach its database"),
+            "{status:?}"
+        );
+        db.close().await;
+        sqlx::query(&format!("DROP ROLE \"{role}\""))
+            .execute(&admin.pool)
+            .await
+            .unwrap();
+        admin.close().await;
+    }
+
     #[test]
     fn lost_connection_codes() {
-        for code in ["08006", "08003", "57P01", "53300"] {
+        for code in ["08006", "08003", "57P01", "53300", "28000", "28P01"] {
             assert!(lost_connection(code, false), "{code}");
         }
         for code in ["5", "517", "6", "262"] {
@@ -454,7 +513,7 @@ mod tests {
         for code in ["23505", "42P01", "22021", "42501", "5"] {
             assert!(!lost_connection(code, false), "{code}");
         }
-        for code in ["19", "2067", "1", "08006"] {
+        for code in ["19", "2067", "1", "08006", "28000"] {
             assert!(!lost_connection(code, true), "{code}");
         }
     }
