@@ -241,7 +241,10 @@ pub struct AckConfig {
     /// Acknowledgements claimed per round; each controller's share goes in calls of at most
     /// 500 and 3 MiB. 1 to [`MAX_CONCURRENCY`] (65536).
     pub batch_size: u32,
-    /// Deadline of one Acknowledge call (ms); 1 to [`MAX_CALL_TIMEOUT_MS`] (one hour).
+    /// Deadline of one Acknowledge call (ms); 1 to [`MAX_CALL_TIMEOUT_MS`] (one hour). The
+    /// default, 15 s, outlasts the registry's wait for its own database
+    /// ([`dsrelay_runtime::store::POOL_WAIT`], 10 s), so a registry whose database is out of
+    /// reach answers UNAVAILABLE saying so rather than the call running out first.
     pub call_timeout_ms: u64,
     /// Rejections by the registry after which an acknowledgement is dead-lettered: parked,
     /// never sent again until an operator requeues it (`dsrctl tasks dead-letters`).
@@ -257,7 +260,7 @@ impl Default for AckConfig {
             poll_interval_ms: 1000,
             lease_ms: 30_000,
             batch_size: 200,
-            call_timeout_ms: 10_000,
+            call_timeout_ms: 15_000,
             max_rejections: 5,
         }
     }
@@ -288,7 +291,9 @@ pub struct UploadConfig {
     pub concurrency: u32,
     /// Deadline of one state call (GetUploadState, GetTransferState) or closing call
     /// (CompletePart, CompleteTransfer) (ms); 1 to [`MAX_CALL_TIMEOUT_MS`] (one hour), and
-    /// shorter than `lease_ms`, which a closing call runs under unrenewed.
+    /// shorter than `lease_ms`, which a closing call runs under unrenewed. The default, 15 s,
+    /// outlasts the registry's wait for its own database
+    /// ([`dsrelay_runtime::store::POOL_WAIT`], 10 s), as `acks.call_timeout_ms` does.
     pub call_timeout_ms: u64,
 }
 
@@ -300,7 +305,7 @@ impl Default for UploadConfig {
             lease_ms: 30_000,
             stall_ms: 300_000,
             concurrency: 4,
-            call_timeout_ms: 10_000,
+            call_timeout_ms: 15_000,
         }
     }
 }
@@ -664,6 +669,16 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A registry (or recipient) whose database is out of reach answers UNAVAILABLE after
+    /// the store's wait for a connection: the default deadlines of the calls to it must
+    /// outlast that wait, or the caller records its own timeout instead of the reason.
+    #[test]
+    fn default_call_deadlines_outlast_the_stores_wait_for_a_connection() {
+        let wait = dsrelay_runtime::store::POOL_WAIT.as_millis() as u64;
+        assert!(AckConfig::default().call_timeout_ms > wait);
+        assert!(UploadConfig::default().call_timeout_ms > wait);
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

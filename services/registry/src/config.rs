@@ -313,7 +313,10 @@ pub struct DeliveryConfig {
     pub concurrency: usize,
     /// Deadline of one call to a processor (ms): Deliver, Cancel, UpdateContractEnd and
     /// ExtendDueDate, and the reconciler's GetStatus and ListSubprocessors. 1 to
-    /// [`MAX_CALL_TIMEOUT_MS`] (one hour).
+    /// [`MAX_CALL_TIMEOUT_MS`] (one hour). The default, 15 s, outlasts a processor's wait for
+    /// its own database ([`dsrelay_runtime::store::POOL_WAIT`], 10 s), so a processor whose
+    /// database is out of reach answers UNAVAILABLE saying so, which the delivery's error
+    /// then shows, rather than the call running out first with nothing said.
     pub call_timeout_ms: u64,
     /// Refusals after which an outbox row (a delivery, a cancellation, a contract end's
     /// update or a due date's extension) is dead-lettered: no longer sent, shown in Get and
@@ -340,7 +343,7 @@ impl Default for DeliveryConfig {
             lease_ms: 30_000,
             batch_size: 64,
             concurrency: 64,
-            call_timeout_ms: 10_000,
+            call_timeout_ms: 15_000,
             max_refusals: 5,
             yield_to_intake_ms: 0,
         }
@@ -984,6 +987,15 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A processor whose database is out of reach answers UNAVAILABLE after the store's wait
+    /// for a connection: the default deadline of the calls to it must outlast that wait, or
+    /// the delivery records the registry's own timeout instead of the reason.
+    #[test]
+    fn the_default_call_deadline_outlasts_the_stores_wait_for_a_connection() {
+        let wait = dsrelay_runtime::store::POOL_WAIT.as_millis() as u64;
+        assert!(DeliveryConfig::default().call_timeout_ms > wait);
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

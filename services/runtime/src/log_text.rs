@@ -98,6 +98,15 @@ impl Said {
     /// text), which is quoted with the rest.
     pub fn about_status(ours: impl Into<String>, status: &tonic::Status) -> Self {
         let ours = ours.into();
+        // tonic words this service's own deadline "Timeout expired: transport error", which
+        // reads as a network fault; the likely cause is the other side waiting on its own
+        // database, whose log then says so.
+        if crate::grpc::timed_out(status) {
+            return Self::ours(format!(
+                "{ours}: no answer within the call's deadline (call_timeout_ms); the other \
+                 service may be busy or waiting on its database, which its log says"
+            ));
+        }
         let first = std::error::Error::source(status);
         let from_peer = std::iter::successors(first, |e| e.source()).any(|e| {
             e.downcast_ref::<h2::Error>()
@@ -217,6 +226,15 @@ mod tests {
         );
         assert!(!logged.contains("maija"), "{logged}");
         assert!(!format!("{said:?}").contains("maija"));
+        // This service's own deadline: said as such, not as tonic's "transport error".
+        let expired = tonic::Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        let said = Said::status(&expired);
+        assert_eq!(
+            said.full(),
+            "Cancelled: no answer within the call's deadline (call_timeout_ms); the other \
+             service may be busy or waiting on its database, which its log says"
+        );
+        assert_eq!(said.logged(b"k").to_string(), said.full());
         // An empty message is still quoted in the record, as statuses always were.
         let empty = Said::status(&tonic::Status::unavailable(""));
         assert_eq!(empty.full(), "Unavailable: ");
