@@ -577,8 +577,14 @@ async fn record_failure(shared: &Shared, job: &DeliveryJob, said: &Said, refused
                 .inc(&[&job.processor]);
             tracing::error!(
                 error = %logged,
-                "delivery dead-lettered after repeated refusal; `dsrctl get` shows the whole \
-                 error until the request is forgotten"
+                request_id = %job.request_id,
+                processor = %job.processor,
+                "delivery dead-lettered after repeated refusal: it is not sent again until \
+                 the cause is fixed and an operator runs `dsrctl deliveries requeue {} \
+                 --processor {}`; `dsrctl get` shows the whole error until the request is \
+                 forgotten",
+                job.request_id,
+                job.processor
             );
         }
         Ok(FailureRecorded::Retrying) => tracing::warn!(
