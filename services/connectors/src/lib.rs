@@ -591,8 +591,9 @@ pub struct ErasedCount {
     pub target: String,
     /// What was done to the records: `deleted`, `anonymized`, `archived`, ...; or what was
     /// not erased but listed beside it: `kept and stripped` (the SQL connector's rows kept
-    /// under an obligation, cleared of what it does not need) and `kept` (a contract end's
-    /// rows in tables never erased). Those are never in `records_affected`.
+    /// under an obligation, cleared now of what it does not need) and `kept` (rows kept as
+    /// they are: kept under an obligation with nothing cleared by this run, or a contract
+    /// end's rows in tables never erased). Those are never in `records_affected`.
     pub action: String,
     /// How many records.
     pub count: i64,

@@ -707,6 +707,40 @@ impl Scoped<'_> {
             }
             kept_rows += kept.by_date + kept.by_condition;
         }
+        // Every row an obligation keeps is listed, as a subject's erasure lists them, so
+        // that the certificate says so without the notes. Rows stripped by
+        // this call or by the earlier one it goes on from are listed already (the processor
+        // adds the earlier call's counts); the rest are kept as they are.
+        let stripped: Vec<ErasedCount> = (earlier.erased.iter().chain(&counts))
+            .filter(|c| c.action == Action::KEPT_AND_STRIPPED)
+            .cloned()
+            .collect();
+        let stripped_by = |table: &str| {
+            (stripped.iter())
+                .filter(|c| c.target == table)
+                .map(|c| c.count)
+                .fold(0, i64::saturating_add)
+        };
+        for rule in self
+            .config
+            .children_first()
+            .filter(|t| t.action != Action::Keep)
+        {
+            let table = rule.table.as_str();
+            let count = plan_table_erasure(self.config, rule, self.everything(), job.now_ms)
+                .and_then(|work| work.count_kept);
+            let Some(count) = count else {
+                continue;
+            };
+            let doing = format!("counting the kept rows of {table}");
+            let whole = tx
+                .count(&count, &doing)
+                .await?
+                .saturating_sub(stripped_by(table));
+            if whole > 0 {
+                add_count(&mut counts, table, Action::KEPT, whole);
+            }
+        }
         // `keep` tables are never erased: the controller's rows there stay, and the answer
         // and its certificate must say so rather than pass the erasure off as everything.
         for rule in self
@@ -720,7 +754,7 @@ impl Scoped<'_> {
                 continue;
             }
             let rows = i64::try_from(rows).unwrap_or(i64::MAX);
-            add_count(&mut counts, &rule.table, rule.action.done(), rows);
+            add_count(&mut counts, &rule.table, Action::KEPT, rows);
             notes.push(format!(
                 "{}: kept {rows} (action keep: the rules never erase this table)",
                 rule.table

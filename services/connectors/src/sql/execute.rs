@@ -38,10 +38,12 @@ pub(crate) struct ErasureReport {
     /// Set when rows are kept under a legal obligation.
     pub(crate) retained: Option<RetentionReport>,
     /// Rows erased per table and action (the table's `deleted` or `anonymized`), in the
-    /// order the tables were handled; rows kept under an obligation and stripped now of what
-    /// it does not need are listed apart as [`Action::KEPT_AND_STRIPPED`], never as erased.
-    /// Receipts stored before that listed them as `anonymized` and counted them in
-    /// `records_affected`; a replay answers them as stored.
+    /// order the tables were handled; rows kept under an obligation are listed apart, never
+    /// as erased: those stripped now of what it does not need as
+    /// [`Action::KEPT_AND_STRIPPED`], the others (nothing to clear, or cleared by an earlier
+    /// run) as [`Action::KEPT`]. Receipts stored before stripped rows were listed apart
+    /// listed them as `anonymized` and counted them in `records_affected`, and those stored
+    /// before [`Action::KEPT`] was listed lack it; a replay answers them as stored.
     pub(crate) counts: Vec<ErasedCount>,
     /// When the subject's rows are only in `keep` tables (nothing deleted, anonymized or
     /// kept under `retain`): those tables with their rows. Nothing was erased, and the
@@ -311,6 +313,16 @@ impl<'a> Scoped<'a> {
                     target: table.to_string(),
                     action: Action::KEPT_AND_STRIPPED.to_string(),
                     count: stripped,
+                });
+            }
+            // The note that also says so is emptied when the request's identities are
+            // forgotten; the certificate must still say that the table keeps these rows.
+            let whole = kept.saturating_sub(stripped).max(0);
+            if whole > 0 {
+                counts.push(ErasedCount {
+                    target: table.to_string(),
+                    action: Action::KEPT.to_string(),
+                    count: whole,
                 });
             }
             tracing::debug!(

@@ -352,6 +352,11 @@
 //! - keeps a matched (parent) row as long as a child row found through it is kept, so that the
 //!   rest can be found again; meanwhile its `anonymize` columns are cleared too, except the
 //!   match columns the request's identities use;
+//! - lists every kept row in its counts by table (the outcome's `erased`), never as erased
+//!   nor in `records_affected`: as `kept and stripped` when the run cleared columns in it,
+//!   as `kept` when it cleared none (nothing to clear, or cleared by an earlier run). Those
+//!   counts outlive the note, which forgetting the request empties. A contract end lists
+//!   the controller's kept rows the same way, and a `keep` table's rows as `kept`;
 //! - answers [`Outcome::Retained`] with the bases of the rules that keep rows and the moment the
 //!   next kept row is released. The processor runs the task again then
 //!   ([`Phase::RetentionExpired`]), which erases what was released and answers

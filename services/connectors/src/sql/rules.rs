@@ -190,9 +190,15 @@ impl Action {
         match self {
             Action::Delete => "deleted",
             Action::Anonymize => "anonymized",
-            Action::Keep => "kept",
+            Action::Keep => Self::KEPT,
         }
     }
+
+    /// What [`crate::ErasedCount::action`] says of rows kept as they are: a `keep` table's
+    /// rows at a contract end, and rows an obligation keeps that the run clears nothing in
+    /// (nothing to clear, or cleared by an earlier run). Not erased, so never counted in
+    /// `records_affected`.
+    pub(super) const KEPT: &'static str = "kept";
 
     /// What [`crate::ErasedCount::action`] says of rows an obligation keeps that lost the
     /// columns it does not need: kept, not erased, so not counted as erased or anonymized

@@ -253,6 +253,7 @@ on_both_backends!(
     a_contact_person_is_found_by_their_own_identity,
     a_contract_end_returns_every_table_it_erases,
     a_contract_end_names_the_keep_tables_it_leaves,
+    kept_rows_are_listed_in_the_counts,
 );
 
 /// Anna (contact 204) is a contact person of a company customer whose own row does not name
@@ -964,6 +965,7 @@ async fn erases_subject_by_email(url: String) {
                 ("invoices", "deleted", 1),
                 ("invoices", "kept and stripped", 2),
                 ("ledger_entries", "anonymized", 1),
+                ("ledger_entries", "kept", 1),
                 ("customers", "deleted", 0),
                 ("customers", "kept and stripped", 1),
             ]
@@ -1494,6 +1496,84 @@ async fn retention_expires_in_stages(url: String) {
         connector.run(&new_request).await.unwrap(),
         Outcome::NotFound { .. }
     ));
+}
+
+/// Every row an erasure keeps under an obligation is in its counts, not only in its note
+/// (which forgetting the request empties): rows stripped now as `kept and stripped`, rows
+/// the run clears nothing in as `kept` (the 2024 ledger entry, whose kept columns are all
+/// the obligation needs; the open invoice, its address already gone), both in one table
+/// when its kept rows are of both kinds; and a retention run lists the rows it still
+/// keeps, stripped by the run before, as `kept`. None of them is in records_affected.
+async fn kept_rows_are_listed_in_the_counts(url: String) {
+    let (connector, db) = sample(&url).await;
+    exec(
+        &db,
+        "UPDATE invoices SET customer_email = NULL WHERE id = 103",
+    )
+    .await;
+    let run = |now_ms: i64, phase: Phase| {
+        let task = task(RequestKind::Erasure, vec![email(MAIJA)], now_ms, phase);
+        let connector = &connector;
+        async move { connector.run(&task).await.unwrap() }
+    };
+    let counted = |outcome: Outcome| match outcome {
+        Outcome::Retained {
+            records_affected,
+            erased,
+            ..
+        } => (records_affected, erased),
+        other => panic!("expected RETAINED, got {other:?}"),
+    };
+
+    let (affected, erased) = counted(run(now(), Phase::Start).await);
+    assert_eq!(
+        erased,
+        erased_counts(&[
+            ("contacts", "deleted", 2),
+            ("invoices", "deleted", 1),
+            ("invoices", "kept and stripped", 1),
+            ("invoices", "kept", 1),
+            ("ledger_entries", "anonymized", 1),
+            ("ledger_entries", "kept", 1),
+            ("customers", "deleted", 0),
+            ("customers", "kept and stripped", 1),
+        ])
+    );
+    // Her 2 contacts, the 2015 invoice and the 2015 ledger entry.
+    assert_eq!(affected, 4);
+    assert_eq!(
+        rows(
+            &db,
+            "SELECT id, customer_email FROM invoices WHERE customer_id = 1 ORDER BY id"
+        )
+        .await,
+        [[json!(102), json!(null)], [json!(103), json!(null)]]
+    );
+
+    // 2031: the 2024 invoice goes; the open one, the 2024 ledger entry and the customer
+    // row are still kept, with nothing left to clear.
+    let at = ms(2031, 1, 1);
+    let (affected, erased) = counted(run(at, Phase::RetentionExpired { until_ms: at }).await);
+    assert_eq!(
+        erased,
+        erased_counts(&[
+            ("contacts", "deleted", 0),
+            ("invoices", "deleted", 1),
+            ("invoices", "kept", 1),
+            ("ledger_entries", "anonymized", 0),
+            ("ledger_entries", "kept", 1),
+            ("customers", "deleted", 0),
+            ("customers", "kept", 1),
+        ])
+    );
+    assert_eq!(affected, 1);
+    for (table, held) in [("invoices", 1), ("ledger_entries", 1)] {
+        assert_eq!(
+            count(&db, &format!("{C} FROM {table} WHERE customer_id = 1")).await,
+            held,
+            "{table}"
+        );
+    }
 }
 
 async fn exports_configured_columns_per_table(url: String) {
@@ -2675,6 +2755,11 @@ async fn scopes_controllers_by_condition(url: String) {
                 ("ledger_entries", "anonymized", 0),
                 ("customers", "deleted", 0),
                 ("customers", "kept and stripped", 3),
+                // Kept rows the batch cleared nothing in: Maija's two invoices, stripped by
+                // her erasure above, and the two ledger entries, whose kept columns are all
+                // the obligation needs.
+                ("invoices", "kept", 2),
+                ("ledger_entries", "kept", 2),
             ]),
         }
     );
@@ -2712,12 +2797,23 @@ async fn scopes_controllers_by_condition(url: String) {
         until_ms,
         note,
         records_affected: second,
-        ..
+        erased,
     } = out
     else {
         panic!("expected RETAINED, got {out:?}");
     };
     assert_eq!((legal_basis.as_str(), until_ms), (OPEN, ms(2040, 1, 31)));
+    // The rows still kept, stripped by the contract end before, are listed as kept: the
+    // open and collected invoices, and their customers' rows.
+    let kept: Vec<_> = (erased.iter())
+        .filter(|c| c.action.starts_with("kept"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        kept,
+        erased_counts(&[("invoices", "kept", 2), ("customers", "kept", 2)]),
+        "{erased:?}"
+    );
     assert!(
         note.ends_with(
             "invoices: kept 2 while its retain condition holds, checked again on 2040-01-31"
@@ -2941,6 +3037,22 @@ async fn bulk_erasure_cut_off_after_a_batch_resumes_to_what_existed(url: String)
         .collect();
     let both = crate::sum_erased(&cut_off.erased, &batched);
     assert_eq!(sorted(&both), expected, "{again:?}");
+    // The rows kept with nothing cleared, and only those: the kept rows the cut-off call
+    // stripped are in its recorded counts, so they are not listed as kept again.
+    let linked_ledger = count(
+        &db,
+        &format!("{C} FROM ledger_entries WHERE customer_id IS NOT NULL"),
+    )
+    .await;
+    let kept: Vec<crate::ErasedCount> = (erased.iter())
+        .filter(|e| e.action == "kept")
+        .cloned()
+        .collect();
+    assert_eq!(
+        kept,
+        erased_counts(&[("ledger_entries", "kept", linked_ledger)]),
+        "{again:?}"
+    );
     let erased: i64 = (expected.iter())
         .filter(|(_, action, _)| action != "kept and stripped")
         .map(|(_, _, n)| n)
