@@ -237,6 +237,10 @@ pub async fn run_chainer(db: Db, lock_key: i64, mut stop: watch::Receiver<bool>)
     if db.backend == Backend::Sqlite {
         return;
     }
+    // A database that refuses at once (a login refused, a permission taken away) would
+    // otherwise fail every round, 20 times a second: a run of failures is logged when it
+    // begins and when it ends, and retried with a growing pause meanwhile.
+    let mut failing: Option<(std::time::Instant, u32)> = None;
     loop {
         if *stop.borrow() {
             // What committed last is chained now rather than at the next start.
@@ -246,15 +250,51 @@ pub async fn run_chainer(db: Db, lock_key: i64, mut stop: watch::Receiver<bool>)
             return;
         }
         match chain_pending(&db, lock_key).await {
-            Ok(0) => {}
-            Ok(n) => tracing::trace!(entries = n, "audit entries chained"),
-            Err(e) => tracing::warn!(error = format!("{e:#}"), "chaining audit entries failed"),
+            Ok(n) => {
+                if let Some((since, failures)) = failing.take() {
+                    tracing::info!(
+                        failures,
+                        after_ms = since.elapsed().as_millis() as u64,
+                        "chaining audit entries works again"
+                    );
+                }
+                if n > 0 {
+                    tracing::trace!(entries = n, "audit entries chained");
+                }
+            }
+            Err(e) => match &mut failing {
+                None => {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "chaining audit entries failed; retried with a growing pause (up to \
+                         {} s), logged again when it works",
+                        CHAIN_PAUSE_MAX.as_secs()
+                    );
+                    failing = Some((std::time::Instant::now(), 1));
+                }
+                Some((_, failures)) => {
+                    *failures = failures.saturating_add(1);
+                    tracing::debug!(error = format!("{e:#}"), "chaining audit entries failed");
+                }
+            },
         }
+        let pause = failing.map_or(CHAIN_INTERVAL, |(_, failures)| chain_pause(failures));
         tokio::select! {
             _ = stop.changed() => {}
-            _ = tokio::time::sleep(CHAIN_INTERVAL) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
     }
+}
+
+/// The longest pause between rounds while chaining fails.
+const CHAIN_PAUSE_MAX: Duration = Duration::from_secs(5);
+
+/// The pause after `failures` failed rounds in a row: [`CHAIN_INTERVAL`] doubled with each,
+/// up to [`CHAIN_PAUSE_MAX`].
+fn chain_pause(failures: u32) -> Duration {
+    CHAIN_INTERVAL
+        .saturating_mul(1 << failures.min(10))
+        .min(CHAIN_PAUSE_MAX)
 }
 
 /// Up to `limit` entries after `after_seq`, oldest first.
@@ -295,6 +335,67 @@ mod tests {
     use super::*;
     use crate::store::{Backend, Db};
     use sqlx::Executor as _;
+
+    #[test]
+    fn the_pause_grows_while_chaining_fails_up_to_its_limit() {
+        assert_eq!(chain_pause(1), CHAIN_INTERVAL * 2);
+        assert_eq!(chain_pause(2), CHAIN_INTERVAL * 4);
+        assert_eq!(chain_pause(40), CHAIN_PAUSE_MAX);
+    }
+
+    /// A database that refuses every round (here: no table to chain from) is logged once
+    /// when the failures begin, not every round, and once when chaining works again.
+    #[tokio::test]
+    async fn a_run_of_failures_is_logged_when_it_begins_and_when_it_ends() {
+        let logs = crate::testing::captured_logs();
+        crate::testing::on_postgres("chainer", |url, _dir| async move {
+            let db = Db::connect(&url).await.unwrap();
+            let (stop, stopped) = watch::channel(false);
+            let chainer = tokio::spawn(run_chainer(db.clone(), 7, stopped));
+            let lines = |text: &str| {
+                let all = logs.text();
+                all.lines().filter(|l| l.contains(text)).count()
+            };
+            let waited = tokio::time::timeout(Duration::from_secs(60), async {
+                while lines("\"chaining audit entries failed\"") < 3 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+            assert!(waited.is_ok(), "{}", logs.text());
+            assert_eq!(
+                lines("chaining audit entries failed; retried"),
+                1,
+                "{}",
+                logs.text()
+            );
+            db.pool
+                .execute(
+                    "CREATE TABLE audit_pending (id BIGSERIAL PRIMARY KEY, occurred_at BIGINT \
+                     NOT NULL, request_id TEXT NOT NULL, event_type BIGINT NOT NULL, actor \
+                     TEXT NOT NULL, detail TEXT NOT NULL)",
+                )
+                .await
+                .unwrap();
+            let waited = tokio::time::timeout(Duration::from_secs(60), async {
+                while lines("chaining audit entries works again") == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+            assert!(waited.is_ok(), "{}", logs.text());
+            assert_eq!(
+                lines("chaining audit entries failed; retried"),
+                1,
+                "{}",
+                logs.text()
+            );
+            stop.send(true).unwrap();
+            chainer.await.unwrap();
+            db.close().await;
+        })
+        .await;
+    }
 
     /// A batch longer than one statement's rows (SQLite's parameter budget) is one chain:
     /// each entry linked to the one before across the statements, and to what was there.
