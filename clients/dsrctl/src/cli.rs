@@ -631,12 +631,14 @@ pub struct ReceiptVerifyArgs {
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Read the whole audit trail and check its hash chain; exits 0 if it is intact and 1
-    /// naming the first entry that was modified, inserted or removed. Keep the printed number
+    /// naming the first entry that was modified, removed, or (where the chain cannot tell
+    /// which) modified, reordered or inserted. Keep the printed number
     /// of entries and last hash: entries are numbered from 1 without gaps, so that number is
     /// the last entry's SEQ (`last_seq` in --output json), and `--anchor SEQ:HASH` later also
     /// catches entries removed from the end and a trail rewritten up to that entry. With the
     /// registry's signed checkpoints (--checkpoints FILE or --fetch-checkpoints, and
-    /// --checkpoint-key), it also checks every checkpoint's signature and that the trail still
+    /// --checkpoint-key, once per key they were signed with), it also checks every
+    /// checkpoint's signature and that the trail still
     /// holds every checkpointed entry, naming the checkpoint a rewritten or cut trail no
     /// longer matches; with none there to check against, it exits 1 without judging the
     /// trail. With --processor, the same for that processor's own trail and checkpoints
@@ -700,10 +702,12 @@ pub struct AuditVerifyArgs {
     /// The public key that checks the checkpoints: the base64 of its 32 bytes, or a file
     /// holding it (SPKI PEM, as `dsrctl pki init` writes registry-signing.pub.pem and
     /// processor-signing.pub.pem). Get it from the service's operator another way than from
-    /// the service itself. Needs --checkpoints or --fetch-checkpoints: alone it would check
-    /// nothing.
+    /// the service itself. Give it once for each key the checkpoints were signed with (after
+    /// the service's checkpoint key was rotated: the old key and the new one); each
+    /// checkpoint is checked with the key its key id names, and one signed with a key not
+    /// given fails. Needs --checkpoints or --fetch-checkpoints: alone it would check nothing.
     #[arg(long, value_name = "PUBKEY", requires = "checkpoint_source")]
-    pub checkpoint_key: Option<String>,
+    pub checkpoint_key: Vec<String>,
 }
 
 /// Arguments of `dsrctl audit checkpoints`.

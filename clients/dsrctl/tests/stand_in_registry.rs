@@ -892,6 +892,106 @@ async fn checkpoints_asked_for_and_none_there_fail_the_verification() {
     assert!(run.stdout.contains("2 signed checkpoints kept"), "{run:?}");
 }
 
+/// After the registry's checkpoint key was rotated, its checkpoints are signed by two keys:
+/// they verify with both given (`--checkpoint-key` twice), the summary says which signed
+/// how many, and with one key alone the first checkpoint of the other fails naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_across_a_key_rotation_verify_with_both_keys() {
+    let (old, new) = (SigningKey::generate(), SigningKey::generate());
+    let (old_id, new_id) = (old.public_key().key_id(), new.public_key().key_id());
+    let entries = trail(9);
+    let mut signed = checkpoints(&entries, &[2, 4, 5], &old);
+    signed.extend(checkpoints(&entries, &[7, 9], &new));
+    let registry = Registry::start(Answers {
+        checkpoints: signed,
+        entries,
+        ..Default::default()
+    })
+    .await;
+    for (name, key) in [("old.pub.pem", &old), ("new.pub.pem", &new)] {
+        let pem = key.public_key().to_pem().expect("pem");
+        std::fs::write(registry.path(name), pem).expect("the key file");
+    }
+    let verify = |keys: &[&'static str]| {
+        let mut args = vec!["audit", "verify", "--fetch-checkpoints"];
+        for key in keys {
+            args.extend(["--checkpoint-key", key]);
+        }
+        args
+    };
+
+    let run = registry
+        .dsrctl(&verify(&["new.pub.pem", "old.pub.pem"]))
+        .await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(
+        run.stdout.contains(&format!(
+            "5 signed checkpoints kept (3 signed with key {old_id}, 2 with key {new_id})"
+        )),
+        "{run:?}"
+    );
+    let json = registry
+        .dsrctl(
+            &[
+                &verify(&["old.pub.pem", "new.pub.pem"])[..],
+                &["--output", "json"],
+            ]
+            .concat(),
+        )
+        .await;
+    assert_eq!(json.code, Some(0), "{json:?}");
+    let doc: serde_json::Value = serde_json::from_str(&json.stdout).expect("json");
+    assert_eq!(doc["checkpoints"], 5, "{doc}");
+    assert_eq!(
+        doc["checkpoint_keys"],
+        serde_json::json!([
+            {"key_id": old_id, "checkpoints": 3},
+            {"key_id": new_id, "checkpoints": 2},
+        ]),
+        "{doc}"
+    );
+
+    // One key alone: the first checkpoint of the other fails, naming that key.
+    let run = registry.dsrctl(&verify(&["new.pub.pem"])).await;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stdout.starts_with(&format!(
+            "checkpoints do not verify: checkpoint 1 bad signature: signed with key {old_id}, \
+             not with the expected key {new_id}; if the registry's checkpoint key was rotated"
+        )),
+        "{run:?}"
+    );
+    let run = registry.dsrctl(&verify(&["old.pub.pem"])).await;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stdout.contains(&format!(
+            "checkpoint 4 bad signature: signed with key {new_id}, not with the expected key \
+             {old_id}"
+        )),
+        "{run:?}"
+    );
+    // The same key twice is refused, naming both places.
+    let run = registry
+        .dsrctl(&verify(&["new.pub.pem", "new.pub.pem"]))
+        .await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("--checkpoint-key 2 (new.pub.pem) is --checkpoint-key 1 (new.pub.pem) again"),
+        "{run:?}"
+    );
+
+    // `audit checkpoints` says which key signed how many.
+    let run = registry.dsrctl(&["audit", "checkpoints"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(
+        run.stderr.starts_with(&format!(
+            "5 checkpoints, 3 signed with key {old_id}, 2 with key {new_id}:"
+        )),
+        "{run:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_entry_pages_that_do_not_advance_are_a_bad_answer() {
     let registry = Registry::start(Answers {

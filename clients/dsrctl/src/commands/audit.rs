@@ -7,7 +7,7 @@
 use anyhow::Context as _;
 use dsrelay_runtime::audit::checkpoint::{self, Checkpoint, CheckpointError};
 use dsrelay_runtime::audit::{ChainBreak, Entry, Verifier};
-use dsrelay_runtime::signing::{PublicKey, Signed};
+use dsrelay_runtime::signing::{PublicKey, Signed, VerifyError};
 use dsrelay_sdk::proto::processor_operator_service_client::ProcessorOperatorServiceClient;
 use dsrelay_sdk::proto::{
     ListAuditCheckpointsRequest, ListAuditEntriesRequest, ListProcessorAuditCheckpointsRequest,
@@ -234,6 +234,10 @@ pub(crate) struct VerifyView {
     /// How many signed checkpoints the trail was checked against (none asked for: absent).
     #[serde(skip_serializing_if = "Option::is_none")]
     checkpoints: Option<u64>,
+    /// How many of them each key given signed, in the order the keys first signed one
+    /// (those that signed none last); present with `checkpoints`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    checkpoint_keys: Option<Vec<KeyCount>>,
     /// When broken: where and how.
     #[serde(rename = "break", skip_serializing_if = "Option::is_none")]
     broken: Option<BreakView>,
@@ -241,6 +245,13 @@ pub(crate) struct VerifyView {
     /// there to check against. The trail is then not judged.
     #[serde(skip_serializing_if = "Option::is_none")]
     checkpoint_error: Option<String>,
+}
+
+/// How many checkpoints one key signed.
+#[derive(Debug, Serialize)]
+struct KeyCount {
+    key_id: String,
+    checkpoints: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -270,9 +281,22 @@ impl Render for VerifyView {
                 "audit trail intact: {} entries, last hash {}{}\n",
                 self.entries.unwrap_or_default(),
                 self.last_hash.as_deref().unwrap_or_default(),
-                match self.checkpoints {
-                    Some(n) => format!(", {n} signed checkpoints kept"),
-                    None => String::new(),
+                match (self.checkpoints, self.checkpoint_keys.as_deref()) {
+                    // Several keys given: which signed how many, since one may have signed
+                    // none (given by mistake, or a rotation not yet reached).
+                    (Some(n), Some(keys @ [_, _, ..])) => {
+                        let each: Vec<String> = keys
+                            .iter()
+                            .enumerate()
+                            .map(|(i, k)| {
+                                let signed = if i == 0 { "signed " } else { "" };
+                                format!("{} {signed}with key {}", k.checkpoints, k.key_id)
+                            })
+                            .collect();
+                        format!(", {n} signed checkpoints kept ({})", each.join(", "))
+                    }
+                    (Some(n), _) => format!(", {n} signed checkpoints kept"),
+                    (None, _) => String::new(),
                 }
             ),
             Some(b) => format!(
@@ -306,13 +330,14 @@ pub(crate) async fn verify(
                 last_seq: None,
                 last_hash: None,
                 checkpoints: None,
+                checkpoint_keys: None,
                 broken: None,
                 checkpoint_error: Some(e),
             };
             return super::verdict(emit(io.out, io.format, &view, false), crate::EXIT_FAILURE);
         }
     };
-    if let Some(list) = &checkpoints {
+    if let Some((list, _)) = &checkpoints {
         verifier = verifier.checkpoints(list);
     }
     let mut after_seq = 0;
@@ -335,7 +360,8 @@ pub(crate) async fn verify(
             entries: Some(intact.entries),
             last_seq: Some(intact.last_seq),
             last_hash: Some(intact.last_hash),
-            checkpoints: checkpoints.as_ref().map(|c| c.len() as u64),
+            checkpoints: checkpoints.as_ref().map(|(c, _)| c.len() as u64),
+            checkpoint_keys: checkpoints.as_ref().map(|(c, given)| key_counts(c, given)),
             broken: None,
             checkpoint_error: None,
         },
@@ -345,6 +371,7 @@ pub(crate) async fn verify(
             last_seq: None,
             last_hash: None,
             checkpoints: None,
+            checkpoint_keys: None,
             broken: Some(BreakView::from(&b)),
             checkpoint_error: None,
         },
@@ -353,13 +380,70 @@ pub(crate) async fn verify(
     super::verdict(emit(io.out, io.format, &view, false), code)
 }
 
-/// The checkpoints `args` name, their signatures checked: `None` when none were asked for,
-/// `Some(Err)` naming the first that does not check out, or saying there are none. A
-/// `--checkpoints` file over another service's trail is a usage error.
+/// How many of `checked` each of the `given` key ids signed: those that signed some in the
+/// order they first did, then those that signed none.
+fn key_counts(checked: &[Checkpoint], given: &[String]) -> Vec<KeyCount> {
+    let mut counts = checkpoint::signers(checked);
+    for id in given {
+        if !counts.iter().any(|(k, _)| k == id) {
+            counts.push((id.clone(), 0));
+        }
+    }
+    counts
+        .into_iter()
+        .map(|(key_id, checkpoints)| KeyCount {
+            key_id,
+            checkpoints,
+        })
+        .collect()
+}
+
+/// The keys `--checkpoint-key` names, each once; a key given twice is a usage error, since
+/// it is likely the place of another key (the one before a rotation) given by mistake.
+fn checkpoint_keys(given: &[String]) -> Result<Vec<PublicKey>, Failure> {
+    let mut keys: Vec<PublicKey> = Vec::with_capacity(given.len());
+    for (i, value) in given.iter().enumerate() {
+        let key = PublicKey::from_config(value)
+            .with_context(|| match given.len() {
+                1 => "--checkpoint-key".to_string(),
+                _ => format!("--checkpoint-key {value}"),
+            })
+            .map_err(Failure::Setup)?;
+        if let Some(j) = keys.iter().position(|k| *k == key) {
+            return Err(Failure::Usage(format!(
+                "--checkpoint-key {} ({value}) is --checkpoint-key {} ({}) again: key {}; \
+                 give each key the checkpoints were signed with once",
+                i + 1,
+                j + 1,
+                given[j],
+                key.key_id()
+            )));
+        }
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+/// What a checkpoint signed with a key not given says besides: after a rotation, every key
+/// is needed.
+fn rotation_hint(e: &CheckpointError, owner: &str) -> String {
+    match e {
+        CheckpointError::BadSignature(_, VerifyError::WrongKey { .. })
+        | CheckpointError::UnknownKey { .. } => format!(
+            "{e}; if the {owner}'s checkpoint key was rotated, give the public key of each key \
+             its checkpoints were signed with, one --checkpoint-key each"
+        ),
+        e => e.to_string(),
+    }
+}
+
+/// The checkpoints `args` name, their signatures checked, with the key ids given: `None` when
+/// none were asked for, `Some(Err)` naming the first that does not check out, or saying
+/// there are none. A `--checkpoints` file over another service's trail is a usage error.
 async fn checkpoints_to_check(
     trail: &mut Trail,
     args: &AuditVerifyArgs,
-) -> Result<Option<Result<Vec<Checkpoint>, String>>, Failure> {
+) -> Result<Option<Result<(Vec<Checkpoint>, Vec<String>), String>>, Failure> {
     let (signed, source) = match (&args.checkpoints, args.fetch_checkpoints) {
         (None, false) => return Ok(None),
         (Some(file), _) => {
@@ -376,23 +460,22 @@ async fn checkpoints_to_check(
             format!("the {} at {} served", trail.owner(), trail.endpoint()),
         ),
     };
-    // clap requires the key with either source.
-    let key = args.checkpoint_key.as_deref().ok_or_else(|| {
-        Failure::Usage(format!(
+    // clap requires a key with either source.
+    if args.checkpoint_key.is_empty() {
+        return Err(Failure::Usage(format!(
             "name the {}'s checkpoint key with --checkpoint-key",
             trail.owner()
-        ))
-    })?;
-    let key = PublicKey::from_config(key)
-        .context("--checkpoint-key")
-        .map_err(Failure::Setup)?;
+        )));
+    }
+    let keys = checkpoint_keys(&args.checkpoint_key)?;
+    let given: Vec<String> = keys.iter().map(PublicKey::key_id).collect();
     // Checked against none, any trail would pass: a service under audit could serve none.
     if signed.is_empty() {
         return Ok(Some(Err(format!(
             "none to check against: {source} no signed checkpoint"
         ))));
     }
-    match checkpoint::check(&signed, &key, trail.owner()) {
+    match checkpoint::check(&signed, &keys, trail.owner()) {
         // A file of the other service's checkpoints was named by mistake; one the service
         // itself served is its answer, judged like any other that does not check out.
         Err(e @ CheckpointError::OtherService { .. }) if args.checkpoints.is_some() => {
@@ -401,7 +484,11 @@ async fn checkpoints_to_check(
                 trail.owner()
             )))
         }
-        checked => Ok(Some(checked.map_err(|e| e.to_string()))),
+        checked => Ok(Some(
+            checked
+                .map(|list| (list, given))
+                .map_err(|e| rotation_hint(&e, trail.owner())),
+        )),
     }
 }
 
@@ -443,13 +530,62 @@ pub(crate) async fn checkpoints(
     }
     writeln!(
         io.err,
-        "{} checkpoints, signed with key {key_id}: check them with a public key you got from \
-         the {owner}'s operator, not from the {owner}",
-        signed.len(),
-        owner = trail.owner()
+        "{}",
+        checkpoints_note(&signed, &key_id, trail.owner())
     )?;
     io.out.write_all(lines.as_bytes())?;
     Ok(0)
+}
+
+/// What `audit checkpoints` says on stderr: how many checkpoints each key (by the key id each
+/// names, not checked here) signed, and with what to check them. `current` is the key id the
+/// service says it signs with now.
+fn checkpoints_note(signed: &[Signed], current: &str, owner: &str) -> String {
+    let mut keys: Vec<(&str, usize)> = Vec::new();
+    for s in signed {
+        match keys.iter_mut().find(|(id, _)| *id == s.key_id) {
+            Some((_, n)) => *n += 1,
+            None => keys.push((&s.key_id, 1)),
+        }
+    }
+    // The service's words: printed without what could move the terminal's cursor.
+    let current = clean(current);
+    let now = |ids: &[&str]| match current.as_str() {
+        "" => String::new(),
+        c if ids == [c] => String::new(),
+        c => format!(" (the {owner} signs with key {c} now)"),
+    };
+    match keys.as_slice() {
+        [] => format!(
+            "0 checkpoints{}: check them with a public key you got from the {owner}'s \
+             operator, not from the {owner}",
+            now(&[])
+        ),
+        [(id, n)] => format!(
+            "{n} checkpoints, signed with key {}{}: check them with a public key you got from \
+             the {owner}'s operator, not from the {owner}",
+            clean(id),
+            now(&[*id])
+        ),
+        several => {
+            let each: Vec<String> = several
+                .iter()
+                .enumerate()
+                .map(|(i, (id, n))| {
+                    let signed = if i == 0 { "signed " } else { "" };
+                    format!("{n} {signed}with key {}", clean(id))
+                })
+                .collect();
+            format!(
+                "{} checkpoints, {}{}: check them with the public keys of those keys, which \
+                 you got from the {owner}'s operator, not from the {owner} (one \
+                 --checkpoint-key each for audit verify)",
+                signed.len(),
+                each.join(", "),
+                now(&[])
+            )
+        }
+    }
 }
 
 /// How many characters of an entry's detail the table shows: the rest of the row stays on

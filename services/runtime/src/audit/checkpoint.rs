@@ -14,6 +14,13 @@
 //! file form ([`Signed::to_json_line`]): `{"body": "<that JSON text>", "key_id": …,
 //! "signature": "<base64>"}`. Lines are only ever appended, each made durable (fsync) before
 //! the next is written; seqs strictly increase from line to line.
+//!
+//! # Key rotation
+//!
+//! Each checkpoint names the key that signed it (`key_id`), so a file whose service changed
+//! its checkpoint key holds checkpoints of the old key followed by those of the new one.
+//! [`check`] takes every key the checkpoints may have been signed with and checks each one
+//! with the key its `key_id` names; [`signers`] says how many each key signed.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -77,6 +84,21 @@ pub enum CheckpointError {
     /// The signature does not check out with the key given.
     #[error("checkpoint {0} bad signature: {1}")]
     BadSignature(usize, VerifyError),
+    /// Signed with a key none of the several keys given is: with one key given, this is
+    /// [`CheckpointError::BadSignature`] with [`VerifyError::WrongKey`] instead.
+    #[error(
+        "checkpoint {index} bad signature: signed with key {found}, which is none of the keys \
+         given ({})",
+        given.join(", ")
+    )]
+    UnknownKey {
+        /// The checkpoint's number.
+        index: usize,
+        /// The key id the checkpoint names.
+        found: String,
+        /// The ids of the keys given, in the order given.
+        given: Vec<String>,
+    },
     /// Signed, but not a checkpoint of this form.
     #[error("checkpoint {0} is signed but not a checkpoint: {1}")]
     NotACheckpoint(usize, String),
@@ -104,17 +126,33 @@ pub enum CheckpointError {
     },
 }
 
-/// Checks every checkpoint's signature with `key`, that each is over `service`'s trail and
-/// that their seqs increase; returns what they state, in order, to pass to
-/// [`super::Verifier::checkpoints`].
+/// Checks every checkpoint's signature with the one of `keys` its key id names (the keys a
+/// service signed its checkpoints with across its key rotations, each once), that each is
+/// over `service`'s trail and that their seqs increase; returns what they state, in order,
+/// to pass to [`super::Verifier::checkpoints`]. A checkpoint signed with a key not in `keys`
+/// fails naming its key id and, with several keys, the ids of all of them.
 pub fn check(
     signed: &[Signed],
-    key: &PublicKey,
+    keys: &[PublicKey],
     service: &str,
 ) -> Result<Vec<Checkpoint>, CheckpointError> {
+    let ids: Vec<String> = keys.iter().map(PublicKey::key_id).collect();
     let mut out: Vec<Checkpoint> = Vec::with_capacity(signed.len());
     for (i, doc) in signed.iter().enumerate() {
         let index = i + 1;
+        let key = match (ids.iter().position(|id| *id == doc.key_id), keys) {
+            (Some(k), _) => &keys[k],
+            // One key: its own verdict, which names the key expected, as before rotations
+            // were provided for.
+            (None, [only]) => only,
+            (None, _) => {
+                return Err(CheckpointError::UnknownKey {
+                    index,
+                    found: doc.key_id.clone(),
+                    given: ids,
+                })
+            }
+        };
         let value = key
             .verify(doc)
             .map_err(|e| CheckpointError::BadSignature(index, e))?;
@@ -148,6 +186,19 @@ pub fn check(
         out.push(c);
     }
     Ok(out)
+}
+
+/// How many of `checkpoints` each key signed: its key id and the count, in the order the
+/// keys first sign one (so, in a file, the key before a rotation comes first).
+pub fn signers(checkpoints: &[Checkpoint]) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = Vec::new();
+    for c in checkpoints {
+        match out.iter_mut().find(|(id, _)| *id == c.key_id) {
+            Some((_, n)) => *n += 1,
+            None => out.push((c.key_id.clone(), 1)),
+        }
+    }
+    out
 }
 
 /// Reads the lines of a checkpoint file's text (empty lines skipped).
@@ -383,7 +434,12 @@ mod tests {
             )
         );
         assert_eq!(
-            check(std::slice::from_ref(&signed), &key.public_key(), "registry").unwrap(),
+            check(
+                std::slice::from_ref(&signed),
+                &[key.public_key()],
+                "registry"
+            )
+            .unwrap(),
             [c]
         );
         // One line in the file, read back the same.
@@ -403,14 +459,19 @@ mod tests {
         assert_ne!(forged, line);
         assert_eq!(forged.len(), line.len());
         signed[1] = parse_lines(&forged).unwrap().remove(0);
-        let err = check(&signed, &key.public_key(), "registry").unwrap_err();
+        let err = check(&signed, &[key.public_key()], "registry").unwrap_err();
         assert_eq!(
             err.to_string(),
             "checkpoint 2 bad signature: the signature does not match the document"
         );
         // Another key's checkpoints are refused by name.
         let other = SigningKey::generate();
-        let err = check(&signed_at(&t, &[1], &other), &key.public_key(), "registry").unwrap_err();
+        let err = check(
+            &signed_at(&t, &[1], &other),
+            &[key.public_key()],
+            "registry",
+        )
+        .unwrap_err();
         assert!(matches!(
             err,
             CheckpointError::BadSignature(1, VerifyError::WrongKey { .. })
@@ -421,13 +482,68 @@ mod tests {
         ));
     }
 
+    /// After a key rotation the file holds checkpoints of both keys: each is checked with
+    /// the key its key id names, and one signed with a key not given names that key.
+    #[test]
+    fn checkpoints_across_a_key_rotation_verify_with_both_keys() {
+        let (old, new) = (SigningKey::generate(), SigningKey::generate());
+        let (old_id, new_id) = (old.public_key().key_id(), new.public_key().key_id());
+        let t = trail(8);
+        let mut signed = signed_at(&t, &[2, 4, 5], &old);
+        signed.extend(signed_at(&t, &[6, 8], &new));
+        let both = [new.public_key(), old.public_key()];
+        let cps = check(&signed, &both, "registry").unwrap();
+        assert_eq!(
+            cps.iter().map(|c| c.seq).collect::<Vec<_>>(),
+            [2, 4, 5, 6, 8]
+        );
+        assert_eq!(signers(&cps), [(old_id.clone(), 3), (new_id.clone(), 2)]);
+        assert_eq!(verified(&t, &cps), Ok(5));
+
+        // The new key alone: the first checkpoint fails naming the old key.
+        let err = check(&signed, &[new.public_key()], "registry").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "checkpoint 1 bad signature: signed with key {old_id}, not with the expected \
+                 key {new_id}"
+            )
+        );
+        // The old key alone: the first of the new key's.
+        let err = check(&signed, &[old.public_key()], "registry").unwrap_err();
+        assert!(
+            matches!(&err, CheckpointError::BadSignature(4, VerifyError::WrongKey { found, .. }) if *found == new_id),
+            "{err}"
+        );
+        // Two keys, neither the one that signed: both given keys are named.
+        let other = SigningKey::generate();
+        let err = check(&signed, &[other.public_key(), new.public_key()], "registry").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "checkpoint 1 bad signature: signed with key {old_id}, which is none of the \
+                 keys given ({}, {new_id})",
+                other.public_key().key_id()
+            )
+        );
+        // The right key id is no pass: a signature by another key that names it fails.
+        let mut forged = signed.clone();
+        forged[4] = other.sign(signed[4].body.clone());
+        forged[4].key_id = new_id.clone();
+        let err = check(&forged, &both, "registry").unwrap_err();
+        assert_eq!(
+            err,
+            CheckpointError::BadSignature(5, VerifyError::BadSignature)
+        );
+    }
+
     #[test]
     fn another_service_s_checkpoints_are_refused_by_name() {
         let key = SigningKey::generate();
         let t = trail(3);
         let err = check(
             &signed_at(&t, &[1, 2], &key),
-            &key.public_key(),
+            &[key.public_key()],
             "processor",
         )
         .unwrap_err();
@@ -447,7 +563,7 @@ mod tests {
         let t = trail(5);
         let err = check(
             &signed_at(&t, &[2, 4, 4], &key),
-            &key.public_key(),
+            &[key.public_key()],
             "registry",
         )
         .unwrap_err();
@@ -463,7 +579,7 @@ mod tests {
         let t = trail(10);
         let cps = check(
             &signed_at(&t, &[3, 6, 9], &key),
-            &key.public_key(),
+            &[key.public_key()],
             "registry",
         )
         .unwrap();
@@ -490,7 +606,7 @@ mod tests {
         // A checkpoint on every entry names the very entry.
         let every = check(
             &signed_at(&t, &(1..=10).collect::<Vec<_>>(), &key),
-            &key.public_key(),
+            &[key.public_key()],
             "registry",
         )
         .unwrap();
@@ -506,15 +622,71 @@ mod tests {
     fn checkpoints_catch_truncation() {
         let key = SigningKey::generate();
         let t = trail(10);
-        let cps = check(&signed_at(&t, &[3, 9], &key), &key.public_key(), "registry").unwrap();
+        let cps = check(
+            &signed_at(&t, &[3, 7, 9], &key),
+            &[key.public_key()],
+            "registry",
+        )
+        .unwrap();
+        // The store's last entry kept its checkpoint: all before it is as written, so the
+        // end was cut.
         let (seq, kind, detail) = verified(&t[..7], &cps).unwrap_err();
         assert_eq!((seq, kind), (8, BreakKind::Removed));
         assert_eq!(
             detail,
-            "trail truncated: checkpoint 2 at seq 9 but the store ends at 7"
+            "trail truncated: checkpoint 3 at seq 9 but the store ends at 7"
         );
         // Entries after the last checkpoint may be missing: nothing vouches for them yet.
-        assert_eq!(verified(&t[..9], &cps), Ok(2));
+        assert_eq!(verified(&t[..9], &cps), Ok(3));
+    }
+
+    /// An entry removed and the later ones renumbered and hashed again leaves a trail as
+    /// well-formed as a cut one, only shorter than the last checkpoint: the break says it
+    /// does not match, not that the end was cut.
+    #[test]
+    fn a_shorter_trail_is_called_truncated_only_when_it_is_known_to_be() {
+        let key = SigningKey::generate();
+        let t = trail(10);
+        let cps = check(
+            &signed_at(&t, &[3, 10], &key),
+            &[key.public_key()],
+            "registry",
+        )
+        .unwrap();
+        let mut forged = t.clone();
+        forged.remove(5);
+        for (i, e) in forged.iter_mut().enumerate().skip(5) {
+            e.seq = i as u64 + 1;
+        }
+        for i in 5..forged.len() {
+            forged[i].prev_hash = forged[i - 1].hash.clone();
+            forged[i].hash = forged[i].compute_hash();
+        }
+        assert!(verify(&forged).is_ok());
+        let (seq, kind, detail) = verified(&forged, &cps).unwrap_err();
+        assert_eq!((seq, kind), (10, BreakKind::Removed));
+        assert_eq!(
+            detail,
+            "the trail does not match checkpoint 2 at seq 10, as the store ends at 9: entries \
+             were cut off its end, or rewritten from a seq between 4 and 9 on with some removed"
+        );
+        assert!(!detail.contains("truncated"), "{detail}");
+        // The same for a cut end that no checkpoint pins down, as the verifier cannot tell
+        // the two apart; a checkpoint on the last entry left shows it was cut.
+        let (_, _, cut) = verified(&t[..9], &cps).unwrap_err();
+        assert_eq!(cut, detail);
+        let only_last =
+            check(&signed_at(&t, &[10], &key), &[key.public_key()], "registry").unwrap();
+        let (_, _, detail) = verified(&t[..9], &only_last).unwrap_err();
+        assert!(
+            detail.ends_with("or rewritten from a seq between 1 and 9 on with some removed"),
+            "{detail}"
+        );
+        let (_, _, detail) = verified(&t[..3], &cps).unwrap_err();
+        assert_eq!(
+            detail,
+            "trail truncated: checkpoint 2 at seq 10 but the store ends at 3"
+        );
     }
 
     #[test]

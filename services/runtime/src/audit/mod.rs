@@ -4,8 +4,9 @@
 //!
 //! Entries are numbered 1, 2, 3, … without gaps (`seq`), and each carries the hash of its
 //! predecessor (`prev_hash`; [`GENESIS_HASH`] for entry 1) and its own [`Entry::compute_hash`].
-//! Changing, removing or inserting an entry therefore breaks the chain at a point that
-//! [`verify`] names, together with what was done there ([`BreakKind`]).
+//! Changing, removing, moving or inserting an entry therefore breaks the chain at a point that
+//! [`verify`] names, together with what the evidence there shows was done ([`BreakKind`]):
+//! where it fits more than one kind of tampering, the kind names them all.
 //!
 //! What a chain alone cannot show: someone able to write the store can append a well-formed
 //! entry at the end, drop entries from the end, or rewrite every entry from some point on with
@@ -103,13 +104,16 @@ impl Entry {
     }
 }
 
-/// What was done to the trail where it breaks.
+/// What was done to the trail where it breaks, as far as the evidence shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakKind {
     /// The entry's content (or its hash) was changed.
     Modified,
-    /// The entry was not written by the service: it was put between others.
-    Inserted,
+    /// The entry is not the one the service wrote at its place, and the chain cannot tell
+    /// whether it was changed, moved there from another place (two entries swapped, say) or
+    /// put in between: the entry after it names the entry before it as its predecessor, or
+    /// its seq repeats or goes back.
+    Misplaced,
     /// The entry is missing.
     Removed,
     /// The trail was rewritten with fresh hashes somewhere from this entry on, up to an
@@ -118,11 +122,11 @@ pub enum BreakKind {
 }
 
 impl BreakKind {
-    /// `modified`, `inserted` or `removed`.
+    /// `modified`, `modified, reordered or inserted`, `removed` or `rewritten`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Modified => "modified",
-            Self::Inserted => "inserted",
+            Self::Misplaced => "modified, reordered or inserted",
             Self::Removed => "removed",
             Self::Rewritten => "rewritten",
         }
@@ -139,7 +143,8 @@ impl fmt::Display for BreakKind {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("audit trail broken at entry {seq}: {kind}: {detail}")]
 pub struct ChainBreak {
-    /// The entry concerned: the changed or inserted one, or the first missing one.
+    /// The entry concerned: the changed or misplaced one, the first missing one, or the first
+    /// one a rewrite may have begun at.
     pub seq: u64,
     /// What was done to it.
     pub kind: BreakKind,
@@ -271,13 +276,34 @@ impl Verifier {
         }
         let (last_seq, last_hash) = self.prev;
         if let Some((seq, a)) = self.anchors.range(last_seq + 1..).next_back() {
+            // Fewer entries than an anchor vouches for: some entry the service wrote is gone
+            // either way. Only when the last entry itself kept an anchor is the rest known to
+            // be as written, and the end was cut; otherwise entries after the last anchor kept
+            // may have been removed and the later ones renumbered and hashed again, which
+            // leaves a trail as well-formed as a cut one.
+            let detail = if self.kept == last_seq {
+                format!(
+                    "trail truncated: {} at seq {seq} but the store ends at {last_seq}",
+                    a.source
+                )
+            } else {
+                let from = self.kept + 1;
+                let start = if from == last_seq {
+                    format!("seq {from}")
+                } else {
+                    format!("a seq between {from} and {last_seq}")
+                };
+                format!(
+                    "the trail does not match {} at seq {seq}, as the store ends at \
+                     {last_seq}: entries were cut off its end, or rewritten from {start} on \
+                     with some removed",
+                    a.source
+                )
+            };
             return Err(ChainBreak {
                 seq: last_seq + 1,
                 kind: BreakKind::Removed,
-                detail: format!(
-                    "trail truncated: {} at seq {seq} but the store ends at {last_seq}",
-                    a.source
-                ),
+                detail,
             });
         }
         Ok(Intact {
@@ -294,7 +320,7 @@ impl Verifier {
         if e.seq <= pseq {
             return Err(brk(
                 e.seq,
-                BreakKind::Inserted,
+                BreakKind::Misplaced,
                 format!(
                     "entry {} follows entry {pseq}: seq repeated or out of order",
                     e.seq
@@ -322,19 +348,35 @@ impl Verifier {
             return Err(brk(pseq + 1, BreakKind::Removed, missing));
         }
         if !(link_ok && self_ok) {
-            // The entry after this one names our predecessor as its own: this one was put
-            // in between (and the rest renumbered).
-            if next.is_some_and(|n| n.prev_hash == phash) {
-                return Err(brk(
-                    e.seq,
-                    BreakKind::Inserted,
+            // The entry after this one names our predecessor as its own: this one took the
+            // place of the entry written there, put in between, moved there or changed; the
+            // chain does not say which, though two entries that swapped places show it.
+            if let Some(n) = next.filter(|n| n.prev_hash == phash) {
+                let before = if pseq == 0 {
+                    "the genesis hash".to_string()
+                } else {
+                    format!("entry {pseq}")
+                };
+                let swapped = e.prev_hash == n.hash
+                    && e.seq
+                        .checked_add(1)
+                        .is_some_and(|s| e.hash_with_seq(s) == e.hash)
+                    && n.hash_with_seq(e.seq) == n.hash;
+                let detail = if swapped {
                     format!(
-                        "entry {} names entry {pseq} as its predecessor, so entry {} was put \
-                         in between",
-                        e.seq + 1,
-                        e.seq
-                    ),
-                ));
+                        "entry {} names {before} as its predecessor and entry {} names \
+                         entry {}, each one's hash fitting the other's seq: the two are in \
+                         each other's places",
+                        n.seq, e.seq, n.seq
+                    )
+                } else {
+                    format!(
+                        "entry {} names {before} as its predecessor, so entry {} is not the one \
+                         written there: it was changed, moved there or put in between",
+                        n.seq, e.seq
+                    )
+                };
+                return Err(brk(e.seq, BreakKind::Misplaced, detail));
             }
             if link_ok {
                 return Err(brk(
@@ -347,10 +389,11 @@ impl Verifier {
             if self.before_prev.as_deref() == Some(e.prev_hash.as_str()) {
                 return Err(brk(
                     pseq,
-                    BreakKind::Inserted,
+                    BreakKind::Misplaced,
                     format!(
-                        "entry {} names entry {} as its predecessor, so entry {pseq} was put \
-                         in between",
+                        "entry {} names entry {} as its predecessor, so entry {pseq} is not the \
+                         one written there: it was changed and hashed again, moved there or \
+                         put in between",
                         e.seq,
                         pseq - 1
                     ),
@@ -382,10 +425,16 @@ impl Verifier {
                     .checked_add(*d)
                     .is_some_and(|s| e.hash_with_seq(s) == e.hash)
             }) {
+                // Removed from their place, that is: moved further on would look the same
+                // until the verifier reached them.
                 let what = if d == 1 {
-                    format!("entry {} was removed", e.seq)
+                    format!("entry {} was removed (or moved further on)", e.seq)
                 } else {
-                    format!("entries {} to {} were removed", e.seq, e.seq + d - 1)
+                    format!(
+                        "entries {} to {} were removed (or moved further on)",
+                        e.seq,
+                        e.seq + d - 1
+                    )
                 };
                 return Err(brk(
                     e.seq,
@@ -624,8 +673,10 @@ mod tests {
         }
     }
 
+    /// An entry the next one skips, as an insertion leaves it, is not called inserted: a
+    /// swap or a changed entry moved there leave the same evidence.
     #[test]
-    fn an_inserted_entry_is_named_inserted() {
+    fn an_inserted_entry_is_named_misplaced() {
         // Put in between with a correct hash, the later entries renumbered up.
         for at in [0usize, 2, 5] {
             let mut t = trail(6);
@@ -646,7 +697,12 @@ mod tests {
             let (seq, kind, detail) = broken(&t);
             assert_eq!(
                 (seq, kind),
-                (at as u64 + 1, BreakKind::Inserted),
+                (at as u64 + 1, BreakKind::Misplaced),
+                "{detail}"
+            );
+            assert!(
+                detail.ends_with("it was changed and hashed again, moved there or put in between")
+                    || detail.ends_with("it was changed, moved there or put in between"),
                 "{detail}"
             );
         }
@@ -664,15 +720,48 @@ mod tests {
         for e in &mut t[3..] {
             e.seq += 1;
         }
-        assert_eq!(at(&t), (3, BreakKind::Inserted));
+        assert_eq!(at(&t), (3, BreakKind::Misplaced));
 
         // A repeated or out-of-order seq.
         let mut t = trail(4);
         t.insert(2, t[1].clone());
-        assert_eq!(at(&t), (2, BreakKind::Inserted));
+        assert_eq!(at(&t), (2, BreakKind::Misplaced));
         let mut t = trail(4);
         t.swap(1, 2);
         assert!(verify(&t).is_err());
+    }
+
+    /// Two adjacent entries that swapped places (their seqs swapped with them, as a listing by
+    /// seq shows them) are named as such, not as an insertion.
+    #[test]
+    fn swapped_entries_are_not_called_inserted() {
+        for at in [0usize, 3, 4] {
+            let mut t = trail(6);
+            t.swap(at, at + 1);
+            t[at].seq = at as u64 + 1;
+            t[at + 1].seq = at as u64 + 2;
+            let b = verify(&t).unwrap_err();
+            assert_eq!(
+                (b.seq, b.kind),
+                (at as u64 + 1, BreakKind::Misplaced),
+                "{b}"
+            );
+            let before = match at {
+                0 => "the genesis hash".to_string(),
+                at => format!("entry {at}"),
+            };
+            assert_eq!(
+                b.to_string(),
+                format!(
+                    "audit trail broken at entry {s}: modified, reordered or inserted: entry {n} \
+                     names {before} as its predecessor and entry {s} names entry {n}, each \
+                     one's hash fitting the other's seq: the two are in each other's places",
+                    s = at + 1,
+                    n = at + 2
+                )
+            );
+            assert!(!b.to_string().contains("put in between"), "{b}");
+        }
     }
 
     #[test]
