@@ -235,26 +235,32 @@ impl Writer {
         match self.store.insert_each(&requests).await {
             Ok(outcomes) => {
                 for (answer, outcome) in answers.into_iter().zip(outcomes) {
-                    let outcome = outcome.map_err(|e| {
-                        tracing::error!(
-                            error = format!("{e:#}"),
-                            "storing a submitted request failed"
+                    // A failure is logged where the Submit answers it (once per call, and
+                    // a database out of reach only now and then); here only one whose
+                    // caller hung up, which nobody else hears of. A success whose caller
+                    // hung up is stored: nothing to say.
+                    if let Err(Err(e)) = answer.send(outcome.map_err(|e| IntakeError::store(1, e)))
+                    {
+                        tracing::warn!(
+                            error = format!("{:#}", anyhow::Error::new(e)),
+                            "storing a submitted request failed, and its caller had hung up"
                         );
-                        IntakeError::store(1, e)
-                    });
-                    // The Submit may have gone (its caller hung up); its request is stored.
-                    let _ = answer.send(outcome);
+                    }
                 }
             }
             Err(e) => {
-                tracing::error!(
-                    error = format!("{e:#}"),
-                    batch = requests.len(),
-                    "storing submitted requests failed"
-                );
                 let error = IntakeError::store(requests.len(), e);
+                let mut unheard = 0;
                 for answer in answers {
-                    let _ = answer.send(Err(error.clone()));
+                    unheard += usize::from(answer.send(Err(error.clone())).is_err());
+                }
+                if unheard > 0 {
+                    tracing::warn!(
+                        error = format!("{:#}", anyhow::Error::new(error)),
+                        batch = requests.len(),
+                        unheard,
+                        "storing submitted requests failed, and some callers had hung up"
+                    );
                 }
             }
         }

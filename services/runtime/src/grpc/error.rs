@@ -191,7 +191,16 @@ impl<S: ServiceName> From<ApiError<S>> for Status {
             Failure::ResourceExhausted(m) => Status::resource_exhausted(clip_message(m)),
             Failure::DataLoss(m) => Status::data_loss(clip_message(m)),
             Failure::Unexpected(err) if store_out_of_reach(&err) => {
-                tracing::warn!(error = format!("{err:#}"), "store unavailable");
+                match UNAVAILABLE_LOG.take_turn(std::time::Instant::now()) {
+                    Some(suppressed) => tracing::warn!(
+                        error = format!("{err:#}"),
+                        suppressed,
+                        "store unavailable; calls answered so meanwhile are logged at DEBUG \
+                         for {} s (suppressed: how many since the last such line)",
+                        UNAVAILABLE_LOG_EVERY.as_secs()
+                    ),
+                    None => tracing::debug!(error = format!("{err:#}"), "store unavailable"),
+                }
                 Status::unavailable(format!(
                     "the {} could not reach its database; try again later",
                     S::NAME
@@ -292,6 +301,40 @@ fn joined(v: &[FieldViolation]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// How often a WARN line says that calls were answered UNAVAILABLE for want of the database:
+/// while it is down every call would write one, at the partners' rate.
+const UNAVAILABLE_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// When the last "store unavailable" WARN was written, and how many calls were answered so
+/// since without one.
+static UNAVAILABLE_LOG: LogTurn = LogTurn::new();
+
+/// One WARN line per [`UNAVAILABLE_LOG_EVERY`], counting the calls in between.
+struct LogTurn(std::sync::Mutex<(Option<std::time::Instant>, u64)>);
+
+impl LogTurn {
+    const fn new() -> Self {
+        Self(std::sync::Mutex::new((None, 0)))
+    }
+
+    /// `Some(suppressed since the last line)` when a line is due at `now`; `None` (and one
+    /// more suppressed) otherwise.
+    fn take_turn(&self, now: std::time::Instant) -> Option<u64> {
+        let mut turn = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let due = turn
+            .0
+            .is_none_or(|last| now.duration_since(last) >= UNAVAILABLE_LOG_EVERY);
+        if due {
+            let suppressed = turn.1;
+            *turn = (Some(now), 0);
+            Some(suppressed)
+        } else {
+            turn.1 += 1;
+            None
+        }
+    }
 }
 
 /// Whether `err` comes from a store that cannot serve just now but may soon: the caller
@@ -499,6 +542,17 @@ mod tests {
             .await
             .unwrap();
         admin.close().await;
+    }
+
+    #[test]
+    fn store_unavailable_is_logged_once_per_interval_counting_the_rest() {
+        let turn = LogTurn::new();
+        let start = std::time::Instant::now();
+        assert_eq!(turn.take_turn(start), Some(0));
+        assert_eq!(turn.take_turn(start), None);
+        assert_eq!(turn.take_turn(start + UNAVAILABLE_LOG_EVERY / 2), None);
+        assert_eq!(turn.take_turn(start + UNAVAILABLE_LOG_EVERY), Some(2));
+        assert_eq!(turn.take_turn(start + UNAVAILABLE_LOG_EVERY), None);
     }
 
     #[test]
