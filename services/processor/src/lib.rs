@@ -74,6 +74,8 @@ mod contract_progress_tests;
 #[cfg(test)]
 mod contract_retry_tests;
 #[cfg(test)]
+mod contract_supersedes_tests;
+#[cfg(test)]
 mod contract_tests;
 pub mod exports;
 mod forget;

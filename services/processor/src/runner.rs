@@ -31,6 +31,14 @@
 //! A request cancelled while a holder works does not stop the call: its outcome is recorded
 //! as what the holder did, saying the cancellation came too late ([`crate::task_machine`]).
 //!
+//! An erasure's retention run first asks the store for a contract end of its controller
+//! whose deletion has begun at its holder
+//! ([`Store::contract_end_deleting`](crate::store::Store::contract_end_deleting)): that
+//! deletion strips the rows it keeps of the columns the request's identities match, so the
+//! run follows the contract end's task instead of calling the holder
+//! ([`Event::Superseded`]). A run whose holder answered COMPLETED or NOT_FOUND asks again
+//! after the call, for a deletion begun meanwhile.
+//!
 //! A CONTRACT_END task runs its connector's bulk step ([`Connector::run_bulk`]) over all of
 //! the controller's data instead; while it runs, the runner reads the connector's progress
 //! every `contracts.progress_interval_ms` and acknowledges it when it moved. A bulk erasure
@@ -76,7 +84,8 @@ use crate::head_start;
 use crate::lease::{LeaseClock, Renewal};
 use crate::store::TaskJob;
 use crate::task_machine::{
-    bulk_step, decide, phase_of, retry_at, Context, Decision, Event, Holder,
+    bulk_step, claimed_retention_run, decide, follows_contract_end, phase_of, retry_at, Context,
+    Decision, Event, Holder,
 };
 
 /// Runs until `stop` turns true, then lets the steps in flight finish within the grace,
@@ -216,6 +225,16 @@ pub(crate) async fn run_claimed(
         connector: c.kind_name(),
         supports: c.supports(kind),
     });
+    // Where a contract end has begun deleting at the holder, a retention run follows its
+    // task there: the holder would find nothing of what that deletion kept and stripped.
+    let retention = claimed_retention_run(&current);
+    if retention.is_some_and(|p| follows_contract_end(kind, &current, &p)) {
+        if let Some(by) = shared.store.contract_end_deleting(key).await? {
+            let event = Event::Superseded { by: &by, ran: None };
+            let decision = decide(&current, event, &context(shared, &job, 0));
+            return record(shared, &job, seq, decision, false).await;
+        }
+    }
     let (start, phase) = match decide(
         &current,
         Event::Claimed {
@@ -248,6 +267,17 @@ pub(crate) async fn run_claimed(
         return Ok(());
     };
     let ctx = after_call(shared, &job, &result);
+    // A contract end whose deletion began while the run was under way may have stripped
+    // what the run was to find: its "nothing left" is then no proof, and the contract end's
+    // task says what became of the rest.
+    let superseding = match &result {
+        Ok(Outcome::Completed { .. } | Outcome::NotFound { .. })
+            if follows_contract_end(kind, &current, &phase) =>
+        {
+            shared.store.contract_end_deleting(key).await?
+        }
+        _ => None,
+    };
     // A cancellation that came while the holder worked makes the outcome say it came too
     // late. Unless the claim found the task marked already, the outcome is decided as if none
     // came and written only while the task is still unmarked; when a mark stopped the write,
@@ -258,10 +288,16 @@ pub(crate) async fn run_claimed(
             cancel_requested,
             ..current
         };
-        let event = Event::Ran {
-            kind,
-            phase: phase.clone(),
-            result: result.clone(),
+        let event = match (&superseding, &result) {
+            (Some(by), Ok(outcome)) => Event::Superseded {
+                by,
+                ran: Some(outcome.clone()),
+            },
+            _ => Event::Ran {
+                kind,
+                phase: phase.clone(),
+                result: result.clone(),
+            },
         };
         let decision = decide(&current, event, &ctx);
         if let Some((at, error)) = decision.retried() {

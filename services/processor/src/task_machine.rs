@@ -49,6 +49,18 @@
 //! - a step that ends an export task without delivering it (cancelled, failed, refused, not
 //!   found) has its folder removed ([`Transition::discard_export`])
 //! - WAITING_FOR_OPERATOR → sleeps until an operator completes or refuses it
+//! - a RETAINED erasure whose date has come, at a holder where a contract end of the same
+//!   controller has begun deleting ([`Event::Superseded`]): that deletion keeps what an
+//!   obligation keeps stripped of the match columns, so the holder finding the subject no
+//!   more proves nothing; the erasure follows the contract end's task there without calling
+//!   the holder. It is RETAINED with a later date → RETAINED until that date (its own legal
+//!   basis kept), the note naming the contract end whose retention keeps the rest;
+//!   COMPLETED → COMPLETED, the note naming it (and its last certificate) as what erased the
+//!   rest, nothing more counted; still deleting or waiting, due for its own retention run,
+//!   or FAILED → looked at again a confirm interval later, acknowledged (RETAINED, the note
+//!   naming the contract end and the state of its task) only when that note changes. A
+//!   retention run's COMPLETED or NOT_FOUND that finds such a deletion begun meanwhile is
+//!   decided the same way, what the run erased counted
 //! - REFUSED by the holder → REFUSED with its reason
 //! - transient error → retry after the backoff (or the holder's Retry-After, if longer),
 //!   until the due date; retained data past its date is erased however late. Attempts 1, 2,
@@ -401,9 +413,36 @@ pub(crate) struct Holder {
     pub supports: bool,
 }
 
+/// The task of a contract end of a task's controller at the task's holder, once its
+/// deletion there has begun (DELETING, or DONE) ([`Store::contract_end_deleting`]): that
+/// bulk erasure covers the subject's data, and strips the rows it keeps of the columns a
+/// request's identities match.
+///
+/// [`Store::contract_end_deleting`]: crate::store::Store::contract_end_deleting
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ContractEndAt {
+    /// The contract end's request id.
+    pub request_id: String,
+    /// The state of its task at the holder.
+    pub state: TaskState,
+    /// RETAINED: when its own retention run erases what it keeps (ms).
+    pub retain_until: Option<i64>,
+    /// The id of the last certificate issued for its task, if any.
+    pub certificate: Option<String>,
+}
+
 /// What happened to a task.
 #[derive(Debug)]
 pub(crate) enum Event<'a> {
+    /// A RETAINED erasure's retention run found a contract end of its controller deleting
+    /// at its holder (`by`): the rest of its data is the contract end's to erase.
+    Superseded {
+        /// The contract end's task at the holder.
+        by: &'a ContractEndAt,
+        /// What the run's call answered (COMPLETED or NOT_FOUND) when the deletion was found
+        /// after it; `None` when found at the claim, with no call made.
+        ran: Option<Outcome>,
+    },
     /// A runner claimed it. `holder` is `None` when its subprocessor is no longer configured
     /// or the request body is missing.
     Claimed {
@@ -754,6 +793,7 @@ fn exporting(task: &Current<'_>, event: &Event<'_>) -> bool {
         | Event::DeliveryFailed { .. }
         | Event::DeliveryUnderWay { .. } => return false,
         Event::HolderDown { .. }
+        | Event::Superseded { .. }
         | Event::ContractClaimed { .. }
         | Event::TermsChanged { .. }
         | Event::OperatorRetry { .. } => false,
@@ -776,6 +816,10 @@ fn decide_event(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision
             recipient,
         } => claimed(task, kind, holder, recipient, ctx),
         Event::ContractClaimed { holder, terms } => contract_claimed(task, holder, terms, ctx),
+        Event::Superseded { by, ran } if task.cancel_requested => {
+            too_late(task, superseded(task, by, ran, ctx))
+        }
+        Event::Superseded { by, ran } => superseded(task, by, ran, ctx),
         Event::BulkRan {
             op,
             phase,
@@ -1708,6 +1752,117 @@ fn claimed(
         _ => return Decision::Ignore,
     };
     Decision::Run { start, phase }
+}
+
+/// Whether the runner asks the store for a contract end deleting at the holder of a task of
+/// a request of `kind` about to take `phase` ([`Event::Superseded`]): an erasure's retention
+/// run, or the confirmation of work accepted in one.
+pub(crate) fn follows_contract_end(kind: RequestKind, task: &Current<'_>, phase: &Phase) -> bool {
+    kind == RequestKind::Erasure && in_retention_run(task, phase)
+}
+
+/// The retention run of a RETAINED task, when it is claimed at its date: what the runner
+/// asks [`follows_contract_end`] about before the claim is decided.
+pub(crate) fn claimed_retention_run(task: &Current<'_>) -> Option<Phase> {
+    (task.state == TaskState::Retained).then(|| retention_run(task))
+}
+
+/// What a RETAINED erasure's retention run does where a contract end of its controller has
+/// begun deleting at its holder (`by`): it follows the contract end's task there rather than
+/// the holder, which finds nothing of the rows that deletion kept and stripped. `ran`: the
+/// run's own answer, when the deletion was found after the call (what it erased is counted,
+/// on top of the earlier runs').
+fn superseded(
+    task: &Current<'_>,
+    by: &ContractEndAt,
+    ran: Option<Outcome>,
+    ctx: &Context,
+) -> Decision {
+    let called = ran.is_some();
+    let (more, erased) = match ran {
+        Some(Outcome::Completed {
+            records_affected,
+            erased,
+            ..
+        }) => (records_affected.max(0), Erased::from(erased)),
+        _ => (0, Erased::default()),
+    };
+    let records = task.records_affected.saturating_add(more);
+    let this_run = match more {
+        0 => format!("this run erased nothing more ({records} record(s) in all)"),
+        n => format!("this run erased {n} more record(s) ({records} in all)"),
+    };
+    let (sub, id) = (task.subprocessor, &by.request_id);
+    match (by.state, by.retain_until) {
+        (TaskState::Completed, _) => {
+            let certified = match &by.certificate {
+                Some(c) => format!(" (its certificate {c})"),
+                None => String::new(),
+            };
+            Decision::Move(Transition {
+                state: TaskState::Completed,
+                records_affected: records,
+                confirmed: true,
+                note: format!(
+                    "what subprocessor {sub} kept of the subject under a legal obligation was \
+                     kept under contract end {id}'s retention and erased by that contract \
+                     end{certified}; {this_run}"
+                ),
+                erased,
+                ..Default::default()
+            })
+        }
+        (TaskState::Retained, Some(until)) if until > ctx.now => {
+            let note = format!(
+                "the rest of the subject's data at subprocessor {sub} is kept under contract \
+                 end {id}'s retention and erased by that contract end at {}",
+                date_label(until)
+            );
+            if !called && task.retain_until == Some(until) && task.reason == note {
+                return Decision::Later {
+                    at: until,
+                    error: None,
+                };
+            }
+            Decision::Move(Transition {
+                state: TaskState::Retained,
+                records_affected: records,
+                confirmed: true,
+                // Also the reason: `dsrctl get` shows reasons, and the next run compares it.
+                reason: note.clone(),
+                note: format!("{note}; {this_run}"),
+                erased,
+                legal_basis: task.legal_basis.to_string(),
+                retain_until: Some(until),
+                next_attempt_at: Some(until),
+                ..Default::default()
+            })
+        }
+        (state, _) => {
+            let at = ctx.now.saturating_add(ctx.confirm_interval_ms.max(1));
+            let state = state.as_str_name().trim_start_matches("TASK_STATE_");
+            let note = format!(
+                "the rest of the subject's data at subprocessor {sub} is contract end {id}'s \
+                 to erase, whose deletion there has begun: this erasure waits for it without \
+                 calling the holder (that contract end's task is {state})"
+            );
+            if !called && task.reason == note {
+                return Decision::Later { at, error: None };
+            }
+            Decision::Move(Transition {
+                state: TaskState::Retained,
+                records_affected: records,
+                confirmed: true,
+                reason: note.clone(),
+                note: format!("{note}; {this_run}"),
+                erased,
+                legal_basis: task.legal_basis.to_string(),
+                retain_until: Some(at),
+                next_attempt_at: Some(at),
+                ..Default::default()
+            })
+        }
+    }
 }
 
 /// Whether an operator's confirmation of a task in `phase` (of a request that `exports` its
@@ -5196,5 +5351,166 @@ mod tests {
         // Nothing held: nothing to deliver.
         let t = moved(decide(&waiting, complete(true, None), &ctx()));
         assert_eq!((t.state, t.upload), (NotFound, false));
+    }
+
+    /// A RETAINED erasure at its date, kept under `BASIS` until `NOW - 10`.
+    fn kept() -> Current<'static> {
+        Current {
+            retain_until: Some(NOW - 10),
+            legal_basis: "Kirjanpitolaki 2:10 §",
+            ..task(Retained)
+        }
+    }
+
+    fn contract_end(state: TaskState, retain_until: Option<i64>) -> ContractEndAt {
+        ContractEndAt {
+            request_id: "ce-1".into(),
+            state,
+            retain_until,
+            certificate: Some("cert-9".into()),
+        }
+    }
+
+    fn superseded_by(t: &Current<'_>, by: &ContractEndAt, ran: Option<Outcome>) -> Decision {
+        decide(t, Event::Superseded { by, ran }, &ctx())
+    }
+
+    #[test]
+    fn only_an_erasures_retention_run_follows_a_contract_end() {
+        let run = claimed_retention_run(&kept()).expect("a retention run");
+        assert!(follows_contract_end(RequestKind::Erasure, &kept(), &run));
+        assert!(!follows_contract_end(
+            RequestKind::ContractEnd,
+            &kept(),
+            &run
+        ));
+        assert!(!follows_contract_end(
+            RequestKind::Erasure,
+            &kept(),
+            &Phase::Start
+        ));
+        assert_eq!(claimed_retention_run(&task(InProgress)), None);
+        // The confirmation of work accepted in a retention run is part of that run.
+        let accepted = Current {
+            state: InProgress,
+            handle: Some("h-1"),
+            ..kept()
+        };
+        let confirm = Phase::Confirm {
+            handle: "h-1".into(),
+        };
+        assert!(follows_contract_end(
+            RequestKind::Erasure,
+            &accepted,
+            &confirm
+        ));
+    }
+
+    #[test]
+    fn an_erasure_kept_under_a_contract_ends_retention_stays_retained_until_its_date() {
+        let by = contract_end(Retained, Some(NOW + 50_000));
+        let t = moved(superseded_by(&kept(), &by, None));
+        assert_eq!(t.state, Retained);
+        assert_eq!(t.retain_until, Some(NOW + 50_000));
+        assert_eq!(t.next_attempt_at, Some(NOW + 50_000));
+        assert_eq!(t.legal_basis, "Kirjanpitolaki 2:10 §");
+        assert_eq!(t.records_affected, 3);
+        assert!(t.confirmed);
+        assert!(t.note.contains("contract end ce-1's retention"), "{t:?}");
+        assert!(t.note.contains("erased nothing more"), "{t:?}");
+        assert!(t.reason.contains("contract end ce-1"), "{t:?}");
+        // Claimed again with nothing new, it is only put off to the date, not acknowledged.
+        let again = Current {
+            retain_until: t.retain_until,
+            reason: &t.reason,
+            ..kept()
+        };
+        assert_eq!(
+            superseded_by(&again, &by, None),
+            Decision::Later {
+                at: NOW + 50_000,
+                error: None
+            }
+        );
+    }
+
+    #[test]
+    fn an_erasure_waits_for_a_contract_end_still_deleting_without_calling_the_holder() {
+        for state in [InProgress, Pending, WaitingForOperator, Failed] {
+            let by = contract_end(state, None);
+            let t = moved(superseded_by(&kept(), &by, None));
+            assert_eq!(t.state, Retained, "{state:?}");
+            assert_eq!(t.next_attempt_at, Some(NOW + 60_000));
+            assert_eq!(t.retain_until, Some(NOW + 60_000));
+            assert_eq!(t.legal_basis, "Kirjanpitolaki 2:10 §");
+            assert_eq!(t.records_affected, 3);
+            let name = state.as_str_name().trim_start_matches("TASK_STATE_");
+            assert!(t.reason.contains("waits for it"), "{t:?}");
+            assert!(t.reason.contains("contract end ce-1"), "{t:?}");
+            assert!(t.reason.ends_with(&format!("task is {name})")), "{t:?}");
+            // The same wait again is not acknowledged again.
+            let again = Current {
+                reason: &t.reason,
+                ..kept()
+            };
+            assert_eq!(
+                superseded_by(&again, &by, None),
+                Decision::Later {
+                    at: NOW + 60_000,
+                    error: None
+                }
+            );
+        }
+        // A contract end whose own retention run is due is waited for too.
+        let due = contract_end(Retained, Some(NOW));
+        let t = moved(superseded_by(&kept(), &due, None));
+        assert_eq!((t.state, t.next_attempt_at), (Retained, Some(NOW + 60_000)));
+        assert!(t.reason.contains("task is RETAINED"), "{t:?}");
+    }
+
+    #[test]
+    fn an_erasure_completes_once_the_contract_end_erased_the_rest() {
+        let by = contract_end(Completed, None);
+        let t = moved(superseded_by(&kept(), &by, None));
+        assert_eq!(t.state, Completed);
+        assert_eq!(t.records_affected, 3);
+        assert!(t.confirmed);
+        assert_eq!(t.erased, Erased::default());
+        assert_eq!((t.legal_basis.as_str(), t.retain_until), ("", None));
+        assert!(t.note.contains("contract end ce-1"), "{t:?}");
+        assert!(t.note.contains("certificate cert-9"), "{t:?}");
+        assert!(t.note.contains("erased nothing more"), "{t:?}");
+    }
+
+    #[test]
+    fn a_run_that_found_nothing_after_a_contract_end_began_deleting_is_no_proof() {
+        let by = contract_end(Retained, Some(NOW + 50_000));
+        let nothing = Outcome::Completed {
+            records_affected: 2,
+            note: "nothing left to erase".into(),
+            files: Vec::new(),
+            erased: vec![ErasedCount {
+                target: "invoices".into(),
+                action: "deleted".into(),
+                count: 2,
+            }],
+        };
+        let t = moved(superseded_by(&kept(), &by, Some(nothing)));
+        assert_eq!(t.state, Retained);
+        assert_eq!(t.retain_until, Some(NOW + 50_000));
+        assert_eq!(t.records_affected, 5);
+        assert_eq!(t.erased.counts.len(), 1);
+        assert!(t.note.contains("erased 2 more record(s)"), "{t:?}");
+        // Even with the same note recorded, a run that erased something is acknowledged.
+        let again = Current {
+            retain_until: Some(NOW + 50_000),
+            reason: &t.reason,
+            ..kept()
+        };
+        let not_found = Outcome::NotFound {
+            note: "no such subject".into(),
+        };
+        let t = moved(superseded_by(&again, &by, Some(not_found)));
+        assert_eq!((t.state, t.records_affected), (Retained, 3));
     }
 }

@@ -13,7 +13,7 @@ use sqlx::AnyConnection;
 
 use super::rows::{count, retained_only, stored_count, TaskKey, TaskRecord, TaskRow, TASK_COLUMNS};
 use super::{acks, tasks, Store};
-use crate::task_machine::{amend, decide, Context, Decision, Event, Refusal, Terms};
+use crate::task_machine::{amend, decide, Context, ContractEndAt, Decision, Event, Refusal, Terms};
 
 /// The terms a delivery or update carries, if they are complete; `fallback` fills in the
 /// dates an update leaves out.
@@ -478,6 +478,72 @@ impl Store {
         })
     }
 
+    /// The task of a contract end of `key`'s controller at `key`'s subprocessor whose
+    /// deletion there has begun (phase DELETING or DONE), for a RETAINED erasure `key` whose
+    /// retention run comes ([`Event::Superseded`]); `None` when there is none. Only tasks
+    /// that still keep, still delete, or erased all count: one that ended NOT_FOUND,
+    /// REFUSED or CANCELLED stripped nothing. A contract end whose deletion there ended (its
+    /// first certificate, or its COMPLETED step when none was issued) before the erasure's
+    /// request arrived is left out: the erasure found the subject after it, so what it keeps
+    /// is not that contract end's. Of several, one still deleting (or FAILED) comes first,
+    /// then one RETAINED, then one COMPLETED; the latest delivered among equals.
+    pub(crate) async fn contract_end_deleting(
+        &self,
+        key: &TaskKey,
+    ) -> Result<Option<ContractEndAt>> {
+        let rows: Vec<DeletingRecord> = sqlx::query_as(
+            "SELECT t.request_id, t.state, t.retain_until, t.updated_at, c.received_at, \
+             (SELECT MIN(f.issued_at) FROM certificates f WHERE f.controller = t.controller \
+              AND f.request_id = t.request_id AND f.subprocessor = t.subprocessor) \
+              AS first_certified, \
+             (SELECT l.id FROM certificates l WHERE l.controller = t.controller \
+              AND l.request_id = t.request_id AND l.subprocessor = t.subprocessor \
+              ORDER BY l.sequence DESC LIMIT 1) AS last_certificate, \
+             (SELECT r.received_at FROM requests r WHERE r.controller = t.controller \
+              AND r.request_id = $3) AS erasure_received \
+             FROM tasks t JOIN contract_ends c \
+             ON c.controller = t.controller AND c.request_id = t.request_id \
+             WHERE t.controller = $1 AND t.subprocessor = $2 \
+             AND t.contract_phase IN ($4, $5)",
+        )
+        .bind(&key.controller)
+        .bind(&key.subprocessor)
+        .bind(&key.request_id)
+        .bind(i64::from(ContractPhase::Deleting as i32))
+        .bind(i64::from(ContractPhase::Done as i32))
+        .fetch_all(&self.db.pool)
+        .await?;
+        let rank = |state: TaskState| match state {
+            TaskState::Completed => Some(2),
+            TaskState::Retained => Some(1),
+            TaskState::Pending
+            | TaskState::InProgress
+            | TaskState::WaitingForOperator
+            | TaskState::Failed => Some(0),
+            _ => None,
+        };
+        let found = rows
+            .into_iter()
+            .filter_map(|r| {
+                let state = i32::try_from(r.state)
+                    .ok()
+                    .and_then(|s| TaskState::try_from(s).ok())
+                    .unwrap_or(TaskState::Unspecified);
+                let ended = r
+                    .first_certified
+                    .or((state == TaskState::Completed).then_some(r.updated_at));
+                let before = matches!((ended, r.erasure_received), (Some(e), Some(a)) if e < a);
+                Some((rank(state).filter(|_| !before)?, -r.received_at, state, r))
+            })
+            .min_by_key(|(rank, newest, _, r)| (*rank, *newest, r.request_id.clone()));
+        Ok(found.map(|(_, _, state, r)| ContractEndAt {
+            request_id: r.request_id,
+            state,
+            retain_until: r.retain_until,
+            certificate: r.last_certificate,
+        }))
+    }
+
     /// The contract ends delivered here (only `controller`'s unless empty), newest first.
     pub async fn contract_ends(&self, controller: &str) -> Result<Vec<ContractEndRow>> {
         let rows: Vec<TermsRecord> = sqlx::query_as(&format!(
@@ -501,6 +567,21 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// A contract end task deleting at a holder, as [`Store::contract_end_deleting`] reads it.
+#[derive(Debug, sqlx::FromRow)]
+struct DeletingRecord {
+    request_id: String,
+    state: i64,
+    retain_until: Option<i64>,
+    updated_at: i64,
+    /// When the contract end was delivered.
+    received_at: i64,
+    first_certified: Option<i64>,
+    last_certificate: Option<String>,
+    /// When the erasure's request was delivered.
+    erasure_received: Option<i64>,
 }
 
 /// The transfer recipient after an update to `terms`: it changes only with the choice (a
