@@ -256,7 +256,8 @@ impl App {
     }
 
     /// Serves on `listener` and runs the task runner, acknowledgement sender, export
-    /// uploader (to the registry and to transfer recipients) and forgetting until `shutdown`
+    /// uploader (to the registry and to transfer recipients), forgetting and the check that
+    /// drops unreachable marks no task is left to try (`breaker::run`) until `shutdown`
     /// resolves. Binds the admin port when the configuration names one (`admin_listen`).
     pub async fn run(
         self,
@@ -286,6 +287,7 @@ impl App {
         let scraped = shared.clone();
         let (runner, sender, uploader) = (shared.clone(), shared.clone(), shared.clone());
         let forgetting = shared.clone();
+        let marks = shared.clone();
         let audit_chain = shared.store.clone();
         let signing = shared.checkpoints.clone().map(|c| (c, shared.clone()));
         // Each caller sees in reflection only what it may call.
@@ -335,6 +337,9 @@ impl App {
             })
             .worker("forgetting", move |stop| {
                 crate::forget::run(forgetting, stop)
+            })
+            .worker("unreachable marks", move |stop| {
+                crate::breaker::run(marks, stop)
             })
             .worker("audit chainer", move |stop| async move {
                 audit_chain.run_audit_chainer(stop).await

@@ -9,18 +9,32 @@
 //! ([`crate::task_machine::worth_acknowledging`]), so the count starts again once the
 //! holder answers.
 //!
+//! A mark that has run out with no probe out, while no task is left to try the holder (its
+//! tasks were cancelled, gave up at their due date or finished otherwise:
+//! [`Store::tasks_left_to_try`](crate::store::Store::tasks_left_to_try)), is dropped by the
+//! check [`run`] makes every [`CHECK_INTERVAL`]: nothing would call the holder again, so
+//! nothing else would ever clear it. The holder's reachability is then unknown, not known
+//! good: the next task to come calls it as the probe, and a transient failure marks it
+//! again. A mark with a task left stays until a probe answers.
+//!
 //! The marks live in this process: each replica learns of a down holder by itself, and a
-//! restart clears them. A mark's opening is logged at WARN and its clearing at INFO, once
-//! each, not per call; [`Breaker::marks`] lists the open ones for the metrics
-//! (`dsrelay_subprocessor_unreachable`) and ListSubprocessors.
+//! restart clears them. A mark's opening is logged at WARN and its clearing (an answer, or
+//! dropped with no task left) at INFO, once each, not per call; [`Breaker::marks`] lists the
+//! open ones for the metrics (`dsrelay_subprocessor_unreachable`) and ListSubprocessors.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use dsrelay_runtime::clock::{date_label, Clock};
 use dsrelay_runtime::log_text::withheld;
+use tokio::sync::watch;
 
+use crate::app::Shared;
 use crate::store::TaskKey;
+
+/// How often [`run`] looks for marks that ran out with no task left to try their holder.
+pub(crate) const CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Holders marked unreachable, by subprocessor name.
 #[derive(Debug, Default)]
@@ -57,6 +71,19 @@ struct Mark {
     error: String,
     /// Waits so far of each task held back by this mark, the one being let in included.
     waits: HashMap<TaskKey, i64>,
+}
+
+/// A mark that ran out with no probe out, as [`Breaker::ran_out`] saw it: what
+/// [`Breaker::drop_untried`] checks it still stands as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RanOut {
+    /// The subprocessor's name.
+    pub holder: String,
+    /// The mark's end, start and probe as seen: a task let through as the probe, or a new
+    /// failure, changes one of them meanwhile.
+    open_until: i64,
+    since: i64,
+    probe_until: Option<i64>,
 }
 
 /// Why a task may not call its holder now.
@@ -174,8 +201,60 @@ impl Breaker {
         );
     }
 
+    /// The marks that have run out at `now` with no probe out (none let through, or its time
+    /// is up): those whose holder nothing may call again, if no task is left to try it.
+    pub(crate) fn ran_out(&self, now: i64) -> Vec<RanOut> {
+        let marks = self.marks.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut ran_out: Vec<RanOut> = marks
+            .iter()
+            .filter(|(_, m)| m.open_until <= now && m.probe_until.is_none_or(|u| u <= now))
+            .map(|(holder, m)| RanOut {
+                holder: holder.clone(),
+                open_until: m.open_until,
+                since: m.since,
+                probe_until: m.probe_until,
+            })
+            .collect();
+        drop(marks);
+        ran_out.sort_by(|a, b| a.holder.cmp(&b.holder));
+        ran_out
+    }
+
+    /// Drops the mark `seen`, found with no task left to try its holder, if it still stands
+    /// as [`Breaker::ran_out`] saw it at `now` (no task let through as the probe since, no new
+    /// failure, no answer): answers whether it did. Logged at INFO with the outage's length so
+    /// far, saying that the holder's reachability is unknown until the next task tries it.
+    pub(crate) fn drop_untried(&self, seen: &RanOut, now: i64) -> bool {
+        let mut marks = self.marks.lock().unwrap_or_else(PoisonError::into_inner);
+        let unchanged = marks.get(&seen.holder).is_some_and(|m| {
+            (m.open_until, m.since, m.probe_until)
+                == (seen.open_until, seen.since, seen.probe_until)
+                && m.open_until <= now
+                && m.probe_until.is_none_or(|u| u <= now)
+        });
+        if !unchanged {
+            return false;
+        }
+        marks.remove(&seen.holder);
+        drop(marks);
+        let holder = &seen.holder;
+        let outage_ms = (now - seen.since).max(0);
+        let since = date_label(seen.since);
+        tracing::info!(
+            subprocessor = %holder,
+            %since,
+            outage_ms,
+            "subprocessor {holder}'s unreachable mark dropped after {} s (unreachable since \
+             {since}): no task is left to try it; its reachability is unknown, and the next \
+             task for it will try it",
+            outage_ms / 1000
+        );
+        true
+    }
+
     /// The open marks, by holder name: a holder is listed from its first transient failure
-    /// until it answers, probes and waits alike.
+    /// until it answers, or its mark is dropped with no task left to try it
+    /// ([`Breaker::drop_untried`]), probes and waits alike.
     pub(crate) fn marks(&self) -> Vec<Unreachable> {
         let marks = self.marks.lock().unwrap_or_else(PoisonError::into_inner);
         let mut open: Vec<Unreachable> = marks
@@ -200,6 +279,46 @@ impl Breaker {
             error: m.error.clone(),
         })
     }
+}
+
+/// Every [`CHECK_INTERVAL`] until `stop`, drops the marks no task is left to try
+/// ([`drop_untried_marks`]); a failed check is logged and made again at the next.
+pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        if let Err(e) = drop_untried_marks(&shared).await {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "looking for unreachable marks with no task left to try their holder failed; \
+                 looking again at the next check"
+            );
+        }
+        tokio::select! {
+            _ = stop.changed() => {}
+            _ = tokio::time::sleep(CHECK_INTERVAL) => {}
+        }
+    }
+}
+
+/// One check: each mark that has run out with no probe out, whose holder has no task left
+/// that will call it
+/// ([`Store::tasks_left_to_try`](crate::store::Store::tasks_left_to_try)), is dropped.
+/// Answers how many were. A mark whose holder has tasks left stays: one of them probes it.
+pub(crate) async fn drop_untried_marks(shared: &Shared) -> anyhow::Result<usize> {
+    let breaker = &shared.unavailable_until;
+    let mut dropped = 0;
+    for seen in breaker.ran_out(shared.clock.now_ms()) {
+        let now = shared.clock.now_ms();
+        if shared.store.tasks_left_to_try(&seen.holder, now).await? {
+            continue;
+        }
+        // A task that came meanwhile and was let through as the probe, or failed and renewed
+        // the mark, keeps it: `drop_untried` drops only the mark as it was seen.
+        dropped += usize::from(breaker.drop_untried(&seen, shared.clock.now_ms()));
+    }
+    Ok(dropped)
 }
 
 #[cfg(test)]
@@ -279,6 +398,62 @@ mod tests {
         b.failed("mail", 10_000, 12_000, "refused");
         let next = wait("r-1", 10_500).expect("waits");
         assert_eq!((next.since, next.waits), (10_000, 1));
+    }
+
+    /// A mark is seen as run out only once its time is up with no probe out (none let
+    /// through, or a lost one's time up too); it is dropped, logged once at INFO, only while
+    /// it stands as seen. Before, nothing but an answer removed a mark.
+    #[test]
+    fn a_ran_out_mark_is_dropped_only_as_it_was_seen() {
+        let logs = dsrelay_runtime::testing::captured_logs();
+        let holder = "breaker-drop-mail";
+        let b = Breaker::new(Clock::system(), b"k");
+        let holders =
+            |seen: &[RanOut]| -> Vec<String> { seen.iter().map(|r| r.holder.clone()).collect() };
+        b.failed(holder, 100, 5_000, "connection refused");
+        b.failed("breaker-drop-other", 100, 9_000, "refused");
+        assert!(b.ran_out(4_999).is_empty());
+        let seen = b.ran_out(5_000);
+        assert_eq!(holders(&seen), [holder]);
+
+        // A task let through as the probe since: the mark stays, and is not seen while the
+        // probe is out.
+        let probe = b.admit(holder, &task("r-1"), 5_100, 1_000, 100);
+        assert_eq!(probe, None);
+        assert!(!b.drop_untried(&seen[0], 5_200));
+        assert!(b.ran_out(5_200).is_empty());
+        // The probe was lost: seen again once its time is up.
+        let seen = b.ran_out(6_100);
+        assert_eq!(holders(&seen), [holder]);
+        // A new failure since renews the mark: it stays.
+        b.failed(holder, 6_200, 8_000, "timed out");
+        assert!(!b.drop_untried(&seen[0], 8_000));
+        assert!(b.mark(holder).is_some());
+
+        let seen = b.ran_out(8_000);
+        assert_eq!(holders(&seen), [holder]);
+        assert!(b.drop_untried(&seen[0], 8_000));
+        assert!(!b.drop_untried(&seen[0], 8_000));
+        assert_eq!(b.mark(holder), None);
+        let open: Vec<String> = b.marks().into_iter().map(|m| m.holder).collect();
+        assert_eq!(open, ["breaker-drop-other"]);
+        // With no mark the holder is called.
+        assert_eq!(b.admit(holder, &task("r-2"), 8_001, 1_000, 100), None);
+
+        let dropped = lines_about(&logs, holder, "subprocessor ");
+        let dropped: Vec<_> = dropped.iter().filter(|l| l["level"] == "INFO").collect();
+        assert_eq!(dropped.len(), 1, "{dropped:#?}");
+        let fields = &dropped[0]["fields"];
+        assert_eq!(
+            fields["message"],
+            format!(
+                "subprocessor {holder}'s unreachable mark dropped after 7 s (unreachable since \
+                 {}): no task is left to try it; its reachability is unknown, and the next \
+                 task for it will try it",
+                date_label(100)
+            )
+        );
+        assert_eq!(fields["outage_ms"], 7_900);
     }
 
     /// The captured lines about `holder` whose message starts with `start`.

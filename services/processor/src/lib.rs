@@ -33,7 +33,7 @@
 //!   lease: renewed every third of it on the database's clock, lost when a renewal matches
 //!   nothing, and no longer trusted when failed renewals leave it about to run out.
 //! - `breaker`: marks a holder that failed transiently, so its other tasks wait without
-//!   calling it.
+//!   calling it, and drops a mark no task is left to try.
 //! - `ack_sender`: sends queued acknowledgements to the registries.
 //! - [`text`]: fits reasons, notes and legal bases to the protocol's limits.
 //! - [`certificates`]: deletion certificates of erasure and contract end steps, signed with
@@ -86,6 +86,8 @@ mod holder_down_tests;
 mod lease;
 #[cfg(test)]
 mod log_tests;
+#[cfg(test)]
+mod mark_dropped_tests;
 mod metrics;
 mod operator_api;
 #[cfg(test)]

@@ -231,8 +231,9 @@ fn unreachable_gauges<'a>(
         registry,
         "dsrelay_subprocessor_unreachable",
         "1 while the subprocessor is marked unreachable after a transient failure (its tasks \
-         wait without calling it until a probe gets an answer), else 0. Kept in this process: \
-         each replica marks on its own, a restart clears the marks.",
+         wait without calling it until a probe gets an answer; a mark that ran out with no \
+         task left to try the holder is dropped), else 0. Kept in this process: each replica \
+         marks on its own, a restart clears the marks.",
     );
     let since = GaugeFamily::register(
         registry,

@@ -22,6 +22,8 @@
 //! - `forget`: removing finished requests' raw identities, body and free text.
 //! - `holder_discards`: contract end tasks that will not go on whose holder is still to
 //!   discard what their export recorded there.
+//! - `holder_tasks`: whether a holder has any task left that will call it (the unreachable
+//!   marks' check).
 //! - `audit`: the hash-chained audit trail, appended to in the transaction of each change
 //!   an auditor asks about.
 
@@ -32,6 +34,7 @@ mod certificates;
 mod contracts;
 mod forget;
 mod holder_discards;
+mod holder_tasks;
 mod rows;
 mod steps;
 mod tasks;
