@@ -1430,9 +1430,50 @@ pub(super) async fn classify_pooled(
     }
 }
 
+/// What SQLite says of every error of its SQLITE_READONLY family (primary code 8, whatever
+/// the extended code): the connection cannot write the database. [`says_read_only`] looks
+/// for it.
+const SQLITE_READ_ONLY_TEXT: &str = "attempt to write a readonly database";
+
+/// What the operator is told beside a SQLite read-only error. A connection that SQLite
+/// opened read-only stays so, and the connector closes it after such an error
+/// (`SqlConnector`'s `close_read_only_writer`), so that a retry after the fix succeeds.
+pub(super) const READ_ONLY_ADVICE: &str = "SQLite has the holder's file open read-only: check \
+     that the processor's user can write the file, the -wal and -shm files beside it and \
+     their folder (permissions and ownership, an immutable attribute, a read-only mount), \
+     then retry; the connector opens the file again for the next attempt";
+
+/// SQLite's primary result code of `err` (the low byte of the extended code it reports), or
+/// `None` when no SQLite database error it is. A PostgreSQL SQLSTATE is a number too, so
+/// which backend spoke is checked first.
+pub(super) fn sqlite_primary_code(err: &sqlx::Error) -> Option<u32> {
+    let db = err.as_database_error()?;
+    db.try_downcast_ref::<sqlx::sqlite::SqliteError>()?;
+    let code = db.code()?.parse::<u32>().ok()?;
+    Some(code & 0xff)
+}
+
+/// Whether `err` is SQLite's SQLITE_READONLY (8) with any extended code: the connection
+/// cannot write the file (opened read-only, or its -wal or -shm file not writable).
+pub(super) fn is_sqlite_read_only(err: &sqlx::Error) -> bool {
+    sqlite_primary_code(err) == Some(8)
+}
+
+/// Whether `error` reports a SQLite read-only error, as [`classify`] words it or as SQLite's
+/// own text carried in another message.
+pub(super) fn says_read_only(error: &ConnectorError) -> bool {
+    error.to_string().contains(SQLITE_READ_ONLY_TEXT)
+}
+
 /// Sorts a database error into worth-retrying or not; `context` says what was being done.
+/// A SQLite read-only error stays permanent (the task fails at once and the operator retries
+/// it after the fix), its message followed by [`READ_ONLY_ADVICE`].
 pub(super) fn classify(context: &str, err: &sqlx::Error) -> ConnectorError {
-    let message = format!("{context}: {err}");
+    let message = if is_sqlite_read_only(err) {
+        format!("{context}: {err}; {READ_ONLY_ADVICE}")
+    } else {
+        format!("{context}: {err}")
+    };
     if is_transient(err) {
         ConnectorError::Transient(message)
     } else {

@@ -410,6 +410,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use anyhow::Context as _;
+
 use dsrelay_proto::v1::{IdentityEncoding, IdentityType, RequestKind};
 use dsrelay_runtime::store::{Backend, Db};
 use writer::ErasureWriter;
@@ -429,6 +431,8 @@ mod execute;
 mod held_tests;
 mod lazy;
 mod plan;
+#[cfg(test)]
+mod read_only_tests;
 mod receipt;
 mod retention;
 mod rules;
@@ -583,6 +587,102 @@ fn check_holder_file(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The request kinds whose work writes into the holder's database (a contract end's erasure
+/// is supported exactly when an erasure is).
+const WRITING_KINDS: [RequestKind; 4] = [
+    RequestKind::Erasure,
+    RequestKind::Rectification,
+    RequestKind::Restriction,
+    RequestKind::Objection,
+];
+
+/// Fails when `db` is a SQLite file that its writer connection cannot write. SQLite opens a
+/// file it cannot open for writing read-only without a word (an immutable attribute, a
+/// read-only mount, no write permission, `mode=ro` in the url), and then every write fails
+/// with "attempt to write a readonly database"; only a write tells. So one is tried on the
+/// pool's connection, the one every write goes through: the file's `user_version` set to
+/// the value it has, in a transaction rolled back. A file that another writer holds locked
+/// cannot be tried; the start goes on then (without waiting the connection's busy timeout),
+/// and a read-only connection shows at the first write instead
+/// ([`SqlConnector::close_read_only_writer`]). Anything else the try hits fails the start.
+async fn check_writable(db: &Db) -> anyhow::Result<()> {
+    let Some(file) = &db.sqlite_file else {
+        return Ok(());
+    };
+    let shown = std::path::absolute(file).unwrap_or_else(|_| file.clone());
+    let mut conn = (db.pool.acquire().await).with_context(|| {
+        format!(
+            "checking that holder database {} can be written",
+            shown.display()
+        )
+    })?;
+    let error = match write_probe(&mut conn).await {
+        Ok(()) => return Ok(()),
+        Err(e) if matches!(execute::sqlite_primary_code(&e), Some(5 | 6)) => {
+            tracing::info!(
+                database = %shown.display(),
+                "holder database locked by another writer at start; whether it can be \
+                 written shows at the first write"
+            );
+            return Ok(());
+        }
+        Err(e) => e,
+    };
+    // The connection may be left inside the probe's transaction; it is not given back.
+    let _ = conn.close().await;
+    if execute::is_sqlite_read_only(&error) {
+        anyhow::bail!(
+            "holder database {} is open read-only: SQLite could not open it for writing, and \
+             this connector writes to it (it is configured for erasure, rectification, \
+             restriction or objection); check that the processor's user can write the file, \
+             the -wal and -shm files beside it and their folder (permissions and ownership, an \
+             immutable attribute, a read-only mount) and that the url has no mode=ro, then \
+             start the processor again ({error})",
+            shown.display()
+        );
+    }
+    anyhow::bail!(
+        "checking that holder database {} can be written: {error}",
+        shown.display()
+    )
+}
+
+/// The write [`check_writable`] tries, without waiting for a lock another writer holds; the
+/// connection's busy timeout is put back after it.
+async fn write_probe(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
+    let wait: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+        .fetch_one(&mut *conn)
+        .await?;
+    sqlx::query("PRAGMA busy_timeout = 0")
+        .execute(&mut *conn)
+        .await?;
+    let written = rolled_back_write(conn).await;
+    let restored = sqlx::query(&format!("PRAGMA busy_timeout = {wait}"))
+        .execute(&mut *conn)
+        .await;
+    written?;
+    restored.map(drop)
+}
+
+/// Takes the write lock (`BEGIN IMMEDIATE`, which succeeds on a read-only WAL file, so a
+/// page is written too: the header's `user_version`, set to the value it has) and rolls
+/// back.
+async fn rolled_back_write(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+    let written = async {
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&mut *conn)
+            .await?;
+        sqlx::query(&format!("PRAGMA user_version = {version}"))
+            .execute(&mut *conn)
+            .await
+    }
+    .await;
+    let undone = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+    written?;
+    undone.map(drop)
+}
+
 /// Whether the connector opens the top-level `url`: not when every controller has a
 /// database of its own.
 fn opens_shared_url(config: &SqlConnectorConfig) -> bool {
@@ -628,6 +728,13 @@ impl SqlConnector {
             checked.insert(name, (db, types));
         }
         let own = checked;
+        // A connector that writes must be able to: a file SQLite opened read-only would
+        // otherwise fail every task, and go on failing after the fix.
+        if WRITING_KINDS.iter().any(|kind| config.supports(*kind)) {
+            for (db, _) in db.iter().chain(own.values()) {
+                check_writable(db).await?;
+            }
+        }
         // Only a connector that erases or rectifies writes receipts; a read-only holder gets
         // no table.
         if config.supports(RequestKind::Erasure) || config.supports(RequestKind::Rectification) {
@@ -691,6 +798,38 @@ impl SqlConnector {
                 ..
             }) => scoped(self.db.as_ref(), Some(condition.as_str())),
             Some(_) => scoped(self.own.get(controller), None),
+        }
+    }
+
+    /// After `error` on `db`: when it says that SQLite has the file open read-only, closes
+    /// the pool's connection (a SQLite file's pool has one, which every write goes through,
+    /// the erasure writer's shared transactions too), so that the next attempt opens the file
+    /// again and finds it writable once the cause is fixed. A connection is never reopened
+    /// otherwise, and would fail every attempt until the processor restarts. The file is
+    /// logged, never the error, which may quote the holder's data.
+    async fn close_read_only_writer(db: &Db, error: &ConnectorError) {
+        let Some(file) = db.sqlite_file.as_deref() else {
+            return;
+        };
+        if !execute::says_read_only(error) {
+            return;
+        }
+        match db.pool.acquire().await {
+            Ok(conn) => {
+                // Closing is all that is wanted; a failed goodbye leaves it closed too.
+                let _ = conn.close().await;
+                tracing::warn!(
+                    database = %file.display(),
+                    "holder database open read-only; its connection is closed so that the \
+                     next attempt opens the file again"
+                );
+            }
+            // Nothing to close now; the next read-only error tries again.
+            Err(_) => tracing::warn!(
+                database = %file.display(),
+                "holder database open read-only; its connection could not be taken to be \
+                 closed"
+            ),
         }
     }
 
@@ -923,7 +1062,11 @@ impl Connector for SqlConnector {
                 },
                 None => scope,
             };
-            let outcome = self.run_in(task, scope).await?;
+            let outcome = self.run_in(task, scope).await;
+            if let Err(e) = &outcome {
+                Self::close_read_only_writer(scope.db, e).await;
+            }
+            let outcome = outcome?;
             // What the scope left out is said beside what was done, and beside a refusal,
             // so that a reader of the certificate knows which tables were not looked at.
             Ok(match narrowed.as_ref().and_then(|n| n.note()) {
@@ -961,7 +1104,13 @@ impl Connector for SqlConnector {
     fn run_bulk<'a>(&'a self, job: &'a BulkJob) -> BoxFuture<'a, Result<Outcome, ConnectorError>> {
         Box::pin(async move {
             match self.scope(&job.controller) {
-                Ok(scope) => scope.bulk(job, self.batch_subjects).await,
+                Ok(scope) => {
+                    let outcome = scope.bulk(job, self.batch_subjects).await;
+                    if let Err(e) = &outcome {
+                        Self::close_read_only_writer(scope.db, e).await;
+                    }
+                    outcome
+                }
                 Err(reason) => Ok(Outcome::Refused { reason }),
             }
         })
@@ -980,7 +1129,11 @@ impl Connector for SqlConnector {
                     "discarding what contract end {job_id} recorded: {reason}"
                 ))
             })?;
-            scope.discard_returned(job_id, bulk::DISCARD_BATCH).await?;
+            let discarded = scope.discard_returned(job_id, bulk::DISCARD_BATCH).await;
+            if let Err(e) = &discarded {
+                Self::close_read_only_writer(scope.db, e).await;
+            }
+            discarded?;
             Ok(())
         })
     }
