@@ -274,13 +274,13 @@ impl Store {
         confirm_delay_ms: u64,
     ) -> Result<ExecuteResponse, StoreError> {
         let mut tx = self.db.pool.begin().await?;
-        // A FAILED answer is not repeated (adapter.proto): the call after it, an operator's
-        // retry once the cause was fixed, is done again as a new one. Only the same task's
-        // (a task_id reused otherwise is still refused by `replay`); a FAILED task did
-        // nothing, so nothing else refers to its row.
+        // A FAILED or REFUSED answer is not repeated (adapter.proto): the call after it, an
+        // operator's retry once the cause was fixed, is done again as a new one. Only the
+        // same task's (a task_id reused otherwise is still refused by `replay`); a FAILED or
+        // REFUSED task did nothing, so nothing else refers to its row.
         sqlx::query(
             "DELETE FROM adapter_tasks WHERE task_id = $1 AND caller = $2 AND request_id = $3 \
-             AND kind = $4 AND outcome = $5 AND (controller IS NULL OR controller = $6)",
+             AND kind = $4 AND outcome IN ($5, $7) AND (controller IS NULL OR controller = $6)",
         )
         .bind(&req.task_id)
         .bind(caller)
@@ -288,6 +288,7 @@ impl Store {
         .bind(i64::from(req.kind))
         .bind(ExecuteOutcome::Failed as i64)
         .bind(&req.controller)
+        .bind(ExecuteOutcome::Refused as i64)
         .execute(&mut *tx)
         .await?;
         let claimed = sqlx::query(

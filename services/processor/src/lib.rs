@@ -91,6 +91,8 @@ mod mark_dropped_tests;
 mod metrics;
 mod operator_api;
 #[cfg(test)]
+mod refused_retry_tests;
+#[cfg(test)]
 mod retried_tests;
 mod runner;
 pub mod store;

@@ -308,7 +308,11 @@ async fn holders_and_registries_stay_out_of_the_logs(database_url: &str, dir: &s
     );
     let retried = logged(&logs, "connector failed; will retry", Some(&id));
     assert_eq!(retried.len(), FAILED_CALLS, "{retried:#?}");
-    let withheld = format!("{} bytes withheld, keyed hash ", last_error.len());
+    let framing = format!("adapter Execute at https://localhost:{adapter_port}: Unavailable: ");
+    let withheld = format!(
+        "{framing}{} bytes withheld, keyed hash ",
+        last_error.len() - framing.len()
+    );
     for line in &retried {
         let error = line["fields"]["error"].as_str().unwrap_or_default();
         assert!(error.starts_with(&withheld), "{line}");

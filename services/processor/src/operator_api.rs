@@ -1,7 +1,7 @@
 //! The processor's operator API: people confirm or refuse tasks of manual connectors, run a
-//! failed task again once its cause is fixed, see and requeue acknowledgements their
-//! registry kept rejecting (dead letters), and read the processor's audit trail and its
-//! signed checkpoints.
+//! failed or refused task again once its cause is fixed, see and requeue acknowledgements
+//! their registry kept rejecting (dead letters), and read the processor's audit trail and
+//! its signed checkpoints.
 
 use std::sync::Arc;
 
@@ -215,7 +215,8 @@ impl OperatorApi {
             request_id = %key.request_id,
             subprocessor = %key.subprocessor,
             operator = by,
-            "failed task retried by an operator"
+            state = row.task.state.as_str_name(),
+            "failed or refused task retried by an operator"
         );
         self.shared.ack_wakeup.notify_one();
         self.shared.task_wakeup.notify_one();
@@ -894,7 +895,7 @@ impl ProcessorOperatorService for OperatorApi {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use dsrelay_connectors::BulkProgress;
     use dsrelay_proto::v1::ContractPhase;
 
@@ -1037,7 +1038,7 @@ mod tests {
 
     /// A processor whose subprocessor `crm` is [`LOCKED_HOLDER`] and whose operator is the
     /// development PKI's.
-    fn config(dir: &std::path::Path, database_url: &str) -> crate::Config {
+    pub(crate) fn config(dir: &std::path::Path, database_url: &str) -> crate::Config {
         let pki = dsrelay_runtime::pki::DevPki::ensure(&dir.join("pki")).expect("dev pki");
         let tls = pki.files("processor");
         let text = format!(
@@ -1094,7 +1095,7 @@ mod tests {
 
     /// The operator API of `shared` served on 127.0.0.1 over the development PKI in `dir`,
     /// a client of it as the operator, and what stops the server once sent.
-    async fn serve(
+    pub(crate) async fn serve(
         shared: &Arc<Shared>,
         dir: &std::path::Path,
     ) -> (

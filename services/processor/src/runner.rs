@@ -72,7 +72,7 @@ use dsrelay_connectors::{
 };
 use dsrelay_proto::v1::{ContractPhase, DeliverRequest, RequestKind, TaskState};
 use dsrelay_runtime::clock::date_label;
-use dsrelay_runtime::log_text::withheld;
+use dsrelay_runtime::log_text::{withheld, Said};
 use dsrelay_runtime::trace_context;
 use dsrelay_runtime::worker::{run_pool, PoolSettings};
 use tokio::sync::watch;
@@ -302,7 +302,7 @@ pub(crate) async fn run_claimed(
         let decision = decide(&current, event, &ctx);
         if let Some((at, error)) = decision.retried() {
             tracing::warn!(
-                error = %withheld(shared.log_key(), error),
+                error = %connector_error_logged(shared.log_key(), error),
                 attempts = job.task.attempts,
                 retry_in_ms = at - ctx.now,
                 "connector failed; will retry (the task's last_error holds the holder's words \
@@ -346,8 +346,8 @@ pub(crate) async fn run_claimed(
     }
     if written == Some(false) {
         tracing::warn!(
-            "task step not recorded: the task changed meanwhile or its lease was lost to \
-             another claim"
+            "task step not recorded: the task changed meanwhile, or its lease ran out (the \
+             database was slow or out of reach) or was taken by another claim"
         );
     }
     Ok(())
@@ -442,7 +442,7 @@ async fn before_call(
             waits = down.waits,
             unreachable_since = %date_label(down.since),
             unreachable_until = %date_label(down.until),
-            error = %withheld(shared.log_key(), &down.error),
+            error = %connector_error_logged(shared.log_key(), &down.error),
             "task waits for its holder, marked unreachable, without calling it; the registry \
              was told why"
         );
@@ -532,7 +532,7 @@ async fn run_contract_task(
     let decision = decide(&current, event, &ctx);
     if let Some((at, error)) = decision.retried() {
         tracing::warn!(
-            error = %withheld(shared.log_key(), error),
+            error = %connector_error_logged(shared.log_key(), error),
             attempts = job.task.attempts,
             retry_in_ms = at - ctx.now,
             "connector failed a contract end step; will retry (the task's last_error holds \
@@ -1234,11 +1234,32 @@ async fn record_move(
     } else if !unless_cancelled {
         tracing::warn!(
             state = t.state.as_str_name(),
-            "task step not recorded: the task changed meanwhile or its lease was lost to \
-             another claim"
+            "task step not recorded: the task changed meanwhile, or its lease ran out (the \
+             database was slow or out of reach) or was taken by another claim"
         );
     }
     Ok(moved)
+}
+
+/// A connector's error as a log line shows it: the adapter connector's own framing of an
+/// adapter's answer (`adapter <rpc> at <endpoint>: <gRPC code>`, from this service's
+/// configuration and the call's status) stays readable, and what follows it, which may quote
+/// the holder, is withheld; any other text is withheld whole. The connectors' error is one
+/// text, so what follows the code is withheld even where it is this service's own transport
+/// error (a refused connection, a failed TLS handshake), which a log line could show.
+fn connector_error_logged(key: &[u8], error: &str) -> String {
+    let framed = error.strip_prefix("adapter ").and_then(|rest| {
+        let mut parts = rest.splitn(3, ": ");
+        let (call, code, quoted) = (parts.next()?, parts.next()?, parts.next()?);
+        let is_code = (0..=16).any(|n| format!("{:?}", tonic::Code::from(n)) == code);
+        (call.contains(" at ") && is_code).then_some((call, code, quoted))
+    });
+    match framed {
+        Some((call, code, quoted)) => Said::quoting(format!("adapter {call}: {code}"), quoted)
+            .logged(key)
+            .to_string(),
+        None => withheld(key, error).to_string(),
+    }
 }
 
 /// Logs a task that has just been recorded FAILED, from any step (a permanent error, given
@@ -1307,3 +1328,46 @@ mod returned_tests;
 #[cfg(test)]
 #[path = "export_label_tests.rs"]
 mod export_label_tests;
+
+#[cfg(test)]
+mod connector_error_tests {
+    use super::connector_error_logged;
+
+    /// The adapter connector's framing (the call, the configured endpoint, the gRPC code)
+    /// stays in the log line and only the adapter's words are withheld; before, the whole
+    /// error was withheld, and a reader could not tell which adapter failed or with what.
+    #[test]
+    fn an_adapter_s_status_keeps_its_framing_and_withholds_its_words() {
+        let error = "adapter Execute at https://localhost:4711: Unavailable: the row of \
+                     paavo.lokitesti@example.fi is locked";
+        let logged = connector_error_logged(b"k", error);
+        let quoted = "the row of paavo.lokitesti@example.fi is locked";
+        assert!(
+            logged.starts_with(&format!(
+                "adapter Execute at https://localhost:4711: Unavailable: {} bytes withheld, \
+                 keyed hash ",
+                quoted.len()
+            )),
+            "{logged}"
+        );
+        assert!(!logged.contains("paavo"), "{logged}");
+    }
+
+    /// Any other text may be the holder's throughout (a database's error quoting a value),
+    /// and is withheld whole, as is one that only looks framed.
+    #[test]
+    fn any_other_error_is_withheld_whole() {
+        for error in [
+            "relation \"contacts\" does not exist: paavo.lokitesti@example.fi",
+            "adapter Execute at https://x: NotACode: paavo.lokitesti@example.fi",
+            "adapter paavo.lokitesti@example.fi: Unavailable: locked",
+            "",
+        ] {
+            let logged = connector_error_logged(b"k", error);
+            assert_eq!(
+                logged,
+                dsrelay_runtime::log_text::withheld(b"k", error).to_string()
+            );
+        }
+    }
+}

@@ -84,9 +84,11 @@
 //!   not delivered (CANCELLED, its files removed); a transient failure or an operator's
 //!   turn → CANCELLED, saying what is known
 //! - an operator completes (or finds nothing) or refuses only a task WAITING_FOR_OPERATOR
-//! - an operator retries only a FAILED task (RetryTask): → IN_PROGRESS with the operator's
-//!   note as its reason and nothing of the failed run, its holder called at once
-//!   ([`Phase::Start`]); a contract end task resumes in its phase (below)
+//! - an operator retries only a FAILED or REFUSED task (RetryTask), a refusal being often
+//!   fixable at the holder (its configuration, an identity it can match by): → IN_PROGRESS
+//!   with the operator's note as its reason and nothing of the failed or refused run, its
+//!   holder called at once ([`Phase::Start`]) under the same task key; a contract end task
+//!   resumes in its phase (below)
 //!
 //! # Contract ends (one task per subprocessor over all of a controller's data)
 //! - claimed PENDING (phase SCHEDULED) before its start ([`Terms::starts_at`]: the effective
@@ -127,10 +129,10 @@
 //!   (the task stays RETURNING); once that is delivered it moves to AWAITING_CONFIRMATION.
 //!   An operator completing a manual step (RETURNING, or DELETING → COMPLETED DONE) gives its
 //!   counts: the records confirmed, done of as many, the subjects unknown ([`operator_counts`])
-//! - an operator retries a FAILED task (RetryTask) in the phase it failed in, the operator's
-//!   note as its reason, its holder called at once ([`operator_retry`]): RETURNING → the
-//!   export runs again from the start (counts from zero, the failed run's export and upload
-//!   discarded), then its delivery; DELETING → the erasure runs again from the progress
+//! - an operator retries a FAILED or REFUSED task (RetryTask) in the phase it ended in, the
+//!   operator's note as its reason, its holder called at once ([`operator_retry`]):
+//!   RETURNING → the export runs again from the start (counts from zero, the failed run's
+//!   export and upload discarded), then its delivery; DELETING → the erasure runs again from the progress
 //!   recorded, which the connector counts on from (never twice); AWAITING_CONFIRMATION →
 //!   waits for the confirmation again; SCHEDULED (failed at its start) → PENDING, started as
 //!   the terms then say; DONE (failed in a retention run) is not retried
@@ -988,10 +990,12 @@ fn decide_event(task: &Current<'_>, event: Event<'_>, ctx: &Context) -> Decision
             reason: format!("{reason} (refused by {by})"),
             ..Default::default()
         }),
-        Event::OperatorRetry { .. } if task.state != Failed => Decision::Reject(format!(
-            "the task is {}: only a FAILED task is retried",
-            task.state.as_str_name().trim_start_matches("TASK_STATE_")
-        )),
+        Event::OperatorRetry { .. } if !matches!(task.state, Failed | Refused) => {
+            Decision::Reject(format!(
+                "the task is {}: only a FAILED or REFUSED task is retried",
+                task.state.as_str_name().trim_start_matches("TASK_STATE_")
+            ))
+        }
         Event::OperatorRetry { note, by } => operator_retry(task, note, by),
         // Only the note of an earlier attempt's failure (the reason recorded: nothing else
         // sets one while an export is on its way) is replaced, so an attempt that got through
@@ -2125,9 +2129,10 @@ fn start_deleting_returned(
     }
 }
 
-/// An operator's retry of a FAILED task. The operator's words go as the reason, which the
-/// registry keeps in the request's trail (a note would last only until the outcome's); the
-/// holder is called at once, and nothing of the failed call is kept (no handle, no count).
+/// An operator's retry of a FAILED or REFUSED task. The operator's words go as the reason,
+/// which the registry keeps in the request's trail (a note would last only until the
+/// outcome's); the holder is called at once, and nothing of the failed or refused call is
+/// kept (no handle, no count).
 ///
 /// A contract end task resumes in the phase it failed in rather than from the start, which
 /// would ignore the return, its confirmation or the erasure under way:
@@ -3968,16 +3973,52 @@ mod tests {
             Pending,
             InProgress,
             Completed,
-            Refused,
+            NotFound,
+            Retained,
             Cancelled,
             WaitingForOperator,
         ] {
             let name = state.as_str_name().trim_start_matches("TASK_STATE_");
             assert_eq!(
                 retry(state),
-                Decision::Reject(format!("the task is {name}: only a FAILED task is retried"))
+                Decision::Reject(format!(
+                    "the task is {name}: only a FAILED or REFUSED task is retried"
+                ))
             );
         }
+    }
+
+    /// A refusal is often fixed at the holder (its configuration, an identity it can match
+    /// by): the operator retries a REFUSED task as a FAILED one, the holder's refusal gone
+    /// from its reason and nothing of the refused call kept. Before, RetryTask refused it,
+    /// and its request stayed FAILED (overdue past its date, not cancellable) for good.
+    #[test]
+    fn an_operator_retries_a_refused_task_as_a_new_one() {
+        let mut refused = task(Refused);
+        refused.reason = "finds subscribers only by e-mail address or phone number";
+        refused.handle = Some("h-1");
+        refused.records_affected = 2;
+        refused.attempts = 1;
+        let event = Event::OperatorRetry {
+            note: "customer numbers matched now",
+            by: "ops",
+        };
+        assert_eq!(
+            moved(decide(&refused, event, &Context::at(NOW))),
+            Transition {
+                state: InProgress,
+                reason: "retried by ops: customer numbers matched now".into(),
+                ..Default::default()
+            }
+        );
+        // Then the holder is called, as for a new task (no handle kept to confirm).
+        assert_eq!(
+            claimed(&task(InProgress), sql()),
+            Decision::Run {
+                start: None,
+                phase: Phase::Start
+            }
+        );
     }
 
     // Contract ends.
@@ -4085,7 +4126,16 @@ mod tests {
         );
         // DONE: it failed in a retention run.
         assert!(matches!(retry(ContractPhase::Done), Decision::Reject(_)));
-        // Only a FAILED task.
+        // A REFUSED one (an operator refused its manual step) resumes in its phase as well.
+        let refused = contract_task(Refused, ContractPhase::Deleting);
+        let event = Event::OperatorRetry {
+            note: "database restored",
+            by: "ops",
+        };
+        let t = moved(decide(&refused, event, &Context::at(NOW)));
+        assert_eq!((t.state, t.reason.as_str()), (InProgress, reason));
+        assert_eq!(t.contract.map(|c| c.phase), Some(ContractPhase::Deleting));
+        // Only a FAILED or REFUSED task.
         let running = contract_task(InProgress, ContractPhase::Deleting);
         let event = Event::OperatorRetry {
             note: "database restored",
@@ -4093,7 +4143,9 @@ mod tests {
         };
         assert_eq!(
             decide(&running, event, &Context::at(NOW)),
-            Decision::Reject("the task is IN_PROGRESS: only a FAILED task is retried".into())
+            Decision::Reject(
+                "the task is IN_PROGRESS: only a FAILED or REFUSED task is retried".into()
+            )
         );
     }
 

@@ -738,7 +738,8 @@ async fn an_operator_retries_a_failed_task_once_its_holder_is_repaired(backend: 
         .expect_err("a completed task");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(
-        err.message().contains("only a FAILED task is retried"),
+        err.message()
+            .contains("only a FAILED or REFUSED task is retried"),
         "{err:?}"
     );
     // The failed erasure did nothing.

@@ -51,7 +51,7 @@ struct TaskView {
     last_error: String,
     attempts: u32,
     /// Whether `dsrctl tasks retry` would take the task, as the processor listed it: set on
-    /// a FAILED task of `tasks list` only (null otherwise).
+    /// a FAILED or REFUSED task of `tasks list` only (null otherwise).
     retryable: Option<bool>,
     /// Why `dsrctl tasks retry` would refuse the task, in the refusal's words; empty unless
     /// `retryable` is false.
@@ -118,10 +118,11 @@ impl TaskView {
         parts.join("; ")
     }
 
-    /// `t` as ListManualTasks listed it: a FAILED task says whether a retry is taken.
+    /// `t` as ListManualTasks listed it: a FAILED or REFUSED task says whether a retry is
+    /// taken.
     fn listed(t: &ManualTask) -> Self {
         let mut view = Self::from(t);
-        if t.state == TaskState::Failed as i32 {
+        if t.state == TaskState::Failed as i32 || t.state == TaskState::Refused as i32 {
             view.retryable = Some(t.retry_refusal.is_empty());
         }
         view

@@ -998,7 +998,7 @@ impl Store {
         Ok(self.for_operators(OperatorFilter::One(key)).await?.pop())
     }
 
-    /// What [`retry_refusal`] goes by, of each FAILED task of `rows` (as [`Store::manual_tasks`]
+    /// What [`retry_refusal`] goes by, of each FAILED or REFUSED task of `rows` (as [`Store::manual_tasks`]
     /// read them: their kind from the request read with them), in two queries whatever their
     /// number: one of their requests, one of their acknowledgements. Read after `rows`, so a
     /// request cancelled or forgotten meanwhile is seen as such.
@@ -1008,7 +1008,7 @@ impl Store {
     ) -> Result<HashMap<TaskKey, RetryStanding>> {
         let failed: Vec<&ManualRow> = rows
             .iter()
-            .filter(|r| r.task.state == TaskState::Failed)
+            .filter(|r| matches!(r.task.state, TaskState::Failed | TaskState::Refused))
             .collect();
         if failed.is_empty() {
             return Ok(HashMap::new());
