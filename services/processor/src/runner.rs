@@ -226,9 +226,11 @@ pub(crate) async fn run_claimed(
         supports: c.supports(kind),
     });
     // Where a contract end has begun deleting at the holder, a retention run follows its
-    // task there: the holder would find nothing of what that deletion kept and stripped.
+    // task there: the holder would find nothing of what that deletion kept and stripped. A
+    // holder no longer configured, or a request body missing, is the claim's to fail.
     let retention = claimed_retention_run(&current);
-    if retention.is_some_and(|p| follows_contract_end(kind, &current, &p)) {
+    let runnable = holder.is_some_and(|h| h.supports);
+    if runnable && retention.is_some_and(|p| follows_contract_end(kind, &current, &p)) {
         if let Some(by) = shared.store.contract_end_deleting(key).await? {
             let event = Event::Superseded { by: &by, ran: None };
             let decision = decide(&current, event, &context(shared, &job, 0));

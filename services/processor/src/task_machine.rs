@@ -57,8 +57,11 @@
 //!   basis kept), the note naming the contract end whose retention keeps the rest;
 //!   COMPLETED → COMPLETED, the note naming it (and its last certificate) as what erased the
 //!   rest, nothing more counted; still deleting or waiting, due for its own retention run,
-//!   or FAILED → looked at again a confirm interval later, acknowledged (RETAINED, the note
-//!   naming the contract end and the state of its task) only when that note changes. A
+//!   or FAILED while deleting → looked at again a confirm interval later (its own date
+//!   kept), acknowledged (RETAINED, the note naming the contract end and the state of its
+//!   task) only when that note changes; FAILED in its own retention run, which is not
+//!   retried → FAILED, saying what the contract end kept may still be held. The holder
+//!   must be configured and support the kind (else the claim fails the task as usual). A
 //!   retention run's COMPLETED or NOT_FOUND that finds such a deletion begun meanwhile is
 //!   decided the same way, what the run erased counted
 //! - REFUSED by the holder → REFUSED with its reason
@@ -431,6 +434,9 @@ pub(crate) struct ContractEndAt {
     pub retain_until: Option<i64>,
     /// The id of the last certificate issued for its task, if any.
     pub certificate: Option<String>,
+    /// Its task FAILED after its deletion there was done (its own retention run failed),
+    /// which is not retried: it will not erase what it kept.
+    pub failed_when_done: bool,
 }
 
 /// What happened to a task.
@@ -1797,6 +1803,19 @@ fn superseded(
         n => format!("this run erased {n} more record(s) ({records} in all)"),
     };
     let (sub, id) = (task.subprocessor, &by.request_id);
+    if by.failed_when_done {
+        // Waiting would never end: that contract end's failed retention run is not retried.
+        return Decision::Move(Transition {
+            records_affected: records,
+            erased,
+            legal_basis: task.legal_basis.to_string(),
+            ..failed(format!(
+                "the rest of the subject's data at subprocessor {sub} was contract end {id}'s \
+                 to erase, and that contract end's retention run there failed (it is not \
+                 retried): what it kept there may still be held; {this_run}"
+            ))
+        });
+    }
     match (by.state, by.retain_until) {
         (TaskState::Completed, _) => {
             let certified = match &by.certificate {
@@ -1861,7 +1880,9 @@ fn superseded(
                 note: format!("{note}; {this_run}"),
                 erased,
                 legal_basis: task.legal_basis.to_string(),
-                retain_until: Some(at),
+                // The erasure's own date, as it was: no new date is known while the contract
+                // end deletes, and a made-up one would be certified as a retention date.
+                retain_until: task.retain_until.or(Some(at)),
                 next_attempt_at: Some(at),
                 ..Default::default()
             })
@@ -5420,7 +5441,23 @@ mod tests {
             state,
             retain_until,
             certificate: Some("cert-9".into()),
+            failed_when_done: false,
         }
+    }
+
+    /// A contract end that failed in its own retention run, which is not retried, would be
+    /// waited for for ever: the erasure fails, saying why.
+    #[test]
+    fn an_erasure_fails_when_the_contract_end_it_follows_failed_after_deleting() {
+        let by = ContractEndAt {
+            failed_when_done: true,
+            ..contract_end(Failed, None)
+        };
+        let t = moved(superseded_by(&kept(), &by, None));
+        assert_eq!(t.state, Failed, "{t:?}");
+        assert_eq!(t.records_affected, 3);
+        assert!(t.reason.contains("contract end ce-1"), "{t:?}");
+        assert!(t.reason.contains("retention run there failed"), "{t:?}");
     }
 
     fn superseded_by(t: &Current<'_>, by: &ContractEndAt, ran: Option<Outcome>) -> Decision {
@@ -5493,7 +5530,8 @@ mod tests {
             let t = moved(superseded_by(&kept(), &by, None));
             assert_eq!(t.state, Retained, "{state:?}");
             assert_eq!(t.next_attempt_at, Some(NOW + 60_000));
-            assert_eq!(t.retain_until, Some(NOW + 60_000));
+            // The erasure's own date stays: no other is known while the contract end deletes.
+            assert_eq!(t.retain_until, kept().retain_until);
             assert_eq!(t.legal_basis, "Kirjanpitolaki 2:10 §");
             assert_eq!(t.records_affected, 3);
             let name = state.as_str_name().trim_start_matches("TASK_STATE_");

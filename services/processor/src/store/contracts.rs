@@ -492,7 +492,8 @@ impl Store {
         key: &TaskKey,
     ) -> Result<Option<ContractEndAt>> {
         let rows: Vec<DeletingRecord> = sqlx::query_as(
-            "SELECT t.request_id, t.state, t.retain_until, t.updated_at, c.received_at, \
+            "SELECT t.request_id, t.state, t.contract_phase, t.retain_until, t.updated_at, \
+             c.received_at, \
              (SELECT MIN(f.issued_at) FROM certificates f WHERE f.controller = t.controller \
               AND f.request_id = t.request_id AND f.subprocessor = t.subprocessor) \
               AS first_certified, \
@@ -537,6 +538,8 @@ impl Store {
             })
             .min_by_key(|(rank, newest, _, r)| (*rank, *newest, r.request_id.clone()));
         Ok(found.map(|(_, _, state, r)| ContractEndAt {
+            failed_when_done: state == TaskState::Failed
+                && r.contract_phase == i64::from(ContractPhase::Done as i32),
             request_id: r.request_id,
             state,
             retain_until: r.retain_until,
@@ -574,6 +577,7 @@ impl Store {
 struct DeletingRecord {
     request_id: String,
     state: i64,
+    contract_phase: i64,
     retain_until: Option<i64>,
     updated_at: i64,
     /// When the contract end was delivered.

@@ -46,7 +46,7 @@ pub enum Retried {
     Changed,
 }
 
-/// Why an operator's retry does not take a FAILED task ([`retry_refusal`]).
+/// Why an operator's retry does not take a FAILED or REFUSED task ([`retry_refusal`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryRefusal {
     /// The request was forgotten (its body, with the identities, removed), or its body no
@@ -73,7 +73,7 @@ pub struct RetryStanding {
     pub was_retained: bool,
 }
 
-/// Why an operator's retry of a FAILED task standing as `standing`, of a subprocessor
+/// Why an operator's retry of a FAILED or REFUSED task standing as `standing`, of a subprocessor
 /// `configured` here or not, is refused; `None` when it is taken. The one rule of both
 /// [`Store::retry_task`] and ListManualTasks (on what [`Store::retry_standings`] reads), so
 /// what an operator is shown is what a retry does. The first reason that holds is given, in
@@ -678,7 +678,7 @@ impl Store {
         Ok(seq)
     }
 
-    /// Records an operator's retry `t` of `key`'s FAILED task at `expected_sequence`, by `by`
+    /// Records an operator's retry `t` of `key`'s FAILED or REFUSED task at `expected_sequence`, by `by`
     /// (`Event::OperatorRetry`): the step with its acknowledgement and audit entry, its
     /// attempts counted from 0 and the failed run's last error cleared; unless
     /// [`retry_refusal`] refuses it (`configured`: whether its subprocessor is configured
