@@ -616,7 +616,12 @@ async fn check_writable(db: &Db) -> anyhow::Result<()> {
             shown.display()
         )
     })?;
-    let error = match write_probe(&mut conn).await {
+    let probed = write_probe(&mut conn).await;
+    // Never given back: a failed ROLLBACK or busy_timeout restore would leave the pool's one
+    // connection inside the probe's transaction or failing every write under contention at
+    // once; the next use opens the file again.
+    let _ = conn.close().await;
+    let error = match probed {
         Ok(()) => return Ok(()),
         Err(e) if matches!(execute::sqlite_primary_code(&e), Some(5 | 6)) => {
             tracing::info!(
@@ -628,8 +633,6 @@ async fn check_writable(db: &Db) -> anyhow::Result<()> {
         }
         Err(e) => e,
     };
-    // The connection may be left inside the probe's transaction; it is not given back.
-    let _ = conn.close().await;
     if execute::is_sqlite_read_only(&error) {
         anyhow::bail!(
             "holder database {} is open read-only: SQLite could not open it for writing, and \
