@@ -44,7 +44,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::migrate::{Migrate, MigrateError, Migrator};
 use sqlx::{AnyPool, ConnectOptions, Executor};
 
 /// How long a caller waits for a pooled connection before its statement fails as out of reach
@@ -413,12 +413,19 @@ impl Db {
         let mut conn = self.pool.acquire().await.context("applying migrations")?;
         // Read before the run, to say after it which migrations it applied: an upgrade's
         // log then shows that the schema changed, and from which version. No table yet (a
-        // new database) reads as none applied.
+        // new database) reads as none applied. Under the migration lock (PostgreSQL's
+        // advisory lock is held again by the run on the same session, and released once
+        // each), so that of replicas starting together only the one that migrated says so.
+        conn.lock().await.context("applying migrations")?;
         let before: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations")
             .fetch_all(&mut *conn)
             .await
             .unwrap_or_default();
-        let Err(e) = migrator.run(&mut *conn).await else {
+        let run = migrator.run(&mut *conn).await;
+        if run.is_ok() {
+            conn.unlock().await.context("applying migrations")?;
+        }
+        let Err(e) = run else {
             let applied: Vec<i64> = migrator
                 .iter()
                 .map(|m| m.version)
