@@ -1495,8 +1495,7 @@ fn is_transient(err: &sqlx::Error) -> bool {
             let sqlite = db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some();
             // SQLite reports extended result codes; the low byte is the primary one, and
             // SQLITE_BUSY (5) and SQLITE_LOCKED (6) mean another writer holds the database.
-            let sqlite_busy =
-                sqlite && code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
+            let sqlite_busy = matches!(sqlite_primary_code(err), Some(5 | 6));
             // PostgreSQL: connection exceptions (08), serialization failures and deadlocks,
             // insufficient resources (53), shutdown or start-up (57P0x), lock not available,
             // and a cancelled statement (57014): statement_timeout raises it on a busy
