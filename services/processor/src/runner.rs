@@ -347,10 +347,7 @@ pub(crate) async fn run_claimed(
         }
     }
     if written == Some(false) {
-        tracing::warn!(
-            "task step not recorded: the task changed meanwhile, or its lease ran out (the \
-             database was slow or out of reach) or was taken by another claim"
-        );
+        tracing::warn!("{STEP_NOT_RECORDED}");
     }
     Ok(())
 }
@@ -1234,14 +1231,15 @@ async fn record_move(
             crate::forget::remove_discarded_export(shared, &job.task.key).await;
         }
     } else if !unless_cancelled {
-        tracing::warn!(
-            state = t.state.as_str_name(),
-            "task step not recorded: the task changed meanwhile, or its lease ran out (the \
-             database was slow or out of reach) or was taken by another claim"
-        );
+        tracing::warn!(state = t.state.as_str_name(), "{STEP_NOT_RECORDED}");
     }
     Ok(moved)
 }
+
+/// Why a step's write matched nothing: what the runner cannot tell apart, said once for
+/// both places that log it.
+const STEP_NOT_RECORDED: &str = "task step not recorded: the task changed meanwhile, or its \
+     lease ran out (the database was slow or out of reach) or was taken by another claim";
 
 /// A connector's error as a log line shows it: the adapter connector's own framing of an
 /// adapter's answer (`adapter <rpc> at <endpoint>: <gRPC code>`, from this service's
