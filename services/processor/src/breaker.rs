@@ -73,6 +73,14 @@ struct Mark {
     waits: HashMap<TaskKey, i64>,
 }
 
+impl Mark {
+    /// Whether the mark has run out at `now` with no probe out (or a probe whose time is
+    /// up): what the check that drops marks no task is left to try looks for.
+    fn ran_out(&self, now: i64) -> bool {
+        self.open_until <= now && self.probe_until.is_none_or(|u| u <= now)
+    }
+}
+
 /// A mark that ran out with no probe out, as [`Breaker::ran_out`] saw it: what
 /// [`Breaker::drop_untried`] checks it still stands as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,7 +215,7 @@ impl Breaker {
         let marks = self.marks.lock().unwrap_or_else(PoisonError::into_inner);
         let mut ran_out: Vec<RanOut> = marks
             .iter()
-            .filter(|(_, m)| m.open_until <= now && m.probe_until.is_none_or(|u| u <= now))
+            .filter(|(_, m)| m.ran_out(now))
             .map(|(holder, m)| RanOut {
                 holder: holder.clone(),
                 open_until: m.open_until,
@@ -229,8 +237,7 @@ impl Breaker {
         let unchanged = marks.get(&seen.holder).is_some_and(|m| {
             (m.open_until, m.since, m.probe_until)
                 == (seen.open_until, seen.since, seen.probe_until)
-                && m.open_until <= now
-                && m.probe_until.is_none_or(|u| u <= now)
+                && m.ran_out(now)
         });
         if !unchanged {
             return false;
