@@ -383,7 +383,7 @@ pub(crate) async fn verify(
 /// How many of `checked` each of the `given` key ids signed: those that signed some in the
 /// order they first did, then those that signed none.
 fn key_counts(checked: &[Checkpoint], given: &[String]) -> Vec<KeyCount> {
-    let mut counts = checkpoint::signers(checked);
+    let mut counts = checkpoint::signers(checked.iter().map(|c| c.key_id.as_str()));
     for id in given {
         if !counts.iter().any(|(k, _)| k == id) {
             counts.push((id.clone(), 0));
@@ -541,13 +541,7 @@ pub(crate) async fn checkpoints(
 /// names, not checked here) signed, and with what to check them. `current` is the key id the
 /// service says it signs with now.
 fn checkpoints_note(signed: &[Signed], current: &str, owner: &str) -> String {
-    let mut keys: Vec<(&str, usize)> = Vec::new();
-    for s in signed {
-        match keys.iter_mut().find(|(id, _)| *id == s.key_id) {
-            Some((_, n)) => *n += 1,
-            None => keys.push((&s.key_id, 1)),
-        }
-    }
+    let keys = checkpoint::signers(signed.iter().map(|s| s.key_id.as_str()));
     // The service's words: printed without what could move the terminal's cursor.
     let current = clean(current);
     let now = |ids: &[&str]| match current.as_str() {
@@ -565,7 +559,7 @@ fn checkpoints_note(signed: &[Signed], current: &str, owner: &str) -> String {
             "{n} checkpoints, signed with key {}{}: check them with a public key you got from \
              the {owner}'s operator, not from the {owner}",
             clean(id),
-            now(&[*id])
+            now(&[id.as_str()])
         ),
         several => {
             let each: Vec<String> = several

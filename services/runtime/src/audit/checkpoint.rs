@@ -188,14 +188,15 @@ pub fn check(
     Ok(out)
 }
 
-/// How many of `checkpoints` each key signed: its key id and the count, in the order the
-/// keys first sign one (so, in a file, the key before a rotation comes first).
-pub fn signers(checkpoints: &[Checkpoint]) -> Vec<(String, u64)> {
+/// How many checkpoints each key signed, given the key id of each checkpoint in order
+/// (checked ones' or a file's lines'): its key id and the count, in the order the keys first
+/// sign one (so, in a file, the key before a rotation comes first).
+pub fn signers<'a>(key_ids: impl IntoIterator<Item = &'a str>) -> Vec<(String, u64)> {
     let mut out: Vec<(String, u64)> = Vec::new();
-    for c in checkpoints {
-        match out.iter_mut().find(|(id, _)| *id == c.key_id) {
+    for key_id in key_ids {
+        match out.iter_mut().find(|(id, _)| id == key_id) {
             Some((_, n)) => *n += 1,
-            None => out.push((c.key_id.clone(), 1)),
+            None => out.push((key_id.to_string(), 1)),
         }
     }
     out
@@ -497,7 +498,10 @@ mod tests {
             cps.iter().map(|c| c.seq).collect::<Vec<_>>(),
             [2, 4, 5, 6, 8]
         );
-        assert_eq!(signers(&cps), [(old_id.clone(), 3), (new_id.clone(), 2)]);
+        assert_eq!(
+            signers(cps.iter().map(|c| c.key_id.as_str())),
+            [(old_id.clone(), 3), (new_id.clone(), 2)]
+        );
         assert_eq!(verified(&t, &cps), Ok(5));
 
         // The new key alone: the first checkpoint fails naming the old key.
