@@ -2930,20 +2930,23 @@ async fn bulk_erasure_cut_off_after_a_batch_resumes_to_what_existed(url: String)
     let mut run = crate::Connector::run_bulk(&connector, &job);
     let mut recorded = Vec::new();
     // The call's future is dropped once its first batch reported, as a processor killed
-    // then: the next batch's transaction is rolled back, never committed.
+    // then: the next batch's transaction is rolled back, never committed. Biased, the report
+    // is looked at before the call is polled again: polled first, a call whose database
+    // answered meanwhile (a loaded machine) could commit its next batch before the break.
     let cut_off = loop {
         tokio::select! {
-            out = &mut run => panic!("the erasure ended before it was cut off: {out:?}"),
-            Some(ask) = asked.recv() => {
-                recorded.push(ask.progress.clone());
-                ask.done.send(Ok(())).unwrap();
-            }
+            biased;
             Ok(()) = seen.changed() => {
                 let p = seen.borrow_and_update().clone();
                 if p.records_done > 0 {
                     break p;
                 }
             }
+            Some(ask) = asked.recv() => {
+                recorded.push(ask.progress.clone());
+                ask.done.send(Ok(())).unwrap();
+            }
+            out = &mut run => panic!("the erasure ended before it was cut off: {out:?}"),
         }
     };
     drop(run);
